@@ -1,0 +1,38 @@
+"""The project's exception hierarchy: caught once at the CLI edge and printed as one line."""
+
+
+class EdgeInferError(Exception):
+    """Base of every error edgeinfer raises on purpose (bad input, missing model, ...)."""
+
+
+class GGUFError(EdgeInferError):
+    """A GGUF file is malformed or unsupported; the message names the file, the field and the byte offset."""
+
+    def __init__(self, path, field: str, offset: int | None, problem: str):
+        self.path, self.field, self.offset, self.problem = str(path), field, offset, problem
+        where = f" at offset {offset}" if offset is not None else ""
+        super().__init__(f"{self.path}: {field}{where}: {problem}")
+
+
+class ModelNotFound(EdgeInferError):
+    """A model name is neither in the catalogue nor an existing file."""
+
+
+class FetchError(EdgeInferError):
+    """Fetching or assembling a catalogue model failed."""
+
+
+class TokenizerError(EdgeInferError):
+    """The GGUF tokenizer metadata cannot be turned into a working tokenizer."""
+
+
+class UnsupportedError(EdgeInferError):
+    """A valid file uses something edgeinfer does not implement (an architecture, a tensor type)."""
+
+
+class BudgetError(EdgeInferError):
+    """The requested configuration does not fit in the machine's memory."""
+
+
+class TemplateError(EdgeInferError):
+    """A chat template failed to render or tried something the sandbox forbids."""
