@@ -1,0 +1,285 @@
+"""Token sampling with llama.cpp's defaults and sampler order.
+
+The chain is llama.cpp's default (`common_params_sampling::samplers` in common/common.h, built by
+`common_sampler_init` in common/sampling.cpp), restricted to the samplers edgeinfer implements:
+
+    penalties -> top_k -> top_p -> min_p -> temperature -> dist
+
+(llama.cpp also has dry, top_n_sigma, typical_p and xtc between these; all are disabled by its defaults.)
+Each rule is a small pure function over a candidate set, a pair of equal-length arrays `(ids, logits)`:
+`ids` int64 token ids, `logits` float32. They never modify their inputs and follow the semantics of
+src/llama-sampling.cpp, float32 arithmetic included. Where llama.cpp leaves the order of equal logits to
+`std::partial_sort`, edgeinfer breaks ties by the lower token id, so results are fully deterministic
+(greedy included: llama.cpp keeps the first maximum in candidate order, which is the lowest id here).
+
+Penalty window design: the `Sampler` keeps no token history. The caller passes the sequence so far
+(prompt + generated, as llama-cli feeds the prompt into the sampler) to every `Sampler.sample` call; the
+sampler looks at its last `penalty_last_n` tokens. This keeps the sampler free of state other than its
+random generator, so rewinding or branching a generation needs nothing from it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# top_p on a large unsorted candidate set first tries the best 256 tokens, as llama.cpp does
+_TOP_P_TRY = 256
+_TOP_P_TRY_ABOVE = 1024
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token; defaults are llama.cpp's `common_params_sampling` defaults.
+
+    temperature <= 0 means greedy (argmax, ties -> lowest id). top_k <= 0 disables top-k; top_p >= 1 and
+    min_p <= 0 disable theirs. repeat_penalty (llama.cpp `penalty_repeat`) 1.0, presence_penalty
+    (`penalty_present`) 0.0 and frequency_penalty (`penalty_freq`) 0.0 are off. penalty_last_n is how many
+    of the most recent tokens the penalties look at: 0 disables them, -1 means all tokens passed in.
+    seed None draws a fresh random seed (see `Sampler.seed`).
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"SamplingParams.{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "penalty_last_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"SamplingParams.{name} must be an integer, got {value!r}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in [0, 1], got {self.top_p!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
+        if self.repeat_penalty <= 0.0:
+            raise ValueError(f"SamplingParams.repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty!r}")
+        if self.penalty_last_n < -1:
+            raise ValueError(f"SamplingParams.penalty_last_n must be >= -1 (-1 = all), got {self.penalty_last_n!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0
+        ):
+            raise ValueError(f"SamplingParams.seed must be None or an integer >= 0, got {self.seed!r}")
+
+
+# ---------------------------------------------------------------- the rules, each over (ids, logits)
+
+
+def _is_sorted_desc(logits: np.ndarray) -> bool:
+    return bool(np.all(logits[:-1] >= logits[1:]))
+
+
+def _softmax32(logits: np.ndarray) -> np.ndarray:
+    """llama.cpp's `llama_sampler_softmax_impl`: float32 exp, sequential float32 sum, divide."""
+    e = np.exp(logits - logits.max(), dtype=np.float32)
+    return e / np.cumsum(e)[-1]
+
+
+def apply_penalties(
+    ids: np.ndarray,
+    logits: np.ndarray,
+    recent_tokens: Sequence[int],
+    *,
+    penalty_last_n: int = 64,
+    repeat_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's penalties sampler over the last `penalty_last_n` of `recent_tokens` (-1: all, 0: off).
+
+    Each candidate seen `count` > 0 times in that window: logit / repeat_penalty if logit > 0, else
+    logit * repeat_penalty; then minus count * frequency_penalty + presence_penalty. Returns `(ids, logits)`
+    with the same order and length; `logits` is a new float32 array when anything changed.
+    """
+    if penalty_last_n == 0 or (repeat_penalty == 1.0 and frequency_penalty == 0.0 and presence_penalty == 0.0):
+        return ids, logits
+    window = recent_tokens if penalty_last_n < 0 else recent_tokens[max(0, len(recent_tokens) - penalty_last_n):]
+    window = np.asarray(window, dtype=np.int64)
+    if window.size == 0:
+        return ids, logits
+    tokens, counts = np.unique(window, return_counts=True)
+    # fast path: candidates are the full vocabulary in id order, so position == id (checks <= last_n entries)
+    if tokens[0] >= 0 and tokens[-1] < len(ids) and np.array_equal(ids[tokens], tokens):
+        positions = tokens
+    else:
+        positions = np.flatnonzero(np.isin(ids, tokens))
+        if positions.size == 0:
+            return ids, logits
+        counts = counts[np.searchsorted(tokens, ids[positions])]
+    out = np.array(logits, dtype=np.float32, copy=True)
+    old = out[positions]
+    rep = np.float32(repeat_penalty)
+    new = np.where(old <= 0, old * rep, old / rep)
+    new -= counts.astype(np.float32) * np.float32(frequency_penalty) + np.float32(presence_penalty)
+    out[positions] = new
+    return ids, out
+
+
+def top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the `k` highest logits, sorted descending (ties: lower id first). k <= 0: unchanged.
+
+    O(n) selection with np.argpartition, then a sort of the k survivors only.
+    """
+    if k <= 0:
+        return ids, logits
+    order = _top_k_order(ids, logits, k)
+    return ids[order], logits[order]
+
+
+def _top_k_order(ids: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the min(k, n) best candidates, best first (ties: lower id first)."""
+    n = len(logits)
+    if k >= n:
+        return np.lexsort((ids, -logits))
+    kth = logits[np.argpartition(logits, n - k)[n - k]]  # the k-th highest logit
+    above = np.flatnonzero(logits > kth)
+    ties = np.flatnonzero(logits == kth)
+    ties = ties[np.argsort(ids[ties], kind="stable")][: k - len(above)]  # ties at the cut: lower ids win
+    keep = np.concatenate((above, ties))
+    return keep[np.lexsort((ids[keep], -logits[keep]))]
+
+
+def top_p(ids: np.ndarray, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the shortest highest-probability prefix whose softmax mass reaches `p` (at least `min_keep`).
+
+    Probabilities are the softmax over the given candidates. Returns the survivors sorted descending.
+    p >= 1: unchanged. As llama.cpp, a large unsorted set first looks only at its best 256; where those do
+    not reach p, edgeinfer widens the look 16-fold at a time instead of sorting the whole vocabulary.
+    """
+    if p >= 1.0 or len(logits) == 0:
+        return ids, logits
+    probs = _softmax32(logits)  # in the given order, before sorting, as llama.cpp
+    if _is_sorted_desc(logits):
+        order = None
+        n = _top_p_count(np.cumsum(probs), p, min_keep)
+    else:
+        k = _TOP_P_TRY if len(logits) > _TOP_P_TRY_ABOVE else len(logits)
+        while True:
+            order = _top_k_order(ids, logits, k)
+            n = _top_p_count(np.cumsum(probs[order]), p, min_keep)
+            if n is not None or k >= len(logits):
+                break
+            k *= 16
+    if n is None:  # rounding kept the total mass below p: keep everything, as llama.cpp
+        n = len(logits)
+    if order is not None:
+        ids, logits = ids[order], logits[order]
+    return ids[:n], logits[:n]
+
+
+def _top_p_count(cum: np.ndarray, p: float, min_keep: int) -> int | None:
+    """1 + first index where the cumulative mass reaches p and at least min_keep are kept; None if none."""
+    reached = np.flatnonzero(cum >= np.float32(p))
+    reached = reached[reached + 1 >= min_keep]
+    return int(reached[0]) + 1 if reached.size else None
+
+
+def min_p(ids: np.ndarray, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Drop candidates whose probability is below `p` times the most likely one's. p <= 0: unchanged.
+
+    Done in logit space as llama.cpp: keep logit >= max_logit + log(p). Order is preserved. If fewer than
+    `min_keep` would survive, the `min_keep` best are kept instead.
+    """
+    if p <= 0.0 or len(logits) == 0:
+        return ids, logits
+    min_logit = logits.max() + np.float32(math.log(p))
+    keep = logits >= min_logit
+    if np.count_nonzero(keep) >= min_keep:
+        return ids[keep], logits[keep]
+    return top_k(ids, logits, min_keep)
+
+
+def apply_temperature(ids: np.ndarray, logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Divide logits by `temperature`; temperature <= 0 keeps only the greedy token."""
+    if temperature <= 0.0:
+        best = _greedy_index(ids, logits)
+        return ids[best:best + 1], logits[best:best + 1]
+    return ids, logits / np.float32(temperature)
+
+
+def _greedy_index(ids: np.ndarray, logits: np.ndarray) -> int:
+    best = np.flatnonzero(logits == logits.max())
+    return int(best[np.argmin(ids[best])]) if best.size > 1 else int(best[0])
+
+
+def greedy(ids: np.ndarray, logits: np.ndarray) -> int:
+    """The token id with the highest logit; ties go to the lowest id."""
+    return int(ids[_greedy_index(ids, logits)])
+
+
+def sample_dist(ids: np.ndarray, logits: np.ndarray, rng: np.random.Generator) -> int:
+    """llama.cpp's dist sampler: draw u in [0, 1) and return the first candidate whose cumulative
+    softmax mass reaches u * total, walking the candidates in their given order. Uses one rng draw."""
+    e = np.exp(logits - logits.max(), dtype=np.float32).astype(np.float64)
+    cum = np.cumsum(e)
+    i = int(np.searchsorted(cum, cum[-1] * rng.random(), side="left"))
+    return int(ids[min(i, len(ids) - 1)])
+
+
+# ---------------------------------------------------------------- the chain
+
+
+class Sampler:
+    """Runs llama.cpp's default chain: penalties -> top_k -> top_p -> min_p -> temperature -> dist.
+
+    Owns a numpy Generator seeded from `params.seed` (a fresh random seed if None, kept in `self.seed` so a
+    run can be replayed). Same seed and same (logits, recent_tokens) sequence give the same tokens.
+    """
+
+    def __init__(self, params: SamplingParams, n_vocab: int):
+        if isinstance(n_vocab, bool) or not isinstance(n_vocab, (int, np.integer)) or n_vocab <= 0:
+            raise ValueError(f"n_vocab must be a positive integer, got {n_vocab!r}")
+        self.params = params
+        self.n_vocab = int(n_vocab)
+        self.seed = params.seed if params.seed is not None else int(np.random.SeedSequence().entropy)
+        self._rng = np.random.default_rng(self.seed)
+        self._ids = np.arange(self.n_vocab, dtype=np.int64)
+        self._ids.flags.writeable = False
+
+    def distribution(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The final candidates and their probabilities, after every rule: `(ids int64, probs float32)`.
+
+        `logits`: float32 shape (n_vocab,), not modified. `recent_tokens`: the sequence so far (prompt +
+        generated); only its last `penalty_last_n` are used. Candidates are in the order dist walks them.
+        """
+        ids, lg = self._filtered(logits, recent_tokens)
+        return ids, _softmax32(lg)
+
+    def sample(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> int:
+        """Pick the next token id from `logits` (float32, shape (n_vocab,), not modified).
+
+        `recent_tokens`: the sequence so far (prompt + generated); the penalties look at its last
+        `penalty_last_n`. Greedy (temperature <= 0) does not consume randomness.
+        """
+        ids, lg = self._filtered(logits, recent_tokens)
+        if self.params.temperature <= 0.0:
+            return int(ids[0])
+        return sample_dist(ids, lg, self._rng)
+
+    def _filtered(self, logits: np.ndarray, recent_tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        p = self.params
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.shape != (self.n_vocab,):
+            raise ValueError(f"logits must have shape ({self.n_vocab},), got {logits.shape}")
+        ids, lg = apply_penalties(
+            self._ids, logits, recent_tokens, penalty_last_n=p.penalty_last_n, repeat_penalty=p.repeat_penalty,
+            frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
+        )
+        if p.temperature <= 0.0:  # top_k/top_p/min_p always keep the argmax, so skip straight to it
+            return apply_temperature(ids, lg, p.temperature)
+        ids, lg = top_k(ids, lg, p.top_k)
+        ids, lg = top_p(ids, lg, p.top_p)
+        ids, lg = min_p(ids, lg, p.min_p)
+        return apply_temperature(ids, lg, p.temperature)

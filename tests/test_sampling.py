@@ -1,0 +1,280 @@
+"""Sampling rules, each on a hand-made logit vector with hand-computed survivors, then the whole chain."""
+import math
+
+import numpy as np
+import pytest
+
+from edgeinfer.sampling import (
+    Sampler,
+    SamplingParams,
+    apply_penalties,
+    apply_temperature,
+    greedy,
+    min_p,
+    sample_dist,
+    top_k,
+    top_p,
+)
+
+
+def f32(*values):
+    return np.array(values, dtype=np.float32)
+
+
+def ids_of(n):
+    return np.arange(n, dtype=np.int64)
+
+
+# log-probabilities of [0.0625, 0.5, 0.125, 0.25, 0.0625]: sorted, ids 1, 3, 2, 0, 4 with p .5 .25 .125 .0625 .0625
+DYADIC = np.log(f32(0.0625, 0.5, 0.125, 0.25, 0.0625)).astype(np.float32)
+
+
+def top_p_reference(logits, p):
+    """Plain numpy top-p: full sort (ties by id), shortest prefix reaching p. float32 sums in llama.cpp's
+    order (softmax over the vocabulary in id order, then the sorted running sum), so boundaries agree."""
+    e = np.exp(logits - logits.max(), dtype=np.float32)
+    probs = e / np.cumsum(e)[-1]
+    order = np.lexsort((np.arange(len(logits)), -logits))
+    cum = np.cumsum(probs[order])
+    return order[: int(np.argmax(cum >= np.float32(p))) + 1]
+
+
+class FixedRng:
+    """Stands in for np.random.Generator: random() returns a chosen u."""
+
+    def __init__(self, u):
+        self.u = u
+
+    def random(self):
+        return self.u
+
+
+# ---------------------------------------------------------------- penalties
+
+LOGITS6 = f32(2.0, -1.0, 0.5, 3.0, -2.0, 0.0)
+RECENT6 = [3, 3, 0, 1, 1, 5]  # the last 4 are 0, 1, 1, 5: token 3 falls outside penalty_last_n=4
+
+
+def test_repeat_penalty_divides_positive_and_multiplies_negative_logits():
+    _, out = apply_penalties(ids_of(6), LOGITS6, RECENT6, penalty_last_n=4, repeat_penalty=2.0)
+    # 0: 2/2; 1: -1*2 (count 2, still once); 5: 0*2; 3 is outside the window
+    np.testing.assert_array_equal(out, f32(1.0, -2.0, 0.5, 3.0, -2.0, 0.0))
+
+
+def test_presence_and_frequency_penalties_subtract():
+    _, out = apply_penalties(ids_of(6), LOGITS6, RECENT6, penalty_last_n=4,
+                             repeat_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    # 0: 1 - (1*0.5 + 0.25); 1: -2 - (2*0.5 + 0.25); 5: 0 - (0.5 + 0.25)
+    np.testing.assert_array_equal(out, f32(0.25, -3.25, 0.5, 3.0, -2.0, -0.75))
+    np.testing.assert_array_equal(LOGITS6, f32(2.0, -1.0, 0.5, 3.0, -2.0, 0.0))  # input untouched
+
+
+def test_penalty_window_zero_disables_and_minus_one_takes_everything():
+    ids, out = apply_penalties(ids_of(6), LOGITS6, RECENT6, penalty_last_n=0, repeat_penalty=2.0)
+    assert out is LOGITS6
+    _, out = apply_penalties(ids_of(6), LOGITS6, RECENT6, penalty_last_n=-1,
+                             repeat_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    # token 3 now counts twice: 3/2 - (2*0.5 + 0.25)
+    np.testing.assert_array_equal(out, f32(0.25, -3.25, 0.5, 0.25, -2.0, -0.75))
+
+
+def test_penalties_on_a_candidate_subset_in_any_order():
+    ids = np.array([4, 1, 0], dtype=np.int64)
+    _, out = apply_penalties(ids, f32(-2.0, -1.0, 2.0), RECENT6, penalty_last_n=4,
+                             repeat_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    np.testing.assert_array_equal(out, f32(-2.0, -3.25, 0.25))
+
+
+# ---------------------------------------------------------------- top-k
+
+def test_top_k_keeps_the_k_best_sorted_with_ties_to_the_lower_id():
+    logits = f32(0.1, 0.5, 0.3, 0.5, -1.0)
+    assert top_k(ids_of(5), logits, 2)[0].tolist() == [1, 3]
+    assert top_k(ids_of(5), logits, 3)[0].tolist() == [1, 3, 2]
+    assert top_k(ids_of(5), logits, 1)[0].tolist() == [1]
+    assert top_k(ids_of(5), logits, 10)[0].tolist() == [1, 3, 2, 0, 4]
+    np.testing.assert_array_equal(top_k(ids_of(5), logits, 3)[1], f32(0.5, 0.5, 0.3))
+    ids, out = top_k(ids_of(5), logits, 0)  # disabled: unchanged
+    assert ids.tolist() == [0, 1, 2, 3, 4] and out is logits
+    # ties straddling the cut: the lower ids of the tied group get in
+    assert top_k(ids_of(5), f32(1.0, 0.2, 0.2, 0.2, 0.9), 3)[0].tolist() == [0, 4, 1]
+
+
+def test_top_k_on_a_full_size_vocabulary_matches_a_full_sort():
+    logits = np.random.default_rng(7).standard_normal(262_144).astype(np.float32)
+    ids, out = top_k(ids_of(len(logits)), logits, 40)
+    expected = np.lexsort((np.arange(len(logits)), -logits))[:40]
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_array_equal(out, logits[expected])
+
+
+# ---------------------------------------------------------------- top-p
+
+def test_top_p_keeps_the_shortest_prefix_reaching_p():
+    assert top_p(ids_of(5), DYADIC, 0.7)[0].tolist() == [1, 3]  # 0.5, 0.75
+    assert top_p(ids_of(5), DYADIC, 0.8)[0].tolist() == [1, 3, 2]  # 0.875
+    assert top_p(ids_of(5), DYADIC, 0.9)[0].tolist() == [1, 3, 2, 0]  # 0.9375
+    assert top_p(ids_of(5), DYADIC, 0.0)[0].tolist() == [1]  # llama.cpp always keeps at least one
+    assert top_p(ids_of(5), DYADIC, 0.7, min_keep=3)[0].tolist() == [1, 3, 2]
+    ids, out = top_p(ids_of(5), DYADIC, 1.0)  # disabled: unchanged
+    assert ids.tolist() == [0, 1, 2, 3, 4] and out is DYADIC
+
+
+@pytest.mark.parametrize("peak", [8.0, 0.0], ids=["best-256-suffice", "needs-wider-look"])
+def test_top_p_on_a_large_unsorted_vocabulary_matches_a_full_sort(peak):
+    logits = np.random.default_rng(3).standard_normal(50_000).astype(np.float32)
+    logits[np.arange(0, 50_000, 997)] += peak
+    ids, _ = top_p(ids_of(len(logits)), logits, 0.9)
+    np.testing.assert_array_equal(ids, top_p_reference(logits, 0.9))
+
+
+# ---------------------------------------------------------------- min-p
+
+def test_min_p_drops_tokens_below_min_p_times_the_best():
+    # p: id0 .0625, id1 .5, id2 .125, id3 .25, id4 .0625; survivors keep their order
+    assert min_p(ids_of(5), DYADIC, 0.3)[0].tolist() == [1, 3]  # threshold .15
+    assert min_p(ids_of(5), DYADIC, 0.2)[0].tolist() == [1, 2, 3]  # threshold .1
+    assert min_p(ids_of(5), DYADIC, 0.1)[0].tolist() == [0, 1, 2, 3, 4]  # threshold .05
+    assert min_p(ids_of(5), DYADIC, 1.0)[0].tolist() == [1]
+    assert min_p(ids_of(5), DYADIC, 0.3, min_keep=3)[0].tolist() == [1, 3, 2]
+    ids, out = min_p(ids_of(5), DYADIC, 0.0)  # disabled: unchanged
+    assert ids.tolist() == [0, 1, 2, 3, 4] and out is DYADIC
+
+
+# ---------------------------------------------------------------- temperature, greedy, dist
+
+def test_temperature_scales_logits():
+    logits = f32(2.0, 1.0, -1.0)
+    np.testing.assert_array_equal(apply_temperature(ids_of(3), logits, 0.5)[1], f32(4.0, 2.0, -2.0))
+    np.testing.assert_array_equal(apply_temperature(ids_of(3), logits, 2.0)[1], f32(1.0, 0.5, -0.5))
+    np.testing.assert_array_equal(logits, f32(2.0, 1.0, -1.0))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_temperature_zero_or_below_keeps_only_the_greedy_token(temperature):
+    ids, out = apply_temperature(ids_of(4), f32(1.0, 3.0, 3.0, 2.0), temperature)
+    assert ids.tolist() == [1] and out.tolist() == [3.0]
+
+
+def test_greedy_takes_the_argmax_with_ties_to_the_lowest_id():
+    assert greedy(ids_of(4), f32(1.0, 3.0, 3.0, 2.0)) == 1
+    assert greedy(np.array([5, 2, 7]), f32(3.0, 3.0, 1.0)) == 2
+
+
+@pytest.mark.parametrize("u, expected", [(0.0, 1), (0.49, 1), (0.6, 3), (0.8, 2), (0.9, 0), (0.999, 4)])
+def test_dist_walks_the_candidates_in_order_until_the_mass_reaches_u(u, expected):
+    ids, logits = top_k(ids_of(5), DYADIC, 5)  # ids 1, 3, 2, 0, 4; cumulative .5 .75 .875 .9375 1
+    assert sample_dist(ids, logits, FixedRng(u)) == expected
+
+
+# ---------------------------------------------------------------- the chain
+
+def test_sampler_greedy_sees_the_penalties():
+    params = SamplingParams(temperature=0.0, repeat_penalty=1.1)
+    sampler = Sampler(params, 3)
+    logits = f32(1.0, 5.0, 4.9)
+    assert sampler.sample(logits, []) == 1
+    assert sampler.sample(logits, [1]) == 2  # 5 / 1.1 < 4.9
+
+
+def test_chain_runs_top_k_before_top_p():
+    # top_k=3 first: three tokens at 1/3 each, 0.6 is reached by two. top_p first would keep three.
+    sampler = Sampler(SamplingParams(top_k=3, top_p=0.6, min_p=0.0, temperature=1.0), 4)
+    ids, probs = sampler.distribution(f32(0.0, 0.0, 0.0, 0.0))
+    assert ids.tolist() == [0, 1]
+    np.testing.assert_allclose(probs, [0.5, 0.5])
+
+
+def test_chain_runs_top_p_and_min_p_before_temperature():
+    logits = f32(0.0, -1.0, -3.5)  # at T=1: p = .715 .263 .022, p / p_max = 1 .368 .030
+    # min_p 0.05 drops id 2 at T=1 (at T=2 its ratio would be .17); T=2 then applies to the two survivors
+    ids, probs = Sampler(SamplingParams(top_p=1.0, min_p=0.05, temperature=2.0), 3).distribution(logits)
+    assert ids.tolist() == [0, 1]
+    np.testing.assert_allclose(probs, [1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(0.5))], rtol=1e-6)
+    # top_p 0.7 is reached by id 0 alone at T=1 (at T=2 its p would be .56)
+    ids, probs = Sampler(SamplingParams(top_p=0.7, min_p=0.0, temperature=2.0), 3).distribution(logits)
+    assert ids.tolist() == [0] and probs.tolist() == [1.0]
+
+
+def test_chain_runs_penalties_before_top_k():
+    sampler = Sampler(SamplingParams(top_k=1, repeat_penalty=2.0, temperature=1.0, seed=0), 3)
+    assert sampler.sample(f32(4.0, 3.0, 1.0), [0]) == 1  # 4 / 2 < 3
+
+
+def test_sample_does_not_modify_logits():
+    logits = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    before = logits.copy()
+    Sampler(SamplingParams(repeat_penalty=1.3, presence_penalty=0.5, seed=1), 100).sample(logits, [1, 2, 3])
+    np.testing.assert_array_equal(logits, before)
+
+
+def _generate(seed, n_steps=200, n_vocab=1000):
+    """Tokens drawn from a fixed pseudo-random logits sequence, feeding each token back as history."""
+    logits_rng = np.random.default_rng(99)
+    sampler = Sampler(SamplingParams(seed=seed, repeat_penalty=1.2, frequency_penalty=0.1), n_vocab)
+    tokens = []
+    for _ in range(n_steps):
+        logits = (logits_rng.standard_normal(n_vocab) * 2).astype(np.float32)
+        tokens.append(sampler.sample(logits, tokens))
+    return tokens
+
+
+def test_same_seed_gives_the_same_tokens_and_a_different_seed_differs():
+    assert _generate(42) == _generate(42)
+    assert _generate(42) != _generate(43)
+
+
+def test_unseeded_sampler_reports_a_seed_that_replays_it():
+    first = Sampler(SamplingParams(), 50)
+    replay = Sampler(SamplingParams(seed=first.seed), 50)
+    logits = np.random.default_rng(5).standard_normal(50).astype(np.float32)
+    assert [first.sample(logits) for _ in range(50)] == [replay.sample(logits) for _ in range(50)]
+
+
+def test_sampling_frequencies_match_the_filtered_softmax():
+    # by position in rank: top_k 6 drops -3, -6; top_p .95 then keeps 5 (cumulative .923 at 4, .979 at 5);
+    # min_p .2 drops 0.0 (needs >= 2 + ln .2 = 0.39); temperature .8 applies to 2, 1.5, 1, .5
+    ranked = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -6.0])
+    token_of_rank = np.array([5, 2, 7, 0, 3, 6, 1, 4])
+    logits = np.empty(8, dtype=np.float32)
+    logits[token_of_rank] = ranked
+    sampler = Sampler(SamplingParams(top_k=6, top_p=0.95, min_p=0.2, temperature=0.8, seed=1234), 8)
+    expected = np.zeros(8)
+    survivors = token_of_rank[:4]
+    weights = np.exp(ranked[:4] / 0.8)
+    expected[survivors] = weights / weights.sum()
+    ids, probs = sampler.distribution(logits)
+    assert ids.tolist() == survivors.tolist()
+    np.testing.assert_allclose(probs, expected[survivors], rtol=1e-5)
+
+    n = 8_000
+    counts = np.bincount([sampler.sample(logits) for _ in range(n)], minlength=8)
+    assert counts[expected == 0].sum() == 0
+    observed, wanted = counts[survivors], n * expected[survivors]
+    chi2 = float(((observed - wanted) ** 2 / wanted).sum())
+    assert chi2 < 25.0, (chi2, observed, wanted)  # 3 degrees of freedom: P(chi2 > 25) ~ 2e-5
+
+
+# ---------------------------------------------------------------- validation
+
+def test_defaults_are_llama_cpp_defaults():
+    p = SamplingParams()
+    assert (p.temperature, p.top_k, p.top_p, p.min_p) == (0.8, 40, 0.95, 0.05)
+    assert (p.repeat_penalty, p.presence_penalty, p.frequency_penalty, p.penalty_last_n) == (1.0, 0.0, 0.0, 64)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("top_p", -0.1), ("top_p", 1.5), ("min_p", -0.01), ("min_p", 2.0), ("temperature", float("nan")),
+    ("repeat_penalty", 0.0), ("repeat_penalty", -1.0), ("presence_penalty", float("inf")),
+    ("frequency_penalty", "0.1"), ("top_k", 1.5), ("penalty_last_n", -2), ("seed", -1), ("seed", 1.0),
+])
+def test_bad_params_raise_value_error_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_sampler_rejects_bad_vocab_size_and_logits_shape():
+    with pytest.raises(ValueError, match="n_vocab"):
+        Sampler(SamplingParams(), 0)
+    with pytest.raises(ValueError, match="shape"):
+        Sampler(SamplingParams(), 10).sample(np.zeros(11, dtype=np.float32), [])
