@@ -56,6 +56,69 @@ def info_cmd(model: str, as_json: bool) -> None:
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+def _sampling_options(f):
+    """The sampling options shared by `run` and `chat` (llama.cpp's defaults)."""
+    options = [
+        click.option("--temp", "temperature", type=float, default=0.8, show_default=True, help="Temperature; 0 is greedy."),
+        click.option("--top-k", type=int, default=40, show_default=True),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--min-p", type=float, default=0.05, show_default=True),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+        click.option("--ctx", "n_ctx", type=int, default=None, help="Context length (default: chosen for you)."),
+        click.option("--threads", "n_threads", type=int, default=None, help="Compute threads (default: physical cores)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _load_model(model: str | None, n_ctx, n_threads, seed):
+    from edgeinfer.api import Model
+    from models.fetch import default_model_name, resolve_model, rich_progress
+
+    with rich_progress() as progress:
+        path = resolve_model(model or default_model_name(), progress=progress)
+    return Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed)
+
+
+def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repeat_penalty=repeat_penalty, seed=seed)
+
+
+@cli.command("run")
+@click.argument("model")
+@click.argument("prompt")
+@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
+@_sampling_options
+def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
+    """Continue PROMPT with MODEL, streaming the text to stdout and timings to stderr."""
+    with _load_model(model, n_ctx, n_threads, seed) as m:
+        for piece in m.stream(prompt, max_tokens=max_tokens,
+                              **_sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed)):
+            click.echo(piece, nl=False)
+        click.echo()
+        s = m.last_stats
+        click.echo(f"prompt {s.prompt_tokens} tokens {s.prefill_tokens_per_second:.1f} tok/s | "
+                   f"generated {s.generated_tokens} tokens {s.decode_tokens_per_second:.1f} tok/s | "
+                   f"first token {s.time_to_first_token * 1000:.0f} ms | stop: {s.stop_reason}", err=True)
+
+
+@cli.command("chat")
+@click.argument("model", required=False)
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-tokens", type=int, default=1024, show_default=True)
+@_sampling_options
+def chat_cmd(model, system, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
+    """Chat with MODEL (default: the catalogue's default model, fetched on first use)."""
+    from edgeinfer.chat import run_chat
+
+    with _load_model(model, n_ctx, n_threads, seed) as m:
+        run_chat(m, system=system, max_tokens=max_tokens,
+                 sampling=_sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning project errors into one clear line and exit status 1."""
     try:

@@ -1,0 +1,171 @@
+"""The engine: a static KV cache and the forward pass of the decoder family, as prefill and decode steps.
+
+`prefill(tokens)` evaluates a block of prompt tokens with matrix-matrix kernels (in batches of `n_batch`);
+`decode(token)` evaluates one token with matrix-vector kernels. Both append to the preallocated cache, whose
+`n_past` says how many positions it holds; `truncate(n)` forgets positions from n on (for prefix reuse).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from edgeinfer.arch.decoder import DecoderConfig, DecoderWeights, LayerWeights, QuantMatrix
+from edgeinfer.errors import EdgeInferError
+from kernels_cpu.activation import gelu_tanh_mul_inplace, silu_mul_inplace
+from kernels_cpu.attention import attention_cached
+from kernels_cpu.dequant import dequantize
+from kernels_cpu.matmul import matmul
+from kernels_cpu.matvec import matvec
+from kernels_cpu.norm import rms_norm
+from kernels_cpu.rope import rope_inplace
+
+
+class ContextFull(EdgeInferError):
+    """The tokens to evaluate do not fit in the KV cache's remaining positions."""
+
+
+class LayerKVCache:
+    """Keys and values of one layer by position: k (n_ctx, n_kv_heads, head_dim), v (n_ctx, n_kv_heads, value_dim)."""
+
+    def __init__(self, n_ctx: int, n_kv_heads: int, head_dim: int, value_dim: int):
+        self.k = np.zeros((n_ctx, n_kv_heads, head_dim), dtype=np.float32)
+        self.v = np.zeros((n_ctx, n_kv_heads, value_dim), dtype=np.float32)
+
+    def store(self, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        self.k[start:start + len(k)] = k
+        self.v[start:start + len(v)] = v
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class KVCache:
+    """The whole model's cache: one LayerKVCache per layer, filled up to `n_past` positions."""
+
+    def __init__(self, cfg: DecoderConfig, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.layers = [LayerKVCache(n_ctx, cfg.n_kv_heads, cfg.head_dim, cfg.value_dim) for _ in range(cfg.n_layers)]
+        self.n_past = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def linear(w: QuantMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """x (n, n_cols) @ W.T -> (n, n_rows): a matrix-vector kernel for one token, matrix-matrix for a block."""
+    if x.shape[0] == 1:
+        y = matvec(w.ggml_type, w.raw, x[0])[None, :]
+    else:
+        y = matmul(w.ggml_type, w.raw, x)
+    if bias is not None:
+        y += bias
+    return y
+
+
+class Engine:
+    """Runs a decoder (config + weight views) over a static KV cache of n_ctx positions."""
+
+    def __init__(self, cfg: DecoderConfig, weights: DecoderWeights, n_ctx: int, n_batch: int = 256,
+                 n_threads: int | None = None):
+        self.cfg, self.weights = cfg, weights
+        self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
+        self.n_threads = int(n_threads or numba.config.NUMBA_NUM_THREADS)
+        self.cache = KVCache(cfg, self.n_ctx)
+
+    @property
+    def n_past(self) -> int:
+        return self.cache.n_past
+
+    def reset(self) -> None:
+        self.cache.n_past = 0
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first n cached positions (the rest is overwritten by the next evaluation)."""
+        self.cache.n_past = max(0, min(n, self.cache.n_past))
+
+    # -- the two entry points ---------------------------------------------------------------------------------
+    def prefill(self, tokens, all_logits: bool = False) -> np.ndarray:
+        """Evaluate prompt tokens after the cached ones; logits of the last token (n_vocab,), or of all (n, n_vocab)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if len(tokens) == 0:
+            raise ValueError("prefill needs at least one token")
+        self._check_room(len(tokens))
+        out = []
+        for start in range(0, len(tokens), self.n_batch):
+            batch = tokens[start:start + self.n_batch]
+            hidden = self._forward(batch)
+            last = start + self.n_batch >= len(tokens)
+            if all_logits:
+                out.append(self._logits(hidden))
+            elif last:
+                out.append(self._logits(hidden[-1:])[0])
+        return np.concatenate(out) if all_logits else out[-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        """Evaluate one generated token; its logits (n_vocab,)."""
+        self._check_room(1)
+        return self._logits(self._forward(np.array([token], dtype=np.int64)))[0]
+
+    def _check_room(self, n: int) -> None:
+        if self.cache.n_past + n > self.n_ctx:
+            raise ContextFull(f"{n} more tokens do not fit: {self.cache.n_past} of {self.n_ctx} context positions "
+                              f"are used")
+
+    # -- the forward pass --------------------------------------------------------------------------------------
+    def _forward(self, tokens: np.ndarray) -> np.ndarray:
+        """Hidden states (n, d_model) after the last layer for tokens at positions n_past..n_past+n-1."""
+        numba.set_num_threads(self.n_threads)
+        cfg, w = self.cfg, self.weights
+        start = self.cache.n_past
+        positions = np.arange(start, start + len(tokens), dtype=np.int64)
+        x = dequantize(w.token_embd.ggml_type, w.token_embd.raw[tokens], cfg.d_model)
+        if cfg.embedding_scale != 1.0:
+            x *= np.float32(cfg.embedding_scale)
+        for i, layer in enumerate(w.layers):
+            x += self._attention(i, layer, x, positions)
+            x += self._feed_forward(layer, x)
+        self.cache.n_past = start + len(tokens)
+        return rms_norm(x, w.output_norm, cfg.norm_eps)
+
+    def _attention(self, i: int, lw: LayerWeights, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        cfg, n = self.cfg, len(x)
+        h = rms_norm(x, lw.attn_norm, cfg.norm_eps)
+        q = linear(lw.attn_q, h, lw.attn_q_bias).reshape(n, cfg.n_heads, cfg.head_dim)
+        k = linear(lw.attn_k, h, lw.attn_k_bias).reshape(n, cfg.n_kv_heads, cfg.head_dim)
+        v = linear(lw.attn_v, h, lw.attn_v_bias).reshape(n, cfg.n_kv_heads, cfg.value_dim)
+        if cfg.qk_norm:
+            rms_norm(q, lw.attn_q_norm, cfg.norm_eps, out=q)
+            rms_norm(k, lw.attn_k_norm, cfg.norm_eps, out=k)
+        base = cfg.layer_rope_base(i)
+        rope_inplace(q, positions, base, cfg.rope_dims, cfg.rope_style)
+        rope_inplace(k, positions, base, cfg.rope_dims, cfg.rope_style)
+        cache = self.cache.layers[i]
+        cache.store(int(positions[0]), k, v)
+        attn = np.empty((n, cfg.n_heads, cfg.value_dim), dtype=np.float32)
+        attention_cached(q, positions, cache.k, cache.v, cfg.scale, cfg.layer_window(i), attn)
+        out = linear(lw.attn_output, attn.reshape(n, -1))
+        if cfg.post_norms:
+            rms_norm(out, lw.post_attention_norm, cfg.norm_eps, out=out)
+        return out
+
+    def _feed_forward(self, lw: LayerWeights, x: np.ndarray) -> np.ndarray:
+        cfg = self.cfg
+        h = rms_norm(x, lw.ffn_norm, cfg.norm_eps)
+        gate, up = linear(lw.ffn_gate, h), linear(lw.ffn_up, h)
+        if cfg.activation == "gelu_tanh":
+            gelu_tanh_mul_inplace(gate, up)
+        else:
+            silu_mul_inplace(gate, up)
+        out = linear(lw.ffn_down, gate)
+        if cfg.post_norms:
+            rms_norm(out, lw.post_ffw_norm, cfg.norm_eps, out=out)
+        return out
+
+    def _logits(self, hidden: np.ndarray) -> np.ndarray:
+        logits = linear(self.weights.output, hidden)
+        cap = self.cfg.final_logit_softcap
+        if cap:
+            logits = np.tanh(logits / cap) * cap
+        return logits
