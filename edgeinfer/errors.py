@@ -11,7 +11,13 @@ class GGUFError(EdgeInferError):
     def __init__(self, path, field: str, offset: int | None, problem: str):
         self.path, self.field, self.offset, self.problem = str(path), field, offset, problem
         where = f" at offset {offset}" if offset is not None else ""
-        super().__init__(f"{self.path}: {field}{where}: {problem}")
+        super().__init__(f"{self.path}: {_printable(field)}{where}: {problem}")
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Text from a file made safe for a one-line message: control characters escaped ("a\\nb"), long text cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class ModelNotFound(EdgeInferError):

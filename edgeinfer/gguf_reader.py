@@ -162,8 +162,10 @@ class GGUFFile:
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
         self._whole = np.frombuffer(self._map, dtype=np.uint8)
         self.tensors: dict[str, TensorInfo] = {}
-        for name, ggml_type, ne, rel_offset, info_offset in infos:
-            self.tensors[name] = self._place_tensor(name, ggml_type, ne, rel_offset, info_offset)
+        for name, ggml_type, ne, offset, info_offset, offset_field in infos:
+            if name in self.tensors:
+                self.fail(name, info_offset, "duplicate tensor name")
+            self.tensors[name] = self._place_tensor(name, ggml_type, ne, offset, offset_field)
 
     def _read_value(self, cur: _Cursor, key: str, value_type: int | None = None):
         type_offset = cur.pos
@@ -176,7 +178,10 @@ class GGUFFile:
             return cur.string(key), "string"
         if value_type != _ARRAY:
             self.fail(key, type_offset, f"unknown value type {value_type}")
+        elem_offset = cur.pos
         elem_type = cur.unpack("<I", key + " (array element type)")
+        if elem_type == _ARRAY:  # ggml's gguf.cpp rejects arrays of arrays; reading them would recurse without bound
+            self.fail(key, elem_offset, "arrays of arrays are not supported")
         count_offset = cur.pos
         count = cur.unpack("<Q", key + " (array length)")
         if elem_type in _SCALAR_TYPES:
@@ -192,11 +197,7 @@ class GGUFFile:
             if count * 8 > self.file_size - cur.pos:
                 self.fail(key, count_offset, f"array of {count} strings cannot fit in the file")
             return self._read_string_array(cur, key, count), "array[string]"
-        if elem_type == _ARRAY:
-            if count * 12 > self.file_size - cur.pos:
-                self.fail(key, count_offset, f"array of {count} arrays cannot fit in the file")
-            return [self._read_value(cur, f"{key}[{j}]", _ARRAY)[0] for j in range(count)], "array[array]"
-        self.fail(key, type_offset, f"unknown array element type {elem_type}")
+        self.fail(key, elem_offset, f"unknown array element type {elem_type}")
 
     def _read_string_array(self, cur: _Cursor, key: str, count: int) -> list[str]:
         # The hot loop of opening a model (262,144 vocabulary strings for Gemma): keep it to bare struct reads.
@@ -228,28 +229,29 @@ class GGUFFile:
     def _read_tensor_info(self, cur: _Cursor, i: int):
         info_offset = cur.pos
         name = cur.string(f"tensor[{i}].name")
+        dims_offset = cur.pos
         n_dims = cur.unpack("<I", f"{name}.n_dims")
         if not 1 <= n_dims <= MAX_DIMS:
-            self.fail(f"{name}.n_dims", info_offset, f"{n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+            self.fail(f"{name}.n_dims", dims_offset, f"{n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        shape_offset = cur.pos
         ne = [cur.unpack("<Q", f"{name}.shape") for _ in range(n_dims)]
+        if any(d == 0 for d in ne) or any(d > self.file_size * 256 for d in ne):
+            self.fail(f"{name}.shape", shape_offset, f"absurd shape {ne}")
         type_offset = cur.pos
         ggml_type = cur.unpack("<I", f"{name}.type")
         if ggml_type not in GGML_QUANT_SIZES:
             self.fail(f"{name}.type", type_offset, f"unknown tensor type {ggml_type}")
-        rel_offset = cur.pos
-        offset = cur.unpack("<Q", f"{name}.offset")
-        return name, ggml_type, ne, offset, rel_offset
-
-    def _place_tensor(self, name: str, ggml_type: int, ne: list[int], offset: int, field_offset: int) -> TensorInfo:
-        if name in getattr(self, "tensors", {}):
-            self.fail(name, field_offset, "duplicate tensor name")
-        if any(d == 0 for d in ne) or any(d > self.file_size * 256 for d in ne):
-            self.fail(f"{name}.shape", field_offset, f"absurd shape {ne}")
-        block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        block_elems = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][0]
         if ne[0] % block_elems:
-            self.fail(f"{name}.shape", field_offset,
+            self.fail(f"{name}.shape", shape_offset,
                       f"innermost dimension {ne[0]} is not a multiple of the {block_elems}-element "
                       f"{GGMLQuantizationType(ggml_type).name} block")
+        offset_field = cur.pos
+        offset = cur.unpack("<Q", f"{name}.offset")
+        return name, ggml_type, ne, offset, info_offset, offset_field
+
+    def _place_tensor(self, name: str, ggml_type: int, ne: list[int], offset: int, field_offset: int) -> TensorInfo:
+        block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
         n_rows = int(np.prod(ne[1:], dtype=object)) if len(ne) > 1 else 1
         row_bytes = ne[0] // block_elems * block_bytes
         nbytes = n_rows * row_bytes
