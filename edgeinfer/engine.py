@@ -52,6 +52,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
+    @staticmethod
+    def nbytes_for(cfg: DecoderConfig, n_ctx: int) -> int:
+        """Bytes a cache of n_ctx positions allocates for this model (the budget manager plans with this)."""
+        return n_ctx * cfg.kv_bytes_per_token(np.dtype(np.float32).itemsize)
+
 
 def linear(w: QuantMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """x (n, n_cols) @ W.T -> (n, n_rows): a matrix-vector kernel for one token, matrix-matrix for a block."""
