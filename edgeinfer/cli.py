@@ -119,6 +119,34 @@ def chat_cmd(model, system, max_tokens, temperature, top_k, top_p, min_p, repeat
                  sampling=_sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed))
 
 
+@cli.command("bench")
+@click.argument("model")
+@click.option("-p", "--prompt-tokens", type=int, default=512, show_default=True, help="Prompt tokens (pp test); 0 skips.")
+@click.option("-n", "--gen-tokens", type=int, default=128, show_default=True, help="Generated tokens (tg test); 0 skips.")
+@click.option("-t", "--threads", default="1,2", show_default=True, help="Comma-separated thread counts.")
+@click.option("-r", "--reps", type=int, default=3, show_default=True, help="Repetitions per test (after a warm-up).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--compare-llama-cpp", is_flag=True, help="Run llama.cpp (llama-cpp-python) on the same file too.")
+@click.option("--no-process", is_flag=True, help="Skip the time-to-first-token and peak-RSS subprocess runs.")
+def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, as_json, compare_llama_cpp, no_process):
+    """Measure prompt processing and generation speed, like llama-bench."""
+    from edgeinfer.bench import format_bench, run_bench
+    from models.fetch import resolve_model
+
+    try:
+        thread_counts = tuple(int(t) for t in threads.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{threads!r} is not a comma-separated list of numbers", param_hint="--threads")
+    if compare_llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--compare-llama-cpp needs llama-cpp-python: pip install 'edgeinfer[llama]'")
+    result = run_bench(resolve_model(model), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                       threads=thread_counts, reps=reps, compare_llama_cpp=compare_llama_cpp, process=not no_process)
+    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning project errors into one clear line and exit status 1."""
     try:

@@ -25,32 +25,32 @@ class ContextFull(EdgeInferError):
 
 
 class LayerKVCache:
-    """Keys and values of one layer by position: k (n_ctx, n_kv_heads, head_dim), v (n_ctx, n_kv_heads, value_dim)."""
+    """Keys and values of one layer by position: k (n_ctx, n_kv_heads, head_dim), v (n_ctx, n_kv_heads, value_dim).
 
-    def __init__(self, n_ctx: int, n_kv_heads: int, head_dim: int, value_dim: int):
-        self.k = np.zeros((n_ctx, n_kv_heads, head_dim), dtype=np.float32)
-        self.v = np.zeros((n_ctx, n_kv_heads, value_dim), dtype=np.float32)
+    Views into the whole model's cache arrays, so a compiled step can take all layers as one array."""
+
+    def __init__(self, k: np.ndarray, v: np.ndarray):
+        self.k, self.v = k, v
 
     def store(self, start: int, k: np.ndarray, v: np.ndarray) -> None:
         self.k[start:start + len(k)] = k
         self.v[start:start + len(v)] = v
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 class KVCache:
-    """The whole model's cache: one LayerKVCache per layer, filled up to `n_past` positions."""
+    """The whole model's static cache, k (n_layers, n_ctx, n_kv_heads, head_dim) and v likewise, filled up to
+    `n_past` positions; `layers[i]` is layer i's view."""
 
     def __init__(self, cfg: DecoderConfig, n_ctx: int):
         self.n_ctx = n_ctx
-        self.layers = [LayerKVCache(n_ctx, cfg.n_kv_heads, cfg.head_dim, cfg.value_dim) for _ in range(cfg.n_layers)]
+        self.k = np.zeros((cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.head_dim), dtype=np.float32)
+        self.v = np.zeros((cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.value_dim), dtype=np.float32)
+        self.layers = [LayerKVCache(self.k[i], self.v[i]) for i in range(cfg.n_layers)]
         self.n_past = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
+        return self.k.nbytes + self.v.nbytes
 
     @staticmethod
     def nbytes_for(cfg: DecoderConfig, n_ctx: int) -> int:

@@ -1,0 +1,182 @@
+"""`edgeinfer bench`: prompt-processing and generation speed in the manner of llama-bench.
+
+pp N: evaluate N prompt tokens on an empty context (tokens/s). tg N: generate N tokens one decode step at a time
+from an empty context (tokens/s). Each test runs after one warm-up and is repeated; mean and standard deviation
+are reported. With `compare_llama_cpp`, llama.cpp (through llama-cpp-python) runs the same tests on the same file
+in the same process run, so the ratio column compares like with like.
+Time to first token and peak RSS are measured in fresh subprocesses, since both are properties of a whole process.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class BenchRow:
+    backend: str  # "edgeinfer" or "llama.cpp"
+    test: str  # "pp512", "tg128"
+    n_threads: int
+    samples: list[float] = field(default_factory=list)  # tokens/s per repetition
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else 0.0
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
+
+
+def _random_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
+    # llama-bench uses random token ids too; ids below 1000 avoid special tokens in every vocabulary here
+    return np.random.default_rng(seed).integers(1000, min(n_vocab, 30000), size=n).tolist()
+
+
+def _time_edgeinfer(model, test: str, n: int, n_threads: int, reps: int) -> BenchRow:
+    engine = model.engine
+    engine.n_threads = n_threads
+    tokens = _random_tokens(n, model.n_vocab)
+    row = BenchRow("edgeinfer", test, n_threads)
+    for rep in range(reps + 1):  # the first run is a warm-up
+        engine.reset()
+        start = time.perf_counter()
+        if test.startswith("pp"):
+            engine.prefill(tokens)
+        else:
+            token = tokens[0]
+            for _ in range(n):
+                logits = engine.decode(token)
+                token = int(np.argmax(logits))
+        elapsed = time.perf_counter() - start
+        if rep:
+            row.samples.append(n / elapsed)
+    engine.reset()
+    return row
+
+
+def _time_llama_cpp(path: str, test: str, n: int, n_threads: int, reps: int, n_ctx: int) -> BenchRow:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_batch=512,
+                verbose=False)
+    tokens = _random_tokens(n, llm.n_vocab())
+    row = BenchRow("llama.cpp", test, n_threads)
+    for rep in range(reps + 1):
+        llm.reset()
+        llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+        start = time.perf_counter()
+        if test.startswith("pp"):
+            llm.eval(tokens)
+        else:
+            token = tokens[0]
+            for _ in range(n):
+                llm.eval([token])
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        elapsed = time.perf_counter() - start
+        if rep:
+            row.samples.append(n / elapsed)
+    llm.close() if hasattr(llm, "close") else None
+    return row
+
+
+_CHILD_GENERATE = """
+import sys, resource
+{body}
+print("PEAK_RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
+"""
+
+_EDGEINFER_BODY = """
+import edgeinfer
+m = edgeinfer.load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]))
+for i, piece in enumerate(m.stream("Once upon a time", max_tokens=int(sys.argv[4]), temperature=0)):
+    if i == 0:
+        print("FIRST_TOKEN", flush=True)
+"""
+
+_LLAMA_CPP_BODY = """
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]), verbose=False)
+for i, out in enumerate(llm("Once upon a time", max_tokens=int(sys.argv[4]), temperature=0, stream=True)):
+    if i == 0:
+        print("FIRST_TOKEN", flush=True)
+"""
+
+
+def process_figures(path: str, backend: str, n_ctx: int, n_threads: int, n_gen: int) -> dict:
+    """Seconds from process start to the first generated token, and the peak RSS, of a fresh process that
+    loads the model and generates n_gen tokens."""
+    body = _EDGEINFER_BODY if backend == "edgeinfer" else _LLAMA_CPP_BODY
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD_GENERATE.format(body=body), path, str(n_ctx),
+                             str(n_threads), str(n_gen)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first, peak = None, None
+    for line in proc.stdout:
+        if line.startswith("FIRST_TOKEN") and first is None:
+            first = time.perf_counter() - start
+        elif line.startswith("PEAK_RSS"):
+            peak = int(line.split()[1])
+    stderr = proc.stderr.read()
+    if proc.wait() or first is None or peak is None:
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {proc.returncode}"
+        return {"error": last}
+    return {"time_to_first_token_s": first, "peak_rss_bytes": peak}
+
+
+def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 128, threads=(1, 2), reps: int = 3,
+              compare_llama_cpp: bool = False, process: bool = True) -> dict:
+    """All rows of a benchmark run, as a JSON-serialisable dict."""
+    import edgeinfer
+
+    path = str(model_path)
+    n_ctx = max(prompt_tokens, gen_tokens) + 16
+    rows: list[BenchRow] = []
+    with edgeinfer.load(path, n_ctx=n_ctx) as model:
+        for n_threads in threads:
+            if prompt_tokens:
+                rows.append(_time_edgeinfer(model, f"pp{prompt_tokens}", prompt_tokens, n_threads, reps))
+            if gen_tokens:
+                rows.append(_time_edgeinfer(model, f"tg{gen_tokens}", gen_tokens, n_threads, reps))
+    if compare_llama_cpp:
+        for n_threads in threads:
+            if prompt_tokens:
+                rows.append(_time_llama_cpp(path, f"pp{prompt_tokens}", prompt_tokens, n_threads, reps, n_ctx))
+            if gen_tokens:
+                rows.append(_time_llama_cpp(path, f"tg{gen_tokens}", gen_tokens, n_threads, reps, n_ctx))
+    result = {
+        "model": os.path.basename(path),
+        "model_size_bytes": os.path.getsize(path),
+        "rows": [dict(asdict(r), mean=r.mean, sd=r.sd) for r in rows],
+    }
+    if process:
+        result["process"] = {"edgeinfer": process_figures(path, "edgeinfer", 2048, max(threads), 128)}
+        if compare_llama_cpp:
+            result["process"]["llama.cpp"] = process_figures(path, "llama.cpp", 2048, max(threads), 128)
+    return result
+
+
+def format_bench(result: dict) -> str:
+    """The result as a llama-bench-style table, with the ratio to llama.cpp where it ran."""
+    theirs = {(r["test"], r["n_threads"]): r["mean"] for r in result["rows"] if r["backend"] == "llama.cpp"}
+    lines = [f"model: {result['model']} ({result['model_size_bytes'] / 1e6:.0f} MB)",
+             f"| {'backend':9} | {'test':6} | threads | {'tokens/s':>16} | vs llama.cpp |",
+             "|-----------|--------|---------|------------------|--------------|"]
+    for r in result["rows"]:
+        ratio = ""
+        if r["backend"] == "edgeinfer" and (r["test"], r["n_threads"]) in theirs:
+            ratio = f"{r['mean'] / theirs[(r['test'], r['n_threads'])]:.2f}x"
+        lines.append(f"| {r['backend']:9} | {r['test']:6} | {r['n_threads']:7} | "
+                     f"{r['mean']:8.1f} ± {r['sd']:5.1f} | {ratio:>12} |")
+    for backend, fig in result.get("process", {}).items():
+        if "error" in fig:
+            lines.append(f"{backend}: process figures failed: {fig['error']}")
+        else:
+            lines.append(f"{backend}: process start to first token {fig['time_to_first_token_s']:.2f} s, "
+                         f"peak RSS generating 128 tokens at n_ctx 2048: {fig['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return "\n".join(lines)
