@@ -11,11 +11,13 @@ import numpy as np
 
 from edgeinfer.arch.decoder import DecoderConfig, DecoderWeights, LayerWeights, QuantMatrix
 from edgeinfer.errors import EdgeInferError
+from kernels_cpu import decode_step as step
 from kernels_cpu.activation import gelu_tanh_mul_inplace, silu_mul_inplace
 from kernels_cpu.attention import attention_cached
 from kernels_cpu.dequant import dequantize
 from kernels_cpu.matmul import matmul
-from kernels_cpu.matvec import matvec
+from kernels_cpu.activations_q8 import quantized_activations
+from kernels_cpu.formats import BF16, F16, F32
 from kernels_cpu.norm import rms_norm
 from kernels_cpu.rope import rope_inplace
 
@@ -58,15 +60,71 @@ class KVCache:
         return n_ctx * cfg.kv_bytes_per_token(np.dtype(np.float32).itemsize)
 
 
+_FLOAT_TYPES = (F32, F16, BF16)
+
+
+def int8_rounded(x: np.ndarray) -> np.ndarray:
+    """x with each 32-block rounded to int8 levels (scale max|x|/127): what the decode step's integer kernels see.
+
+    Prefill multiplies these with the dequantized weights in float, so prefill and decode compute the same
+    products (as llama.cpp quantizes activations in both), and logits() agrees with step-by-step decoding."""
+    xq, xd, _ = quantized_activations(x)
+    n, d = x.shape
+    return (xq.reshape(n, d // 32, 32) * xd[:, :, None]).reshape(n, d)
+
+
 def linear(w: QuantMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """x (n, n_cols) @ W.T -> (n, n_rows): a matrix-vector kernel for one token, matrix-matrix for a block."""
-    if x.shape[0] == 1:
-        y = matvec(w.ggml_type, w.raw, x[0])[None, :]
-    else:
-        y = matmul(w.ggml_type, w.raw, x)
+    """x (n, n_cols) @ W.T -> (n, n_rows) for a block of tokens (prefill), with int8-rounded activations."""
+    if w.ggml_type not in _FLOAT_TYPES:
+        x = int8_rounded(x)
+    y = matmul(w.ggml_type, w.raw, x)
     if bias is not None:
         y += bias
     return y
+
+
+class CompiledStep:
+    """The arguments of `kernels_cpu.decode_step.decode_step` for one model: where each weight lies in the file,
+    the small vectors copied into one table, the variant switches, and preallocated scratch buffers."""
+
+    def __init__(self, cfg: DecoderConfig, w: DecoderWeights):
+        def row(m: QuantMatrix):
+            return (m.offset, m.ggml_type, m.n_rows, m.n_cols, m.raw.shape[1])
+
+        self.layer_mats = np.array([[row(getattr(lw, name)) for name in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                          "ffn_gate", "ffn_up", "ffn_down")]
+                                    for lw in w.layers], dtype=np.int64)
+        self.head_mats = np.array([row(w.token_embd), row(w.output)], dtype=np.int64)
+        width = max(cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.value_dim)
+        self.vecs = np.zeros((cfg.n_layers, step.N_VEC, width), dtype=np.float32)
+        roles = {step.V_ATTN_NORM: "attn_norm", step.V_FFN_NORM: "ffn_norm", step.V_Q_BIAS: "attn_q_bias",
+                 step.V_K_BIAS: "attn_k_bias", step.V_V_BIAS: "attn_v_bias", step.V_Q_NORM: "attn_q_norm",
+                 step.V_K_NORM: "attn_k_norm", step.V_POST_ATTN: "post_attention_norm", step.V_POST_FFN: "post_ffw_norm"}
+        for i, lw in enumerate(w.layers):
+            for role, name in roles.items():
+                vec = getattr(lw, name)
+                if vec is not None:
+                    self.vecs[i, role, :len(vec)] = vec
+        self.output_norm = np.ascontiguousarray(w.output_norm)
+        self.windows = np.array([cfg.layer_window(i) for i in range(cfg.n_layers)], dtype=np.int64)
+        self.rope_bases = np.array([cfg.layer_rope_base(i) for i in range(cfg.n_layers)], dtype=np.float64)
+        dims = np.zeros(step.N_DIMS, dtype=np.int64)
+        dims[[step.D_MODEL, step.D_HEADS, step.D_KV_HEADS, step.D_HEAD_DIM, step.D_VALUE_DIM, step.D_FF,
+              step.D_ROPE_DIMS, step.D_ROPE_STYLE, step.D_QKV_BIAS, step.D_QK_NORM, step.D_POST_NORMS, step.D_GELU,
+              step.D_VOCAB]] = [cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.value_dim, cfg.d_ff,
+                                cfg.rope_dims, cfg.rope_style, cfg.qkv_bias, cfg.qk_norm, cfg.post_norms,
+                                cfg.activation == "gelu_tanh", cfg.n_vocab]
+        self.dims = dims
+        self.reals = np.array([cfg.norm_eps, cfg.embedding_scale, cfg.scale, cfg.final_logit_softcap], np.float64)
+        self.weights = w.file_bytes
+        self.buffers = step.StepBuffers(dims).as_tuple()
+        self.logits = np.zeros(cfg.n_vocab, dtype=np.float32)
+
+    def __call__(self, token: int, pos: int, cache: "KVCache") -> np.ndarray:
+        step.decode_step(token, pos, self.weights, self.layer_mats, self.head_mats, self.vecs, self.output_norm,
+                         self.windows, self.rope_bases, self.dims, self.reals, cache.k, cache.v, self.buffers,
+                         self.logits)
+        return self.logits.copy()
 
 
 class Engine:
@@ -78,6 +136,7 @@ class Engine:
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.n_threads = int(n_threads or numba.config.NUMBA_NUM_THREADS)
         self.cache = KVCache(cfg, self.n_ctx)
+        self.step = CompiledStep(cfg, weights)
 
     @property
     def n_past(self) -> int:
@@ -111,7 +170,10 @@ class Engine:
     def decode(self, token: int) -> np.ndarray:
         """Evaluate one generated token; its logits (n_vocab,)."""
         self._check_room(1)
-        return self._logits(self._forward(np.array([token], dtype=np.int64)))[0]
+        numba.set_num_threads(self.n_threads)
+        logits = self.step(int(token), self.cache.n_past, self.cache)
+        self.cache.n_past += 1
+        return logits
 
     def _check_room(self, n: int) -> None:
         if self.cache.n_past + n > self.n_ctx:

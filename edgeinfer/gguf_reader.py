@@ -272,6 +272,11 @@ class GGUFFile:
             self.fail("general.architecture", None, "missing or not a string")
         return arch
 
+    @property
+    def file_bytes(self) -> np.ndarray:
+        """The whole file as a read-only uint8 array (a view of the map; tensor offsets index into it)."""
+        return self._whole
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

@@ -24,3 +24,14 @@ def gelu_tanh_mul_inplace(gate, up):
         for j in range(d):
             g = gate[r, j]
             gate[r, j] = 0.5 * g * (1.0 + math.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))) * up[r, j]
+
+
+@njit(cache=True)
+def gated_activation_row(gate, up, gelu):
+    """One row (decode): gate (d,) <- GELU-tanh(gate) * up if gelu else SiLU(gate) * up, on the calling thread."""
+    for j in range(gate.shape[0]):
+        g = gate[j]
+        if gelu:
+            gate[j] = 0.5 * g * (1.0 + math.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))) * up[j]
+        else:
+            gate[j] = g / (1.0 + math.exp(-g)) * up[j]

@@ -114,6 +114,7 @@ class QuantMatrix:
     raw: np.ndarray  # uint8 (n_rows, row_bytes)
     n_rows: int
     n_cols: int
+    offset: int  # of the first byte in the file, so compiled code can find it in `DecoderWeights.file_bytes`
 
 
 @dataclass
@@ -144,6 +145,7 @@ class DecoderWeights:
     output_norm: np.ndarray
     output: QuantMatrix  # the LM head; the embedding itself when tied
     layers: list[LayerWeights] = field(default_factory=list)
+    file_bytes: np.ndarray | None = None  # the whole memory-mapped file (read-only uint8), which all views share
 
 
 def _matrix(gguf: GGUFFile, name: str, n_rows: int, n_cols: int) -> QuantMatrix:
@@ -151,7 +153,7 @@ def _matrix(gguf: GGUFFile, name: str, n_rows: int, n_cols: int) -> QuantMatrix:
     if t.shape != (n_rows, n_cols):
         raise GGUFError(gguf.path, name, t.offset, f"shape {t.shape}, expected {(n_rows, n_cols)}")
     _check_type(gguf, t)
-    return QuantMatrix(name, t.ggml_type, t.raw, n_rows, n_cols)
+    return QuantMatrix(name, t.ggml_type, t.raw, n_rows, n_cols, t.offset)
 
 
 def _vector(gguf: GGUFFile, name: str, n: int) -> np.ndarray:
@@ -197,4 +199,4 @@ def read_weights(gguf: GGUFFile, cfg: DecoderConfig) -> DecoderWeights:
         layers.append(lw)
     embd = _matrix(gguf, "token_embd.weight", cfg.n_vocab, d)
     output = _matrix(gguf, "output.weight", cfg.n_vocab, d) if "output.weight" in gguf.tensors else embd
-    return DecoderWeights(embd, _vector(gguf, "output_norm.weight", d), output, layers)
+    return DecoderWeights(embd, _vector(gguf, "output_norm.weight", d), output, layers, gguf.file_bytes)
