@@ -4,8 +4,6 @@
     with edgeinfer.load("smollm2-135m-instruct") as model:
         print(model.chat([{"role": "user", "content": "Hi!"}]))
 """
-import os as _os
-
 from edgeinfer.errors import (  # noqa: F401
     BudgetError,
     EdgeInferError,
@@ -16,10 +14,7 @@ from edgeinfer.errors import (  # noqa: F401
     TokenizerError,
     UnsupportedError,
 )
-from edgeinfer.paths import numba_cache_dir as _numba_cache_dir
-
-# Numba reads its cache location once, at import: fix it before any kernel module imports numba.
-_os.environ.setdefault("NUMBA_CACHE_DIR", str(_numba_cache_dir()))
+import kernels_cpu as _kernels_cpu  # noqa: F401  (fixes Numba's cache directory before numba is imported)
 
 __version__ = "0.1.0"
 
@@ -37,4 +32,8 @@ def __getattr__(name):
         from edgeinfer.api import Model
 
         return Model
+    if name == "ChatSession":
+        from edgeinfer.session import ChatSession
+
+        return ChatSession
     raise AttributeError(f"module 'edgeinfer' has no attribute {name!r}")

@@ -14,8 +14,3 @@ def home() -> Path:
 def models_dir() -> Path:
     """Directory holding downloaded, verified model files."""
     return home() / "models"
-
-
-def numba_cache_dir() -> Path:
-    """Directory for Numba's compiled-kernel cache (must be writable by the user)."""
-    return home() / "numba"
