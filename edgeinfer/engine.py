@@ -15,9 +15,7 @@ from kernels_cpu import decode_step as step
 from kernels_cpu.activation import gelu_tanh_mul_inplace, silu_mul_inplace
 from kernels_cpu.attention import attention_cached
 from kernels_cpu.dequant import dequantize
-from kernels_cpu.matmul import matmul
-from kernels_cpu.activations_q8 import quantized_activations
-from kernels_cpu.formats import BF16, F16, F32
+from kernels_cpu.matmul_q8 import matmul_q8
 from kernels_cpu.norm import rms_norm
 from kernels_cpu.rope import rope_inplace
 
@@ -60,24 +58,9 @@ class KVCache:
         return n_ctx * cfg.kv_bytes_per_token(np.dtype(np.float32).itemsize)
 
 
-_FLOAT_TYPES = (F32, F16, BF16)
-
-
-def int8_rounded(x: np.ndarray) -> np.ndarray:
-    """x with each 32-block rounded to int8 levels (scale max|x|/127): what the decode step's integer kernels see.
-
-    Prefill multiplies these with the dequantized weights in float, so prefill and decode compute the same
-    products (as llama.cpp quantizes activations in both), and logits() agrees with step-by-step decoding."""
-    xq, xd, _ = quantized_activations(x)
-    n, d = x.shape
-    return (xq.reshape(n, d // 32, 32) * xd[:, :, None]).reshape(n, d)
-
-
 def linear(w: QuantMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """x (n, n_cols) @ W.T -> (n, n_rows) for a block of tokens (prefill), with int8-rounded activations."""
-    if w.ggml_type not in _FLOAT_TYPES:
-        x = int8_rounded(x)
-    y = matmul(w.ggml_type, w.raw, x)
+    """x (n, n_cols) @ W.T -> (n, n_rows) for a block of tokens (prefill), with the decode step's int8 arithmetic."""
+    y = matmul_q8(w.ggml_type, w.raw, x)
     if bias is not None:
         y += bias
     return y
