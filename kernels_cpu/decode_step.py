@@ -90,8 +90,9 @@ def decode_step(token, pos, weights, layer_mats, head_mats, vecs, output_norm, w
 
     dequant_row(head_mats[0, 1], _matrix(weights, head_mats, 0)[token], x[0])
     if reals[R_EMBED_SCALE] != 1.0:
+        scale = np.float32(reals[R_EMBED_SCALE])  # a float32 product, as the prefill path computes it
         for j in range(d):
-            x[0, j] *= reals[R_EMBED_SCALE]
+            x[0, j] *= scale
 
     for layer in range(layer_mats.shape[0]):
         mats, lv = layer_mats[layer], vecs[layer]
