@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edgeinfer.arch import load_decoder
+from edgeinfer.budget import ModelFootprint, Plan, make_plan, read_system_state
 from edgeinfer.chat_template import ChatTemplate
 from edgeinfer.engine import Engine
 from edgeinfer.generation import CachedEngine, GenerationStats, TextStream, generate_tokens
@@ -14,41 +15,33 @@ from edgeinfer.gguf_reader import GGUFFile
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.tokenizer import Tokenizer
 
-DEFAULT_MAX_CTX = 4096  # until the budget manager decides: enough for chat, small enough for any laptop
-
-
-def default_threads() -> int:
-    """Physical cores (threads beyond them only contend for the same SIMD units)."""
-    import psutil
-
-    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-
-
 def load(model: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-         seed: int | None = None) -> "Model":
+         seed: int | None = None, power: str = "auto") -> "Model":
     """Open a model by catalogue name (fetched on first use) or path to a GGUF file.
 
-    n_ctx: context positions to allocate (default: the trained context, at most 4096);
-    n_threads: compute threads (default: physical cores); seed: default seed for sampling."""
+    n_ctx: context positions to allocate (default: the largest that fits in memory, at most min(trained, 8192));
+    n_threads: compute threads (default: chosen for this machine's cores and power state);
+    seed: default seed for sampling; power: "auto", "saver", "balanced" or "performance".
+    Raises BudgetError, before allocating anything, if the model or the asked-for context does not fit."""
     from models.fetch import resolve_model
 
-    return Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed)
+    return Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power)
 
 
 class Model:
     """A loaded model: weights memory-mapped, tokenizer, chat template and an engine with its KV cache."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, power: str = "auto"):
         self.gguf = GGUFFile(path)
         try:
             self.config, self.weights = load_decoder(self.gguf)
+            # explicit n_ctx / n_threads win; a BudgetError comes here, before the tokenizer or KV cache is built
+            self.plan: Plan = make_plan(ModelFootprint.from_gguf(self.gguf, self.config), read_system_state(),
+                                        n_ctx=n_ctx, n_threads=n_threads, power=power)
             self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-            trained = self.config.context_length
-            n_ctx = int(n_ctx) if n_ctx else min(trained, DEFAULT_MAX_CTX)
-            if n_ctx < 1:
-                raise ValueError(f"n_ctx must be positive, got {n_ctx}")
-            self.engine = Engine(self.config, self.weights, n_ctx=n_ctx, n_threads=n_threads or default_threads())
+            self.engine = Engine(self.config, self.weights, n_ctx=self.plan.n_ctx, n_batch=self.plan.n_batch,
+                                 n_threads=self.plan.n_threads)
         except BaseException:
             self.gguf.close()
             raise
@@ -142,10 +135,27 @@ class Model:
         add_bos = not self.chat_template.renders_bos
         return self.tokenizer.encode(text, add_special=add_bos, parse_special=True)
 
-    def chat(self, messages: list[dict], *, stream: bool = False, **sampling) -> str | Iterator[str]:
-        """The assistant's reply to `messages` ([{"role": ..., "content": ...}]); an iterator of pieces if stream."""
+    def chat(self, messages: list[dict] | str | None = None, *, stream: bool = False, **sampling):
+        """Chat with the model.
+
+        chat(messages): the assistant's reply to a whole conversation ([{"role": ..., "content": ...}]), an
+        iterator of pieces if stream; the KV cache still skips the prefix it holds from an earlier call.
+        chat(): the model's own kept `ChatSession` (created with **sampling on the first call), whose `send`
+        answers one message at a time; chat("text") is chat().send("text", stream=stream, **sampling)."""
+        if messages is None or isinstance(messages, str):
+            session = self.__dict__.get("_chat_session")
+            if session is None:
+                session = self._chat_session = self.session(**({} if isinstance(messages, str) else sampling))
+            return session if messages is None else session.send(messages, stream=stream, **sampling)
         pieces = self.stream(self.chat_tokens(messages), **sampling)
         return pieces if stream else "".join(pieces)
+
+    def session(self, system: str | None = None, **settings):
+        """A new conversation that keeps the KV cache across turns (see `edgeinfer.session.ChatSession`);
+        settings: max_tokens (per answer) and sampling options, as for `stream`."""
+        from edgeinfer.session import ChatSession
+
+        return ChatSession(self, system=system, **settings)
 
     # -- lifetime -------------------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -56,6 +56,24 @@ def info_cmd(model: str, as_json: bool) -> None:
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+@cli.command("plan")
+@click.argument("model")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
+              help="Context length to check (default: the largest that fits).")
+@click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None,
+              help="Compute threads (default: chosen for this machine).")
+@click.option("--power", type=click.Choice(["auto", "saver", "balanced", "performance"]), default="auto",
+              show_default=True, help="Power mode; auto is saver on battery below 30%.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(model: str, n_ctx, n_threads, power: str, as_json: bool) -> None:
+    """Show the context length, threads and memory MODEL would get on this machine, and why."""
+    from edgeinfer.budget import format_plan, plan_for_model
+    from models.fetch import resolve_model
+
+    plan = plan_for_model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, power=power)
+    click.echo(json.dumps(plan.to_json(), indent=2) if as_json else format_plan(plan))
+
+
 def _sampling_options(f):
     """The sampling options shared by `run` and `chat` (llama.cpp's defaults)."""
     options = [
@@ -108,15 +126,17 @@ def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_
 @cli.command("chat")
 @click.argument("model", required=False)
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--max-tokens", type=int, default=1024, show_default=True)
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Tokens per answer at most.")
+@click.option("--single", is_flag=True, help="Without a terminal: all of stdin is one message (default: one a line).")
 @_sampling_options
-def chat_cmd(model, system, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
-    """Chat with MODEL (default: the catalogue's default model, fetched on first use)."""
-    from edgeinfer.chat import run_chat
+def chat_cmd(model, system, max_tokens, single, **options):
+    """Chat with MODEL (default: the catalogue's default model, fetched on first use); /help lists the commands.
 
-    with _load_model(model, n_ctx, n_threads, seed) as m:
-        run_chat(m, system=system, max_tokens=max_tokens,
-                 sampling=_sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed))
+    The KV cache is kept across turns: each turn evaluates only the new tokens. Without a terminal on stdin, reads
+    one message per line and prints only the answers."""
+    from edgeinfer.chat import run_chat_command
+
+    run_chat_command(model, system=system, max_tokens=max_tokens, single=single, **options)
 
 
 @cli.command("bench")
@@ -145,6 +165,39 @@ def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, as_json, compare_
     result = run_bench(resolve_model(model), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                        threads=thread_counts, reps=reps, compare_llama_cpp=compare_llama_cpp, process=not no_process)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+
+
+@cli.command("convert")
+@click.argument("src")
+@click.argument("out")
+@click.option("--type", "type_name", required=True, metavar="TYPE",
+              help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q4_K_M or Q5_K_M.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="Give tensors whose GGUF name matches PATTERN (regex or glob) this type; repeatable.")
+@click.option("--prune", type=float, default=0.0, show_default=True,
+              help="Zero this fraction of the smallest weights of each FFN row before quantizing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, types, bytes) and the size; write nothing.")
+@click.option("--threads", "n_threads", type=int, default=None, help="Quantization threads (default: all).")
+def convert_cmd(src, out, type_name, tensor_types, prune, dry_run, n_threads):
+    """Convert SRC (a Hugging Face checkpoint directory or a GGUF file) to the GGUF file OUT of type TYPE."""
+    from tools.convert import run_convert
+
+    run_convert(src, out, type_name, tensor_types=list(tensor_types), prune=prune, dry_run=dry_run,
+                n_threads=n_threads)
+
+
+@cli.command("perplexity")
+@click.argument("model")
+@click.argument("text_file")
+@click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="Context (chunk) length.")
+@click.option("--kl-base", default=None, help="Also report mean KL divergence and top-1 agreement against BASE.")
+@click.option("--chunks", "n_chunks", type=int, default=None, help="Score only the first N chunks.")
+@click.option("--threads", "n_threads", type=int, default=None, help="Compute threads (default: physical cores).")
+def perplexity_cmd(model, text_file, n_ctx, kl_base, n_chunks, n_threads):
+    """Perplexity of MODEL on TEXT_FILE, computed as llama.cpp's llama-perplexity does."""
+    from tools.perplexity import run_perplexity
+
+    run_perplexity(model, text_file, n_ctx=n_ctx, kl_base=kl_base, n_chunks=n_chunks, n_threads=n_threads)
 
 
 def main(argv: list[str] | None = None) -> None:

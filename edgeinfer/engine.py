@@ -118,6 +118,9 @@ class Engine:
         self.cfg, self.weights = cfg, weights
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.n_threads = int(n_threads or numba.config.NUMBA_NUM_THREADS)
+        if not 1 <= self.n_threads <= numba.config.NUMBA_NUM_THREADS:
+            raise EdgeInferError(f"n_threads={self.n_threads}: this machine runs 1 to "
+                                 f"{numba.config.NUMBA_NUM_THREADS} compute threads")
         self.cache = KVCache(cfg, self.n_ctx)
         self.step = CompiledStep(cfg, weights)
 

@@ -37,3 +37,16 @@ def load_reference(name: str) -> dict:
 @pytest.fixture(params=MODEL_NAMES)
 def model_name(request):
     return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels():
+    """Compile (or load from Numba's cache) the decode step and prefill kernels once, before any test runs.
+
+    A fresh machine spends a few minutes here; without it the first end-to-end test (e.g. the chat terminal
+    test, which waits for output with a timeout) would pay for the compilation."""
+    import edgeinfer
+
+    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=64, n_threads=1) as model:
+        model.engine.prefill([1, 2, 3])
+        model.engine.decode(4)
