@@ -29,9 +29,6 @@ from numba.extending import intrinsic, models, register_model
 
 from kernels_cpu._fp16 import native_half_conversion
 
-PATHS = ("avx512vnni", "avxvnni", "avx2", "portable")
-
-
 def available_paths() -> tuple:
     """The instruction paths the compile target supports, fastest first ('portable' always)."""
     features = config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm.get_host_cpu_features().flatten()
@@ -225,7 +222,19 @@ def _loader(vector_type):
 
 
 load_i8x32, load_i8x64 = _loader(i8x32), _loader(i8x64)
-load_f32x8, load_f32x16 = _loader(f32x8), _loader(f32x16)
+load_i32x16, load_f32x8 = _loader(i32x16), _loader(f32x8)
+
+
+@intrinsic
+def prefetch(typingctx, buf, offset):
+    """Hint: bring the cache line of buf[offset] in (for reads), e.g. the next rows of a large matrix."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.bitcast(_element_ptr(context, builder, signature.args[0], args[0], args[1], _I8), _I8.as_pointer())
+        _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                                                           ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(buf, types.intp), codegen
 
 
 @intrinsic
@@ -258,6 +267,9 @@ def splat_i32x16(typingctx, value):
     if not isinstance(value, types.Integer):
         return None
     return i32x16(value), lambda context, builder, signature, args: _splat(builder, _to_i32(builder, args[0]), 16)
+
+
+# ---------------------------------------------------------------- weight bits -> unsigned bytes
 
 
 @intrinsic
@@ -316,6 +328,23 @@ def bitfields_i8x64(typingctx, buf, offset, shift, step, mask, out_shift):
     return i8x64(buf, types.intp, types.intp, types.intp, types.intp, types.intp), codegen
 
 
+@intrinsic
+def fields_i8x64(typingctx, v, rotate, mask):
+    """Each 64-bit lane of v rotated right by `rotate` bits, then & mask in every byte: with rotate and mask
+    constants, one instruction picks a bit field of each byte (rotate 4, mask 15: high nibbles; rotate 60, mask 0x30:
+    bits 0-1 moved to 4-5). Bits crossing bytes land outside the field as long as it lies inside the byte."""
+    if v != i8x64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        lanes = builder.bitcast(args[0], _vec(_I64, 8))
+        amount = _splat(builder, args[1], 8)
+        rotated = _call(builder, "llvm.fshr.v8i64", _vec(_I64, 8), [lanes, lanes, amount])
+        return builder.and_(builder.bitcast(rotated, _vec(_I8, 64)), _splat(builder, builder.trunc(args[2], _I8), 64))
+
+    return i8x64(v, types.intp, types.intp), codegen
+
+
 def _byte_op(name, fn):
     @intrinsic
     def op(typingctx, a, b):
@@ -328,22 +357,6 @@ def _byte_op(name, fn):
 
 
 bytes_or = _byte_op("bytes_or", lambda builder, a, b: builder.or_(a, b))
-
-
-@intrinsic
-def low_nibbles(typingctx, v):
-    """Bytes & 15."""
-    if not (isinstance(v, SimdVector) and v.kind == "i8"):
-        return None
-    return v(v), lambda context, builder, signature, args: builder.and_(args[0], _splat_const(_I8, v.lanes, 15))
-
-
-@intrinsic
-def high_nibbles(typingctx, v):
-    """Bytes >> 4."""
-    if not (isinstance(v, SimdVector) and v.kind == "i8"):
-        return None
-    return v(v), lambda context, builder, signature, args: builder.lshr(args[0], _splat_const(_I8, v.lanes, 4))
 
 
 # ---------------------------------------------------------------- integer dot products
@@ -388,6 +401,31 @@ def dot_i8(typingctx, acc, w, x, x_sums):
         return _dpbusd(builder, shifted, builder.xor(w_, _splat_const(_I8, n, -128)), x_)
 
     return acc(acc, w, x, x_sums), codegen
+
+
+@intrinsic
+def dot_i8_biased(typingctx, acc, w, x):
+    """acc + per-lane sums of 4 products (w + 128) * x, w and x int8 (Q8_0 in 16-row groups: the caller starts acc
+    at -128 * sum(x)). With VNNI w + 128 is w with its sign bit flipped; avx2 takes |w| and x * sign(w) and adds
+    128 * lane_sums(x)."""
+    if not (isinstance(acc, SimdVector) and acc.kind == "i32" and w == x == _BYTES.get(4 * acc.lanes)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        acc_, w_, x_ = args
+        n = w_.type.count
+        if PATH != "avx2":
+            return _dpbusd(builder, acc_, builder.xor(w_, _splat_const(_I8, n, -128)), x_)
+        parts = []
+        for w_half, x_half in zip(*(_halves(builder, v) if n == 64 else (v,) for v in (w_, x_))):
+            magnitude = _call(builder, "llvm.abs.v32i8", _vec(_I8, 32), [w_half, ir.Constant(ir.IntType(1), 0)])
+            signed = _call(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), [x_half, w_half])
+            dot = _dpbusd(builder, _splat_const(_I32, 8, 0), magnitude, signed)
+            sums = _dpbusd(builder, _splat_const(_I32, 8, 0), _splat_const(_I8, 32, 1), x_half)
+            parts.append(builder.add(dot, builder.shl(sums, _splat_const(_I32, 8, 7))))
+        return builder.add(acc_, parts[0] if n == 32 else _concat(builder, *parts))
+
+    return acc(acc, w, x), codegen
 
 
 @intrinsic
@@ -440,22 +478,6 @@ def fma_splat(typingctx, acc, dp, scale):
 
 
 @intrinsic
-def fma_halves(typingctx, acc, dp, scale_low, scale_high):
-    """acc + float(dp) * [scale_low x 4, scale_high x 4]: a 32-element block of two 16-element sub-blocks."""
-    if not (acc == f32x8 and dp == i32x8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        low = _splat(builder, _f32_value(builder, args[2], signature.args[2]), 8)
-        high = _splat(builder, _f32_value(builder, args[3], signature.args[3]), 8)
-        factor = _shuffle(builder, low, high, [0, 0, 0, 0, 8, 8, 8, 8])
-        return _call(builder, "llvm.fmuladd.v8f32", _vec(_F32, 8), [builder.sitofp(args[1], _vec(_F32, 8)), factor,
-                                                                     args[0]])
-
-    return acc(acc, dp, types.float32, types.float32), codegen
-
-
-@intrinsic
 def fma_lanes(typingctx, acc, dp, scales):
     """acc + float(dp) * scales, lane by lane."""
     if not (isinstance(acc, SimdVector) and acc.kind == "f32" and dp == _INTS.get(acc.lanes) and scales == acc):
@@ -492,18 +514,6 @@ def iadd(typingctx, a, b):
     if not (isinstance(a, SimdVector) and a.kind == "i32" and a == b):
         return None
     return a(a, b), lambda context, builder, signature, args: builder.add(args[0], args[1])
-
-
-@intrinsic
-def vfma(typingctx, a, b, c):
-    """a * b + c, lane by lane."""
-    if not (isinstance(a, SimdVector) and a.kind == "f32" and a == b == c):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return _call(builder, f"llvm.fmuladd.v{a.lanes}f32", _vec(_F32, a.lanes), list(args))
-
-    return a(a, b, c), codegen
 
 
 @intrinsic
@@ -596,11 +606,23 @@ def pick_quads(typingctx, v, i):
 
 
 @intrinsic
-def pair_splat(typingctx, buf, offset):
-    """[buf[offset] x 8, buf[offset + 1] x 8] from a float32 array: the x scales of a pair of 32-blocks."""
+def spread_pairs(typingctx, buf, offset):
+    """[b0, b0, b1, b1, ..., b7, b7] for the 8 floats b at buf[offset:]: x scales per 16-wide sub-block."""
     def codegen(context, builder, signature, args):
-        pair = _load(context, builder, signature.args[0], args[0], args[1], _vec(_F32, 2))
-        return _shuffle(builder, pair, pair, [0] * 8 + [1] * 8)
+        values = _load(context, builder, signature.args[0], args[0], args[1], _vec(_F32, 8))
+        return _shuffle(builder, values, values, [j // 2 for j in range(16)])
+
+    return f32x16(buf, types.intp), codegen
+
+
+# ---------------------------------------------------------------- block scales -> float lanes
+
+
+@intrinsic
+def halves_f32x16(typingctx, buf, offset):
+    """16 IEEE halves at buf[offset:offset + 32] (bytes) -> f32x16."""
+    def codegen(context, builder, signature, args):
+        return _halves_to_float(builder, _load(context, builder, signature.args[0], args[0], args[1], _vec(_I16, 16)))
 
     return f32x16(buf, types.intp), codegen
 
@@ -616,15 +638,6 @@ def halves_pair_splat(typingctx, buf, offset):
 
 
 @intrinsic
-def halves_f32x16(typingctx, buf, offset):
-    """16 IEEE halves at buf[offset:offset + 32] (bytes) -> f32x16."""
-    def codegen(context, builder, signature, args):
-        return _halves_to_float(builder, _load(context, builder, signature.args[0], args[0], args[1], _vec(_I16, 16)))
-
-    return f32x16(buf, types.intp), codegen
-
-
-@intrinsic
 def int8s_f32x16(typingctx, buf, offset):
     """16 int8 at buf[offset:] -> f32x16 (Q6_K scales)."""
     def codegen(context, builder, signature, args):
@@ -635,61 +648,11 @@ def int8s_f32x16(typingctx, buf, offset):
 
 
 @intrinsic
-def crumbs_i8x64(typingctx, buf, offset):
-    """16 bytes b at buf[offset:] -> 64: byte 16f + i = ((b[i] >> 2f) & 3) << 4, f < 4 (Q6_K's high bits, placed
-    above the low nibble of the repacked 16-row layout)."""
-    def codegen(context, builder, signature, args):
-        packed = _load(context, builder, signature.args[0], args[0], args[1], _vec(_I8, 16))
-        copies = builder.bitcast(_shuffle(builder, packed, packed, list(range(16)) * 4), _vec(_I64, 8))
-        # rotate right by 2f - 4 (mod 64): field f lands on bits 4-5; bits crossing bytes fall outside the mask
-        amounts = _const(_I64, [(2 * (q // 2) - 4) % 64 for q in range(8)])
-        rotated = _call(builder, "llvm.fshr.v8i64", _vec(_I64, 8), [copies, copies, amounts])
-        return builder.and_(builder.bitcast(rotated, _vec(_I8, 64)), _splat_const(_I8, 64, 0x30))
-
-    return i8x64(buf, types.intp), codegen
-
-
-@intrinsic
-def dot_i8_biased(typingctx, acc, w, x):
-    """acc + per-lane sums of 4 products (w + 128) * x, w and x int8 (Q8_0 in 16-row groups: the caller starts acc
-    at -128 * sum(x)). With VNNI w + 128 is w with its sign bit flipped; avx2 takes |w| and x * sign(w) and adds
-    128 * lane_sums(x)."""
-    if not (isinstance(acc, SimdVector) and acc.kind == "i32" and w == x == _BYTES.get(4 * acc.lanes)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        acc_, w_, x_ = args
-        n = w_.type.count
-        if PATH != "avx2":
-            return _dpbusd(builder, acc_, builder.xor(w_, _splat_const(_I8, n, -128)), x_)
-        parts = []
-        for w_half, x_half in zip(*(_halves(builder, v) if n == 64 else (v,) for v in (w_, x_))):
-            magnitude = _call(builder, "llvm.abs.v32i8", _vec(_I8, 32), [w_half, ir.Constant(ir.IntType(1), 0)])
-            signed = _call(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), [x_half, w_half])
-            dot = _dpbusd(builder, _splat_const(_I32, 8, 0), magnitude, signed)
-            sums = _dpbusd(builder, _splat_const(_I32, 8, 0), _splat_const(_I8, 32, 1), x_half)
-            parts.append(builder.add(dot, builder.shl(sums, _splat_const(_I32, 8, 7))))
-        return builder.add(acc_, parts[0] if n == 32 else _concat(builder, *parts))
-
-    return acc(acc, w, x), codegen
-
-
-@intrinsic
 def uint8s_f32x16(typingctx, buf, offset):
     """16 uint8 at buf[offset:] -> f32x16 (pre-decoded Q4_K/Q5_K scales and mins)."""
     def codegen(context, builder, signature, args):
         bytes_ = _load(context, builder, signature.args[0], args[0], args[1], _vec(_I8, 16))
         return builder.uitofp(bytes_, _vec(_F32, 16))
-
-    return f32x16(buf, types.intp), codegen
-
-
-@intrinsic
-def spread_pairs(typingctx, buf, offset):
-    """[b0, b0, b1, b1, ..., b7, b7] for the 8 floats b at buf[offset:]: x scales per 16-wide sub-block."""
-    def codegen(context, builder, signature, args):
-        values = _load(context, builder, signature.args[0], args[0], args[1], _vec(_F32, 8))
-        return _shuffle(builder, values, values, [j // 2 for j in range(16)])
 
     return f32x16(buf, types.intp), codegen
 
@@ -711,10 +674,10 @@ def nibble_scales_f32x16(typingctx, buf, offset, high):
 def k4_scales_f32x16(typingctx, buf, offset):
     """The 12 packed bytes of Q4_K/Q5_K 6-bit (scale, min) pairs at buf[offset:] -> [scale 0..7, min 0..7] as floats
     (ggml's get_scale_min_k4: bytes 0-3 scales 0-3, 4-7 mins 0-3, 8-11 low 4 bits of scales/mins 4-7, whose high 2
-    bits are the top bits of bytes 0-7). Reads 16 bytes: the 4 after the scales belong to the same block."""
+    bits are the top bits of bytes 0-7)."""
     def codegen(context, builder, signature, args):
-        packed = builder.zext(_load(context, builder, signature.args[0], args[0], args[1], _vec(_I8, 16)),
-                              _vec(_I32, 16))
+        packed = builder.zext(_load(context, builder, signature.args[0], args[0], args[1], _vec(_I8, 12)),
+                              _vec(_I32, 12))
         low = _shuffle(builder, packed, packed, [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11])
         low = builder.lshr(low, _const(_I32, [0] * 12 + [4] * 4))
         low = builder.and_(low, _const(_I32, [63] * 4 + [15] * 4 + [63] * 4 + [15] * 4))
@@ -729,11 +692,10 @@ def k4_scales_f32x16(typingctx, buf, offset):
 @intrinsic
 def q3k_scales_f32x16(typingctx, buf, offset):
     """The 12 packed bytes of Q3_K's 16 6-bit scales at buf[offset:] -> f32x16 of scale - 32 (as dequant.q3_k_scale:
-    low 4 bits from the low (j < 8) or high nibble of byte j % 8, high 2 bits from bits 2 (j // 4) of byte 8 + j % 4).
-    Reads 16 bytes: the 4 after the scales are the block's d and beyond, inside a 110-byte block."""
+    low 4 bits from the low (j < 8) or high nibble of byte j % 8, high 2 bits from bits 2 (j // 4) of byte 8 + j % 4)."""
     def codegen(context, builder, signature, args):
-        packed = builder.zext(_load(context, builder, signature.args[0], args[0], args[1], _vec(_I8, 16)),
-                              _vec(_I32, 16))
+        packed = builder.zext(_load(context, builder, signature.args[0], args[0], args[1], _vec(_I8, 12)),
+                              _vec(_I32, 12))
         low = _shuffle(builder, packed, packed, list(range(8)) * 2)
         low = builder.and_(builder.lshr(low, _const(_I32, [0] * 8 + [4] * 8)), _splat_const(_I32, 16, 15))
         high = _shuffle(builder, packed, packed, [8 + j % 4 for j in range(16)])
@@ -751,9 +713,11 @@ def q3k_scales_f32x16(typingctx, buf, offset):
 def absmax_f32x32(typingctx, x, offset):
     """max |x[offset + l]| over l < 32 (float32 array)."""
     def codegen(context, builder, signature, args):
-        values = _load(context, builder, signature.args[0], args[0], args[1], _vec(_F32, 32))
-        magnitudes = _call(builder, "llvm.fabs.v32f32", _vec(_F32, 32), [values])
-        return _call(builder, "llvm.vector.reduce.fmax.v32f32", _F32, [magnitudes])
+        # |x| as bits: non-negative floats order like their bit patterns (an integer max reduces as a tree;
+        # reduce.fmax would go lane by lane to keep its NaN rules)
+        bits = _load(context, builder, signature.args[0], args[0], args[1], _vec(_I32, 32))
+        magnitudes = builder.and_(bits, _splat_const(_I32, 32, 0x7FFFFFFF))
+        return builder.bitcast(_call(builder, "llvm.vector.reduce.umax.v32i32", _I32, [magnitudes]), _F32)
 
     return types.float32(x, types.intp), codegen
 
