@@ -2,8 +2,8 @@
 
 Block b of x (elements 32b .. 32b + 31) becomes xq (int8), a float32 scale xd[b] = max|x| / 127 and the sum of its
 xq, xs[b] (int32): x ~ xd[b] * xq. The sums serve the formats with an offset or a minimum (sum of w * x over a block
-with w = d * q + m is d * sum(q * xq) * xd + m * xd * xs). Rounding is ggml's: q = roundf(x * (1 / d)) in float32, halves
-away from zero; ggml stores d as a half, we keep it float32.
+with w = d * q + m is d * sum(q * xq) * xd + m * xd * xs). Rounding is ggml's: q = roundf(x * (1 / d)) in float32,
+halves away from zero; ggml stores d as a half, we keep it float32.
 """
 import numpy as np
 from numba import njit, prange

@@ -29,7 +29,7 @@ from kernels_cpu.matvec import dot_row_bf16, dot_row_f16, dot_row_f32
 from kernels_cpu.simd import (bits_i8x32, bits_i8x64, bitfields_i8x64, bytes_or, dot_i8, dot_i8_biased, dot_u8,
                               fields_i8x64, fma_lanes, fma_splat, halves_f32x16, halves_pair_splat, hsum, iadd,
                               int8s_f32x16, join, k4_scales_f32x16, lane_sums, load_f32x8, load_i8x32, load_i8x64,
-                              load_i32x16, nibble_scales_f32x16, prefetch, nibbles_i8x32, pick_pairs, pick_quads,
+                              load_i32x16, nibble_scales_f32x16, nibbles_i8x32, pick_pairs, pick_quads, prefetch,
                               q3k_scales_f32x16, scaled, splat4_i8x64, splat_i32x16, spread_pairs, store_f32x16, times,
                               to_float, uint8s_f32x16, upper_half, vadd, vmul, vsub, zero_f32x8, zero_f32x16,
                               zero_i32x8, zero_i32x16)
@@ -43,9 +43,9 @@ GROUP = 16  # rows per group of a repacked layout
 
 @njit(cache=True)
 def _layout(ggml_type):
-    """(bytes per block or per 16-row block, bytes of quants before its scales, offset of the stored quants, has a
-    minimum) of a type id. Called inside a parallel loop with a constant type id it folds to constants; computed
-    before the loop it would reach the loop body (a separate function) as a run-time argument."""
+    """(bytes per block (repacked: per block of the 16 rows), bytes of quants before the block's scales, offset of
+    the stored quants, has a minimum) of a type id. Called inside a parallel loop with a constant type id it folds to
+    constants; computed before the loop it would reach the loop body (a separate function) as a run-time argument."""
     if ggml_type == Q4_0:
         return 18, 16, -8, False
     if ggml_type == Q4_1:
@@ -416,8 +416,8 @@ def _block_quants(ggml_type, row, j, q):
         for l in range(32):
             q[l] = row[34 * j + 2 + l]
     elif ggml_type == Q4_0 or ggml_type == Q4_1 or ggml_type == Q5_0 or ggml_type == Q5_1:
-        size, first, bits = _layout(ggml_type)[0], 2 if ggml_type == Q4_0 else 4, -1
-        if ggml_type == Q5_0 or ggml_type == Q5_1:
+        size, first, bits = _layout(ggml_type)[0], 2 if ggml_type == Q4_0 or ggml_type == Q5_0 else 4, -1
+        if ggml_type == Q5_0 or ggml_type == Q5_1:  # 32 5th bits before the nibbles
             bits = u32_at(row, size * j + first)
             first += 4
         for l in range(16):
@@ -440,62 +440,72 @@ def _block_quants(ggml_type, row, j, q):
             q[l] = low | (((row[o + 128 + 32 * half + l] >> (2 * s)) & 3) << 4)
 
 
+@njit(cache=True)
+def _repack_group(ggml_type, raw, out, g, n_blocks):
+    """out = group g of the 16-row layout of raw ggml blocks (rows of n_blocks 32-element blocks)."""
+    q = np.empty((GROUP, 32), np.uint8)
+    for j in range(n_blocks):
+        if ggml_type < Q2_K:  # legacy: blocks one after the other
+            o, quants = j * _layout(REPACKED + ggml_type)[0], _layout(REPACKED + ggml_type)[1]
+        elif ggml_type == Q6_K:  # d of the super-block first
+            o, quants = 3360 * (j // 8) + 32 + 416 * (j % 8), 384
+        else:
+            block = _layout(REPACKED + ggml_type)[0]
+            o, quants = (64 + 8 * block) * (j // 8) + 64 + block * (j % 8), block - 32
+        for r in range(GROUP):
+            _block_quants(ggml_type, raw[GROUP * g + r], j, q[r])
+        if ggml_type == Q8_0:
+            for k in range(512):  # step t = k // 64, byte k % 64: row (k % 64) // 4, element 4t + k % 4
+                out[o + k] = q[(k % 64) // 4, 4 * (k // 64) + k % 4]
+        else:
+            for k in range(256):  # chunk i = k // 64: step 2i in the low nibbles, 2i + 1 in the high
+                r, e = (k % 64) // 4, 8 * (k // 64) + k % 4
+                out[o + k] = (q[r, e] & 15) | ((q[r, e + 4] & 15) << 4)
+        if ggml_type == Q5_0 or ggml_type == Q5_1 or ggml_type == Q5_K:  # bit k of step t's 8 bytes: byte k
+            for i in range(64):
+                t, bits = i // 8, 0
+                for b in range(8):
+                    k = 8 * (i % 8) + b
+                    bits |= ((q[k // 4, 4 * t + k % 4] >> 4) & 1) << b
+                out[o + 256 + i] = bits
+        if ggml_type == Q6_K:
+            for k in range(128):  # chunk c = k // 64: bits 2f = high bits of step 4c + f
+                r, crumbs = (k % 64) // 4, 0
+                for f in range(4):
+                    crumbs |= ((q[r, 4 * (4 * (k // 64) + f) + k % 4] >> 4) & 3) << (2 * f)
+                out[o + 256 + k] = crumbs
+        for r in range(GROUP):
+            row = raw[GROUP * g + r]
+            if ggml_type < Q2_K:
+                size = _layout(ggml_type)[0]
+                out[o + quants + 2 * r], out[o + quants + 2 * r + 1] = row[size * j], row[size * j + 1]
+                if ggml_type == Q4_1 or ggml_type == Q5_1:
+                    out[o + quants + 32 + 2 * r], out[o + quants + 33 + 2 * r] = row[size * j + 2], row[size * j + 3]
+            elif ggml_type == Q6_K:
+                top = 210 * (j // 8)
+                out[o + quants + r] = row[top + 192 + 2 * (j % 8)]
+                out[o + quants + 16 + r] = row[top + 193 + 2 * (j % 8)]
+                if j % 8 == 0:
+                    out[o - 32 + 2 * r], out[o - 31 + 2 * r] = row[top + 208], row[top + 209]
+            else:
+                top = (144 if ggml_type == Q4_K else 176) * (j // 8)
+                scale, minimum = scale_min_k4(row, top + 4, j % 8)
+                out[o + quants + r], out[o + quants + 16 + r] = scale, minimum
+                if j % 8 == 0:
+                    for i in range(2):
+                        out[o - 64 + 2 * r + i], out[o - 32 + 2 * r + i] = row[top + i], row[top + 2 + i]
+
+
+@njit(cache=True)
+def _repack16(ggml_type, raw, packed, n_blocks):
+    for g in range(packed.shape[0]):
+        _repack_group(ggml_type, raw, packed[g], g, n_blocks)
+
+
 @njit(cache=True, parallel=True)
-def _repack16(ggml_type, raw, packed):
-    """Fill packed (groups, row bytes) with the 16-row layout of raw (ggml blocks); see the layout comment above."""
-    n_blocks = packed.shape[1] // _layout(REPACKED + ggml_type)[0] if ggml_type < Q2_K else raw.shape[1] // (
-        144 if ggml_type == Q4_K else 176 if ggml_type == Q5_K else 210) * 8
+def _repack16_parallel(ggml_type, raw, packed, n_blocks):
     for g in prange(packed.shape[0]):
-        out, q = packed[g], np.empty((GROUP, 32), np.uint8)
-        for j in range(n_blocks):
-            if ggml_type < Q2_K:  # legacy: blocks one after the other
-                o, quants = j * _layout(REPACKED + ggml_type)[0], _layout(REPACKED + ggml_type)[1]
-            elif ggml_type == Q6_K:  # d of the super-block first
-                o, quants = 3360 * (j // 8) + 32 + 416 * (j % 8), 384
-            else:
-                block = _layout(REPACKED + ggml_type)[0]
-                o, quants = (64 + 8 * block) * (j // 8) + 64 + block * (j % 8), block - 32
-            for r in range(GROUP):
-                _block_quants(ggml_type, raw[GROUP * g + r], j, q[r])
-            if ggml_type == Q8_0:
-                for k in range(512):  # step t = k // 64, byte k % 64: row (k % 64) // 4, element 4t + k % 4
-                    out[o + k] = q[(k % 64) // 4, 4 * (k // 64) + k % 4]
-            else:
-                for k in range(256):  # chunk i = k // 64: step 2i in the low nibbles, 2i + 1 in the high
-                    r, e = (k % 64) // 4, 8 * (k // 64) + k % 4
-                    out[o + k] = (q[r, e] & 15) | ((q[r, e + 4] & 15) << 4)
-            if ggml_type == Q5_0 or ggml_type == Q5_1 or ggml_type == Q5_K:
-                for k in range(64):  # 8 bytes per step, bit k % 64 of step k // 64... one byte per 8 bits
-                    out[o + 256 + k] = 0
-                for t in range(8):
-                    for k in range(64):
-                        out[o + 256 + 8 * t + k // 8] |= ((q[k // 4, 4 * t + k % 4] >> 4) & 1) << (k % 8)
-            if ggml_type == Q6_K:
-                for k in range(128):  # chunk c = k // 64: bits 2f = high bits of step 4c + f
-                    r, crumbs = (k % 64) // 4, 0
-                    for f in range(4):
-                        crumbs |= ((q[r, 4 * (4 * (k // 64) + f) + k % 4] >> 4) & 3) << (2 * f)
-                    out[o + 256 + k] = crumbs
-            for r in range(GROUP):
-                row = raw[GROUP * g + r]
-                if ggml_type < Q2_K:
-                    size = _layout(ggml_type)[0]
-                    out[o + quants + 2 * r], out[o + quants + 2 * r + 1] = row[size * j], row[size * j + 1]
-                    if ggml_type == Q4_1 or ggml_type == Q5_1:
-                        out[o + quants + 32 + 2 * r], out[o + quants + 33 + 2 * r] = row[size * j + 2], row[size * j + 3]
-                elif ggml_type == Q6_K:
-                    top = 210 * (j // 8)
-                    out[o + quants + r] = row[top + 192 + 2 * (j % 8)]
-                    out[o + quants + 16 + r] = row[top + 193 + 2 * (j % 8)]
-                    if j % 8 == 0:
-                        out[o - 32 + 2 * r], out[o - 31 + 2 * r] = row[top + 208], row[top + 209]
-                else:
-                    top = (144 if ggml_type == Q4_K else 176) * (j // 8)
-                    scale, minimum = scale_min_k4(row, top + 4, j % 8)
-                    out[o + quants + r], out[o + quants + 16 + r] = scale, minimum
-                    if j % 8 == 0:
-                        for i in range(2):
-                            out[o - 64 + 2 * r + i], out[o - 32 + 2 * r + i] = row[top + i], row[top + 2 + i]
+        _repack_group(ggml_type, raw, packed[g], g, n_blocks)
 
 
 def repack(ggml_type: int, raw: np.ndarray) -> tuple:
@@ -510,7 +520,11 @@ def repack(ggml_type: int, raw: np.ndarray) -> tuple:
     if not packed_bytes or n_rows % GROUP:
         return ggml_type, raw
     packed = np.empty((n_rows // GROUP, packed_bytes), np.uint8)
-    _repack16(ggml_type, np.ascontiguousarray(raw), packed)
+    raw = np.ascontiguousarray(raw).view()
+    raw.flags.writeable = False  # one specialization for file views and arrays
+    # (threads only for big tensors: waking them costs more than a small tensor's work on a busy machine)
+    (_repack16_parallel if raw.nbytes > 1 << 22 else _repack16)(ggml_type, raw, packed,
+                                                               row_bytes // block_bytes * elements // QK)
     packed.flags.writeable = False  # as raw views are: one Numba specialization for both
     return REPACKED + ggml_type, packed
 
@@ -567,6 +581,12 @@ def matvec_q8_dispatch(ggml_type, raw, xq, xd, xs, out):
         matvec_float(raw, xq, xd, xs, out, F16)
     elif ggml_type == BF16:
         matvec_float(raw, xq, xd, xs, out, BF16)
+
+
+@njit(cache=True)
+def weight_rows(type_id, n_rows):
+    """How many array rows hold n_rows weight rows in the layout of type_id (one per 16 when repacked)."""
+    return n_rows // GROUP if type_id >= REPACKED else n_rows
 
 
 def check_activations(xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> int:

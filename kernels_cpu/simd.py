@@ -118,7 +118,9 @@ def _call(builder, name, return_type, args):
 
 
 def _element_ptr(context, builder, array_type, array, offset, element):
-    """Pointer to `element` (an LLVM type) at element `offset` of a 1-D array."""
+    """Pointer to `element` (an LLVM type) at element `offset` of a contiguous array (strides are not looked at)."""
+    if not (isinstance(array_type, types.Array) and array_type.layout == "C"):
+        raise TypeError(f"SIMD loads and stores need a C-contiguous array, got {array_type}")
     data = context.make_array(array_type)(context, builder, array).data
     return builder.bitcast(builder.gep(data, [offset]), element.as_pointer())
 
@@ -229,7 +231,7 @@ load_i32x16, load_f32x8 = _loader(i32x16), _loader(f32x8)
 def prefetch(typingctx, buf, offset):
     """Hint: bring the cache line of buf[offset] in (for reads), e.g. the next rows of a large matrix."""
     def codegen(context, builder, signature, args):
-        ptr = builder.bitcast(_element_ptr(context, builder, signature.args[0], args[0], args[1], _I8), _I8.as_pointer())
+        ptr = _element_ptr(context, builder, signature.args[0], args[0], args[1], _I8)
         _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3),
                                                            ir.Constant(_I32, 1)])
         return context.get_dummy_value()
@@ -309,7 +311,8 @@ bits_i8x32, bits_i8x64 = _bits_loader(32), _bits_loader(64)
 def bitfields_i8x64(typingctx, buf, offset, shift, step, mask, out_shift):
     """32 bytes b at buf[offset:] -> 64: byte l = ((b[l] >> shift) & mask) << out_shift, byte 32 + l the same with
     shift + step. Fields must lie inside a byte. This one shape unpacks every K-quant: Q4_K nibbles (0, 4, 15, 0),
-    Q5_K high bits (j, 1, 1, 4), Q6_K high pairs (s, 2, 3, 4), Q3_K/Q2_K pairs (s, 2, 3, 0), Q3_K high bits (j, 1, 1, 2).
+    Q5_K high bits (j, 1, 1, 4), Q6_K high pairs (s, 2, 3, 4), Q3_K/Q2_K pairs (s, 2, 3, 0), Q3_K high bits
+    (j, 1, 1, 2).
     """
     def codegen(context, builder, signature, args):
         packed = _load(context, builder, signature.args[0], args[0], args[1], _vec(_I8, 32))
@@ -692,14 +695,16 @@ def k4_scales_f32x16(typingctx, buf, offset):
 @intrinsic
 def q3k_scales_f32x16(typingctx, buf, offset):
     """The 12 packed bytes of Q3_K's 16 6-bit scales at buf[offset:] -> f32x16 of scale - 32 (as dequant.q3_k_scale:
-    low 4 bits from the low (j < 8) or high nibble of byte j % 8, high 2 bits from bits 2 (j // 4) of byte 8 + j % 4)."""
+    low 4 bits from the low (j < 8) or high nibble of byte j % 8, high 2 bits from bits 2 (j // 4) of byte
+    8 + j % 4)."""
     def codegen(context, builder, signature, args):
         packed = builder.zext(_load(context, builder, signature.args[0], args[0], args[1], _vec(_I8, 12)),
                               _vec(_I32, 12))
         low = _shuffle(builder, packed, packed, list(range(8)) * 2)
         low = builder.and_(builder.lshr(low, _const(_I32, [0] * 8 + [4] * 8)), _splat_const(_I32, 16, 15))
         high = _shuffle(builder, packed, packed, [8 + j % 4 for j in range(16)])
-        high = builder.and_(builder.lshr(high, _const(_I32, [2 * (j // 4) for j in range(16)])), _splat_const(_I32, 16, 3))
+        high = builder.and_(builder.lshr(high, _const(_I32, [2 * (j // 4) for j in range(16)])),
+                            _splat_const(_I32, 16, 3))
         scales = builder.sub(builder.or_(low, builder.shl(high, _splat_const(_I32, 16, 4))), _splat_const(_I32, 16, 32))
         return builder.sitofp(scales, _vec(_F32, 16))
 

@@ -180,6 +180,7 @@ def test_ctrl_c_clears_a_typed_line_then_leaves_at_an_empty_prompt(terminal):
     t.type("\x03")  # clears the line
     since = t.type("/help\r")
     t.expect(r"/save FILE +write the conversation", 30, since)
+    t.expect(r"/save FILE[\s\S]*\n>", 30, since)  # wait for the next prompt: a Ctrl-C before it is not "at a prompt"
     t.type("\x03")  # at an empty prompt: leave
     assert t.wait(60) == 0
 
