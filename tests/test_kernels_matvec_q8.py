@@ -22,6 +22,7 @@ from kernels_cpu.matvec_q8_reference import (dequantize_activations_reference, m
                                              matvec_q8_reference, quantize_activations_reference)
 from kernels_cpu.quant_reference import dequantize_reference, random_raw
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # subprocesses import this checkout
 RAW_TYPES = [F.Q4_0, F.Q4_1, F.Q5_0, F.Q5_1, F.Q8_0, F.Q2_K, F.Q3_K, F.Q4_K, F.Q5_K, F.Q6_K, F.F32, F.F16, F.BF16]
 REPACKABLE = [F.Q4_0, F.Q4_1, F.Q5_0, F.Q5_1, F.Q8_0, F.Q4_K, F.Q5_K, F.Q6_K]
 K_QUANTS = (F.Q2_K, F.Q3_K, F.Q4_K, F.Q5_K, F.Q6_K)
@@ -155,7 +156,7 @@ def other_paths():
 def test_other_instruction_paths(path):
     """The random-block tests in a subprocess with EDGEINFER_KERNELS=path (its own Numba cache: the first run compiles
     every kernel for that path, about a minute)."""
-    env = dict(os.environ, EDGEINFER_KERNELS=path)
+    env = dict(os.environ, EDGEINFER_KERNELS=path, PYTHONPATH=ROOT)
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
                "random_blocks or threads or quantize"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
@@ -164,8 +165,8 @@ def test_other_instruction_paths(path):
 
 def test_forced_path_is_used():
     code = "from kernels_cpu import simd; print(simd.PATH)"
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGEINFER_KERNELS="portable"),
-                         capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, EDGEINFER_KERNELS="portable", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "portable", out.stderr[-2000:]
 
 
