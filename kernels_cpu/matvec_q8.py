@@ -1,14 +1,25 @@
 """y = W @ x with x quantized to int8 blocks of 32 (activations_q8) and integer dot products: the decode path.
 
-FIGURES
+Measured (median us, best of 5 rounds; Intel Xeon with AVX-512 VNNI, 2 vCPUs under KVM, shared with other work, numba
+0.68, default threading layer; path avx512vnni). First figure: a busy hour (float path 1.35x its quiet time); in
+brackets the best seen in a quiet window. llama.cpp's ggml_mul_mat for comparison:
+  tensor                          threads  raw ggml blocks    repacked          llama.cpp
+  SmolLM2 ffn_up Q4_1 1536x576    1 / 2    67 / 40 (45/34)    19 / 13 (14/10)   43 / 28
+  SmolLM2 output Q8_0 49152x576   1 / 2    2428 / 1323        2363 / 816 (1313/651)  2041 / 1043   (DRAM-bound)
+  Gemma ffn_down Q4_K 640x2048    1 / 2    64 / 38 (44/27)    31 / 20 (21/14)   37 / 20
+  Gemma ffn_down Q6_K 640x2048    1 / 2    62 / 32 (44/26)    30 / 19 (28/18)   39 / 21
+Quantizing x (quantize_activations) adds 1-3 us. avx2 path on the same CPU: repacked Q4_1 / Q4_K / Q6_K 27 / 43 / 50
+(1 thread); portable path: 131 / 189 / 194 (the float-x kernels: 253 / 520 / 2100).
 
 x comes as xq int8[n], xd float32[n // 32], xs int32[n // 32] (quantize_activations); out[r] = sum over blocks b of
 the exact dot of row r's dequantized weights with xd[b] * xq[32b:32b + 32], up to float32 rounding. W comes in one of
 two layouts, named by a type id:
 - raw ggml blocks, uint8[n_rows, row_bytes] (layouts in dequant.py; views into the model file), id = ggml type;
 - repacked, 16 rows interleaved (repack(), once at load; same size), id = REPACKED + ggml type: about 2-3x faster.
-Kernels of one family share a body specialized per type id (numba.literally): call them with a constant type id,
-e.g. matvec_blocks(raw, xq, xd, xs, out, Q8_0) from compiled code, or use matvec_q8_dispatch / matvec_q8.
+A repacked matrix is a uint8 array (n_rows // 16, repacked_row_bytes(type, n_cols)); weight_rows(type_id, n_rows)
+gives its first dimension to compiled code. Kernels of one family share a body specialized per type id
+(numba.literally): call them with a constant type id, e.g. matvec_blocks(raw, xq, xd, xs, out, Q8_0), from compiled
+code only (from Python each call re-resolves the literal, ~50 ms), or use matvec_q8_dispatch / matvec_q8.
 
 Raw kernels (simd.py has the instructions) take rows in groups of 4: one load of x serves four rows and four
 accumulators hide the float latency; a group past the last row repeats it (the same value is written twice). A
