@@ -7,7 +7,7 @@ a stop string (text that could still become a stop string is held back until it 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from edgeinfer.engine import Engine
@@ -26,7 +26,6 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
     stop_reason: str = ""  # "eog", "stop", "length" or "context"
-    _start: float = field(default=0.0, repr=False)
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -86,7 +85,7 @@ def generate_tokens(cached: CachedEngine, sampler: Sampler, prompt: Sequence[int
     eog = frozenset(eog_ids)
     engine = cached.engine
     stats.prompt_tokens = len(prompt)
-    stats._start = t0 = time.perf_counter()
+    t0 = time.perf_counter()
     logits, stats.prompt_tokens_evaluated = cached.evaluate_prompt(prompt)
     stats.prefill_seconds = time.perf_counter() - t0
     history = list(prompt)
