@@ -3,11 +3,12 @@
 pp N: evaluate N prompt tokens on an empty context (tokens/s). tg N: generate N tokens one decode step at a time
 from an empty context (tokens/s). Each test runs after one warm-up and is repeated; mean and standard deviation
 are reported. With `compare_llama_cpp`, llama.cpp (through llama-cpp-python) runs the same tests on the same file
-in the same process run, so the ratio column compares like with like.
+in the same run (in a child process), so the ratio column compares like with like.
 Time to first token and peak RSS are measured in fresh subprocesses, since both are properties of a whole process.
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -16,6 +17,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from edgeinfer.errors import EdgeInferError
+
+
+class BenchError(EdgeInferError):
+    """A benchmark could not run (e.g. the llama.cpp comparison failed)."""
 
 
 @dataclass
@@ -85,6 +92,30 @@ def _time_llama_cpp(path: str, test: str, n: int, n_threads: int, reps: int, n_c
     return row
 
 
+def _llama_cpp_rows(path: str, prompt_tokens: int, gen_tokens: int, threads, reps: int, n_ctx: int) -> list[BenchRow]:
+    """llama.cpp's rows, timed in a child process: llama.cpp's OpenMP runtime and Numba's must not share a process
+    (together they crash), and a separate process keeps either from warming the other's caches."""
+    args = json.dumps([path, prompt_tokens, gen_tokens, list(threads), reps, n_ctx])
+    proc = subprocess.run([sys.executable, "-c", "import sys; from edgeinfer.bench import _llama_cpp_child; "
+                           "_llama_cpp_child(sys.argv[1])", args], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ROWS ")]
+    if proc.returncode or not lines:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        raise BenchError(f"llama.cpp (llama-cpp-python) failed: {last}")
+    return [BenchRow(**row) for row in json.loads(lines[-1][5:])]
+
+
+def _llama_cpp_child(args: str) -> None:
+    path, prompt_tokens, gen_tokens, threads, reps, n_ctx = json.loads(args)
+    rows = []
+    for n_threads in threads:
+        if prompt_tokens:
+            rows.append(_time_llama_cpp(path, f"pp{prompt_tokens}", prompt_tokens, n_threads, reps, n_ctx))
+        if gen_tokens:
+            rows.append(_time_llama_cpp(path, f"tg{gen_tokens}", gen_tokens, n_threads, reps, n_ctx))
+    print("ROWS " + json.dumps([asdict(r) for r in rows]), flush=True)
+
+
 _CHILD_GENERATE = """
 import sys, resource
 {body}
@@ -143,11 +174,7 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
             if gen_tokens:
                 rows.append(_time_edgeinfer(model, f"tg{gen_tokens}", gen_tokens, n_threads, reps))
     if compare_llama_cpp:
-        for n_threads in threads:
-            if prompt_tokens:
-                rows.append(_time_llama_cpp(path, f"pp{prompt_tokens}", prompt_tokens, n_threads, reps, n_ctx))
-            if gen_tokens:
-                rows.append(_time_llama_cpp(path, f"tg{gen_tokens}", gen_tokens, n_threads, reps, n_ctx))
+        rows += _llama_cpp_rows(path, prompt_tokens, gen_tokens, threads, reps, n_ctx)
     result = {
         "model": os.path.basename(path),
         "model_size_bytes": os.path.getsize(path),

@@ -60,10 +60,14 @@ class KVCache:
 
 def linear(w: QuantMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """x (n, n_cols) @ W.T -> (n, n_rows) for a block of tokens (prefill), with the decode step's int8 arithmetic."""
-    y = matmul_q8(w.ggml_type, w.raw, x)
+    y = matmul_q8(w.kernel_type, w.kernel_data, x)
     if bias is not None:
         y += bias
     return y
+
+
+_NO_PACKED = np.zeros(64, np.uint8)  # stands in for the repacked buffer of weights that have none
+_NO_PACKED.flags.writeable = False
 
 
 class CompiledStep:
@@ -72,10 +76,25 @@ class CompiledStep:
 
     def __init__(self, cfg: DecoderConfig, w: DecoderWeights):
         def row(m: QuantMatrix):
-            return (m.offset, m.ggml_type, m.n_rows, m.n_cols, m.raw.shape[1])
+            if m.packed is not None:  # the kernels' layout, in the repacked buffer
+                return (m.packed_offset, m.packed_type, m.n_rows, m.n_cols, m.packed.shape[1], step.IN_PACKED)
+            return (m.offset, m.ggml_type, m.n_rows, m.n_cols, m.raw.shape[1], step.IN_FILE)
+
+        def fused(*ms: QuantMatrix):
+            """One table row for matrices that lie one after another in the repacked buffer with one type and
+            width, so one matvec computes them all; zeros otherwise."""
+            first = ms[0]
+            if all(m.packed is not None and m.packed_type == first.packed_type and m.n_cols == first.n_cols
+                   for m in ms):
+                ends = [m.packed_offset + m.packed.nbytes for m in ms]
+                if all(m.packed_offset == end for m, end in zip(ms[1:], ends)):
+                    return (first.packed_offset, first.packed_type, sum(m.n_rows for m in ms), first.n_cols,
+                            first.packed.shape[1], step.IN_PACKED)
+            return (0, 0, 0, 0, 0, 0)
 
         self.layer_mats = np.array([[row(getattr(lw, name)) for name in ("attn_q", "attn_k", "attn_v", "attn_output",
                                                                           "ffn_gate", "ffn_up", "ffn_down")]
+                                    + [fused(lw.attn_q, lw.attn_k, lw.attn_v), fused(lw.ffn_gate, lw.ffn_up)]
                                     for lw in w.layers], dtype=np.int64)
         self.head_mats = np.array([row(w.token_embd), row(w.output)], dtype=np.int64)
         width = max(cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.value_dim)
@@ -100,11 +119,12 @@ class CompiledStep:
         self.dims = dims
         self.reals = np.array([cfg.norm_eps, cfg.embedding_scale, cfg.scale, cfg.final_logit_softcap], np.float64)
         self.weights = w.file_bytes
+        self.packed = w.packed_bytes if w.packed_bytes is not None else _NO_PACKED
         self.buffers = step.StepBuffers(dims).as_tuple()
         self.logits = np.zeros(cfg.n_vocab, dtype=np.float32)
 
     def __call__(self, token: int, pos: int, cache: "KVCache") -> np.ndarray:
-        step.decode_step(token, pos, self.weights, self.layer_mats, self.head_mats, self.vecs, self.output_norm,
+        step.decode_step(token, pos, self.weights, self.packed, self.layer_mats, self.head_mats, self.vecs, self.output_norm,
                          self.windows, self.rope_bases, self.dims, self.reals, cache.k, cache.v, self.buffers,
                          self.logits)
         return self.logits.copy()

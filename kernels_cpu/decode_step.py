@@ -5,7 +5,8 @@ calls; inside one Numba function they cost nothing. The step knows nothing of GG
 buffer (the memory-mapped file) plus tables of where each matrix lies and how it is encoded; the small float
 vectors (norms, biases) as one padded float32 table. Layouts of the tables are built by `edgeinfer.engine`.
 
-Matrix table rows (MAT_*): byte offset, ggml type, n_rows, n_cols, row bytes. Vector roles (VEC_*) index the
+Matrix table rows: byte offset, type id (a ggml type, or a repacked layout's id: matvec_q8), n_rows, n_cols, bytes
+per array row, and which buffer holds it (IN_FILE: the model file; IN_PACKED: the repacked weights). Vector roles (VEC_*) index the
 second axis of `vecs` (n_layers, N_VEC, width). Variant switches and sizes travel in `dims` (int64) and `reals`.
 """
 import numpy as np
@@ -15,13 +16,14 @@ from kernels_cpu.activation import gated_activation_row
 from kernels_cpu.activations_q8 import quantize_activations
 from kernels_cpu.attention import attention_cached, attention_cached_serial
 from kernels_cpu.dequant import dequant_row
-from kernels_cpu.matvec_q8 import matvec_q8_dispatch
+from kernels_cpu.matvec_q8 import matvec_q8_dispatch, weight_rows
 from kernels_cpu.norm import rms_norm_rows
 from kernels_cpu.rope import rope_inplace
 
-# roles of the per-layer matrices
-M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN = range(7)
-N_MAT = 7
+# roles of the per-layer matrices; M_QKV and M_GATE_UP are Q|K|V and gate|up as one matrix where they lie one after
+# another in one layout (n_rows 0 where not): one parallel region and one quantization of x instead of three or two
+M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN, M_QKV, M_GATE_UP = range(9)
+N_MAT = 9
 # roles of the per-layer float vectors
 V_ATTN_NORM, V_FFN_NORM, V_Q_BIAS, V_K_BIAS, V_V_BIAS, V_Q_NORM, V_K_NORM, V_POST_ATTN, V_POST_FFN = range(9)
 N_VEC = 9
@@ -36,11 +38,17 @@ N_REALS = 4
 PARALLEL_ATTENTION_WORK = 1 << 18
 
 
+IN_FILE, IN_PACKED = 0, 1
+
+
 @njit(cache=True)
-def _matrix(weights, table, i):
-    """The uint8 (n_rows, row_bytes) view of matrix i of a table (offset, type, n_rows, n_cols, row_bytes)."""
-    off, n_rows, rb = table[i, 0], table[i, 2], table[i, 4]
-    return weights[off:off + n_rows * rb].reshape((n_rows, rb))
+def _matrix(weights, packed, table, i):
+    """The uint8 (array rows, row_bytes) view of matrix i of a table (offset, type id, n_rows, n_cols, row_bytes,
+    buffer)."""
+    off, rb = table[i, 0], table[i, 4]
+    rows = weight_rows(table[i, 1], table[i, 2])
+    buffer = packed if table[i, 5] == IN_PACKED else weights
+    return buffer[off:off + rows * rb].reshape((rows, rb))
 
 
 class StepBuffers:
@@ -52,12 +60,15 @@ class StepBuffers:
         f32 = np.float32
         self.x = np.zeros((1, d), f32)
         self.h = np.zeros((1, d), f32)
-        self.q = np.zeros((1, heads, hd), f32)
-        self.k = np.zeros((1, kv, hd), f32)
-        self.v = np.zeros((1, kv, vd), f32)
+        # q, k, v and gate, up are views into one buffer each, which the fused matrices write at once
+        self.qkv = np.zeros(heads * hd + kv * hd + kv * vd, f32)
+        self.q = self.qkv[:heads * hd].reshape(1, heads, hd)
+        self.k = self.qkv[heads * hd:(heads + kv) * hd].reshape(1, kv, hd)
+        self.v = self.qkv[(heads + kv) * hd:].reshape(1, kv, vd)
         self.attn = np.zeros((1, heads, vd), f32)
-        self.gate = np.zeros((1, ff), f32)
-        self.up = np.zeros((1, ff), f32)
+        self.gate_up = np.zeros(2 * ff, f32)
+        self.gate = self.gate_up[:ff].reshape(1, ff)
+        self.up = self.gate_up[ff:].reshape(1, ff)
         self.out = np.zeros((1, widest), f32)
         self.xq = np.zeros(widest, np.int8)
         self.xd = np.zeros(widest // 32, f32)
@@ -66,29 +77,29 @@ class StepBuffers:
 
     def as_tuple(self):
         return (self.x, self.h, self.q, self.k, self.v, self.attn, self.gate, self.up, self.out, self.xq, self.xd,
-                self.xs, self.position)
+                self.xs, self.position, self.qkv, self.gate_up)
 
 
 @njit(cache=True)
-def _linear(weights, table, i, x, out, xq, xd, xs):
+def _linear(weights, packed, table, i, x, out, xq, xd, xs):
     """out[:n_rows] = W_i @ x with x quantized to int8 blocks first (as llama.cpp's vec_dot with Q8 activations)."""
     n_cols = table[i, 3]
     quantize_activations(x[:n_cols], xq[:n_cols], xd[:n_cols // 32], xs[:n_cols // 32])
-    matvec_q8_dispatch(table[i, 1], _matrix(weights, table, i), xq[:n_cols], xd[:n_cols // 32], xs[:n_cols // 32],
-                       out[:table[i, 2]])
+    matvec_q8_dispatch(table[i, 1], _matrix(weights, packed, table, i), xq[:n_cols], xd[:n_cols // 32],
+                       xs[:n_cols // 32], out[:table[i, 2]])
 
 
 @njit(cache=True)
-def decode_step(token, pos, weights, layer_mats, head_mats, vecs, output_norm, windows, rope_bases, dims, reals,
+def decode_step(token, pos, weights, packed, layer_mats, head_mats, vecs, output_norm, windows, rope_bases, dims, reals,
                 k_cache, v_cache, buffers, logits):
     """Evaluate `token` at position `pos` (its K/V are stored there); write the next-token logits (n_vocab,)."""
-    x, h, q, k, v, attn, gate, up, out, xq, xd, xs, position = buffers
+    x, h, q, k, v, attn, gate, up, out, xq, xd, xs, position, qkv, gate_up = buffers
     d, heads, kv_heads = dims[D_MODEL], dims[D_HEADS], dims[D_KV_HEADS]
     hd, vd, ff = dims[D_HEAD_DIM], dims[D_VALUE_DIM], dims[D_FF]
     eps = reals[R_EPS]
     position[0] = pos
 
-    dequant_row(head_mats[0, 1], _matrix(weights, head_mats, 0)[token], x[0])
+    dequant_row(head_mats[0, 1], _matrix(weights, packed, head_mats, 0)[token], x[0])
     if reals[R_EMBED_SCALE] != 1.0:
         scale = np.float32(reals[R_EMBED_SCALE])  # a float32 product, as the prefill path computes it
         for j in range(d):
@@ -99,9 +110,12 @@ def decode_step(token, pos, weights, layer_mats, head_mats, vecs, output_norm, w
         # attention block
         rms_norm_rows(x, lv[V_ATTN_NORM, :d], eps, h)
         qf, kf, vf = q.reshape((1, heads * hd)), k.reshape((1, kv_heads * hd)), v.reshape((1, kv_heads * vd))
-        _linear(weights, mats, M_Q, h[0], qf[0], xq, xd, xs)
-        _linear(weights, mats, M_K, h[0], kf[0], xq, xd, xs)
-        _linear(weights, mats, M_V, h[0], vf[0], xq, xd, xs)
+        if mats[M_QKV, 2]:
+            _linear(weights, packed, mats, M_QKV, h[0], qkv, xq, xd, xs)
+        else:
+            _linear(weights, packed, mats, M_Q, h[0], qf[0], xq, xd, xs)
+            _linear(weights, packed, mats, M_K, h[0], kf[0], xq, xd, xs)
+            _linear(weights, packed, mats, M_V, h[0], vf[0], xq, xd, xs)
         if dims[D_QKV_BIAS]:
             qf[0] += lv[V_Q_BIAS, :heads * hd]
             kf[0] += lv[V_K_BIAS, :kv_heads * hd]
@@ -118,22 +132,25 @@ def decode_step(token, pos, weights, layer_mats, head_mats, vecs, output_norm, w
                                     attn)
         else:
             attention_cached(q, position, k_cache[layer], v_cache[layer], reals[R_ATTN_SCALE], windows[layer], attn)
-        _linear(weights, mats, M_O, attn.reshape((1, heads * vd))[0], out[0], xq, xd, xs)
+        _linear(weights, packed, mats, M_O, attn.reshape((1, heads * vd))[0], out[0], xq, xd, xs)
         if dims[D_POST_NORMS]:
             rms_norm_rows(out[:, :d], lv[V_POST_ATTN, :d], eps, out[:, :d])
         x[0] += out[0, :d]
         # feed-forward block
         rms_norm_rows(x, lv[V_FFN_NORM, :d], eps, h)
-        _linear(weights, mats, M_GATE, h[0], gate[0], xq, xd, xs)
-        _linear(weights, mats, M_UP, h[0], up[0], xq, xd, xs)
+        if mats[M_GATE_UP, 2]:
+            _linear(weights, packed, mats, M_GATE_UP, h[0], gate_up, xq, xd, xs)
+        else:
+            _linear(weights, packed, mats, M_GATE, h[0], gate[0], xq, xd, xs)
+            _linear(weights, packed, mats, M_UP, h[0], up[0], xq, xd, xs)
         gated_activation_row(gate[0], up[0], dims[D_GELU] != 0)
-        _linear(weights, mats, M_DOWN, gate[0], out[0], xq, xd, xs)
+        _linear(weights, packed, mats, M_DOWN, gate[0], out[0], xq, xd, xs)
         if dims[D_POST_NORMS]:
             rms_norm_rows(out[:, :d], lv[V_POST_FFN, :d], eps, out[:, :d])
         x[0] += out[0, :d]
 
     rms_norm_rows(x, output_norm, eps, h)
-    _linear(weights, head_mats, 1, h[0], logits, xq, xd, xs)
+    _linear(weights, packed, head_mats, 1, h[0], logits, xq, xd, xs)
     cap = reals[R_SOFTCAP]
     if cap != 0.0:
         for j in range(logits.shape[0]):

@@ -1,34 +1,127 @@
 """Y = X @ W.T for a block of tokens with int8 activations: the prefill counterpart of matvec_q8.
 
-Each token's row of Y is computed by exactly the arithmetic of `matvec_q8_dispatch`, so a prompt evaluated in one
-block gives the same logits as the same tokens decoded one at a time (llama.cpp has the same property). The loop over
-tokens runs inside one compiled call; a layer's weights (at most a few MB for the models here) stay in cache across
-tokens. A tile kernel that shares each weight load between tokens is the next step for prefill speed.
+Repacked weights (16 rows interleaved, matvec_q8.repack) go through tile kernels: each thread takes a group of 16
+rows and runs it against the tokens 4 at a time, so a weight block is loaded and unpacked once per 4 tokens and
+stays in L1 for the rest. Each token's accumulation is exactly matvec_q8's (the same per-block steps, in the same
+order), so a prompt evaluated in one block gives the same logits as the same tokens decoded one at a time (as in
+llama.cpp). Raw ggml blocks (types without a repacked layout, or shapes that do not split into groups of 16) loop
+matvec_q8 over the tokens.
 """
 import numpy as np
-from numba import njit
+from numba import literally, njit, prange
 
 from kernels_cpu.activations_q8 import quantize_activations_rows
-from kernels_cpu.formats import check_out, check_raw
-from kernels_cpu.matvec_q8 import matvec_q8_dispatch
+from kernels_cpu.formats import check_out
+from kernels_cpu.matvec_q8 import (GROUP, Q4_0_R, Q4_1_R, Q4_K_R, Q5_0_R, Q5_1_R, Q5_K_R, Q6_K_R, Q6_SUPER, Q8_0_R,
+                                   FASTMATH, add_block16, add_block_k4_16, add_block_q6_16, check_weights,
+                                   half_block_sums, matvec_q8_dispatch, super_k4_16)
+from kernels_cpu.simd import halves_f32x16, store_f32x16, zero_f32x16
+
+TILE = 4  # tokens per tile: 4 float accumulators of 16 rows
 
 
 @njit(cache=True)
-def matmul_q8_rows(ggml_type, raw, xq, xd, xs, out):
-    """out[t] = W @ x_t for every token t; xq int8 (n_tokens, n_cols), xd/xs (n_tokens, n_cols // 32)."""
-    for t in range(xq.shape[0]):
-        matvec_q8_dispatch(ggml_type, raw, xq[t], xd[t], xs[t], out[t])
+def _tile_tokens(tile, n_tokens):
+    """Tokens 4 tile .. 4 tile + 3, the last one repeated past the end (its row is written twice, same values)."""
+    last = n_tokens - 1
+    t = TILE * tile
+    return min(t, last), min(t + 1, last), min(t + 2, last), min(t + 3, last)
 
 
-def matmul_q8(ggml_type: int, raw: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """x float32 (n_tokens, n_cols) -> (n_tokens, n_rows): x quantized to int8 blocks, then integer dot products."""
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def matmul_tiles16(packed, xq, xd, xs, out, type_id):
+    """out[t, 16 g:16 g + 16] for every token t and group g of repacked Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K
+    (type_id a constant); xq (n_tokens, n), xd/xs (n_tokens, n // 32), out (n_tokens, n_rows)."""
+    literally(type_id)
+    n_tokens, n_blocks = xd.shape
+    for g in prange(packed.shape[0]):
+        w = packed[g]
+        for tile in range((n_tokens + TILE - 1) // TILE):
+            t0, t1, t2, t3 = _tile_tokens(tile, n_tokens)
+            a0 = a1 = a2 = a3 = zero_f32x16()
+            if type_id == Q4_K_R or type_id == Q5_K_R:
+                for sb in range(n_blocks // 8):
+                    o, d, dmin = super_k4_16(w, sb, type_id)
+                    for j in range(8):
+                        b = 8 * sb + j
+                        a0 = add_block_k4_16(a0, w, o, d, dmin, j, b, xq[t0], xd[t0], xs[t0], type_id)
+                        a1 = add_block_k4_16(a1, w, o, d, dmin, j, b, xq[t1], xd[t1], xs[t1], type_id)
+                        a2 = add_block_k4_16(a2, w, o, d, dmin, j, b, xq[t2], xd[t2], xs[t2], type_id)
+                        a3 = add_block_k4_16(a3, w, o, d, dmin, j, b, xq[t3], xd[t3], xs[t3], type_id)
+            else:
+                for b in range(n_blocks):
+                    a0 = add_block16(a0, w, b, xq[t0], xd[t0], xs[t0], type_id)
+                    a1 = add_block16(a1, w, b, xq[t1], xd[t1], xs[t1], type_id)
+                    a2 = add_block16(a2, w, b, xq[t2], xd[t2], xs[t2], type_id)
+                    a3 = add_block16(a3, w, b, xq[t3], xd[t3], xs[t3], type_id)
+            store_f32x16(out[t3], GROUP * g, a3)
+            store_f32x16(out[t2], GROUP * g, a2)
+            store_f32x16(out[t1], GROUP * g, a1)
+            store_f32x16(out[t0], GROUP * g, a0)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def matmul_q6_tiles16(packed, xq, xd, xs, out):
+    """As matmul_tiles16, for repacked Q6_K."""
+    n_tokens, n_blocks = xd.shape
+    sums16 = np.empty((n_tokens, xq.shape[1] // 16), np.int32)
+    for t in range(n_tokens):
+        sums16[t] = half_block_sums(xq[t])
+    for g in prange(packed.shape[0]):
+        w = packed[g]
+        for tile in range((n_tokens + TILE - 1) // TILE):
+            t0, t1, t2, t3 = _tile_tokens(tile, n_tokens)
+            a0 = a1 = a2 = a3 = zero_f32x16()
+            for sb in range(n_blocks // 8):
+                o = Q6_SUPER * sb
+                d = halves_f32x16(w, o)
+                for j in range(8):
+                    b = 8 * sb + j
+                    a0 = add_block_q6_16(a0, w, o, d, j, b, xq[t0], xd[t0], sums16[t0])
+                    a1 = add_block_q6_16(a1, w, o, d, j, b, xq[t1], xd[t1], sums16[t1])
+                    a2 = add_block_q6_16(a2, w, o, d, j, b, xq[t2], xd[t2], sums16[t2])
+                    a3 = add_block_q6_16(a3, w, o, d, j, b, xq[t3], xd[t3], sums16[t3])
+            store_f32x16(out[t3], GROUP * g, a3)
+            store_f32x16(out[t2], GROUP * g, a2)
+            store_f32x16(out[t1], GROUP * g, a1)
+            store_f32x16(out[t0], GROUP * g, a0)
+
+
+@njit(cache=True)
+def matmul_q8_dispatch(type_id, weights, xq, xd, xs, out):
+    """out[t] = W @ x_t for every token t (matvec_q8_dispatch's type ids); xq int8 (n_tokens, n_cols),
+    xd/xs (n_tokens, n_cols // 32), out (n_tokens, n_rows)."""
+    if type_id == Q4_1_R:
+        matmul_tiles16(weights, xq, xd, xs, out, Q4_1_R)
+    elif type_id == Q4_K_R:
+        matmul_tiles16(weights, xq, xd, xs, out, Q4_K_R)
+    elif type_id == Q6_K_R:
+        matmul_q6_tiles16(weights, xq, xd, xs, out)
+    elif type_id == Q8_0_R:
+        matmul_tiles16(weights, xq, xd, xs, out, Q8_0_R)
+    elif type_id == Q5_0_R:
+        matmul_tiles16(weights, xq, xd, xs, out, Q5_0_R)
+    elif type_id == Q4_0_R:
+        matmul_tiles16(weights, xq, xd, xs, out, Q4_0_R)
+    elif type_id == Q5_1_R:
+        matmul_tiles16(weights, xq, xd, xs, out, Q5_1_R)
+    elif type_id == Q5_K_R:
+        matmul_tiles16(weights, xq, xd, xs, out, Q5_K_R)
+    else:
+        for t in range(xq.shape[0]):
+            matvec_q8_dispatch(type_id, weights, xq[t], xd[t], xs[t], out[t])
+
+
+def matmul_q8(type_id: int, weights: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x float32 (n_tokens, n_cols) -> (n_tokens, n_rows): x quantized to int8 blocks, then integer dot products.
+    weights: raw ggml blocks (type_id the ggml type) or a repacked layout (type_id from matvec_q8.repack)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_tokens, n_cols = x.shape
-    raw = check_raw(ggml_type, raw, n_cols)
-    out = check_out(out, (n_tokens, raw.shape[0]))
+    weights, n_rows = check_weights(type_id, weights, n_cols)
+    out = check_out(out, (n_tokens, n_rows))
     xq = np.empty((n_tokens, n_cols), np.int8)
     xd = np.empty((n_tokens, n_cols // 32), np.float32)
     xs = np.empty((n_tokens, n_cols // 32), np.int32)
     quantize_activations_rows(x, xq, xd, xs)
-    matmul_q8_rows(int(ggml_type), raw, xq, xd, xs, out)
+    matmul_q8_dispatch(int(type_id), weights, xq, xd, xs, out)
     return out

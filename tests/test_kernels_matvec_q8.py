@@ -17,6 +17,7 @@ from kernels_cpu import formats as F
 from kernels_cpu import simd
 from kernels_cpu.activations_q8 import quantize_activations, quantize_activations_rows, quantized_activations
 from kernels_cpu.matvec import matvec
+from kernels_cpu.matmul_q8 import matmul_q8
 from kernels_cpu.matvec_q8 import GROUP, REPACKED, TYPE_IDS, matvec_q8, repack, repacked_row_bytes
 from kernels_cpu.matvec_q8_reference import (dequantize_activations_reference, matvec_q8_error_scale,
                                              matvec_q8_reference, quantize_activations_reference)
@@ -122,6 +123,28 @@ def test_threads_give_the_same_result(ggml_type, threads):
     check_against_references(ggml_type, raw, type_id, packed, x, threads)
 
 
+def check_matmul_is_matvec_per_token(type_id, weights, x_rows):
+    """matmul_q8 (prefill tiles) must give each token exactly matvec_q8's result (decode), so a prompt's logits
+    do not depend on how it was split between prefill and decode."""
+    y = matmul_q8(type_id, weights, x_rows)
+    for t, x in enumerate(x_rows):
+        xq, xd, xs = quantized_activations(x)
+        assert np.array_equal(y[t], matvec_q8(type_id, weights, xq, xd, xs)), f"token {t}"
+
+
+@pytest.mark.parametrize("ggml_type", RAW_TYPES)
+@pytest.mark.parametrize("n_tokens", [1, 6, 9])
+def test_matmul_tiles_random_blocks(ggml_type, n_tokens):
+    rng = np.random.default_rng(ggml_type * 10 + n_tokens)
+    n = 512
+    raw = random_raw(ggml_type, 48, n, rng)
+    x_rows = np.stack([random_x(n, rng) for _ in range(n_tokens)])
+    check_matmul_is_matvec_per_token(ggml_type, raw, x_rows)
+    type_id, packed = repack(ggml_type, raw)
+    if type_id != ggml_type:
+        check_matmul_is_matvec_per_token(type_id, packed, x_rows)
+
+
 def test_repack_keeps_raw_where_it_has_no_layout():
     rng = np.random.default_rng(2)
     raw = random_raw(F.Q4_1, 20, 64, rng)  # 20 rows: not whole groups of 16
@@ -196,3 +219,4 @@ def test_real_model_tensors(name):
         type_id, packed = repack(ggml_type, raw)
         if type_id != ggml_type:
             check_against_references(ggml_type, raw, type_id, packed, x)
+            check_matmul_is_matvec_per_token(type_id, packed, np.stack([x, random_x(n, rng), x[::-1].copy()]))

@@ -7,11 +7,17 @@ from edgeinfer.gguf_reader import GGUFFile
 ARCHITECTURES = {module.ARCH: module for module in (llama, qwen2, gemma3)}
 
 
-def load_decoder(gguf: GGUFFile) -> tuple[DecoderConfig, DecoderWeights]:
-    """The config and weight views of a GGUF model of a supported architecture."""
+def load_decoder(gguf: GGUFFile, repack: bool = True) -> tuple[DecoderConfig, DecoderWeights]:
+    """The config and weight views of a GGUF model of a supported architecture; with `repack`, matrices also
+    point at the kernels' faster layout (edgeinfer.repacked: cached on disk, memory-mapped)."""
     arch = gguf.architecture
     if arch not in ARCHITECTURES:
         raise UnsupportedError(f"{gguf.path}: architecture {arch!r} is not supported "
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     cfg = ARCHITECTURES[arch].config_from_gguf(gguf)
-    return cfg, read_weights(gguf, cfg)
+    weights = read_weights(gguf, cfg)
+    if repack:
+        from edgeinfer.repacked import repack_weights
+
+        weights = repack_weights(weights, gguf.path)
+    return cfg, weights

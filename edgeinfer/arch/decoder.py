@@ -115,6 +115,19 @@ class QuantMatrix:
     n_rows: int
     n_cols: int
     offset: int  # of the first byte in the file, so compiled code can find it in `DecoderWeights.file_bytes`
+    # the kernels' own layout where one exists (edgeinfer.repacked): type id, array, offset in `packed_bytes`
+    packed_type: int = -1
+    packed: np.ndarray | None = None
+    packed_offset: int = 0
+
+    @property
+    def kernel_type(self) -> int:
+        """Type id of the layout the matvec kernels should read (repacked if there is one, else the ggml type)."""
+        return self.packed_type if self.packed is not None else self.ggml_type
+
+    @property
+    def kernel_data(self) -> np.ndarray:
+        return self.packed if self.packed is not None else self.raw
 
 
 @dataclass
@@ -146,6 +159,7 @@ class DecoderWeights:
     output: QuantMatrix  # the LM head; the embedding itself when tied
     layers: list[LayerWeights] = field(default_factory=list)
     file_bytes: np.ndarray | None = None  # the whole memory-mapped file (read-only uint8), which all views share
+    packed_bytes: np.ndarray | None = None  # all repacked matrices (read-only uint8; edgeinfer.repacked)
 
 
 def _matrix(gguf: GGUFFile, name: str, n_rows: int, n_cols: int) -> QuantMatrix:
