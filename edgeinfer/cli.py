@@ -112,7 +112,11 @@ def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> 
 @_sampling_options
 def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
     """Continue PROMPT with MODEL, streaming the text to stdout and timings to stderr."""
+    from rich.console import Console
+
     with _load_model(model, n_ctx, n_threads, seed) as m:
+        with Console(stderr=True).status("loading kernels (a first run compiles them: about a minute)"):
+            m.engine.warm_up()
         for piece in m.stream(prompt, max_tokens=max_tokens,
                               **_sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed)):
             click.echo(piece, nl=False)

@@ -18,6 +18,7 @@ from kernels_cpu.dequant import dequantize
 from kernels_cpu.matmul_q8 import matmul_q8
 from kernels_cpu.norm import rms_norm
 from kernels_cpu.rope import rope_inplace
+from kernels_cpu.specialize import decode_step_for
 
 
 class ContextFull(EdgeInferError):
@@ -122,11 +123,15 @@ class CompiledStep:
         self.packed = w.packed_bytes if w.packed_bytes is not None else _NO_PACKED
         self.buffers = step.StepBuffers(dims).as_tuple()
         self.logits = np.zeros(cfg.n_vocab, dtype=np.float32)
+        # the step compiled with only this model's matvec kernels (a first run compiles those alone)
+        used = self.layer_mats[:, :, 2] > 0
+        self.type_ids = sorted(set(self.layer_mats[:, :, 1][used].tolist()) | {int(self.head_mats[1, 1])})
+        self.decode_step = decode_step_for(self.type_ids, int(self.head_mats[0, 1]))
 
     def __call__(self, token: int, pos: int, cache: "KVCache") -> np.ndarray:
-        step.decode_step(token, pos, self.weights, self.packed, self.layer_mats, self.head_mats, self.vecs, self.output_norm,
-                         self.windows, self.rope_bases, self.dims, self.reals, cache.k, cache.v, self.buffers,
-                         self.logits)
+        self.decode_step(token, pos, self.weights, self.packed, self.layer_mats, self.head_mats, self.vecs,
+                         self.output_norm, self.windows, self.rope_bases, self.dims, self.reals, cache.k, cache.v,
+                         self.buffers, self.logits)
         return self.logits.copy()
 
 
@@ -180,6 +185,15 @@ class Engine:
         logits = self.step(int(token), self.cache.n_past, self.cache)
         self.cache.n_past += 1
         return logits
+
+    def warm_up(self) -> None:
+        """Compile (on a first run: about a minute) or load from Numba's cache the prefill and decode kernels, by
+        evaluating a throw-away token after the cached ones; the cache is left as it was."""
+        n_past = self.cache.n_past
+        if n_past + 2 <= self.n_ctx:
+            self.prefill([0])
+            self.decode(0)
+            self.truncate(n_past)
 
     def _check_room(self, n: int) -> None:
         if self.cache.n_past + n > self.n_ctx:

@@ -87,29 +87,52 @@ def matmul_q6_tiles16(packed, xq, xd, xs, out):
             store_f32x16(out[t0], GROUP * g, a0)
 
 
+# One small compiled entry per repacked type, picked in Python: a compiled if-chain over all types would compile every
+# tile kernel (minutes on a first run) where a model needs two to four of them.
 @njit(cache=True)
-def matmul_q8_dispatch(type_id, weights, xq, xd, xs, out):
-    """out[t] = W @ x_t for every token t (matvec_q8_dispatch's type ids); xq int8 (n_tokens, n_cols),
-    xd/xs (n_tokens, n_cols // 32), out (n_tokens, n_rows)."""
-    if type_id == Q4_1_R:
-        matmul_tiles16(weights, xq, xd, xs, out, Q4_1_R)
-    elif type_id == Q4_K_R:
-        matmul_tiles16(weights, xq, xd, xs, out, Q4_K_R)
-    elif type_id == Q6_K_R:
-        matmul_q6_tiles16(weights, xq, xd, xs, out)
-    elif type_id == Q8_0_R:
-        matmul_tiles16(weights, xq, xd, xs, out, Q8_0_R)
-    elif type_id == Q5_0_R:
-        matmul_tiles16(weights, xq, xd, xs, out, Q5_0_R)
-    elif type_id == Q4_0_R:
-        matmul_tiles16(weights, xq, xd, xs, out, Q4_0_R)
-    elif type_id == Q5_1_R:
-        matmul_tiles16(weights, xq, xd, xs, out, Q5_1_R)
-    elif type_id == Q5_K_R:
-        matmul_tiles16(weights, xq, xd, xs, out, Q5_K_R)
-    else:
-        for t in range(xq.shape[0]):
-            matvec_q8_dispatch(type_id, weights, xq[t], xd[t], xs[t], out[t])
+def _tiles_q4_0(w, xq, xd, xs, out):
+    matmul_tiles16(w, xq, xd, xs, out, Q4_0_R)
+
+
+@njit(cache=True)
+def _tiles_q4_1(w, xq, xd, xs, out):
+    matmul_tiles16(w, xq, xd, xs, out, Q4_1_R)
+
+
+@njit(cache=True)
+def _tiles_q5_0(w, xq, xd, xs, out):
+    matmul_tiles16(w, xq, xd, xs, out, Q5_0_R)
+
+
+@njit(cache=True)
+def _tiles_q5_1(w, xq, xd, xs, out):
+    matmul_tiles16(w, xq, xd, xs, out, Q5_1_R)
+
+
+@njit(cache=True)
+def _tiles_q8_0(w, xq, xd, xs, out):
+    matmul_tiles16(w, xq, xd, xs, out, Q8_0_R)
+
+
+@njit(cache=True)
+def _tiles_q4_k(w, xq, xd, xs, out):
+    matmul_tiles16(w, xq, xd, xs, out, Q4_K_R)
+
+
+@njit(cache=True)
+def _tiles_q5_k(w, xq, xd, xs, out):
+    matmul_tiles16(w, xq, xd, xs, out, Q5_K_R)
+
+
+TILE_KERNELS = {Q4_0_R: _tiles_q4_0, Q4_1_R: _tiles_q4_1, Q5_0_R: _tiles_q5_0, Q5_1_R: _tiles_q5_1,
+                Q8_0_R: _tiles_q8_0, Q4_K_R: _tiles_q4_k, Q5_K_R: _tiles_q5_k, Q6_K_R: matmul_q6_tiles16}
+
+
+@njit(cache=True)
+def matmul_rows(type_id, weights, xq, xd, xs, out):
+    """out[t] = W @ x_t by one matvec per token: layouts without a tile kernel (raw ggml blocks)."""
+    for t in range(xq.shape[0]):
+        matvec_q8_dispatch(type_id, weights, xq[t], xd[t], xs[t], out[t])
 
 
 def matmul_q8(type_id: int, weights: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -123,5 +146,9 @@ def matmul_q8(type_id: int, weights: np.ndarray, x: np.ndarray, out: np.ndarray 
     xd = np.empty((n_tokens, n_cols // 32), np.float32)
     xs = np.empty((n_tokens, n_cols // 32), np.int32)
     quantize_activations_rows(x, xq, xd, xs)
-    matmul_q8_dispatch(int(type_id), weights, xq, xd, xs, out)
+    kernel = TILE_KERNELS.get(int(type_id))
+    if kernel is not None:
+        kernel(weights, xq, xd, xs, out)
+    else:
+        matmul_rows(int(type_id), weights, xq, xd, xs, out)
     return out

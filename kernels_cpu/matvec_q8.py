@@ -551,12 +551,6 @@ def _repack_group(ggml_type, raw, out, g, n_blocks):
                         out[o - 64 + 2 * r + i], out[o - 32 + 2 * r + i] = row[top + i], row[top + 2 + i]
 
 
-@njit(cache=True)
-def _repack16(ggml_type, raw, packed, n_blocks):
-    for g in range(packed.shape[0]):
-        _repack_group(ggml_type, raw, packed[g], g, n_blocks)
-
-
 @njit(cache=True, parallel=True)
 def _repack16_parallel(ggml_type, raw, packed, n_blocks):
     for g in prange(packed.shape[0]):
@@ -577,9 +571,8 @@ def repack(ggml_type: int, raw: np.ndarray) -> tuple:
     packed = np.empty((n_rows // GROUP, packed_bytes), np.uint8)
     raw = np.ascontiguousarray(raw).view()
     raw.flags.writeable = False  # one specialization for file views and arrays
-    # (threads only for big tensors: waking them costs more than a small tensor's work on a busy machine)
-    (_repack16_parallel if raw.nbytes > 1 << 22 else _repack16)(ggml_type, raw, packed,
-                                                               row_bytes // block_bytes * elements // QK)
+    # (one parallel kernel only: a serial twin for small tensors would save milliseconds and cost 5 s of compiling)
+    _repack16_parallel(ggml_type, raw, packed, row_bytes // block_bytes * elements // QK)
     packed.flags.writeable = False  # as raw views are: one Numba specialization for both
     return REPACKED + ggml_type, packed
 
