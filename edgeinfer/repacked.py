@@ -1,7 +1,7 @@
 """Weights in the kernels' own layout: repacked once per model file, kept in a cache file, memory-mapped.
 
 The int8 matvec kernels run 2-3x faster on 16 rows interleaved with pre-decoded K-quant scales
-(`kernels_cpu.matvec_q8.repack`) than on raw ggml blocks. Repacking a model costs about a second per 100 MB, so the
+(`kernels_cpu.repack.repack`) than on raw ggml blocks. Repacking a model costs about a second per 100 MB, so the
 result is written once to $EDGEINFER_HOME/repacked/ (atomically: temporary file, fsync, rename) and every later load
 maps it like the model itself: nothing is copied into RAM, pages come in as the kernels touch them, and the model
 file's own pages are touched only for embedding rows and norm vectors.
@@ -9,8 +9,8 @@ file's own pages are touched only for embedding rows and norm vectors.
 The cache file is the packed matrices one after another (each 64-byte aligned) in the order of `packable()`; its
 name carries a hash of the model file's identity (path, size, mtime) and of the layout code, so a changed model or a
 changed layout never reads stale bytes; writing a new one deletes the older ones of the same model path. It takes
-as much disk as the model's matrices (`edgeinfer` prints nothing about it; delete the directory to reclaim it). Where the cache directory cannot be written, the packed matrices live in
-memory instead.
+as much disk as the model's matrices (delete the directory to reclaim it). Where the cache directory cannot be
+written, the packed matrices live in memory instead.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ import numpy as np
 from edgeinfer.arch.decoder import DecoderWeights, QuantMatrix
 from edgeinfer.paths import home
 from kernels_cpu import matvec_q8
+from kernels_cpu import repack as repack_module
+from kernels_cpu.repack import repack
 
 ALIGN = 64  # cache-line alignment of every packed matrix in the buffer
 
@@ -69,7 +71,8 @@ def _cache_prefix(model_path: str | os.PathLike) -> str:
 def cache_path(model_path: str | os.PathLike, size: int) -> Path:
     """Where the repacked weights of this model file (as it is now) are cached."""
     st = os.stat(model_path)
-    layout_code = Path(matvec_q8.__file__).read_bytes()  # repack() and its layouts live there
+    # the layouts (matvec_q8) and the conversion to them (repack)
+    layout_code = Path(matvec_q8.__file__).read_bytes() + Path(repack_module.__file__).read_bytes()
     key = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{size}".encode() + layout_code).hexdigest()[:16]
     return home() / "repacked" / f"{_cache_prefix(model_path)}{key}.bin"
 
@@ -88,7 +91,7 @@ def _remove_stale(path: Path, prefix: str) -> None:
 def _pack_into(matrices, offsets, buffer: np.ndarray) -> None:
     for (_, m), off in zip(matrices, offsets):
         rows, row_bytes = packed_shape(m)
-        type_id, packed = matvec_q8.repack(m.ggml_type, m.raw)
+        type_id, packed = repack(m.ggml_type, m.raw)
         assert type_id == matvec_q8.REPACKED + m.ggml_type and packed.shape == (rows, row_bytes)
         buffer[off:off + packed.nbytes] = packed.reshape(-1)
 

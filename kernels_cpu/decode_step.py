@@ -6,8 +6,9 @@ buffer (the memory-mapped file) plus tables of where each matrix lies and how it
 vectors (norms, biases) as one padded float32 table. Layouts of the tables are built by `edgeinfer.engine`.
 
 Matrix table rows: byte offset, type id (a ggml type, or a repacked layout's id: matvec_q8), n_rows, n_cols, bytes
-per array row, and which buffer holds it (IN_FILE: the model file; IN_PACKED: the repacked weights). Vector roles (VEC_*) index the
-second axis of `vecs` (n_layers, N_VEC, width). Variant switches and sizes travel in `dims` (int64) and `reals`.
+per array row, and which buffer holds it (IN_FILE: the model file; IN_PACKED: the repacked weights). Vector roles
+(VEC_*) index the second axis of `vecs` (n_layers, N_VEC, width). Variant switches and sizes travel in `dims` (int64)
+and `reals`.
 """
 import numpy as np
 from numba import njit

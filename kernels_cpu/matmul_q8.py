@@ -1,6 +1,6 @@
 """Y = X @ W.T for a block of tokens with int8 activations: the prefill counterpart of matvec_q8.
 
-Repacked weights (16 rows interleaved, matvec_q8.repack) go through tile kernels: each thread takes a group of 16
+Repacked weights (16 rows interleaved, repack.repack) go through tile kernels: each thread takes a group of 16
 rows and runs it against the tokens 4 at a time, so a weight block is loaded and unpacked once per 4 tokens and
 stays in L1 for the rest. Each token's accumulation is exactly matvec_q8's (the same per-block steps, in the same
 order), so a prompt evaluated in one block gives the same logits as the same tokens decoded one at a time (as in
@@ -137,7 +137,7 @@ def matmul_rows(type_id, weights, xq, xd, xs, out):
 
 def matmul_q8(type_id: int, weights: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """x float32 (n_tokens, n_cols) -> (n_tokens, n_rows): x quantized to int8 blocks, then integer dot products.
-    weights: raw ggml blocks (type_id the ggml type) or a repacked layout (type_id from matvec_q8.repack)."""
+    weights: raw ggml blocks (type_id the ggml type) or a repacked layout (type_id from repack.repack)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_tokens, n_cols = x.shape
     weights, n_rows = check_weights(type_id, weights, n_cols)

@@ -18,7 +18,8 @@ from kernels_cpu import simd
 from kernels_cpu.activations_q8 import quantize_activations, quantize_activations_rows, quantized_activations
 from kernels_cpu.matvec import matvec
 from kernels_cpu.matmul_q8 import matmul_q8
-from kernels_cpu.matvec_q8 import GROUP, REPACKED, TYPE_IDS, matvec_q8, repack, repacked_row_bytes
+from kernels_cpu.matvec_q8 import GROUP, REPACKED, TYPE_IDS, matvec_q8, repacked_row_bytes
+from kernels_cpu.repack import repack
 from kernels_cpu.matvec_q8_reference import (dequantize_activations_reference, matvec_q8_error_scale,
                                              matvec_q8_reference, quantize_activations_reference)
 from kernels_cpu.quant_reference import dequantize_reference, random_raw

@@ -9,7 +9,8 @@ from edgeinfer.arch import load_decoder
 from edgeinfer.engine import Engine
 from edgeinfer.gguf_reader import GGUFFile
 from edgeinfer.repacked import cache_path, packable, repack_weights
-from kernels_cpu.matvec_q8 import REPACKED, repack
+from kernels_cpu.matvec_q8 import REPACKED
+from kernels_cpu.repack import repack
 from tools.perplexity import log_softmax
 
 
