@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
@@ -18,7 +20,7 @@ from kernels_cpu.dequant import dequantize
 from kernels_cpu.matmul_q8 import matmul_q8
 from kernels_cpu.norm import rms_norm
 from kernels_cpu.rope import rope_inplace
-from kernels_cpu.specialize import decode_step_for
+from kernels_cpu.specialize import compile_in_background, decode_step_for, is_compiled
 
 
 class ContextFull(EdgeInferError):
@@ -128,11 +130,20 @@ class CompiledStep:
         self.type_ids = sorted(set(self.layer_mats[:, :, 1][used].tolist()) | {int(self.head_mats[1, 1])})
         self.decode_step = decode_step_for(self.type_ids, int(self.head_mats[0, 1]))
 
+    def arguments(self, token: int, pos: int, cache: "KVCache") -> tuple:
+        return (token, pos, self.weights, self.packed, self.layer_mats, self.head_mats, self.vecs, self.output_norm,
+                self.windows, self.rope_bases, self.dims, self.reals, cache.k, cache.v, self.buffers, self.logits)
+
     def __call__(self, token: int, pos: int, cache: "KVCache") -> np.ndarray:
-        self.decode_step(token, pos, self.weights, self.packed, self.layer_mats, self.head_mats, self.vecs,
-                         self.output_norm, self.windows, self.rope_bases, self.dims, self.reals, cache.k, cache.v,
-                         self.buffers, self.logits)
+        self.decode_step(*self.arguments(token, pos, cache))
         return self.logits.copy()
+
+    def compile_in_background(self, cache: "KVCache"):
+        """A child process compiling this step into Numba's cache (see kernels_cpu.specialize), or None when the
+        cache has it already or this machine has one core."""
+        if is_compiled(self.decode_step) or (os.cpu_count() or 1) < 2:
+            return None
+        return compile_in_background(self.type_ids, int(self.head_mats[0, 1]), self.arguments(0, 0, cache))
 
 
 class Engine:
@@ -191,7 +202,10 @@ class Engine:
         evaluating a throw-away token after the cached ones; the cache is left as it was."""
         n_past = self.cache.n_past
         if n_past + 2 <= self.n_ctx:
+            helper = self.step.compile_in_background(self.cache)  # first run: the decode step compiles meanwhile
             self.prefill([0])
+            if helper is not None:
+                helper.wait()
             self.decode(0)
             self.truncate(n_past)
 

@@ -73,3 +73,34 @@ def decode_step_for(type_ids, embedding_type: int):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module.decode_step
+
+
+def is_compiled(step) -> bool:
+    """Whether Numba's cache holds compiled code of this decode step (its index file exists); False if this Numba
+    keeps its cache differently."""
+    try:
+        return os.path.exists(step._cache._cache_file._index_path)
+    except AttributeError:
+        return False
+
+
+def compile_in_background(type_ids, embedding_type: int, args: tuple):
+    """Start a child process that compiles the specialized decode step for the types of `args` into Numba's cache
+    (a first run on 2+ cores then compiles the prefill kernels here meanwhile: about 40 s instead of 60). Returns the
+    Popen to wait for; whatever becomes of the child, the caller's first decode loads or compiles the step itself."""
+    import pickle
+    import subprocess
+
+    from numba import typeof
+
+    signature = tuple(typeof(a) for a in args)
+    payload = pickle.dumps((list(type_ids), int(embedding_type), signature))
+    code = ("import pickle, sys; from kernels_cpu.specialize import decode_step_for; "
+            "t, e, sig = pickle.loads(sys.stdin.buffer.read()); decode_step_for(t, e).compile(sig)")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=env)
+    child.stdin.write(payload)
+    child.stdin.close()
+    return child

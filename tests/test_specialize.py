@@ -39,3 +39,18 @@ def test_generated_module_is_written_once_and_reused():
     assert decode_step_for([Q8_0_R, Q4_1_R], F.Q8_0) is step
     assert os.stat(path).st_mtime_ns == mtime  # rewriting it would make Numba recompile
     assert sorted(branch_types(path.read_text().split("types only\n")[1])) == ["Q4_1_R", "Q8_0", "Q8_0_R"]
+
+
+def test_background_compile_child_runs_and_is_skipped_once_cached():
+    """The first-run helper: a child process compiles (here: finds in the cache) the step for the engine's exact
+    argument types; once the cache holds the step, no child is started."""
+    import edgeinfer
+    from conftest import model_path
+    from kernels_cpu.specialize import compile_in_background, is_compiled
+
+    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=16, n_threads=1) as model:
+        step, cache = model.engine.step, model.engine.cache
+        child = compile_in_background(step.type_ids, int(step.head_mats[0, 1]), step.arguments(0, 0, cache))
+        assert child.wait(timeout=300) == 0
+        assert is_compiled(step.decode_step)
+        assert step.compile_in_background(cache) is None
