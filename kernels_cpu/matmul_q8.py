@@ -30,16 +30,31 @@ def _tile_tokens(tile, n_tokens):
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def matmul_tiles16(packed, xq, xd, xs, out, type_id):
-    """out[t, 16 g:16 g + 16] for every token t and group g of repacked Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K
-    (type_id a constant); xq (n_tokens, n), xd/xs (n_tokens, n // 32), out (n_tokens, n_rows)."""
+    """out[t, 16 g:16 g + 16] for every token t and group g of a repacked layout (type_id a constant);
+    xq (n_tokens, n), xd/xs (n_tokens, n // 32), out (n_tokens, n_rows)."""
     literally(type_id)
     n_tokens, n_blocks = xd.shape
+    # Q6_K's offsets need x's sums per 16 elements (the other layouts: none)
+    sums16 = np.zeros((n_tokens, xq.shape[1] // 16 if type_id == Q6_K_R else 0), np.int32)
+    if type_id == Q6_K_R:
+        for t in range(n_tokens):
+            sums16[t] = half_block_sums(xq[t])
     for g in prange(packed.shape[0]):
         w = packed[g]
         for tile in range((n_tokens + TILE - 1) // TILE):
             t0, t1, t2, t3 = _tile_tokens(tile, n_tokens)
             a0 = a1 = a2 = a3 = zero_f32x16()
-            if type_id == Q4_K_R or type_id == Q5_K_R:
+            if type_id == Q6_K_R:
+                for sb in range(n_blocks // 8):
+                    o = Q6_SUPER * sb
+                    d = halves_f32x16(w, o)
+                    for j in range(8):
+                        b = 8 * sb + j
+                        a0 = add_block_q6_16(a0, w, o, d, j, b, xq[t0], xd[t0], sums16[t0])
+                        a1 = add_block_q6_16(a1, w, o, d, j, b, xq[t1], xd[t1], sums16[t1])
+                        a2 = add_block_q6_16(a2, w, o, d, j, b, xq[t2], xd[t2], sums16[t2])
+                        a3 = add_block_q6_16(a3, w, o, d, j, b, xq[t3], xd[t3], sums16[t3])
+            elif type_id == Q4_K_R or type_id == Q5_K_R:
                 for sb in range(n_blocks // 8):
                     o, d, dmin = super_k4_16(w, sb, type_id)
                     for j in range(8):
@@ -54,33 +69,6 @@ def matmul_tiles16(packed, xq, xd, xs, out, type_id):
                     a1 = add_block16(a1, w, b, xq[t1], xd[t1], xs[t1], type_id)
                     a2 = add_block16(a2, w, b, xq[t2], xd[t2], xs[t2], type_id)
                     a3 = add_block16(a3, w, b, xq[t3], xd[t3], xs[t3], type_id)
-            store_f32x16(out[t3], GROUP * g, a3)
-            store_f32x16(out[t2], GROUP * g, a2)
-            store_f32x16(out[t1], GROUP * g, a1)
-            store_f32x16(out[t0], GROUP * g, a0)
-
-
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def matmul_q6_tiles16(packed, xq, xd, xs, out):
-    """As matmul_tiles16, for repacked Q6_K."""
-    n_tokens, n_blocks = xd.shape
-    sums16 = np.empty((n_tokens, xq.shape[1] // 16), np.int32)
-    for t in range(n_tokens):
-        sums16[t] = half_block_sums(xq[t])
-    for g in prange(packed.shape[0]):
-        w = packed[g]
-        for tile in range((n_tokens + TILE - 1) // TILE):
-            t0, t1, t2, t3 = _tile_tokens(tile, n_tokens)
-            a0 = a1 = a2 = a3 = zero_f32x16()
-            for sb in range(n_blocks // 8):
-                o = Q6_SUPER * sb
-                d = halves_f32x16(w, o)
-                for j in range(8):
-                    b = 8 * sb + j
-                    a0 = add_block_q6_16(a0, w, o, d, j, b, xq[t0], xd[t0], sums16[t0])
-                    a1 = add_block_q6_16(a1, w, o, d, j, b, xq[t1], xd[t1], sums16[t1])
-                    a2 = add_block_q6_16(a2, w, o, d, j, b, xq[t2], xd[t2], sums16[t2])
-                    a3 = add_block_q6_16(a3, w, o, d, j, b, xq[t3], xd[t3], sums16[t3])
             store_f32x16(out[t3], GROUP * g, a3)
             store_f32x16(out[t2], GROUP * g, a2)
             store_f32x16(out[t1], GROUP * g, a1)
@@ -124,8 +112,13 @@ def _tiles_q5_k(w, xq, xd, xs, out):
     matmul_tiles16(w, xq, xd, xs, out, Q5_K_R)
 
 
+@njit(cache=True)
+def _tiles_q6_k(w, xq, xd, xs, out):
+    matmul_tiles16(w, xq, xd, xs, out, Q6_K_R)
+
+
 TILE_KERNELS = {Q4_0_R: _tiles_q4_0, Q4_1_R: _tiles_q4_1, Q5_0_R: _tiles_q5_0, Q5_1_R: _tiles_q5_1,
-                Q8_0_R: _tiles_q8_0, Q4_K_R: _tiles_q4_k, Q5_K_R: _tiles_q5_k, Q6_K_R: matmul_q6_tiles16}
+                Q8_0_R: _tiles_q8_0, Q4_K_R: _tiles_q4_k, Q5_K_R: _tiles_q5_k, Q6_K_R: _tiles_q6_k}
 
 
 @njit(cache=True)
