@@ -42,3 +42,18 @@ class BudgetError(EdgeInferError):
 
 class TemplateError(EdgeInferError):
     """A chat template failed to render or tried something the sandbox forbids."""
+
+
+class InvalidArgument(EdgeInferError, ValueError):
+    """An argument of the Python API (or a CLI option) is out of range or of the wrong kind; the message names it.
+
+    A ValueError too, so callers that catch ValueError for bad arguments keep working."""
+
+
+class ModelClosed(EdgeInferError, ValueError):
+    """A method was called on a `Model` after `close()` (like I/O on a closed file, a ValueError)."""
+
+
+class ModelError(EdgeInferError):
+    """The model computed something unusable (NaN or infinite logits: damaged weights or hyper-parameters); the
+    message names the model file and the position."""
