@@ -26,22 +26,6 @@ def pull_cmd(name: str) -> None:
     click.echo(str(path))
 
 
-@cli.command("list")
-def list_cmd() -> None:
-    """Show the catalogue models and which are downloaded."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from models.fetch import list_models
-
-    table = Table("name", "arch", "quant", "size", "downloaded", "path")
-    for row in list_models():
-        name = row["name"] + (" (default)" if row["default"] else "")
-        table.add_row(name, row["arch"], row["quant"], f"{row['size'] / 1e6:.0f} MB",
-                      "yes" if row["downloaded"] else "no", str(row["path"]) if row["downloaded"] else "")
-    Console().print(table)
-
-
 @cli.command("info")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -221,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("", err=True)
         sys.exit(130)
 
+
+from edgeinfer.cli_models import register_model_commands  # noqa: E402  (list, rm, prune)
+
+register_model_commands(cli)
 
 if __name__ == "__main__":
     main()
