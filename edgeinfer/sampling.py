@@ -25,9 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeinfer.errors import InvalidArgument
+
 # top_p on a large unsorted candidate set first tries the best 256 tokens, as llama.cpp does
 _TOP_P_TRY = 256
 _TOP_P_TRY_ABOVE = 1024
+RANDOM_SEED = -1  # as llama.cpp's LLAMA_DEFAULT_SEED: draw a fresh seed
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class SamplingParams:
     min_p <= 0 disable theirs. repeat_penalty (llama.cpp `penalty_repeat`) 1.0, presence_penalty
     (`penalty_present`) 0.0 and frequency_penalty (`penalty_freq`) 0.0 are off. penalty_last_n is how many
     of the most recent tokens the penalties look at: 0 disables them, -1 means all tokens passed in.
-    seed None draws a fresh random seed (see `Sampler.seed`).
+    seed None or -1 (llama.cpp's LLAMA_DEFAULT_SEED) draws a fresh random seed (see `Sampler.seed`).
+    A value out of range raises InvalidArgument (a ValueError), one of the wrong kind TypeError; both name it.
     """
 
     temperature: float = 0.8
@@ -54,24 +58,28 @@ class SamplingParams:
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"SamplingParams.{name} must be a finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"SamplingParams.{name} must be a number, not {type(value).__name__}")
+            if not math.isfinite(value):
+                raise InvalidArgument(f"SamplingParams.{name} must be a finite number, got {value!r}")
         for name in ("top_k", "penalty_last_n"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"SamplingParams.{name} must be an integer, got {value!r}")
+                raise TypeError(f"SamplingParams.{name} must be an integer, not {type(value).__name__}")
         if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in [0, 1], got {self.top_p!r}")
+            raise InvalidArgument(f"SamplingParams.top_p must be in [0, 1], got {self.top_p!r}")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
+            raise InvalidArgument(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
         if self.repeat_penalty <= 0.0:
-            raise ValueError(f"SamplingParams.repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty!r}")
+            raise InvalidArgument(f"SamplingParams.repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty!r}")
         if self.penalty_last_n < -1:
-            raise ValueError(f"SamplingParams.penalty_last_n must be >= -1 (-1 = all), got {self.penalty_last_n!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0
-        ):
-            raise ValueError(f"SamplingParams.seed must be None or an integer >= 0, got {self.seed!r}")
+            raise InvalidArgument(f"SamplingParams.penalty_last_n must be >= -1 (-1 = all), got {self.penalty_last_n!r}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+                raise TypeError(f"SamplingParams.seed must be None or an integer, not {type(self.seed).__name__}")
+            if self.seed < RANDOM_SEED:
+                raise InvalidArgument(f"SamplingParams.seed must be >= 0, or -1 (or None) for a random seed, "
+                                      f"got {self.seed!r}")
 
 
 # ---------------------------------------------------------------- the rules, each over (ids, logits)
@@ -231,19 +239,34 @@ def sample_dist(ids: np.ndarray, logits: np.ndarray, rng: np.random.Generator) -
 # ---------------------------------------------------------------- the chain
 
 
+def _check_samplable(logits: np.ndarray) -> None:
+    """InvalidArgument unless some logit is finite and none is NaN or +inf (-inf masks a token, as in llama.cpp)."""
+    if np.isfinite(logits).all():  # the usual case: one cheap pass
+        return
+    bad = np.isnan(logits) | (logits == np.inf)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InvalidArgument(f"logits: {int(bad.sum())} of {len(logits)} are NaN or +inf (the first at token id "
+                              f"{first}): nothing can be sampled from them")
+    if not np.isfinite(logits).any():
+        raise InvalidArgument("logits: every one is -inf: nothing can be sampled from them")
+
+
 class Sampler:
     """Runs llama.cpp's default chain: penalties -> top_k -> top_p -> min_p -> temperature -> dist.
 
-    Owns a numpy Generator seeded from `params.seed` (a fresh random seed if None, kept in `self.seed` so a
-    run can be replayed). Same seed and same (logits, recent_tokens) sequence give the same tokens.
+    Owns a numpy Generator seeded from `params.seed` (a fresh random seed if None or -1, kept in `self.seed` so
+    a run can be replayed). Same seed and same (logits, recent_tokens) sequence give the same tokens.
+    Logits may hold -inf (a masked token) but not NaN or +inf: those raise InvalidArgument, never an IndexError.
     """
 
     def __init__(self, params: SamplingParams, n_vocab: int):
         if isinstance(n_vocab, bool) or not isinstance(n_vocab, (int, np.integer)) or n_vocab <= 0:
-            raise ValueError(f"n_vocab must be a positive integer, got {n_vocab!r}")
+            raise InvalidArgument(f"n_vocab must be a positive integer, got {n_vocab!r}")
         self.params = params
         self.n_vocab = int(n_vocab)
-        self.seed = params.seed if params.seed is not None else int(np.random.SeedSequence().entropy)
+        random = params.seed is None or params.seed == RANDOM_SEED
+        self.seed = int(np.random.SeedSequence().entropy) if random else int(params.seed)
         self._rng = np.random.default_rng(self.seed)
         self._ids = np.arange(self.n_vocab, dtype=np.int64)
         self._ids.flags.writeable = False
@@ -272,7 +295,8 @@ class Sampler:
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
         if logits.shape != (self.n_vocab,):
-            raise ValueError(f"logits must have shape ({self.n_vocab},), got {logits.shape}")
+            raise InvalidArgument(f"logits must have shape ({self.n_vocab},), got {logits.shape}")
+        _check_samplable(logits)
         ids, lg = apply_penalties(
             self._ids, logits, recent_tokens, penalty_last_n=p.penalty_last_n, repeat_penalty=p.repeat_penalty,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from edgeinfer.errors import InvalidArgument
 from edgeinfer.sampling import (
     Sampler,
     SamplingParams,
@@ -265,12 +266,26 @@ def test_defaults_are_llama_cpp_defaults():
 
 @pytest.mark.parametrize("field, value", [
     ("top_p", -0.1), ("top_p", 1.5), ("min_p", -0.01), ("min_p", 2.0), ("temperature", float("nan")),
-    ("repeat_penalty", 0.0), ("repeat_penalty", -1.0), ("presence_penalty", float("inf")),
-    ("frequency_penalty", "0.1"), ("top_k", 1.5), ("penalty_last_n", -2), ("seed", -1), ("seed", 1.0),
+    ("temperature", float("inf")), ("repeat_penalty", 0.0), ("repeat_penalty", -1.0),
+    ("presence_penalty", float("inf")), ("penalty_last_n", -2), ("seed", -2),
 ])
-def test_bad_params_raise_value_error_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+def test_bad_params_raise_invalid_argument_naming_the_field(field, value):
+    with pytest.raises(InvalidArgument, match=field):  # an EdgeInferError and a ValueError
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("frequency_penalty", "0.1"), ("temperature", None), ("top_k", 1.5), ("top_k", True), ("seed", 1.0),
+])
+def test_params_of_the_wrong_kind_raise_type_error_naming_the_field(field, value):
+    with pytest.raises(TypeError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_seed_minus_one_means_random_as_in_llama_cpp():
+    seeds = {Sampler(SamplingParams(seed=-1), 10).seed for _ in range(3)}
+    assert len(seeds) == 3 and all(s >= 0 for s in seeds)
+    assert Sampler(SamplingParams(seed=7), 10).seed == 7
 
 
 def test_sampler_rejects_bad_vocab_size_and_logits_shape():
@@ -278,3 +293,23 @@ def test_sampler_rejects_bad_vocab_size_and_logits_shape():
         Sampler(SamplingParams(), 0)
     with pytest.raises(ValueError, match="shape"):
         Sampler(SamplingParams(), 10).sample(np.zeros(11, dtype=np.float32), [])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_logits_raise_invalid_argument_not_index_error(temperature, bad):
+    logits = np.zeros(10, dtype=np.float32)
+    logits[[3, 6]] = bad
+    with pytest.raises(InvalidArgument, match=r"2 of 10 are NaN or \+inf \(the first at token id 3\)"):
+        Sampler(SamplingParams(temperature=temperature, repeat_penalty=1.1), 10).sample(logits, [3, 4])
+    with pytest.raises(InvalidArgument, match="every one is -inf"):
+        Sampler(SamplingParams(temperature=temperature), 10).sample(np.full(10, -np.inf, np.float32), [])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_minus_inf_masks_a_token(temperature):
+    logits = np.full(10, -np.inf, dtype=np.float32)
+    logits[[2, 7]] = [1.0, 3.0]
+    sampler = Sampler(SamplingParams(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, seed=3), 10)
+    drawn = {sampler.sample(logits, [2]) for _ in range(50)}
+    assert drawn <= {2, 7} and 7 in drawn
