@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Sequence
+
+import numpy as np
 
 from edgeinfer.engine import Engine
+from edgeinfer.errors import ModelError
 from edgeinfer.sampling import Sampler
 from edgeinfer.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -47,10 +50,14 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class CachedEngine:
-    """An engine plus the token ids its KV cache holds, so a new prompt re-evaluates only what differs."""
+    """An engine plus the token ids its KV cache holds, so a new prompt re-evaluates only what differs.
 
-    def __init__(self, engine: Engine):
+    Every evaluation checks its logits: NaN or inf (damaged weights, a damaged repacked cache, NaN norms or epsilon)
+    raise ModelError naming `name` (the model file) and the position, and the positions just evaluated are dropped."""
+
+    def __init__(self, engine: Engine, name: str = "model"):
         self.engine = engine
+        self.name = name
         self.tokens: list[int] = []
 
     def reset(self) -> None:
@@ -60,35 +67,72 @@ class CachedEngine:
     def evaluate_prompt(self, prompt: Sequence[int]) -> tuple:
         """Logits after the whole prompt, evaluating only the tokens past the longest common prefix with the cache.
 
-        Returns (logits, n_evaluated)."""
+        Returns (logits (n_vocab,) float32, n_evaluated)."""
         keep = common_prefix_length(self.tokens, prompt)
         if keep == len(prompt):
             keep -= 1  # the last prompt token must be evaluated again to get its logits
-        self.engine.truncate(keep)
-        del self.tokens[keep:]
+        self._truncate(keep)
         new = list(prompt[keep:])
         logits = self.engine.prefill(new)
         self.tokens.extend(new)
+        self._check_finite(logits, len(self.tokens) - 1, keep)
         return logits, len(new)
 
-    def decode(self, token: int):
-        logits = self.engine.decode(token)
-        self.tokens.append(token)
+    def evaluate_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (len(tokens), n_vocab) float32 of every position of `tokens`, evaluated on a fresh context."""
+        self.reset()
+        logits = self.engine.prefill(tokens, all_logits=True)
+        self.tokens = list(tokens)
+        self._check_finite(logits, 0, 0)
         return logits
 
+    def decode(self, token: int) -> np.ndarray:
+        """Logits (n_vocab,) after evaluating one more token."""
+        logits = self.engine.decode(token)
+        self.tokens.append(token)
+        self._check_finite(logits, len(self.tokens) - 1, len(self.tokens) - 1)
+        return logits
 
-def generate_tokens(cached: CachedEngine, sampler: Sampler, prompt: Sequence[int], max_tokens: int,
-                    eog_ids: Iterable[int], stats: GenerationStats) -> Iterator[int]:
+    def extend_to(self, sequence: Sequence[int]) -> np.ndarray:
+        """Logits (n_vocab,) after `sequence`: one decode step when the cache holds exactly sequence[:-1] (the usual
+        case), else evaluation past the longest common prefix (another generation used the cache in between).
+        Prefill and decode logits are bit-identical, so both give the same next token."""
+        n = len(sequence) - 1
+        if len(self.tokens) == n and self.tokens == sequence[:n]:
+            return self.decode(sequence[n])
+        return self.evaluate_prompt(sequence)[0]
+
+    def _truncate(self, n: int) -> None:
+        self.engine.truncate(n)
+        del self.tokens[n:]
+
+    def _check_finite(self, logits: np.ndarray, first_position: int, keep: int) -> None:
+        """ModelError unless every logit is finite; logits' rows are positions first_position, first_position + 1..."""
+        if np.isfinite(logits).all():
+            return
+        rows = logits.reshape(-1, logits.shape[-1])
+        position = first_position + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+        self._truncate(keep)  # their keys and values may be NaN too: never reuse them
+        raise ModelError(f"{self.name}: logits are not finite at position {position} (NaN/inf: damaged weights or "
+                         f"hyper-parameters)")
+
+
+def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler: Sampler, prompt: Sequence[int],
+                    max_tokens: int, eog_ids: Iterable[int], stats: GenerationStats) -> Iterator[int]:
     """Yield sampled tokens until an end-of-generation token, max_tokens, or a full context.
 
+    acquire() gives the CachedEngine for exclusive use (the model's lock) for one evaluation at a time; it is not
+    held while a token is with the caller, so other generations may use the cache in between. This one keeps its
+    own history and re-evaluates it where the cache no longer holds it, so its tokens are those it would get alone.
     The caller may stop iterating at any time (a stop string); the cache then holds what was evaluated."""
     eog = frozenset(eog_ids)
-    engine = cached.engine
-    stats.prompt_tokens = len(prompt)
-    t0 = time.perf_counter()
-    logits, stats.prompt_tokens_evaluated = cached.evaluate_prompt(prompt)
-    stats.prefill_seconds = time.perf_counter() - t0
     history = list(prompt)
+    stats.prompt_tokens = len(history)
+    t0 = time.perf_counter()
+    with acquire() as cached:
+        n_ctx = cached.engine.n_ctx
+        logits, stats.prompt_tokens_evaluated = cached.evaluate_prompt(history)
+    stats.prefill_seconds = time.perf_counter() - t0
     decode_start = time.perf_counter()
     for i in range(max_tokens):
         token = sampler.sample(logits, history)
@@ -102,10 +146,11 @@ def generate_tokens(cached: CachedEngine, sampler: Sampler, prompt: Sequence[int
         yield token
         if i + 1 == max_tokens:
             break
-        if engine.n_past >= engine.n_ctx:
+        if len(history) > n_ctx:  # every position holds an earlier token: this one cannot be evaluated
             stats.stop_reason = "context"
             return
-        logits = cached.decode(token)
+        with acquire() as cached:
+            logits = cached.extend_to(history)
         stats.decode_seconds = time.perf_counter() - decode_start
     stats.stop_reason = "length"
 

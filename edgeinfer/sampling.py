@@ -31,6 +31,7 @@ from edgeinfer.errors import InvalidArgument
 _TOP_P_TRY = 256
 _TOP_P_TRY_ABOVE = 1024
 RANDOM_SEED = -1  # as llama.cpp's LLAMA_DEFAULT_SEED: draw a fresh seed
+CHAT_REPEAT_PENALTY = 1.1  # chat's default (Ollama's); plain generation keeps llama.cpp's 1.0 (off)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import GenerationStats, common_prefix_length
-from edgeinfer.sampling import SamplingParams
+from edgeinfer.sampling import CHAT_REPEAT_PENALTY, SamplingParams
 
 if TYPE_CHECKING:
     from edgeinfer.api import Model
@@ -102,15 +102,19 @@ class ChatSession:
     messages: the whole conversation ({"role", "content"} dicts, the system prompt first if any);
     first_in_context: index in `messages` of the oldest message still sent to the model (after the system prompt);
     notices: lines about the last `send` (turns dropped, answer cut by the context, power change), for a UI to show.
-    Several sessions may share a model: a session's turn simply re-evaluates from where the cache differs."""
+    Several sessions may share a model, from several threads too: a session's turn simply re-evaluates from where
+    the cache differs (see `Model`). Sampling settings are `Model.stream`'s, except that repeat_penalty defaults to
+    1.1 (Ollama's chat default). Message contents are text: a typed "<|im_end|>" does not end a turn, unless
+    parse_special=True (see `Model.chat_tokens`)."""
 
     def __init__(self, model: "Model", *, system: str | None = None, max_tokens: int = 512,
-                 power_watch: PowerWatch | None = None, **sampling):
+                 power_watch: PowerWatch | None = None, parse_special: bool = False, **sampling):
         self.model = model
         self.power_watch = power_watch
+        self.parse_special = parse_special
         self.max_tokens = 0
         self.sampling: dict = {}
-        self.set(max_tokens=max_tokens, **sampling)
+        self.set(max_tokens=max_tokens, **{"repeat_penalty": CHAT_REPEAT_PENALTY, **sampling})
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.first_in_context = len(self.messages)
         self.notices: list[str] = []
@@ -158,6 +162,8 @@ class ChatSession:
         The reply is recorded as it streams, so stopping early (closing the iterator, Ctrl-C) keeps what was
         generated as the assistant's turn. overrides: sampling settings or max_tokens for this turn only.
         Raises MessageTooLong (and adds nothing) when the message cannot fit even alone with the system prompt."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
         settings = {**self.sampling, "max_tokens": self.max_tokens, **overrides}
         _check_settings(settings)
         self.notices = []
@@ -178,13 +184,14 @@ class ChatSession:
 
     def _generate(self, tokens: list[int], reply: dict, settings: dict) -> Iterator[str]:
         self.last_interrupted = True  # until the stream ends on its own
+        pieces = self.model.stream(tokens, **settings)
         try:
-            for piece in self.model.stream(tokens, **settings):
+            for piece in pieces:
                 reply["content"] += piece
                 yield piece
             self.last_interrupted = False
         finally:
-            stats = self.last_stats = self.model.last_stats
+            stats = self.last_stats = pieces.stats  # this turn's, whatever other threads ran meanwhile
             self.turns += 1
             self.total_evaluated += stats.prompt_tokens_evaluated
             self.total_generated += stats.generated_tokens
@@ -198,20 +205,23 @@ class ChatSession:
         n_ctx = self.model.n_ctx
         head = self.messages[:1] if self.system is not None else []
         first, dropped = self.first_in_context, 0
-        tokens = self.model.chat_tokens(head + self.messages[first:] + [user])
+        tokens = self._tokens(head + self.messages[first:] + [user])
         if len(tokens) + reserve > n_ctx:
             target = int(n_ctx * REFILL_FRACTION)
             while first < len(self.messages) and len(tokens) + reserve > target:
                 first = self._next_turn(first)
                 dropped += 1
-                tokens = self.model.chat_tokens(head + self.messages[first:] + [user])
+                tokens = self._tokens(head + self.messages[first:] + [user])
         if len(tokens) + reserve > n_ctx:
-            alone = len(self.model.chat_tokens(head + [user]))
+            alone = len(self._tokens(head + [user]))
             raise MessageTooLong(
                 f"message too long: {alone} tokens with the template{' and system prompt' if head else ''}, plus "
                 f"{reserve} kept for the answer, exceed the context of {n_ctx} tokens; it was not added "
                 "(shorten it, or start with a larger --ctx)")
         return tokens, first, dropped
+
+    def _tokens(self, messages: list[dict]) -> list[int]:
+        return self.model.chat_tokens(messages, parse_special=self.parse_special)
 
     def _next_turn(self, i: int) -> int:
         """Index of the first message of the turn after the one starting at i (a turn: a user message and the
@@ -225,19 +235,20 @@ class ChatSession:
         """Evaluate the template's fixed prefix (it stays cached for the first turn) and one decode step, so the
         prefill and decode kernels are compiled or loaded from Numba's cache before the first message."""
         head = self.messages[:1] if self.system is not None else []
-        a = self.model.chat_tokens(head + [{"role": "user", "content": "a"}])
-        b = self.model.chat_tokens(head + [{"role": "user", "content": "b"}])
+        a = self._tokens(head + [{"role": "user", "content": "a"}])
+        b = self._tokens(head + [{"role": "user", "content": "b"}])
         prefix = a[:max(1, common_prefix_length(a, b))]
-        cached = self.model._cached
-        cached.evaluate_prompt(prefix)
-        cached.decode(prefix[-1])  # a throw-away position: only the compiled decode step matters
-        cached.engine.truncate(len(prefix))
-        del cached.tokens[len(prefix):]
+        with self.model._use() as cached:
+            cached.evaluate_prompt(prefix)
+            cached.decode(prefix[-1])  # a throw-away position: only the compiled decode step matters
+            cached.engine.truncate(len(prefix))
+            del cached.tokens[len(prefix):]
 
     # -- settings ---------------------------------------------------------------------------------------------
     def set(self, **settings) -> None:
         """Change sampling settings (temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-        frequency_penalty, seed) or max_tokens for later turns; ValueError names a bad one and changes nothing."""
+        frequency_penalty, seed) or max_tokens for later turns; InvalidArgument (a ValueError) or TypeError names a
+        bad one and changes nothing."""
         merged = {**self.sampling, "max_tokens": self.max_tokens, **settings}
         _check_settings(merged)
         self.max_tokens = int(merged.pop("max_tokens"))
@@ -266,15 +277,14 @@ class ChatSession:
         Returns both paths. The KV file records the model file (name, size, mtime) it belongs to."""
         path = Path(path)
         kv_path = path.with_name(path.name + KV_SUFFIX)
-        cached = self.model._cached
-        n = len(cached.tokens)
         st = os.stat(self.model.path)
         identity = {"model_file": Path(self.model.path).name, "model_size": st.st_size,
                     "model_mtime_ns": st.st_mtime_ns, "n_ctx": self.model.n_ctx}
-        cache = cached.engine.cache
-        _write_atomic(kv_path, lambda f: np.savez(f, tokens=np.asarray(cached.tokens, dtype=np.int64),
-                                                  k=cache.k[:, :n], v=cache.v[:, :n],
-                                                  identity=np.array(json.dumps(identity))))
+        with self.model._use() as cached:  # no other turn changes the cache while it is written
+            n, cache = len(cached.tokens), cached.engine.cache
+            _write_atomic(kv_path, lambda f: np.savez(f, tokens=np.asarray(cached.tokens, dtype=np.int64),
+                                                      k=cache.k[:, :n], v=cache.v[:, :n],
+                                                      identity=np.array(json.dumps(identity))))
         doc = {"format": FILE_FORMAT, "version": FILE_VERSION, "model": identity["model_file"],
                "messages": self.messages, "first_in_context": self.first_in_context,
                "settings": {**self.sampling, "max_tokens": self.max_tokens}}
@@ -317,26 +327,30 @@ class ChatSession:
         mine = (Path(self.model.path).name, st.st_size, st.st_mtime_ns)
         if (identity.get("model_file"), identity.get("model_size"), identity.get("model_mtime_ns")) != mine:
             return f"KV cache not used: saved for another model file ({identity.get('model_file')})"
-        cache = self.model._cached.engine.cache
-        if k.shape[:1] + k.shape[2:] != cache.k.shape[:1] + cache.k.shape[2:] or k.shape[1] != len(tokens) \
-                or v.shape[1] != len(tokens):
-            return "KV cache not used: its shapes do not match this model"
-        # Keys and values depend on absolute positions only, not on n_ctx: a prefix that fits is valid as it is.
-        n = min(len(tokens), self.model.n_ctx)
-        cache.k[:, :n], cache.v[:, :n] = k[:, :n], v[:, :n]
-        cache.n_past = n
-        self.model._cached.tokens = [int(t) for t in tokens[:n]]
+        with self.model._use() as cached:
+            cache = cached.engine.cache
+            if k.shape[:1] + k.shape[2:] != cache.k.shape[:1] + cache.k.shape[2:] or k.shape[1] != len(tokens) \
+                    or v.shape[1] != len(tokens):
+                return "KV cache not used: its shapes do not match this model"
+            # Keys and values depend on absolute positions only, not on n_ctx: a prefix that fits is valid as it is.
+            n = min(len(tokens), self.model.n_ctx)
+            cache.k[:, :n], cache.v[:, :n] = k[:, :n], v[:, :n]
+            cache.n_past = n
+            cached.tokens = [int(t) for t in tokens[:n]]
         return f"KV cache restored ({n} tokens: no re-evaluation)"
 
 
 def _check_settings(settings: dict) -> None:
-    """ValueError unless every name is a setting, max_tokens a positive integer and the rest valid SamplingParams."""
+    """InvalidArgument (a ValueError) unless every name is a setting, max_tokens a positive integer and the rest
+    valid SamplingParams; TypeError for a value of the wrong kind."""
     unknown = set(settings) - set(SETTINGS)
     if unknown:
-        raise ValueError(f"unknown setting {sorted(unknown)[0]!r} (known: {', '.join(SETTINGS)})")
+        raise InvalidArgument(f"unknown setting {sorted(unknown)[0]!r} (known: {', '.join(SETTINGS)})")
     max_tokens = settings.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise TypeError(f"max_tokens must be an int, not {type(max_tokens).__name__}")
+    if max_tokens < 1:
+        raise InvalidArgument(f"max_tokens must be a positive integer, got {max_tokens!r}")
     SamplingParams(**{k: v for k, v in settings.items() if k != "max_tokens"})
 
 
