@@ -4,7 +4,8 @@ A pull never leaves a partial file at the final path: bytes go to `<file>.<pid>.
 way, fsynced, and only then renamed into place. A verified file gets a `<file>.sha256` marker (sha256sum format), so
 later starts check the size and the marker instead of re-hashing hundreds of megabytes.
 
-Sections: resolving names, pulling, verification marker, download and assembly, progress display.
+Sections: resolving names (and the files a model has), pulling, verification marker, download and assembly,
+progress display.
 """
 import hashlib
 import os
@@ -20,12 +21,12 @@ from typing import Callable, Iterator
 import psutil
 
 from edgeinfer.errors import FetchError, ModelNotFound
-from edgeinfer.paths import models_dir
+from edgeinfer.paths import home, home_problem, models_dir
 from models.catalogue import CatalogueEntry, Source, default_model_name, load_catalogue
 
 __all__ = [
-    "CatalogueEntry", "FetchInterrupted", "Source", "default_model_name", "ensure_model", "list_models",
-    "load_catalogue", "model_path", "pull", "resolve_model", "rich_progress",
+    "CatalogueEntry", "FetchInterrupted", "Source", "default_model_name", "downloaded_files", "ensure_model",
+    "list_models", "load_catalogue", "model_path", "pull", "resolve_model", "rich_progress", "stale_partials",
 ]
 
 # progress(bytes_done, bytes_total, phase): counts are cumulative over the whole model file, per phase.
@@ -54,11 +55,13 @@ def model_path(entry: CatalogueEntry) -> Path:
 def resolve_model(name_or_path, progress: Progress | None = None, catalogue=None) -> Path:
     """The model file for a path or a catalogue name: an existing file wins, a catalogue name is pulled if missing.
 
-    Raises ModelNotFound (listing the catalogue's names) when it is neither.
+    Raises ModelNotFound for a directory, or (listing the catalogue's names) when it is neither.
     """
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ModelNotFound(f"{path} is a directory, not a GGUF file")
     entries = load_catalogue(catalogue)
     entry = entries.get(str(name_or_path))
     if entry is None:
@@ -68,7 +71,8 @@ def resolve_model(name_or_path, progress: Progress | None = None, catalogue=None
 
 
 def list_models(catalogue=None) -> list[dict]:
-    """One row per catalogue model: name, arch, quant, size (bytes), downloaded, path, default, description.
+    """One row per catalogue model: name, arch, quant, size (bytes), downloaded, path, default, description and
+    kind ("chat", "base"; None where the catalogue does not say).
 
     `downloaded` only checks that the file has the catalogue's size; the hash is checked when pulled.
     """
@@ -80,9 +84,23 @@ def list_models(catalogue=None) -> list[dict]:
         rows.append({
             "name": entry.name, "arch": entry.arch, "quant": entry.quant, "size": entry.size,
             "downloaded": path.is_file() and path.stat().st_size == entry.size, "path": path,
-            "default": entry.name == default, "description": entry.description,
+            "default": entry.name == default, "description": entry.description, "kind": getattr(entry, "kind", None),
         })
     return rows
+
+
+def downloaded_files(entry: CatalogueEntry) -> list[Path]:
+    """The files a catalogue model has in models_dir(), in the order to delete them: the `.sha256` marker first (so
+    a removal stopped midway never leaves a file that looks verified), the model file, partial files of dead pulls."""
+    dest = model_path(entry)
+    partials = sorted(p for p in dest.parent.glob(f"{dest.name}.*.partial") if _is_dead_partial(p))
+    return [p for p in (_marker(dest), dest, *partials) if p.exists()]
+
+
+def stale_partials() -> list[Path]:
+    """Partial files in models_dir() left by pulls whose process is gone."""
+    directory = models_dir()
+    return sorted(p for p in directory.glob("*.partial") if _is_dead_partial(p)) if directory.is_dir() else []
 
 
 # ---------------------------------------------------------------- pulling
@@ -111,6 +129,9 @@ def _pull(entry: CatalogueEntry, progress: Progress | None) -> Path:
     report = progress or (lambda done, total, phase: None)
     if _is_verified(dest, entry, report):
         return dest
+    problem = home_problem()
+    if problem:
+        raise FetchError(f"cannot fetch {entry.name}: EDGEINFER_HOME {home()} is not a writable directory ({problem})")
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(dest)
     _marker(dest).unlink(missing_ok=True)
@@ -129,7 +150,7 @@ def _is_verified(dest: Path, entry: CatalogueEntry, report: Progress) -> bool:
     """True when `dest` holds the catalogue's bytes; hashes it (once, then marks it) if it has no valid marker."""
     try:
         st = dest.stat()
-    except FileNotFoundError:
+    except OSError:  # missing, or a models directory that is not one
         return False
     if st.st_size != entry.size:
         return False
@@ -143,7 +164,10 @@ def _is_verified(dest: Path, entry: CatalogueEntry, report: Progress) -> bool:
     # Right size but never verified here (copied in by hand, or stopped before the marker): hash it once.
     if _sha256_file(dest, entry.size, report) != entry.sha256:
         return False
-    _write_marker(dest, entry.sha256)
+    try:
+        _write_marker(dest, entry.sha256)
+    except OSError:  # a read-only models directory: the file is good, it is hashed again next time
+        pass
     return True
 
 
@@ -305,9 +329,14 @@ def _fsync_dir(directory: Path) -> None:
 def _remove_stale_partials(dest: Path) -> None:
     """Delete `<file>.<pid>.partial` files left by pulls whose process is gone (killed, power loss)."""
     for partial in dest.parent.glob(f"{dest.name}.*.partial"):
-        pid = partial.name[len(dest.name) + 1:-len(".partial")]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if _is_dead_partial(partial):
             partial.unlink(missing_ok=True)
+
+
+def _is_dead_partial(partial: Path) -> bool:
+    """Whether a `<name>.<pid>.partial` file belongs to a process that is gone."""
+    pid = partial.name[:-len(".partial")].rsplit(".", 1)[-1]
+    return pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
 # ---------------------------------------------------------------- progress display

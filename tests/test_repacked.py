@@ -1,5 +1,6 @@
 """Repacked weights (edgeinfer.repacked): made once per model file, cached atomically, memory-mapped, used by the engine."""
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from conftest import model_path
 from edgeinfer.arch import load_decoder
 from edgeinfer.engine import Engine
 from edgeinfer.gguf_reader import GGUFFile
-from edgeinfer.repacked import cache_path, packable, repack_weights
+from edgeinfer.repacked import cache_path, packable, read_record, record_path, repack_weights
 from kernels_cpu.matvec_q8 import REPACKED
 from kernels_cpu.repack import repack
 from tools.perplexity import log_softmax
@@ -23,8 +24,12 @@ def smollm2():
 def test_cache_file_is_made_once_and_mapped(smollm2, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEINFER_HOME", str(tmp_path))
     _, weights = load_decoder(smollm2)
-    files = list((tmp_path / "repacked").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".bin"  # no temporary file left behind
+    files = sorted((tmp_path / "repacked").iterdir())
+    # the data and its record, no temporary file left behind
+    assert [f.suffix for f in files] == [".bin", ".json"] and record_path(files[0]) == files[1]
+    record = read_record(files[0])
+    assert record["model"] == os.path.realpath(smollm2.path) and record["bytes"] == files[0].stat().st_size
+    assert record["crc32"] == zlib.crc32(weights.packed_bytes)
     first_mtime = files[0].stat().st_mtime_ns
     ffn_up = weights.layers[3].ffn_up
     assert ffn_up.packed_type == REPACKED + ffn_up.ggml_type and ffn_up.kernel_type == ffn_up.packed_type
@@ -52,26 +57,63 @@ def test_stale_cache_files_are_removed(smollm2, tmp_path, monkeypatch):
     assert current.exists() and not stale.exists() and other_model.exists()
 
 
-def test_wrong_size_cache_is_replaced(smollm2, tmp_path, monkeypatch):
+def test_wrong_size_cache_is_replaced(smollm2, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDGEINFER_HOME", str(tmp_path))
     _, weights = load_decoder(smollm2)
     path = cache_path(smollm2.path, weights.packed_bytes.shape[0])
     del weights
     with open(path, "r+b") as f:
         f.truncate(1000)  # e.g. a disk that filled up under another tool
+    capsys.readouterr()
     _, weights = load_decoder(smollm2)
+    assert capsys.readouterr().err == f"warning: repacked cache {path} was damaged (1000 bytes, expected " \
+                                      f"{weights.packed_bytes.shape[0]}); rebuilt\n"
     assert os.path.getsize(path) == weights.packed_bytes.shape[0]
     assert np.array_equal(weights.layers[0].attn_q.packed,
                           repack(weights.layers[0].attn_q.ggml_type, weights.layers[0].attn_q.raw)[1])
 
 
-def test_unwritable_cache_falls_back_to_memory(smollm2, tmp_path, monkeypatch):
+def test_damaged_cache_is_rebuilt_with_one_warning(smollm2, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGEINFER_HOME", str(tmp_path))
+    prompt = [1, 504, 3458, 282, 260, 2915, 28]
+    cfg, weights = load_decoder(smollm2)
+    expected = Engine(cfg, weights, n_ctx=32, n_threads=1).prefill(prompt)
+    path = cache_path(smollm2.path, weights.packed_bytes.shape[0])
+    first = weights.layers[0].attn_q.packed_offset
+    del weights
+    with open(path, "r+b") as f:  # flip bytes inside the first layer's query matrix
+        f.seek(first + 4096)
+        damaged = bytes(b ^ 0xFF for b in f.read(64))
+        f.seek(first + 4096)
+        f.write(damaged)
+    capsys.readouterr()
+    cfg, weights = load_decoder(smollm2)
+    assert capsys.readouterr().err == f"warning: repacked cache {path} was damaged (checksum mismatch); rebuilt\n"
+    assert np.array_equal(Engine(cfg, weights, n_ctx=32, n_threads=1).prefill(prompt), expected)
+    load_decoder(smollm2)
+    assert capsys.readouterr().err == ""  # the rebuilt file matches its record
+
+
+def test_cache_without_record_is_rebuilt_quietly(smollm2, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGEINFER_HOME", str(tmp_path))
+    _, weights = load_decoder(smollm2)
+    path = cache_path(smollm2.path, weights.packed_bytes.shape[0])
+    record_path(path).unlink()  # as made by an older version, or a crash between the record and the data
+    capsys.readouterr()
+    _, again = load_decoder(smollm2)
+    assert capsys.readouterr().err == "" and read_record(path)["crc32"] == zlib.crc32(again.packed_bytes)
+
+
+def test_unwritable_cache_falls_back_to_memory(smollm2, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     monkeypatch.setenv("EDGEINFER_HOME", str(blocker))
     _, weights = load_decoder(smollm2)
     assert weights.layers[0].ffn_down.packed is not None and not weights.packed_bytes.flags.writeable
     assert not (blocker / "repacked").exists() and blocker.read_text() == ""
+    load_decoder(smollm2)
+    assert capsys.readouterr().err == (f"warning: EDGEINFER_HOME {blocker} is not a writable directory (it is a "
+                                       f"file); caches are kept for this run only\n")  # once per process
 
 
 def test_engine_gives_the_same_tokens_on_both_layouts(smollm2):
