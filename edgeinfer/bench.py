@@ -159,13 +159,32 @@ def process_figures(path: str, backend: str, n_ctx: int, n_threads: int, n_gen: 
     return {"time_to_first_token_s": first, "peak_rss_bytes": peak}
 
 
+def bench_context(prompt_tokens: int, gen_tokens: int, n_ctx: int | None = None) -> int:
+    """The context length (positions) a run of pp`prompt_tokens` and tg`gen_tokens` uses: `n_ctx` if given, else
+    the larger test plus 16. BenchError, naming the option, when there is nothing to run or a test does not fit
+    (cheap: call it before loading anything)."""
+    if prompt_tokens < 0 or gen_tokens < 0:
+        raise BenchError(f"-p and -n must be >= 0, got -p {prompt_tokens} -n {gen_tokens}")
+    if prompt_tokens == 0 and gen_tokens == 0:
+        raise BenchError("-p 0 and -n 0: nothing to measure")
+    if n_ctx is None:
+        return max(prompt_tokens, gen_tokens) + 16
+    # each test starts on an empty context: pp N fills N positions, tg N (N decode steps) fills N
+    for flag, n in (("-p", prompt_tokens), ("-n", gen_tokens)):
+        if n > n_ctx:
+            raise BenchError(f"{flag} {n} is larger than the context of {n_ctx} positions (--ctx)")
+    return n_ctx
+
+
 def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 128, threads=(1, 2), reps: int = 3,
-              compare_llama_cpp: bool = False, process: bool = True) -> dict:
-    """All rows of a benchmark run, as a JSON-serialisable dict."""
+              n_ctx: int | None = None, compare_llama_cpp: bool = False, process: bool = True) -> dict:
+    """All rows of a benchmark run, as a JSON-serialisable dict. n_ctx: context positions (see `bench_context`)."""
     import edgeinfer
 
+    if reps < 1:
+        raise BenchError(f"-r must be >= 1, got {reps}")
     path = str(model_path)
-    n_ctx = max(prompt_tokens, gen_tokens) + 16
+    n_ctx = bench_context(prompt_tokens, gen_tokens, n_ctx)
     rows: list[BenchRow] = []
     with edgeinfer.load(path, n_ctx=n_ctx) as model:
         for n_threads in threads:

@@ -1,12 +1,75 @@
-"""The `edgeinfer` command line. Errors of the project's own hierarchy are caught here, once, and printed as one line."""
+"""The `edgeinfer` command line. Mistakes are refused by the option types (their ranges show in --help) before any
+work; those and the project's own errors are caught here, once, and printed as one line `error: ...`."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 
 import click
 
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import EdgeInferError, InvalidArgument
+
+
+# ---------------------------------------------------------------- option types and checks (shown by --help)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (every comparison with nan is false, so a plain range admits it)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return number
+
+
+def compute_threads_available() -> int:
+    """The most compute threads this process can run: Numba sizes its thread pool once, at start-up."""
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def check_thread_count(n_threads: int, param: click.Parameter | None = None, ctx: click.Context | None = None) -> int:
+    """n_threads if this machine can run it; BadParameter (naming the option) otherwise. One check for every command."""
+    available = compute_threads_available()
+    if not 1 <= n_threads <= available:
+        raise click.BadParameter(f"{n_threads}: this machine runs 1 to {available} compute threads", ctx, param)
+    return n_threads
+
+
+def _compute_threads(ctx, param, value):
+    return None if value is None else check_thread_count(value, param, ctx)
+
+
+class ThreadCounts(click.ParamType):
+    """A comma-separated list of thread counts, e.g. "1,2", each one this machine can run -> tuple[int, ...]."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            counts = tuple(int(t) for t in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of thread counts.", param, ctx)
+        return tuple(check_thread_count(n, param, ctx) for n in counts)
+
+
+def _seed(ctx, param, value):
+    return None if value == -1 else value  # llama.cpp's LLAMA_DEFAULT_SEED convention: -1 is a random seed
+
+
+def _non_empty_prompt(ctx, param, value):
+    if value == "":
+        raise click.BadParameter("the prompt is empty.", ctx, param)
+    return value
+
+
+THREADS_HELP = "Compute threads (default: chosen for this machine; at most the threads Numba runs)."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,8 +107,8 @@ def info_cmd(model: str, as_json: bool) -> None:
 @click.argument("model")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
               help="Context length to check (default: the largest that fits).")
-@click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None,
-              help="Compute threads (default: chosen for this machine).")
+@click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, callback=_compute_threads,
+              help=THREADS_HELP)
 @click.option("--power", type=click.Choice(["auto", "saver", "balanced", "performance"]), default="auto",
               show_default=True, help="Power mode; auto is saver on battery below 30%.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
@@ -58,21 +121,31 @@ def plan_cmd(model: str, n_ctx, n_threads, power: str, as_json: bool) -> None:
     click.echo(json.dumps(plan.to_json(), indent=2) if as_json else format_plan(plan))
 
 
-def _sampling_options(f):
-    """The sampling options shared by `run` and `chat` (llama.cpp's defaults)."""
+def _sampling_options(repeat_penalty: float):
+    """The sampling, context and thread options shared by `run` and `chat` (llama.cpp's defaults; each command
+    gives its own repeat-penalty default, so its --help shows it)."""
     options = [
-        click.option("--temp", "temperature", type=float, default=0.8, show_default=True, help="Temperature; 0 is greedy."),
-        click.option("--top-k", type=int, default=40, show_default=True),
-        click.option("--top-p", type=float, default=0.95, show_default=True),
-        click.option("--min-p", type=float, default=0.05, show_default=True),
-        click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
-        click.option("--ctx", "n_ctx", type=int, default=None, help="Context length (default: chosen for you)."),
-        click.option("--threads", "n_threads", type=int, default=None, help="Compute threads (default: physical cores)."),
+        click.option("--temp", "temperature", type=FiniteFloatRange(min=0), default=0.8, show_default=True,
+                     help="Temperature; 0 is greedy."),
+        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 turns it off."),
+        click.option("--top-p", type=FiniteFloatRange(0, 1), default=0.95, show_default=True, help="1 turns it off."),
+        click.option("--min-p", type=FiniteFloatRange(0, 1), default=0.05, show_default=True, help="0 turns it off."),
+        click.option("--repeat-penalty", type=FiniteFloatRange(min=0, min_open=True), default=repeat_penalty,
+                     show_default=True, help="1 turns it off."),
+        click.option("--seed", type=click.IntRange(min=-1), default=-1, show_default=True, callback=_seed,
+                     help="Seed for reproducible sampling; -1 picks a random one (as llama.cpp)."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
+                     help="Context length (default: chosen for you)."),
+        click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, callback=_compute_threads,
+                     help=THREADS_HELP),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
 def _load_model(model: str | None, n_ctx, n_threads, seed):
@@ -91,9 +164,10 @@ def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> 
 
 @cli.command("run")
 @click.argument("model")
-@click.argument("prompt")
-@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
-@_sampling_options
+@click.argument("prompt", callback=_non_empty_prompt)
+@click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Tokens to generate at most; 0 only evaluates the prompt.")
+@_sampling_options(repeat_penalty=1.0)
 def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
     """Continue PROMPT with MODEL, streaming the text to stdout and timings to stderr."""
     from rich.console import Console
@@ -114,9 +188,10 @@ def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_
 @cli.command("chat")
 @click.argument("model", required=False)
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Tokens per answer at most.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Tokens per answer at most.")
 @click.option("--single", is_flag=True, help="Without a terminal: all of stdin is one message (default: one a line).")
-@_sampling_options
+@_sampling_options(repeat_penalty=1.1)  # Ollama's default for chat; `run` keeps llama.cpp's 1.0
 def chat_cmd(model, system, max_tokens, single, **options):
     """Chat with MODEL (default: the catalogue's default model, fetched on first use); /help lists the commands.
 
@@ -124,34 +199,44 @@ def chat_cmd(model, system, max_tokens, single, **options):
     one message per line and prints only the answers."""
     from edgeinfer.chat import run_chat_command
 
+    if sys.stdin is None:  # fd 0 was not open when Python started (`edgeinfer chat <&-`)
+        raise InvalidArgument("standard input is closed: chat reads messages from it")
     run_chat_command(model, system=system, max_tokens=max_tokens, single=single, **options)
 
 
 @cli.command("bench")
 @click.argument("model")
-@click.option("-p", "--prompt-tokens", type=int, default=512, show_default=True, help="Prompt tokens (pp test); 0 skips.")
-@click.option("-n", "--gen-tokens", type=int, default=128, show_default=True, help="Generated tokens (tg test); 0 skips.")
-@click.option("-t", "--threads", default="1,2", show_default=True, help="Comma-separated thread counts.")
-@click.option("-r", "--reps", type=int, default=3, show_default=True, help="Repetitions per test (after a warm-up).")
+@click.option("-p", "--prompt-tokens", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Prompt tokens (pp test); 0 skips.")
+@click.option("-n", "--gen-tokens", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Generated tokens (tg test); 0 skips.")
+@click.option("-t", "--threads", type=ThreadCounts(), default=None,
+              help="Comma-separated thread counts, each at most the threads Numba runs (default: 1,2 or just 1).")
+@click.option("-r", "--reps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Repetitions per test (after a warm-up).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
+              help="Context length (default: the larger of -p and -n, plus 16).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--compare-llama-cpp", is_flag=True, help="Run llama.cpp (llama-cpp-python) on the same file too.")
 @click.option("--no-process", is_flag=True, help="Skip the time-to-first-token and peak-RSS subprocess runs.")
-def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, as_json, compare_llama_cpp, no_process):
+def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, n_ctx, as_json, compare_llama_cpp, no_process):
     """Measure prompt processing and generation speed, like llama-bench."""
-    from edgeinfer.bench import format_bench, run_bench
+    from edgeinfer.bench import BenchError, bench_context, format_bench, run_bench
     from models.fetch import resolve_model
 
     try:
-        thread_counts = tuple(int(t) for t in threads.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{threads!r} is not a comma-separated list of numbers", param_hint="--threads")
+        n_ctx = bench_context(prompt_tokens, gen_tokens, n_ctx)  # -p / -n beyond --ctx: refused before any work
+    except BenchError as e:
+        raise click.UsageError(str(e)) from None
+    thread_counts = threads or tuple(sorted({1, min(2, compute_threads_available())}))
     if compare_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             raise click.UsageError("--compare-llama-cpp needs llama-cpp-python: pip install 'edgeinfer[llama]'")
     result = run_bench(resolve_model(model), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                       threads=thread_counts, reps=reps, compare_llama_cpp=compare_llama_cpp, process=not no_process)
+                       threads=thread_counts, reps=reps, n_ctx=n_ctx, compare_llama_cpp=compare_llama_cpp,
+                       process=not no_process)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 
@@ -162,25 +247,31 @@ def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, as_json, compare_
               help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q4_K_M or Q5_K_M.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
               help="Give tensors whose GGUF name matches PATTERN (regex or glob) this type; repeatable.")
-@click.option("--prune", type=float, default=0.0, show_default=True,
+@click.option("--prune", type=FiniteFloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Zero this fraction of the smallest weights of each FFN row before quantizing.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, types, bytes) and the size; write nothing.")
-@click.option("--threads", "n_threads", type=int, default=None, help="Quantization threads (default: all).")
-def convert_cmd(src, out, type_name, tensor_types, prune, dry_run, n_threads):
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (default: refuse).")
+@click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None,
+              help="Quantization threads (default: all).")
+def convert_cmd(src, out, type_name, tensor_types, prune, dry_run, force, n_threads):
     """Convert SRC (a Hugging Face checkpoint directory or a GGUF file) to the GGUF file OUT of type TYPE."""
     from tools.convert import run_convert
 
-    run_convert(src, out, type_name, tensor_types=list(tensor_types), prune=prune, dry_run=dry_run,
+    run_convert(src, out, type_name, tensor_types=list(tensor_types), prune=prune, dry_run=dry_run, force=force,
                 n_threads=n_threads)
 
 
+# --ctx min: tools.perplexity.MIN_CTX (not imported here: the CLI hands over to tools/ lazily)
 @cli.command("perplexity")
 @click.argument("model")
 @click.argument("text_file")
-@click.option("--ctx", "n_ctx", type=int, default=512, show_default=True, help="Context (chunk) length.")
-@click.option("--kl-base", default=None, help="Also report mean KL divergence and top-1 agreement against BASE.")
-@click.option("--chunks", "n_chunks", type=int, default=None, help="Score only the first N chunks.")
-@click.option("--threads", "n_threads", type=int, default=None, help="Compute threads (default: physical cores).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=4), default=512, show_default=True,
+              help="Context (chunk) length; its second half is scored.")
+@click.option("--kl-base", default=None, metavar="BASE",
+              help="Also report mean KL divergence and top-1 agreement against BASE.")
+@click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=None, help="Score only the first N chunks.")
+@click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, callback=_compute_threads,
+              help=THREADS_HELP)
 def perplexity_cmd(model, text_file, n_ctx, kl_base, n_chunks, n_threads):
     """Perplexity of MODEL on TEXT_FILE, computed as llama.cpp's llama-perplexity does."""
     from tools.perplexity import run_perplexity
@@ -188,22 +279,37 @@ def perplexity_cmd(model, text_file, n_ctx, kl_base, n_chunks, n_threads):
     run_perplexity(model, text_file, n_ctx=n_ctx, kl_base=kl_base, n_chunks=n_chunks, n_threads=n_threads)
 
 
+def _fail(message: str, status: int) -> None:
+    """Print `error: MESSAGE` as one line on stderr and exit with `status`."""
+    click.echo("error: " + " ".join(line.strip() for line in str(message).strip().splitlines()), err=True)
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning project errors into one clear line and exit status 1."""
+    """Entry point: run the CLI; every mistake is one line `error: ...` on stderr, exit status 2 for a usage
+    error (click's convention: a bad option, argument or value) and 1 for any other error."""
     try:
-        cli.main(args=argv, prog_name="edgeinfer", standalone_mode=False)
-    except click.exceptions.Abort:
+        status = cli.main(args=argv, prog_name="edgeinfer", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("", err=True)
         sys.exit(130)
-    except click.ClickException as e:
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `edgeinfer`: the help, not an error line
         e.show()
         sys.exit(e.exit_code)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _fail(e.format_message() + hint, e.exit_code)
+    except click.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
     except EdgeInferError as e:
-        click.echo(f"error: {e}", err=True)
+        _fail(str(e), 1)
+    except BrokenPipeError:  # stdout closed early (`| head`): nowhere to write; the Python docs' recipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails quietly
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("", err=True)
-        sys.exit(130)
+    except OSError as e:
+        _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), 1)
+    if isinstance(status, int) and status:  # ctx.exit(n) returns n when click does not exit itself
+        sys.exit(status)
 
 
 from edgeinfer.cli_models import register_model_commands  # noqa: E402  (list, rm, prune)

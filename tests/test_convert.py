@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_helpers import assert_one_error_line, run_edgeinfer
 from edgeinfer.cli import main
 from edgeinfer.gguf_reader import GGUFFile
 from kernels_cpu import formats as F
@@ -266,11 +267,30 @@ def test_bad_options(tmp_path, llama_ckpt, capsys):
     for extra, fragment in [(["--type", "Q3_X"], "unknown --type 'Q3_X'"),
                             (["--type", "Q8_0", "--tensor-type", "nothing_matches=Q4_0"], "matches no quantizable"),
                             (["--type", "Q8_0", "--tensor-type", "output.weight"], "expected PATTERN=TYPE"),
-                            (["--type", "Q8_0", "--tensor-type", "output.weight=Q9"], "unknown tensor type 'Q9'"),
-                            (["--type", "Q8_0", "--prune", "1.5"], "--prune must be in [0, 1)")]:
+                            (["--type", "Q8_0", "--tensor-type", "output.weight=Q9"], "unknown tensor type 'Q9'")]:
         code, err = run_cli(["convert", str(ckpt), str(tmp_path / "o.gguf"), *extra], capsys)
         assert_one_line_error(code, err, fragment)
+    # --prune's range is click's (a usage error, status 2, shown by --help); the library checks it too
+    code, err = run_cli(["convert", str(ckpt), str(tmp_path / "o.gguf"), "--type", "Q8_0", "--prune", "1.5"], capsys)
+    assert code == 2 and err.startswith("error: Invalid value for '--prune': 1.5") and "\n" not in err, err
+    with pytest.raises(ConvertError, match=r"--prune must be in \[0, 1\)"):
+        convert(ckpt, tmp_path / "o.gguf", "Q8_0", prune=1.5)
     assert no_leftovers(tmp_path, "o.gguf")
+
+
+def test_existing_output_is_kept_unless_force(tmp_path, llama_ckpt):
+    ckpt, _ = llama_ckpt
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"previous")
+    for extra in ([], ["--dry-run"]):  # --dry-run predicts the real run, refusal included
+        result = run_edgeinfer("convert", str(ckpt), str(out), "--type", "Q8_0", *extra)
+        assert_one_error_line(result, f"{out} exists; pass --force to overwrite it")
+        assert result.returncode == 1 and out.read_bytes() == b"previous"
+    result = run_edgeinfer("convert", str(ckpt), str(out), "--type", "Q8_0", "--force")
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr  # (the progress bar ends a line)
+    with GGUFFile(out) as g:
+        assert g.get("general.file_type") == 7 and "blk.1.ffn_up.weight" in g.tensors  # 7: llama.cpp's Q8_0
+    assert not list(tmp_path.glob(".o.gguf.*.part"))
 
 
 def test_disk_full_leaves_nothing(tmp_path, llama_ckpt, monkeypatch, capsys):
@@ -288,7 +308,7 @@ def test_disk_full_leaves_nothing(tmp_path, llama_ckpt, monkeypatch, capsys):
         return original(self, tensor, *args, **kwargs)
 
     monkeypatch.setattr(gguf.gguf_writer.GGUFWriter, "write_tensor_data", write_tensor_data)
-    code, err = run_cli(["convert", str(ckpt), str(tmp_path / "o.gguf"), "--type", "Q8_0"], capsys)
+    code, err = run_cli(["convert", str(ckpt), str(tmp_path / "o.gguf"), "--type", "Q8_0", "--force"], capsys)
     assert_one_line_error(code, err, "no space left on device")
     assert (tmp_path / "o.gguf").read_bytes() == b"previous"
     assert not list(tmp_path.glob(".o.gguf.*.part"))

@@ -4,7 +4,8 @@ The flow: open the source (tools/hf_checkpoint.py for a checkpoint directory, `G
 metadata plus lazily loaded tensors under their GGUF names; plan each tensor's type (tools/quantize_plan.py); write
 the header and every tensor info first, then stream the tensors one at a time (load, prune, quantize, write), so no
 more than one tensor is in memory. The file is written next to OUT under a hidden temporary name and renamed at
-the end; on any failure or interruption the temporary file is removed and nothing appears at OUT.
+the end; on any failure or interruption the temporary file is removed and nothing appears at OUT. An existing OUT
+is refused unless `force` is given.
 """
 from __future__ import annotations
 
@@ -231,13 +232,14 @@ def write_gguf(out: Path, arch: str, metadata: dict[str, GGUFValue], plans: list
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, type_name: str, *, tensor_types: list[str] = (),
-            prune: float = 0.0, dry_run: bool = False, n_threads: int | None = None,
+            prune: float = 0.0, dry_run: bool = False, force: bool = False, n_threads: int | None = None,
             on_plan: Callable[[list[TensorPlan], int], None] | None = None,
             on_tensor: Callable[[int, TensorPlan], None] | None = None) -> ConvertResult:
     """Convert SRC (checkpoint directory or GGUF file) to OUT as file type `type_name` (a FILE_TYPES name).
 
     tensor_types: 'PATTERN=TYPE' overrides; prune: fraction of each FFN weight row to zero by magnitude (0 <= r < 1);
-    dry_run: plan only, write nothing. on_plan(plans, nbytes) is called once the plan is known, on_tensor(i, plan)
+    dry_run: plan only, write nothing; force: replace an existing OUT (otherwise refused, before any work, and by
+    --dry-run too, since it predicts the real run). on_plan(plans, nbytes) is called once the plan is known, on_tensor(i, plan)
     before each tensor is written. Raises ConvertError (or GGUFError for a damaged GGUF source).
     """
     file_type = FILE_TYPES.get(type_name.upper())
@@ -250,6 +252,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type_name: str, *, t
         raise ConvertError(f"{out}: the directory {out.parent} does not exist")
     if not dry_run and out.is_dir():
         raise ConvertError(f"{out} is a directory; give the output file's name")
+    if not force and os.path.lexists(out) and not out.is_dir():  # lexists: a dangling link would be replaced too
+        raise ConvertError(f"{out} exists; pass --force to overwrite it")
     source = open_source(src)
     try:
         if out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
@@ -278,7 +282,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type_name: str, *, t
 
 
 def run_convert(src: str, out: str, type_name: str, *, tensor_types: list[str] = (), prune: float = 0.0,
-                dry_run: bool = False, n_threads: int | None = None, echo: Callable[[str], None] = print) -> None:
+                dry_run: bool = False, force: bool = False, n_threads: int | None = None,
+                echo: Callable[[str], None] = print) -> None:
     """The `edgeinfer convert` command: a rich progress bar per tensor on stderr, the plan for --dry-run, a summary.
     An interruption becomes a ConvertError (the CLI prints it as one line) after the temporary file is removed."""
     from rich.console import Console
@@ -300,7 +305,7 @@ def run_convert(src: str, out: str, type_name: str, *, tensor_types: list[str] =
         progress.update(task, completed=i, description=plan.name)
 
     try:
-        result = convert(src, out, type_name, tensor_types=tensor_types, prune=prune, dry_run=dry_run,
+        result = convert(src, out, type_name, tensor_types=tensor_types, prune=prune, dry_run=dry_run, force=force,
                          n_threads=n_threads, on_plan=on_plan, on_tensor=on_tensor)
         if task is not None:
             progress.update(task, completed=len(result.plans), description="done")

@@ -20,6 +20,9 @@ import numpy as np
 from edgeinfer.errors import EdgeInferError
 
 
+MIN_CTX = 4  # smallest chunk with at least 2 context positions before its scored half (n_ctx/2 >= 2)
+
+
 class PerplexityError(EdgeInferError):
     """The text is too short for the context, or the base model does not match."""
 
@@ -85,9 +88,13 @@ def perplexity(model_path: str, text: str, n_ctx: int = 512, kl_base: str | None
 
     on_chunk(i, n_chunks, running_ppl) is called after each chunk."""
     from edgeinfer.api import load
+    from models.fetch import resolve_model
 
-    if n_ctx < 4:
-        raise PerplexityError(f"--ctx must be at least 4, got {n_ctx}")
+    if n_ctx < MIN_CTX:
+        raise PerplexityError(f"--ctx must be at least {MIN_CTX}, got {n_ctx}")
+    if n_chunks is not None and n_chunks < 1:
+        raise PerplexityError(f"--chunks must be at least 1, got {n_chunks}")
+    kl_base = resolve_model(kl_base) if kl_base else None  # a bad BASE is refused before the model loads
     with load(model_path, n_ctx=n_ctx, n_threads=n_threads) as model:
         tokens = model.tokenize(text, add_special=True, parse_special=False)
         chunks = chunk_tokens(tokens, n_ctx, model.tokenizer.add_bos, model.tokenizer.bos_id)[:n_chunks]
