@@ -225,6 +225,9 @@ def test_bpe_pre_tokenizer_names():
     (lambda m: m.update({"tokenizer.ggml.scores": np.zeros(3, np.float32)}), "tokenizer.ggml.scores"),
     (lambda m: m.update({"tokenizer.ggml.token_type": ["x"] * 300}), "tokenizer.ggml.token_type"),
     (lambda m: m.update({"tokenizer.ggml.bos_token_id": "1"}), "tokenizer.ggml.bos_token_id"),
+    # outside the vocabulary: llama.cpp warns and keeps the default id; refused here
+    (lambda m: m.update({"tokenizer.ggml.bos_token_id": 10 ** 6}), "tokenizer.ggml.bos_token_id"),
+    (lambda m: m.update({"tokenizer.ggml.eot_token_id": -1}), "tokenizer.ggml.eot_token_id"),
     (lambda m: m.update({"tokenizer.ggml.add_bos_token": "yes"}), "tokenizer.ggml.add_bos_token"),
 ])
 def test_bad_spm_metadata_names_the_key(change, key):

@@ -67,8 +67,19 @@ class DecoderConfig:
         return self.n_layers * self.n_kv_heads * (self.head_dim + self.value_dim) * bytes_per_value
 
 
+# upper bounds far beyond any model this runtime could hold, so a hostile count fails here and not in an allocation
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 20  # embedding_length, feed_forward_length, key/value_length
+MAX_HEADS = 1 << 14
+MAX_CONTEXT = 1 << 30
+
+
 def read_common_hparams(gguf: GGUFFile, arch: str) -> dict:
-    """The hyper-parameters every member of the family stores under `{arch}.*`, as DecoderConfig keyword args."""
+    """The hyper-parameters every member of the family stores under `{arch}.*`, as DecoderConfig keyword args.
+
+    Every count is checked to be a positive int in a sane range, every real finite and positive, and the counts
+    consistent with each other (head_count_kv divides head_count, RoPE dims even and within a head, vocab_size equal
+    to the token list); a bad one is a GGUFError naming the key."""
 
     def key(name, kind=int, default=None):
         full = f"{arch}.{name}"
@@ -79,30 +90,102 @@ def read_common_hparams(gguf: GGUFFile, arch: str) -> dict:
             raise UnsupportedError(f"{gguf.path}: {full}: per-layer values are not supported")
         return kind(value)
 
-    n_heads = key("attention.head_count")
-    d_model = key("embedding_length")
-    head_dim = key("attention.key_length", default=d_model // max(n_heads, 1))
-    tokens = gguf.get("tokenizer.ggml.tokens")
-    n_vocab = key("vocab_size", default=len(tokens) if tokens is not None else gguf.tensor("token_embd.weight").shape[0])
-    hp = dict(
+    def count(name, high, default=None, low=1):
+        value = key(name, default=default)
+        if not low <= value <= high:
+            gguf.fail(f"{arch}.{name}", None, f"{value} is out of range (expected {low} to {high})")
+        return value
+
+    def positive_real(name, default=None):
+        value = key(name, float, default=default)
+        if not (math.isfinite(value) and value > 0):
+            gguf.fail(f"{arch}.{name}", None, f"{value} must be a finite number above 0")
+        return value
+
+    n_heads = count("attention.head_count", MAX_HEADS)
+    d_model = count("embedding_length", MAX_WIDTH)
+    if f"{arch}.attention.key_length" not in gguf.metadata and d_model % n_heads:
+        gguf.fail(f"{arch}.attention.head_count", None,
+                  f"{n_heads} does not divide embedding_length {d_model} (and no key_length is given)")
+    head_dim = count("attention.key_length", MAX_WIDTH, default=d_model // n_heads)
+    n_kv_heads = count("attention.head_count_kv", n_heads, default=n_heads)
+    if n_heads % n_kv_heads:
+        gguf.fail(f"{arch}.attention.head_count_kv", None, f"{n_kv_heads} does not divide head_count {n_heads}")
+    rope_dims = count("rope.dimension_count", head_dim, default=head_dim, low=2)
+    if rope_dims % 2:
+        gguf.fail(f"{arch}.rope.dimension_count", None, f"{rope_dims} is odd: RoPE rotates pairs")
+    return dict(
         arch=arch,
-        n_layers=key("block_count"),
+        n_layers=count("block_count", MAX_LAYERS),
         d_model=d_model,
         n_heads=n_heads,
-        n_kv_heads=key("attention.head_count_kv", default=n_heads),
+        n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        value_dim=key("attention.value_length", default=head_dim),
-        d_ff=key("feed_forward_length"),
-        n_vocab=n_vocab,
-        context_length=key("context_length"),
-        norm_eps=key("attention.layer_norm_rms_epsilon", float),
-        rope_base=key("rope.freq_base", float, default=10000.0),
-        rope_dims=key("rope.dimension_count", default=head_dim),
+        value_dim=count("attention.value_length", MAX_WIDTH, default=head_dim),
+        d_ff=count("feed_forward_length", MAX_WIDTH),
+        n_vocab=_vocab_size(gguf, arch, key),
+        context_length=count("context_length", MAX_CONTEXT),
+        norm_eps=positive_real("attention.layer_norm_rms_epsilon"),
+        rope_base=positive_real("rope.freq_base", default=10000.0),
+        rope_dims=rope_dims,
     )
-    if hp["n_heads"] % hp["n_kv_heads"]:
-        raise GGUFError(gguf.path, f"{arch}.attention.head_count_kv", None,
-                        f"{hp['n_kv_heads']} does not divide head_count {hp['n_heads']}")
-    return hp
+
+
+def _vocab_size(gguf: GGUFFile, arch: str, key) -> int:
+    """`{arch}.vocab_size`, which must equal the token list's length (the tokenizer and the LM head share ids)."""
+    tokens = gguf.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens) if isinstance(tokens, list) else None
+    default = n_tokens if n_tokens is not None else gguf.tensor("token_embd.weight").shape[0]
+    n_vocab = key("vocab_size", default=default)
+    if n_vocab < 1:
+        gguf.fail(f"{arch}.vocab_size", None, f"{n_vocab} is out of range (expected at least 1)")
+    if n_tokens is not None and n_vocab != n_tokens:
+        gguf.fail(f"{arch}.vocab_size", None, f"{n_vocab} does not match the {n_tokens} tokens of tokenizer.ggml.tokens")
+    return n_vocab
+
+
+def check_implemented(gguf: GGUFFile, cfg: DecoderConfig) -> None:
+    """Refuse, naming the key, a file that asks for something the family's forward pass does not compute (RoPE
+    scaling, attention soft-capping, mixture of experts, a sliding window or final soft-cap that the architecture
+    module did not take up) rather than run it with silently wrong results; and check every special token id."""
+    arch, meta = cfg.arch, gguf.metadata
+
+    def refuse(key: str, what: str):
+        raise UnsupportedError(f"{gguf.path}: {key} = {_short(meta[key])}: {what} is not implemented")
+
+    scaling = f"{arch}.rope.scaling.type"
+    if scaling in meta and not _is_one_of(meta[scaling], "none", "linear"):
+        refuse(scaling, "this RoPE scaling")
+    for factor in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
+        if factor in meta and not _is_one_of(meta[factor], 0, 1):  # llama.cpp reads a factor of 0 as none
+            refuse(factor, "RoPE scaling by a factor")
+    features = {  # key -> (what it asks for, whether this config computes it)
+        f"{arch}.attn_logit_softcapping": ("soft-capping of the attention logits", False),
+        f"{arch}.final_logit_softcapping": (f"soft-capping of the output logits for {arch}", cfg.final_logit_softcap),
+        f"{arch}.attention.sliding_window": (f"sliding-window attention for {arch}", cfg.sliding_window),
+        f"{arch}.expert_count": ("mixture of experts", False),
+    }
+    for key, (what, computed) in features.items():
+        if key in meta and not _is_one_of(meta[key], 0) and not computed:
+            refuse(key, what)
+    for key, value in meta.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+            if not _is_int(value) or not 0 <= value < cfg.n_vocab:
+                gguf.fail(key, None, f"{_short(value)} is not a token id of the {cfg.n_vocab}-token vocabulary")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_one_of(value, *allowed) -> bool:
+    """value == one of `allowed`, for metadata that may be of any GGUF type (an array is never equal)."""
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool) and value in allowed
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -162,55 +245,80 @@ class DecoderWeights:
     packed_bytes: np.ndarray | None = None  # all repacked matrices (read-only uint8; edgeinfer.repacked)
 
 
-def _matrix(gguf: GGUFFile, name: str, n_rows: int, n_cols: int) -> QuantMatrix:
-    t = gguf.tensor(name)
-    if t.shape != (n_rows, n_cols):
-        raise GGUFError(gguf.path, name, t.offset, f"shape {t.shape}, expected {(n_rows, n_cols)}")
-    _check_type(gguf, t)
-    return QuantMatrix(name, t.ggml_type, t.raw, n_rows, n_cols, t.offset)
+# tensors a file may carry that this family has no use for, with what they ask for (named in the refusal)
+_KNOWN_UNIMPLEMENTED = {"rope_freqs.weight": "Llama 3 RoPE frequency scaling (rope_freqs.weight)"}
 
 
-def _vector(gguf: GGUFFile, name: str, n: int) -> np.ndarray:
-    t = gguf.tensor(name)
-    if t.type_name != "F32" or t.shape != (n,):
-        raise GGUFError(gguf.path, name, t.offset, f"expected F32 of shape ({n},), found {t.type_name} {t.shape}")
-    return t.array()
+class _TensorReader:
+    """Reads the weights read_weights asks for, checking shapes and types, and remembers which names it used."""
 
+    def __init__(self, gguf: GGUFFile):
+        self.gguf, self.used = gguf, set()
 
-def _check_type(gguf: GGUFFile, t: TensorInfo) -> None:
-    if t.ggml_type not in SUPPORTED_TYPES:
-        raise UnsupportedError(f"{gguf.path}: tensor {t.name} has type {t.type_name}, which edgeinfer cannot compute")
+    def matrix(self, name: str, n_rows: int, n_cols: int) -> QuantMatrix:
+        t = self._tensor(name)
+        if t.shape != (n_rows, n_cols):
+            raise GGUFError(self.gguf.path, name, t.offset, f"shape {t.shape}, expected {(n_rows, n_cols)}")
+        if t.ggml_type not in SUPPORTED_TYPES:
+            raise UnsupportedError(f"{self.gguf.path}: tensor {name} has type {t.type_name}, which edgeinfer "
+                                   "cannot compute")
+        return QuantMatrix(name, t.ggml_type, t.raw, n_rows, n_cols, t.offset)
+
+    def vector(self, name: str, n: int) -> np.ndarray:
+        t = self._tensor(name)
+        if t.type_name != "F32" or t.shape != (n,):
+            raise GGUFError(self.gguf.path, name, t.offset, f"expected F32 of shape ({n},), found {t.type_name} {t.shape}")
+        return t.array()
+
+    def _tensor(self, name: str) -> TensorInfo:
+        self.used.add(name)
+        return self.gguf.tensor(name)
+
+    def check_all_used(self) -> None:
+        """Refuse a file with tensors the forward pass would ignore (a block's extra bias, RoPE factors, ...)."""
+        unused = sorted(set(self.gguf.tensors) - self.used)
+        if not unused:
+            return
+        known = [_KNOWN_UNIMPLEMENTED[n] for n in unused if n in _KNOWN_UNIMPLEMENTED]
+        what = known[0] if known else f"the tensor {unused[0]}"
+        more = f" ({len(unused)} unused tensors: {', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})"
+        raise UnsupportedError(f"{self.gguf.path}: {what} is not implemented for {self.gguf.architecture}"
+                               f"{more if len(unused) > 1 else ''}")
 
 
 def read_weights(gguf: GGUFFile, cfg: DecoderConfig) -> DecoderWeights:
-    """Map the GGUF's standard tensor names onto canonical weights, checking every shape against `cfg`."""
+    """Map the GGUF's standard tensor names onto canonical weights, checking every shape against `cfg`; a tensor
+    left over (one the forward pass would ignore) is refused by name."""
+    r = _TensorReader(gguf)
     d, q_dim = cfg.d_model, cfg.n_heads * cfg.head_dim
     k_dim, v_dim = cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.value_dim
     layers = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         lw = LayerWeights(
-            attn_norm=_vector(gguf, p + "attn_norm.weight", d),
-            attn_q=_matrix(gguf, p + "attn_q.weight", q_dim, d),
-            attn_k=_matrix(gguf, p + "attn_k.weight", k_dim, d),
-            attn_v=_matrix(gguf, p + "attn_v.weight", v_dim, d),
-            attn_output=_matrix(gguf, p + "attn_output.weight", d, cfg.n_heads * cfg.value_dim),
-            ffn_norm=_vector(gguf, p + "ffn_norm.weight", d),
-            ffn_gate=_matrix(gguf, p + "ffn_gate.weight", cfg.d_ff, d),
-            ffn_up=_matrix(gguf, p + "ffn_up.weight", cfg.d_ff, d),
-            ffn_down=_matrix(gguf, p + "ffn_down.weight", d, cfg.d_ff),
+            attn_norm=r.vector(p + "attn_norm.weight", d),
+            attn_q=r.matrix(p + "attn_q.weight", q_dim, d),
+            attn_k=r.matrix(p + "attn_k.weight", k_dim, d),
+            attn_v=r.matrix(p + "attn_v.weight", v_dim, d),
+            attn_output=r.matrix(p + "attn_output.weight", d, cfg.n_heads * cfg.value_dim),
+            ffn_norm=r.vector(p + "ffn_norm.weight", d),
+            ffn_gate=r.matrix(p + "ffn_gate.weight", cfg.d_ff, d),
+            ffn_up=r.matrix(p + "ffn_up.weight", cfg.d_ff, d),
+            ffn_down=r.matrix(p + "ffn_down.weight", d, cfg.d_ff),
         )
         if cfg.qkv_bias:
-            lw.attn_q_bias = _vector(gguf, p + "attn_q.bias", q_dim)
-            lw.attn_k_bias = _vector(gguf, p + "attn_k.bias", k_dim)
-            lw.attn_v_bias = _vector(gguf, p + "attn_v.bias", v_dim)
+            lw.attn_q_bias = r.vector(p + "attn_q.bias", q_dim)
+            lw.attn_k_bias = r.vector(p + "attn_k.bias", k_dim)
+            lw.attn_v_bias = r.vector(p + "attn_v.bias", v_dim)
         if cfg.qk_norm:
-            lw.attn_q_norm = _vector(gguf, p + "attn_q_norm.weight", cfg.head_dim)
-            lw.attn_k_norm = _vector(gguf, p + "attn_k_norm.weight", cfg.head_dim)
+            lw.attn_q_norm = r.vector(p + "attn_q_norm.weight", cfg.head_dim)
+            lw.attn_k_norm = r.vector(p + "attn_k_norm.weight", cfg.head_dim)
         if cfg.post_norms:
-            lw.post_attention_norm = _vector(gguf, p + "post_attention_norm.weight", d)
-            lw.post_ffw_norm = _vector(gguf, p + "post_ffw_norm.weight", d)
+            lw.post_attention_norm = r.vector(p + "post_attention_norm.weight", d)
+            lw.post_ffw_norm = r.vector(p + "post_ffw_norm.weight", d)
         layers.append(lw)
-    embd = _matrix(gguf, "token_embd.weight", cfg.n_vocab, d)
-    output = _matrix(gguf, "output.weight", cfg.n_vocab, d) if "output.weight" in gguf.tensors else embd
-    return DecoderWeights(embd, _vector(gguf, "output_norm.weight", d), output, layers, gguf.file_bytes)
+    embd = r.matrix("token_embd.weight", cfg.n_vocab, d)
+    output = r.matrix("output.weight", cfg.n_vocab, d) if "output.weight" in gguf.tensors else embd
+    output_norm = r.vector("output_norm.weight", d)
+    r.check_all_used()
+    return DecoderWeights(embd, output_norm, output, layers, gguf.file_bytes)

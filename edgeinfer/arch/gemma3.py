@@ -4,7 +4,10 @@ sqrt(d_model), and sliding-window attention on five layers of every six with the
 GGUF's converter already adds Gemma's +1 to every norm weight, so the norms here are plain RMSNorm."""
 import math
 
-from edgeinfer.arch.decoder import ROPE_NEOX, DecoderConfig, read_common_hparams
+import numpy as np
+
+from edgeinfer.arch.decoder import MAX_CONTEXT, ROPE_NEOX, DecoderConfig, read_common_hparams
+from edgeinfer.errors import UnsupportedError
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "gemma3"
@@ -14,9 +17,14 @@ LOCAL_ROPE_BASE = 10000.0  # llama.cpp's rope_freq_base_train_swa for gemma3; th
 
 def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:
     hp = read_common_hparams(gguf, ARCH)
-    window = int(gguf.get(f"{ARCH}.attention.sliding_window", 0))
+    window = _number(gguf, "attention.sliding_window", int, 0, high=MAX_CONTEXT)
     local = tuple(window > 0 and i % SLIDING_WINDOW_PATTERN < SLIDING_WINDOW_PATTERN - 1
                   for i in range(hp["n_layers"]))
+    pattern_key = f"{ARCH}.attention.sliding_window_pattern"
+    if pattern_key in gguf.metadata and not _same_pattern(gguf.metadata[pattern_key], local):
+        raise UnsupportedError(f"{gguf.path}: {pattern_key}: a sliding-window pattern other than "
+                               f"{SLIDING_WINDOW_PATTERN - 1} local layers of every {SLIDING_WINDOW_PATTERN} "
+                               "is not implemented")
     return DecoderConfig(
         **hp,
         rope_style=ROPE_NEOX,
@@ -27,6 +35,24 @@ def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:
         attention_scale=1.0 / math.sqrt(hp["head_dim"]),  # query_pre_attn_scalar = key length (all but 27B)
         sliding_window=window,
         local_layers=local,
-        rope_base_local=float(gguf.get(f"{ARCH}.rope.freq_base_swa", LOCAL_ROPE_BASE)),
-        final_logit_softcap=float(gguf.get(f"{ARCH}.final_logit_softcapping", 0.0)),
+        rope_base_local=_number(gguf, "rope.freq_base_swa", float, LOCAL_ROPE_BASE, low=1e-30),
+        final_logit_softcap=_number(gguf, "final_logit_softcapping", float, 0.0),
     )
+
+
+def _number(gguf: GGUFFile, name: str, kind: type, default, low=0, high=math.inf):
+    """`gemma3.{name}`: a finite number in [low, high] (default when absent), else a GGUFError naming the key."""
+    key = f"{ARCH}.{name}"
+    if key not in gguf.metadata:
+        return default
+    value = gguf.require(key, (int, float) if kind is float else int)
+    if not (math.isfinite(value) and low <= value <= high):
+        gguf.fail(key, None, f"{value} is out of range (a finite number from {low} to {high})")
+    return kind(value)
+
+
+def _same_pattern(value, local: tuple[bool, ...]) -> bool:
+    """Whether a stored sliding-window pattern (a period, or one flag per layer) is the one this module uses."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value == SLIDING_WINDOW_PATTERN
+    return isinstance(value, np.ndarray) and value.shape == (len(local),) and tuple(bool(v) for v in value) == local

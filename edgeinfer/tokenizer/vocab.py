@@ -7,7 +7,6 @@ fill-in-the-middle tokens (which also forces those tokens to CONTROL), and the s
 from __future__ import annotations
 
 import enum
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -188,10 +187,9 @@ def load_vocab(meta: Mapping, model: str, pre: str, defaults: dict) -> Vocab:
             continue
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
             raise fail(key, f"expected a token id, got {value!r}")
-        if 0 <= int(value) < n:
-            ids[role] = int(value)
-        else:
-            warnings.warn(f"{key} = {value} is outside the vocabulary of {n}; keeping {ids[role]}", stacklevel=3)
+        if not 0 <= int(value) < n:  # llama.cpp warns and keeps the default; a damaged file is refused here
+            raise fail(key, f"{value} is outside the vocabulary of {n} tokens")
+        ids[role] = int(value)
 
     add_bos = _flag(meta, K_ADD_BOS, defaults["add_bos"])
     add_eos = _flag(meta, K_ADD_EOS, defaults["add_eos"])
