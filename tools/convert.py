@@ -239,8 +239,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type_name: str, *, t
 
     tensor_types: 'PATTERN=TYPE' overrides; prune: fraction of each FFN weight row to zero by magnitude (0 <= r < 1);
     dry_run: plan only, write nothing; force: replace an existing OUT (otherwise refused, before any work, and by
-    --dry-run too, since it predicts the real run). on_plan(plans, nbytes) is called once the plan is known, on_tensor(i, plan)
-    before each tensor is written. Raises ConvertError (or GGUFError for a damaged GGUF source).
+    --dry-run too, since it predicts the real run). on_plan(plans, nbytes) is called once the plan is known,
+    on_tensor(i, plan) before each tensor is written. Raises ConvertError (or GGUFError for a damaged GGUF source).
     """
     file_type = FILE_TYPES.get(type_name.upper())
     if file_type is None:
