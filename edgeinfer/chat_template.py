@@ -2,9 +2,11 @@
 
 A GGUF file carries its template as `tokenizer.chat_template` (Hugging Face's Jinja format). The template is untrusted
 code from a downloaded file, so it runs in Jinja's `ImmutableSandboxedEnvironment` (no dunder access, no mutating
-methods, bounded `range`) with sequence repetition, powers and the prompt's length capped, and every failure (sandbox
-violation, syntax error, undefined variable, the template's own `raise_exception`) becomes one `TemplateError` line
-naming the template.
+methods, bounded `range`) made strict: a render stops after MAX_RENDER_SECONDS (every loop iteration, call, operator
+and attribute access checks the clock, so loops that print nothing stop too), and no value it builds or prints
+(repetition, concatenation, joins, padding, formatting, the prompt itself) may exceed MAX_PROMPT_CHARS. Every failure
+(sandbox violation, limit, syntax error, undefined variable, the template's own `raise_exception`) becomes one
+`TemplateError` line naming the template and the limit.
 
 The globals and filters mirror what Hugging Face's `apply_chat_template` provides (`raise_exception`, `strftime_now`,
 a `tojson` that does not HTML-escape, `{% break %}`/`{% continue %}`), so templates written for transformers render
@@ -17,13 +19,22 @@ The rendered text contains special tokens as text (`<|im_start|>`, and `<bos>` w
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import operator
+import re
+import threading
+import time
 from datetime import datetime
 from typing import Any, Callable, Mapping
 
+from jinja2 import Environment, nodes, pass_eval_context
 from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
 from edgeinfer.errors import TemplateError
 
@@ -57,15 +68,21 @@ GEMMA_TEMPLATE = (
 # general.architecture -> built-in template for files without tokenizer.chat_template; anything else gets ChatML
 BUILTIN_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
 
-# caps on what a template may build (`'x' * 10**10`, `2 ** 10**9`, nested loops printing) before memory runs out;
-# the prompt cap is far beyond any context window (about 4 characters a token). Loops that print nothing are not capped.
-MAX_REPEAT_ITEMS = 1_000_000
-MAX_POWER_BITS = 100_000
-MAX_PROMPT_CHARS = 16_000_000
+# limits on a render: its wall time, and the size (characters, or items of a list) of any value it builds or prints;
+# the size cap is far beyond any context window (about 4 characters a token)
+MAX_RENDER_SECONDS = 2.0
+MAX_PROMPT_CHARS = 4_000_000
+MAX_POWER_BITS = 100_000  # of an integer built by ** or *
+MAX_JSON_INDENT = 64
+MAX_NESTING = 200  # levels of lists and dicts in one value (tool schemas nest about ten)
 
 
 class _RaisedByTemplate(Exception):
     """The template called raise_exception(message): its author's own error, passed on verbatim."""
+
+
+class _PastLimit(SecurityError):
+    """A render ran past its time or built a value past its size limit."""
 
 
 def _raise_exception(message: Any = "") -> None:
@@ -80,41 +97,243 @@ def _strftime_now(fmt: str) -> str:
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     """JSON without Jinja's HTML escaping of <, >, & and ', as Hugging Face's tojson filter."""
+    if isinstance(indent, (int, str)) and (len(indent) if isinstance(indent, str) else indent) > MAX_JSON_INDENT:
+        raise _PastLimit(f"tojson indent {indent!r} is past {MAX_JSON_INDENT}")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _item_count(value: Any) -> int | None:
-    return len(value) if isinstance(value, (str, bytes, list, tuple)) else None
+class _Deadline(threading.local):
+    """When the render running in this thread must stop (time.monotonic(); inf outside a render)."""
+
+    at = math.inf
+
+    def check(self) -> None:
+        if time.monotonic() > self.at:
+            raise _PastLimit(f"the render ran past its {MAX_RENDER_SECONDS:g} s time limit")
+
+
+_DEADLINE = _Deadline()
+
+
+def _size(value: Any, limit: int = MAX_PROMPT_CHARS) -> int:
+    """Characters of strings plus items of containers in `value`, through nested containers (a shared one counts
+    each time it occurs, as printing would, but is walked once); stops counting a container past `limit`."""
+    sizes: dict[int, int] = {}  # id of a container walked already -> its size
+
+    def walk(v: Any, depth: int) -> int:
+        if id(v) in sizes:
+            return sizes[id(v)]
+        if depth > MAX_NESTING:
+            raise _PastLimit(f"a value nested deeper than {MAX_NESTING} levels")
+        total = 1
+        for item in (*v.keys(), *v.values()) if isinstance(v, dict) else v:
+            if isinstance(item, (str, bytes, range)):
+                total += len(item)
+            elif isinstance(item, _CONTAINERS):
+                total += walk(item, depth + 1)
+            else:
+                total += 1
+            if total > limit:
+                break
+        sizes[id(v)] = total
+        return total
+
+    if isinstance(value, (str, bytes, range)):
+        return len(value)
+    return walk(value, 0) if isinstance(value, _CONTAINERS) else 1
+
+
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > MAX_PROMPT_CHARS:
+        raise _PastLimit(f"{what} would be past {MAX_PROMPT_CHARS:,} characters")
+
+
+def _check_args(args: tuple, kwargs: dict, what: str) -> None:
+    _check_size(sum(_size(a) for a in (*args, *kwargs.values())), what)
+
+
+# a conversion spec of printf-style (`%-10.3f`) and str.format (`{0:>10}`) formatting, for its width and precision
+_PERCENT_SPEC = re.compile(r"%[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_FORMAT_SPEC = re.compile(r"\{[^{}]*:([^{}]*)\}|\{[^{}]*:[^{}]*\{")
+
+
+def _check_format_string(fmt: str) -> None:
+    """Refuse widths and precisions past the size limit, and widths taken from arguments (`%*d`, `{:{w}}`)."""
+    for width, precision in _PERCENT_SPEC.findall(fmt):
+        for n in (width, precision):
+            if n == "*" or (n and int(n) > MAX_PROMPT_CHARS):
+                raise _PastLimit(f"format width {n!r} in {fmt[:40]!r} is not allowed")
+    for match in _FORMAT_SPEC.finditer(fmt):
+        spec = match.group(1)
+        if spec is None or any(int(n) > MAX_PROMPT_CHARS for n in re.findall(r"\d+", spec)):
+            raise _PastLimit(f"format spec in {fmt[:40]!r} is too wide or nested")
+
+
+def _check_str_method(s: str, name: str, args: tuple) -> None:
+    """Size of the result of `s.name(*args)` for the str methods that can grow a string, checked before the call."""
+    arg = args[0] if args else None
+    if name in ("center", "ljust", "rjust", "zfill") and isinstance(arg, int):
+        _check_size(arg, f"str.{name}({arg})")
+    elif name == "expandtabs":
+        _check_size(len(s) * (arg if isinstance(arg, int) else 8), "str.expandtabs")
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        _check_size(len(s) + (len(s) // max(len(args[0]), 1) + 1) * len(args[1]), "str.replace")
+    elif name == "join" and hasattr(arg, "__len__"):
+        _check_size(_size(arg) + len(s) * len(arg), "str.join")
+    elif name in ("format", "format_map"):
+        _check_format_string(s)
+
+
+def _filter_check(name: str, value: Any, args: tuple, kwargs: dict) -> None:
+    """Size of what the growing filters (padding, joining, replacing, batching, wrapping) would make."""
+
+    def arg(index: int, key: str, default: Any = None) -> Any:
+        return args[index] if len(args) > index else kwargs.get(key, default)
+
+    text = value if isinstance(value, str) else None
+    if name == "center" and isinstance(arg(0, "width"), int):
+        _check_size(arg(0, "width"), "center")
+    elif name == "indent" and text is not None:
+        width = arg(0, "width", 4)
+        _check_size(len(text) + (text.count("\n") + 1) * (len(width) if isinstance(width, str) else int(width)),
+                    "indent")
+    elif name == "wordwrap" and text is not None and isinstance(arg(2, "wrapstring"), str):
+        _check_size(len(text) * (len(arg(2, "wrapstring")) + 1), "wordwrap")
+    elif name == "join" and hasattr(value, "__len__") and isinstance(arg(0, "d", ""), str):
+        _check_size(_size(value) + len(value) * len(arg(0, "d", "")), "join")
+    elif name == "replace" and text is not None and len(args) >= 2:
+        _check_str_method(text, "replace", (str(args[0]), str(args[1])))
+    elif name in ("batch", "slice") and isinstance(arg(0, "linecount" if name == "batch" else "slices"), int):
+        _check_size(arg(0, "linecount" if name == "batch" else "slices"), name)
+    elif name == "format" and text is not None:
+        _check_format_string(text)
+
+
+def _bounded_filter(name: str, func: Callable) -> Callable:
+    """`func` (a Jinja filter) with the clock, its arguments' size and what it would make checked first."""
+
+    @functools.wraps(func)  # keeps jinja_pass_arg, so Jinja still passes the context where the filter wants it
+    def bounded(*args, **kwargs):
+        _DEADLINE.check()
+        _check_args(args, kwargs, f"the arguments of the {name} filter")
+        plain = [a for a in args if not isinstance(a, (Context, EvalContext, Environment))]
+        if plain:
+            _filter_check(name, plain[0], tuple(plain[1:]), kwargs)
+        return func(*args, **kwargs)
+
+    return bounded
+
+
+_GROWING_FILTERS = ("center", "indent", "join", "replace", "batch", "slice", "format", "sum", "string", "pprint",
+                    "tojson", "wordwrap")
+
+
+class _BoundLoops(NodeTransformer):
+    """Rewrites a parsed template so that every `for` iterates through `environment.bounded_iter` (which checks the
+    clock at each step) and every `~` concatenation goes through `environment.bounded_concat` (which checks size)."""
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        node = self.generic_visit(node)
+        node.iter = _environment_call("bounded_iter", [node.iter], node.iter.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+        node = self.generic_visit(node)
+        return _environment_call("bounded_concat", node.nodes, node.lineno)
+
+
+def _environment_call(method: str, args: list, lineno: int) -> nodes.Call:
+    return nodes.Call(nodes.EnvironmentAttribute(method, lineno=lineno), args, [], None, None, lineno=lineno)
 
 
 class _ChatSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, made strict: unsafe attributes raise at once, and `*`/`**` are size-checked."""
+    """The immutable sandbox, made strict: unsafe attributes raise at once; loops, calls, attribute access and
+    operators check the render's clock; `*`, `**`, `+`, `%`, `~`, string methods, growing filters and printed values
+    are size-checked before they are made."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def _parse(self, source, name, filename):
+        return _BoundLoops().visit(super()._parse(source, name, filename))
 
     def unsafe_undefined(self, obj: Any, attribute: str):
         # the stock sandbox returns an Undefined that prints as "" (so `{{ ''.__class__ }}` renders silently)
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
+    def bounded_iter(self, iterable: Any):
+        """The items of a `for` loop's iterable, checking the render's clock before each."""
+        for item in iterable:
+            _DEADLINE.check()
+            yield item
+
+    @pass_eval_context
+    def bounded_concat(self, eval_ctx, *parts: Any) -> str:
+        """`a ~ b ~ ...`, as Jinja's own concatenation, once the result's size is known to be within the limit."""
+        _DEADLINE.check()
+        _check_size(sum(_size(p) for p in parts), "a ~ concatenation")
+        return (markup_join if eval_ctx.autoescape else str_join)(parts)
+
+    def call(__self, __context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's own naming)
+        _DEADLINE.check()
+        _check_args(args, kwargs, "the arguments of a call")
+        target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        owner = getattr(target, "__self__", None)
+        if isinstance(owner, str):
+            _check_str_method(owner, getattr(target, "__name__", ""), args)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _DEADLINE.check()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _DEADLINE.check()
+        return super().getitem(obj, argument)
+
     def call_binop(self, context, op: str, left: Any, right: Any) -> Any:
-        if op == "*":
+        _DEADLINE.check()
+        ints = isinstance(left, int) and isinstance(right, int)
+        if op == "*" and not ints:
             for seq, times in ((left, right), (right, left)):
-                n = _item_count(seq)
-                if n is not None and isinstance(times, int) and n * times > MAX_REPEAT_ITEMS:
-                    raise SecurityError(f"repeating a sequence of length {n} {times} times is too large")
+                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(times, int) and times > 1:
+                    _check_size(_size(seq) * times, "a repeated sequence")
             return operator.mul(left, right)
-        if isinstance(left, int) and isinstance(right, int) and right > 0:
-            if max(left.bit_length(), 1) * right > MAX_POWER_BITS:
-                raise SecurityError(f"{left} ** {right} is too large")
+        if op == "*":
+            if left.bit_length() + right.bit_length() > MAX_POWER_BITS:
+                raise SecurityError(f"a product of {left.bit_length()}- and {right.bit_length()}-bit numbers is too large")
+            return operator.mul(left, right)
+        if op == "+":
+            if not ints:
+                _check_size(_size(left) + _size(right), "a + sum")
+            return operator.add(left, right)
+        if op == "%":
+            if isinstance(left, str):
+                _check_format_string(left)
+                _check_size(len(left) + _size(right), "a % formatting")
+            return operator.mod(left, right)
+        if ints and right > 0 and max(left.bit_length(), 1) * right > MAX_POWER_BITS:
+            raise SecurityError(f"{left} ** {right} is too large")
         return operator.pow(left, right)
 
 
+def _finalize(value: Any) -> Any:
+    """Every `{{ value }}` before it is printed: its size checked (printing a list prints all it holds)."""
+    _check_size(_size(value), "a printed value")
+    return value
+
+
 def _make_environment() -> _ChatSandbox:
-    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, loader=None, autoescape=False,
+    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, loader=None, autoescape=False, finalize=_finalize,
                        extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    del env.globals["lipsum"]  # lorem ipsum of n paragraphs: a loop in Python that no check could interrupt
     env.filters["tojson"] = _tojson
+    for name in _GROWING_FILTERS:
+        env.filters[name] = _bounded_filter(name, env.filters[name])
     return env
 
 
@@ -178,12 +397,15 @@ class ChatTemplate:
         """
         context = dict(extra, messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
                        add_generation_prompt=add_generation_prompt, tools=tools)
+        outer_deadline = _DEADLINE.at
+        _DEADLINE.at = time.monotonic() + MAX_RENDER_SECONDS
         try:
             pieces, size = [], 0
             for piece in self._template.generate(**context):
                 size += len(piece)
                 if size > MAX_PROMPT_CHARS:
-                    raise SecurityError(f"the prompt grows past {MAX_PROMPT_CHARS} characters")
+                    raise _PastLimit(f"the prompt grows past {MAX_PROMPT_CHARS:,} characters")
+                _DEADLINE.check()
                 pieces.append(piece)
             return "".join(pieces)
         except _RaisedByTemplate as e:
@@ -194,6 +416,8 @@ class ChatTemplate:
             raise self._error(f"undefined: {e}", _template_line(e)) from None
         except Exception as e:  # untrusted code: a TypeError or ZeroDivisionError is its fault, reported the same way
             raise self._error(f"failed: {type(e).__name__}: {e}", _template_line(e)) from None
+        finally:
+            _DEADLINE.at = outer_deadline
 
     @property
     def renders_bos(self) -> bool:

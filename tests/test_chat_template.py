@@ -1,4 +1,6 @@
 """Chat templates: the three real models' prompts exactly, the built-in fallbacks, and the sandbox holding."""
+import time
+
 import pytest
 
 from conftest import model_path
@@ -176,6 +178,63 @@ def test_sandbox_violations_raise_template_error(source):
     with pytest.raises(TemplateError, match=r"^chat template evil(, line \d+)?: forbidden by the sandbox: ") as e:
         ChatTemplate(source, name="evil").render(CONVERSATION)
     assert "\n" not in str(e.value)
+
+
+# -- a render cannot hang or exhaust the machine (issue 11, item 6) --------------------------------------------------
+@pytest.mark.parametrize("source, limit", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "2 s time limit"),
+    ("{% set xs = range(100000) | list %}{% for i in xs %}{% for j in xs %}{% endfor %}{% endfor %}",
+     "2 s time limit"),
+    ("{% macro f(n) %}{% if n < 60 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}{% endmacro %}{{ f(0) }}",
+     "2 s time limit"),  # recursion two ways deep: 2**60 calls, each of them checking the clock
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{{ messages }}{% endfor %}{% endfor %}",
+     "past 4,000,000 characters"),
+    ("{{ 'a' * 10**10 }}", "past 4,000,000 characters"),
+    ("{% set ns = namespace(s='a' * 1000000) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "past 4,000,000 characters"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "past 4,000,000 characters"),
+    ("{% set xs = range(100000) | list %}{% set a = [xs, xs, xs, xs, xs, xs, xs, xs, xs, xs] %}"
+     "{{ [a, a, a, a, a, a, a, a, a, a] }}", "past 4,000,000 characters"),  # small in memory, huge in print
+    ("{{ (['a' * 1000000] * 1000) | join }}", "past 4,000,000 characters"),
+    ("{{ ('a' * 1000000).replace('a', 'aaaaaaaaaa') }}", "str.replace would be past"),
+    ("{{ 'a' | center(10**9) }}", "center would be past"),
+    ("{{ 'a'.rjust(10**9) }}", "str.rjust(1000000000) would be past"),
+    ("{{ '%1000000000d' % 1 }}", "format width '1000000000'"),
+    ("{{ '{:>1000000000}'.format(1) }}", "format spec"),
+    ("{{ [1] | batch(10**9, 'x') | list }}", "batch would be past"),
+    ("{{ messages | tojson(indent=10**9) }}", "tojson indent"),
+    ("{% set ns = namespace(x=10**1000) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+     "too large"),
+])
+def test_renders_are_bounded_in_time_and_size(source, limit):
+    started = time.monotonic()
+    with pytest.raises(TemplateError, match=r"^chat template evil(, line \d+)?: forbidden by the sandbox: ") as e:
+        ChatTemplate(source, name="evil").render(CONVERSATION)
+    assert limit in str(e.value) and "\n" not in str(e.value)
+    assert time.monotonic() - started < 3.5
+
+
+def test_a_macro_calling_itself_is_a_template_error():
+    started = time.monotonic()
+    with pytest.raises(TemplateError, match="RecursionError"):
+        ChatTemplate("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", name="loop").render(CONVERSATION)
+    assert time.monotonic() - started < 3.5
+
+
+def test_lipsum_is_not_offered():
+    with pytest.raises(TemplateError, match="'lipsum' is undefined"):
+        ChatTemplate("{{ lipsum(10**6) }}").render([])
+
+
+def test_bounded_loops_and_concatenation_keep_jinja_semantics():
+    template = ChatTemplate(
+        "{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ '.' if loop.last else ',' }}{% endfor %}"
+        "{% for m in messages if m.role == 'user' %}{{ m.content ~ '|' }}{% else %}none{% endfor %}"
+        "{% for x in [[1, [2]], [3]] recursive %}{% if x is iterable %}{{ loop(x) }}{% else %}{{ x }}{% endif %}"
+        "{% endfor %}{% for k, v in {'a': 1} | dictsort %} {{ k ~ v ~ 2 }}{% endfor %}"
+        "{% for i in [] %}{% else %} empty{% endfor %} {{ '%s-%02d' | format('x', 7) }} {{ 'ab' * 2 + 'c' }}")
+    assert template.render(CONVERSATION) == "1/4,2/4,3/4,4/4.What is 2+2?|And 3+3?|123 a12 empty x-07 ababc"
 
 
 def test_raise_exception_surfaces_the_templates_message():
