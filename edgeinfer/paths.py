@@ -12,6 +12,7 @@ from pathlib import Path
 import platformdirs
 
 _problems: dict[Path, str | None] = {}  # home path -> why it is unusable (None: usable), checked once per process
+_warned: set[Path] = set()  # unusable homes already reported in this process
 
 
 def home() -> Path:
@@ -54,11 +55,11 @@ def writable_home() -> Path | None:
     """home() if it is a writable directory (made if missing); else None, after one warning line on stderr (once
     per process and home) saying that caches are kept for this run only."""
     path = home()
-    first_check = path not in _problems
     problem = home_problem(path)
     if problem is None:
         return path
-    if first_check:
+    if path not in _warned:
+        _warned.add(path)
         warn(f"EDGEINFER_HOME {path} is not a writable directory ({problem}); caches are kept for this run only")
     return None
 

@@ -34,7 +34,8 @@ def _cache_dir() -> str:
         scratch = tempfile.mkdtemp(prefix="edgeinfer-numba-")
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
         return scratch
-    return os.path.join(home, "numba", _sources_hash())
+    # resolved: the specialized decode steps live here, and Numba keys its cache on their source path
+    return os.path.realpath(os.path.join(home, "numba", _sources_hash()))
 
 
 def stale_cache_dirs() -> list[Path]:

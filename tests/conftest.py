@@ -12,11 +12,16 @@ import tempfile
 from pathlib import Path
 
 import platformdirs
+import psutil
 
 
 def _session_home() -> Path:
     real = Path(os.environ.get("EDGEINFER_HOME") or platformdirs.user_cache_dir("edgeinfer")).expanduser()
-    session = Path(tempfile.mkdtemp(prefix="edgeinfer-test-home-"))
+    for left in Path(tempfile.gettempdir()).glob("edgeinfer-test-home-*-*"):  # by sessions that were killed
+        pid = left.name.split("-")[3]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    session = Path(tempfile.mkdtemp(prefix=f"edgeinfer-test-home-{os.getpid()}-"))
     for kept in ("models", "numba"):
         (real / kept).mkdir(parents=True, exist_ok=True)
         (session / kept).symlink_to(real / kept, target_is_directory=True)
@@ -34,6 +39,7 @@ DATA = Path(__file__).parent / "data"
 
 def pytest_unconfigure(config):
     shutil.rmtree(SESSION_HOME, ignore_errors=True)  # the links, not what they point at
+
 
 # catalogue name -> stem of the reference files in tests/data/reference (copied from ../shared/reference)
 REFERENCE_STEMS = {
