@@ -2,7 +2,8 @@
 
 In a terminal: a start line (model, quant, context, threads, power mode and why), a prompt with history (up-arrow)
 and multi-line messages between triple quotes, answers streamed as they come with a dim stat line after each, and
-Ctrl-C to stop an answer (kept as the assistant's turn) or, at an empty prompt, to leave. Without a terminal on stdin
+Ctrl-C to stop an answer (kept as the assistant's turn); at an empty prompt a Ctrl-C only says how to leave and a
+second one in a row leaves (as Node's REPL does; Ctrl-D, /quit or /bye leave at once). Without a terminal on stdin
 it reads one message per line (or all of stdin as one with single=True) and prints only the answers on stdout, so it
 can be scripted; everything else goes to stderr.
 
@@ -14,12 +15,14 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
+from edgeinfer.errors import InvalidArgument
 from edgeinfer.session import SETTINGS, ChatSession, MessageTooLong, PowerWatch, SessionFileError
 
 __all__ = ["chat_loop", "open_session", "run_chat_command", "start_line"]
 
 QUIT = "quit"
 MULTILINE = '"""'
+EXIT_HINT = "press Ctrl-C again, Ctrl-D or /quit to exit"
 
 
 # ================================================================ start-up
@@ -59,11 +62,17 @@ def open_session(model_name: str | None, *, system: str | None = None, max_token
     from models.fetch import default_model_name, resolve_model, rich_progress
 
     console = console or Console(stderr=True, highlight=False)
+    model_name = model_name or default_model_name()
+    refuse_base_model(model_name)  # before a pull or a load: a base model would only ramble
     with rich_progress(console) as progress:
-        path = resolve_model(model_name or default_model_name(), progress=progress)
+        path = resolve_model(model_name, progress=progress)
     with console.status(f"loading {path.name}"):
         model = Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power)  # planned by the budget
     try:
+        if model.metadata.get("tokenizer.chat_template") is None:  # ChatTemplate.from_metadata falls back then
+            console.print(f"{path.name} has no chat template: using the {model.chat_template.name} format (a base "
+                          f"model only continues text: use 'edgeinfer run')", style="yellow", markup=False,
+                          soft_wrap=True)
         session = ChatSession(model, system=system, max_tokens=max_tokens,
                               power_watch=PowerWatch(power=power, n_threads=n_threads), **sampling)
         with console.status("warming up (a first run compiles the kernels: this can take minutes)"):
@@ -72,6 +81,17 @@ def open_session(model_name: str | None, *, system: str | None = None, max_token
         model.close()
         raise
     return session, start_line(model, model.plan)
+
+
+def refuse_base_model(model_name: str) -> None:
+    """Raise InvalidArgument (one line pointing to `edgeinfer run`) if `model_name` is a catalogue base model, by
+    name or as a path to its file. Another file is chatted with: its template, or the architecture's built-in one."""
+    from models.catalogue import catalogue_entry_for
+
+    entry = catalogue_entry_for(model_name)
+    if entry is not None and entry.kind == "base":
+        raise InvalidArgument(f"{model_name} is a base model (no chat template): it continues text; "
+                              f"use 'edgeinfer run {model_name} \"PROMPT\"'")
 
 
 def start_line(model, plan) -> str:
@@ -95,11 +115,18 @@ def _reason(text: str) -> str:
 # ================================================================ the loop
 
 def chat_loop(session: ChatSession, reader, out: "Output") -> None:
-    """Read messages and commands until end of input, /quit, or Ctrl-C at an empty prompt."""
+    """Read messages and commands until end of input (Ctrl-D), /quit, or a second Ctrl-C in a row at an empty prompt
+    (the first one shows EXIT_HINT). Without a terminal a Ctrl-C while reading leaves at once."""
     while True:
         try:
             message = reader.read_message()
-        except (EOFError, KeyboardInterrupt):  # end of input, Ctrl-D, or Ctrl-C at an empty prompt
+        except KeyboardInterrupt:  # a first Ctrl-C at an empty prompt
+            if not out.interactive:
+                out.end_of_input()
+                return
+            out.notice(EXIT_HINT)
+            continue
+        except EOFError:  # end of input, Ctrl-D, or the second Ctrl-C
             out.end_of_input()
             return
         if message is None:
@@ -173,7 +200,7 @@ def _help(session, arg, out):
     width = max(len(c.usage) for c in COMMANDS.values())
     lines = [f"{c.usage:<{width}}  {c.help}" for c in COMMANDS.values()]
     lines += [f"{MULTILINE + ' ... ' + MULTILINE:<{width}}  a message of several lines",
-              "Ctrl-C stops an answer (the part generated is kept); at an empty prompt, or Ctrl-D, it leaves."]
+              "Ctrl-C stops an answer (the part generated is kept); twice at an empty prompt, or Ctrl-D, it leaves."]
     out.info("\n".join(lines))
 
 
@@ -264,23 +291,37 @@ COMMANDS = {
     "load": Command(_load, "/load FILE", "resume a saved conversation (its KV cache too, for the same model)"),
     "stats": Command(_stats, "/stats", "context use, the last turn's figures, session totals"),
     "set": Command(_set, "/set NAME VALUE", "temp, top_k, top_p, min_p, repeat_penalty, max_tokens, seed"),
-    "quit": Command(_quit, "/quit", "leave (also /exit, Ctrl-D)"),
+    "quit": Command(_quit, "/quit", "leave (also /bye, /exit, Ctrl-D)"),
 }
-COMMAND_ALIASES = {"exit": "quit", "q": "quit", "?": "help"}
+COMMAND_ALIASES = {"bye": "quit", "exit": "quit", "q": "quit", "?": "help"}
 
 
 # ================================================================ input
 
 class _Reader:
-    """Messages from lines: `read_line` comes from the subclass, `read_message` joins triple-quoted blocks."""
+    """Messages from lines: `read_line` comes from the subclass, `read_message` joins triple-quoted blocks.
+
+    `read_line` raises KeyboardInterrupt for a Ctrl-C at an empty prompt; `read_message` passes the first one on and
+    turns a second in a row into EOFError (leave). A line read, or a Ctrl-C that cleared typed text
+    (`ctrl_c_armed = False` in the subclass), starts the count again."""
+
+    ctrl_c_armed = False  # the last thing read was a Ctrl-C at an empty prompt
 
     def read_line(self, continuation: bool = False) -> str:
         raise NotImplementedError
 
     def read_message(self) -> tuple[str, bool] | None:
         """(text, literal) for the next message: one line, or the lines between triple quotes (literal: never a
-        command). None when a multi-line message was abandoned with Ctrl-C. EOFError at the end of input."""
-        line = self.read_line(continuation=False)
+        command). None when a multi-line message was abandoned with Ctrl-C. KeyboardInterrupt for a first Ctrl-C
+        at an empty prompt; EOFError at the end of input or for a second Ctrl-C in a row."""
+        try:
+            line = self.read_line(continuation=False)
+        except KeyboardInterrupt:
+            if self.ctrl_c_armed:
+                raise EOFError from None
+            self.ctrl_c_armed = True
+            raise
+        self.ctrl_c_armed = False
         stripped = line.strip()
         if not stripped.startswith(MULTILINE):
             return line, False
@@ -326,7 +367,7 @@ class _PipeReader(_Reader):
 
 
 class _PromptToolkitReader(_Reader):
-    """A terminal prompt with history (up-arrow); Ctrl-C clears a typed line, or at an empty prompt leaves."""
+    """A terminal prompt with history (up-arrow); Ctrl-C clears a typed line, or at an empty prompt interrupts."""
 
     def __init__(self):
         from prompt_toolkit import PromptSession
@@ -339,6 +380,7 @@ class _PromptToolkitReader(_Reader):
         def _(event):
             if event.current_buffer.text:
                 event.current_buffer.reset()
+                self.ctrl_c_armed = False  # something was typed since the last Ctrl-C
             else:
                 event.app.exit(exception=KeyboardInterrupt())
 
@@ -349,7 +391,8 @@ class _PromptToolkitReader(_Reader):
 
 
 class _InputReader(_Reader):
-    """Python's input() (readline history where available): when prompt_toolkit or a terminal output is missing."""
+    """Python's input() (readline history where available): when prompt_toolkit or a terminal output is missing.
+    input() cannot tell a typed line from an empty one on Ctrl-C: every Ctrl-C counts as at an empty prompt."""
 
     def read_line(self, continuation: bool = False) -> str:
         return input("... " if continuation else "> ")

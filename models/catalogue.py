@@ -2,7 +2,9 @@
 
 A catalogue entry names the wheels (package + pinned version) that carry a model file, the wheel member(s) holding
 its bytes and how they combine ("single": one member is the file; "concat": members joined in the order listed).
-Package names are only carriers; the entry's sha256 is what vouches for the assembled file.
+Package names are only carriers; the entry's sha256 is what vouches for the assembled file. An entry's `kind` says
+what the model is for: "chat" (instruction-tuned, with a chat template: `edgeinfer chat`) or "base" (it continues
+text: `edgeinfer run`); the built-in catalogue states it for every model, a user catalogue may leave it out ("chat").
 
 The catalogue read is `models/catalogue.json` next to this module, unless $EDGEINFER_CATALOGUE or an explicit path
 or dict says otherwise (tests use this to point at fake wheels).
@@ -17,6 +19,7 @@ from edgeinfer.errors import FetchError
 
 BUILTIN_CATALOGUE = Path(__file__).with_name("catalogue.json")
 ASSEMBLY_RULES = ("single", "concat")
+MODEL_KINDS = ("chat", "base")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -36,7 +39,8 @@ class Source:
 
 @dataclass(frozen=True)
 class CatalogueEntry:
-    """One catalogue model. `size` is the assembled file's length in bytes; `file` a plain name in models_dir()."""
+    """One catalogue model. `size` is the assembled file's length in bytes; `file` a plain name in models_dir();
+    `kind` is "chat" or "base" (see MODEL_KINDS)."""
 
     name: str
     description: str
@@ -47,6 +51,7 @@ class CatalogueEntry:
     sha256: str
     assembly: str
     sources: tuple[Source, ...]
+    kind: str = "chat"
 
 
 Catalogue = dict  # the raw JSON form: {"default": name, "models": {name: {...}}}
@@ -85,6 +90,21 @@ def default_model_name(catalogue: "str | os.PathLike | Catalogue | None" = None)
     return raw["default"]
 
 
+def catalogue_entry_for(name_or_path, catalogue: "str | os.PathLike | Catalogue | None" = None
+                        ) -> CatalogueEntry | None:
+    """The catalogue entry a model argument stands for, or None: an existing file is the entry whose file name and
+    size it has (a catalogue file, wherever it lies), anything else is looked up by name (as `resolve_model` does)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        return load_catalogue(catalogue).get(str(name_or_path))
+    try:
+        entries = load_catalogue(catalogue)
+    except FetchError:  # a file given by path needs no catalogue: an unreadable one just means "not a catalogue file"
+        return None
+    size = path.stat().st_size
+    return next((e for e in entries.values() if e.file == path.name and e.size == size), None)
+
+
 def _parse_entry(name: str, fields: dict) -> CatalogueEntry:
     def need(key, kind, where=fields, label=""):
         value = where.get(key) if isinstance(where, dict) else None
@@ -101,6 +121,7 @@ def _parse_entry(name: str, fields: dict) -> CatalogueEntry:
         name=name, description=need("description", str), arch=need("arch", str), quant=need("quant", str),
         size=need("size", int), file=need("file", str), sha256=need("sha256", str).lower(),
         assembly=need("assembly", str), sources=sources,
+        kind=need("kind", str) if "kind" in fields else "chat",  # older user catalogues have no kind: chat models
     )
     # The file name is joined to models_dir(): a separator or ".." would write outside it.
     if Path(entry.file).name != entry.file or entry.file in (".", ".."):
@@ -111,6 +132,8 @@ def _parse_entry(name: str, fields: dict) -> CatalogueEntry:
         raise FetchError(f"catalogue: model {name!r}: size must be positive")
     if entry.assembly not in ASSEMBLY_RULES:
         raise FetchError(f"catalogue: model {name!r}: assembly {entry.assembly!r} not one of {ASSEMBLY_RULES}")
+    if entry.kind not in MODEL_KINDS:
+        raise FetchError(f"catalogue: model {name!r}: kind {entry.kind!r} not one of {MODEL_KINDS}")
     if entry.assembly == "single" and len(sources) != 1:
         raise FetchError(f"catalogue: model {name!r}: assembly 'single' needs exactly one source")
     return entry

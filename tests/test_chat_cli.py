@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from cli_helpers import assert_one_error_line, run_edgeinfer
 from conftest import model_path
 
 slow = pytest.mark.slow
@@ -145,7 +146,7 @@ def test_a_conversation_in_the_terminal(terminal, tmp_path):
     since = t.type("/set max_tokens 400\r")
     t.expect(r"max_tokens = 400", 30, since)
     since = t.type("Tell me a long story about a dragon and a knight.\r")
-    t.expect(r"a knight\.\n\s*\S{3}", TURN_TIMEOUT, since)  # the first words of the answer are on the screen
+    t.expect(r"a knight\.\n\s*(\S+\s+){2}\S", TURN_TIMEOUT, since)  # the answer's first words are on the screen
     os.write(t.fd, b"\x03")
     t.expect(r"interrupted: the partial answer is kept in the conversation", TURN_TIMEOUT, since)
 
@@ -171,8 +172,16 @@ def test_a_conversation_in_the_terminal(terminal, tmp_path):
     assert (tmp_path / "conv.json.kv.npz").exists()
 
 
+HINT = r"press Ctrl-C again, Ctrl-D or /quit to exit"
+
+
+def next_prompt(t, since, timeout=30):
+    """Wait for a prompt after `since`: a Ctrl-C before it is not "at a prompt"."""
+    t.expect(r"\n>", timeout, since)
+
+
 @slow
-def test_ctrl_c_clears_a_typed_line_then_leaves_at_an_empty_prompt(terminal):
+def test_ctrl_c_clears_a_typed_line_then_twice_at_an_empty_prompt_leaves(terminal):
     t = terminal(*OPTIONS)
     t.expect(r"/help for commands", START_TIMEOUT)
     t.expect(r"\n>", 30)  # the prompt (prompt_toolkit moves the cursor past its space instead of writing it)
@@ -180,8 +189,34 @@ def test_ctrl_c_clears_a_typed_line_then_leaves_at_an_empty_prompt(terminal):
     t.type("\x03")  # clears the line
     since = t.type("/help\r")
     t.expect(r"/save FILE +write the conversation", 30, since)
-    t.expect(r"/save FILE[\s\S]*\n>", 30, since)  # wait for the next prompt: a Ctrl-C before it is not "at a prompt"
-    t.type("\x03")  # at an empty prompt: leave
+    t.expect(r"/save FILE[\s\S]*\n>", 30, since)
+    since = t.type("\x03")  # at an empty prompt: only the hint
+    t.expect(HINT, 30, since)
+    next_prompt(t, since)
+    t.type("typed, then cleared")
+    since = t.type("\x03")  # clears the line: something was typed since the first Ctrl-C, so this one...
+    since = t.type("\x03")  # ...at the empty prompt again only shows the hint
+    t.expect(HINT, 30, since)
+    next_prompt(t, since)
+    t.type("\x03")  # the second in a row: leave, a deliberate exit (0)
+    assert t.wait(60) == 0
+
+
+@slow
+def test_after_the_ctrl_c_hint_the_conversation_goes_on_then_bye_leaves(terminal):
+    t = terminal(*OPTIONS)
+    t.expect(r"/help for commands", START_TIMEOUT)
+    t.expect(r"\n>", 30)
+    since = t.type("\x03")
+    t.expect(HINT, 30, since)
+    next_prompt(t, since)
+    since = t.type("Say hello.\r")
+    t.expect(STAT_LINE, TURN_TIMEOUT, since)  # answered
+    next_prompt(t, since)
+    since = t.type("\x03")  # the message in between: a first Ctrl-C again
+    t.expect(HINT, 30, since)
+    next_prompt(t, since)
+    t.type("/bye\r")
     assert t.wait(60) == 0
 
 
@@ -222,6 +257,35 @@ def test_piped_long_conversation_drops_the_oldest_turns_with_a_notice(fetched):
     assert done.stdout.count("\n") >= 4
 
 
+# ---------------------------------------------------------------- base models: one line pointing to `run`
+
+def test_chat_with_a_catalogue_base_model_says_so_in_one_line_before_fetching(tmp_path):
+    home = tmp_path / "home"  # empty: a pull would have to download, so the refusal comes before it
+    done = run_edgeinfer("chat", "gemma3-270m", env={"EDGEINFER_HOME": str(home)}, input="hi\n", timeout=60)
+    line = assert_one_error_line(done, "gemma3-270m is a base model (no chat template)",
+                                 "use 'edgeinfer run gemma3-270m \"PROMPT\"'")
+    assert line == ("error: gemma3-270m is a base model (no chat template): it continues text; "
+                    "use 'edgeinfer run gemma3-270m \"PROMPT\"'")
+    assert not (home / "models").exists() and done.stdout == ""
+
+
+@slow
+def test_chat_with_a_catalogue_base_model_file_by_path_says_so_too():
+    path = str(model_path("gemma3-270m"))
+    done = run_edgeinfer("chat", path, input="hi\n", timeout=60)
+    assert_one_error_line(done, f"{path} is a base model", f"use 'edgeinfer run {path} \"PROMPT\"'")
+
+
+@slow
+def test_chat_with_another_file_without_a_template_uses_the_built_in_one_and_says_so(tmp_path):
+    renamed = tmp_path / "my-gemma.gguf"  # not a catalogue file name: chatted with, in the built-in Gemma format
+    renamed.symlink_to(model_path("gemma3-270m"))
+    done = run_edgeinfer("chat", str(renamed), *OPTIONS, "--max-tokens", "4", "--ctx", "256", input="Hi\n")
+    assert done.returncode == 0, done.stderr
+    assert "my-gemma.gguf has no chat template: using the built-in gemma3 format" in done.stderr
+    assert done.stdout.endswith("\n") and done.stdout.strip()
+
+
 # ---------------------------------------------------------------- reading messages (no model)
 
 def messages_of(text: str, single: bool = False) -> list:
@@ -245,21 +309,23 @@ def test_single_reads_everything_as_one_literal_message():
     assert messages_of('a\n/b\n"""\n', single=True) == [('a\n/b\n"""\n', True)]
 
 
+class Recorder:
+    """An Output that records what would be shown: (method name, *arguments)."""
+
+    def __init__(self, interactive=False):
+        self.lines, self.interactive = [], interactive
+
+    def __getattr__(self, name):  # info, notice, error, end_of_input, ...
+        return lambda *args, **kw: self.lines.append((name, *args))
+
+
+class NoModel:  # a message would reach send(): fail loudly
+    def send(self, text, **kw):
+        raise AssertionError(f"sent {text!r}")
+
+
 def test_commands_are_told_from_messages():
     from edgeinfer.chat import COMMANDS, chat_loop
-
-    class Recorder:
-        interactive = False
-
-        def __init__(self):
-            self.lines = []
-
-        def __getattr__(self, name):  # info, notice, error, ...: record what would be shown
-            return lambda *args, **kw: self.lines.append((name, *args))
-
-    class NoModel:  # a message would reach send(): fail loudly
-        def send(self, text, **kw):
-            raise AssertionError(f"sent {text!r}")
 
     out = Recorder()
     chat_loop(NoModel(), _reader("/frob\n/help\n/quit\nnever read\n"), out)
@@ -267,6 +333,53 @@ def test_commands_are_told_from_messages():
                                      "message)")
     assert out.lines[1][0] == "info" and all(c.usage in out.lines[1][1] for c in COMMANDS.values())
     assert len(out.lines) == 2  # /quit left before "never read"
+
+
+def test_bye_is_quit_and_listed_in_help():
+    from edgeinfer.chat import chat_loop, run_command
+
+    out = Recorder()
+    chat_loop(NoModel(), _reader("/bye\nnever read\n"), out)
+    assert out.lines == []  # left before "never read", and said nothing
+    run_command(NoModel(), "/help", out)
+    assert "/bye" in out.lines[0][1] and "twice at an empty prompt" in out.lines[0][1]
+
+
+def scripted_reader(*script):
+    """A reader whose `read_line` replays `script`: text lines, or KeyboardInterrupt for a Ctrl-C at a prompt."""
+    from edgeinfer.chat import _Reader
+
+    steps = list(script)
+
+    class Scripted(_Reader):
+        def read_line(self, continuation=False):
+            if not steps:
+                raise EOFError
+            step = steps.pop(0)
+            if step is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            return step
+
+    return Scripted()
+
+
+def test_one_ctrl_c_at_an_empty_prompt_only_hints_a_second_in_a_row_leaves():
+    from edgeinfer.chat import EXIT_HINT, chat_loop
+
+    out = Recorder(interactive=True)
+    # hint, a command (the count starts again), hint, leave: "after" is never read
+    chat_loop(NoModel(), scripted_reader(KeyboardInterrupt, "/stats?", KeyboardInterrupt, KeyboardInterrupt,
+                                         "after"), out)
+    assert [line[0] for line in out.lines] == ["notice", "error", "notice", "end_of_input"]
+    assert out.lines[0] == ("notice", EXIT_HINT) == out.lines[2]
+
+
+def test_without_a_terminal_a_ctrl_c_while_reading_leaves_at_once():
+    from edgeinfer.chat import chat_loop
+
+    out = Recorder(interactive=False)
+    chat_loop(NoModel(), scripted_reader(KeyboardInterrupt, "never sent"), out)
+    assert out.lines == [("end_of_input",)]
 
 
 def _reader(text):
