@@ -74,7 +74,8 @@ class SamplingParams:
         if self.repeat_penalty <= 0.0:
             raise InvalidArgument(f"SamplingParams.repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty!r}")
         if self.penalty_last_n < -1:
-            raise InvalidArgument(f"SamplingParams.penalty_last_n must be >= -1 (-1 = all), got {self.penalty_last_n!r}")
+            raise InvalidArgument(f"SamplingParams.penalty_last_n must be >= -1 (-1 = all), "
+                                  f"got {self.penalty_last_n!r}")
         if self.seed is not None:
             if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
                 raise TypeError(f"SamplingParams.seed must be None or an integer, not {type(self.seed).__name__}")

@@ -165,7 +165,8 @@ def test_a_stream_stops_with_model_closed_when_its_model_closes():
 
 
 def test_load_takes_every_keyword_of_api_load():
-    assert inspect.signature(edgeinfer.load).parameters.keys() == inspect.signature(edgeinfer.api.load).parameters.keys()
+    names = inspect.signature(edgeinfer.load).parameters.keys()
+    assert names == inspect.signature(edgeinfer.api.load).parameters.keys()
     with edgeinfer.load(model_path(SMOLLM2), n_ctx=64, n_threads=1, seed=3, power="saver") as m:
         assert m.plan.power_mode == "saver" and m.seed == 3
 

@@ -9,15 +9,17 @@ from edgeinfer.gguf_reader import GGUFFile
 from edgeinfer.tokenizer import Tokenizer
 
 # each model's turn markers: (start of a turn, end of a turn)
-TURN_MARKERS = {"smollm2-135m-instruct": ("<|im_start|>", "<|im_end|>"), "gemma3-270m": ("<start_of_turn>", "<end_of_turn>"),
+TURN_MARKERS = {"smollm2-135m-instruct": ("<|im_start|>", "<|im_end|>"),
+                "gemma3-270m": ("<start_of_turn>", "<end_of_turn>"),
                 "qwen2.5-coder-0.5b-instruct": ("<|im_start|>", "<|im_end|>")}
 
 ORDINARY = [
     [{"role": "user", "content": "Hello"}],
     [{"role": "system", "content": "Be brief.\n"}, {"role": "user", "content": " Hello there!  How are you?"},
      {"role": "assistant", "content": "Fine, thanks.\n\nAnd you?"}, {"role": "user", "content": "\tint a = x<y;\n"}],
-    [{"role": "user", "content": "Ünïcödé, 日本語, emoji 🙂, <b>bold</b>, a lone <| and |> and <end_of"}],
-    [{"role": "user", "content": "\n\n  leading and trailing whitespace  \n"}, {"role": "assistant", "content": " ok "}],
+    [{"role": "user", "content": "Ünïcödé, 日本語, emoji 🙂, <b>bold</b>, lone <| and |> and <end_of"}],
+    [{"role": "user", "content": "\n\n  leading and trailing whitespace  \n"},
+     {"role": "assistant", "content": " ok "}],
 ]
 
 
