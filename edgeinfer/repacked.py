@@ -10,10 +10,10 @@ The cache file is the packed matrices one after another (each 64-byte aligned) i
 name carries a hash of the model file's identity (path, size, mtime) and of the layout code, so a changed model or a
 changed layout never reads stale bytes; writing a new one deletes the older ones of the same model path. Beside it a
 small `.json` record (written before the data is renamed into place) names the model file and holds the data's
-CRC-32, checked on every load (about 2.5 GB/s: 40 ms for SmolLM2's 96 MB, 150 ms for Qwen2.5-0.5B's 392 MB); a
-damaged file is rebuilt with one warning line, and `edgeinfer prune` uses the record to find caches whose model is
-gone. It takes as much disk as the model's matrices (delete the directory to reclaim it). Where the home cannot be
-written, the packed matrices live in memory instead.
+CRC-32, checked on a process's first load of the file (about 2.5 GB/s: 40 ms for SmolLM2's 96 MB, 150 ms for
+Qwen2.5-0.5B's 392 MB); a damaged file is rebuilt with one warning line, and `edgeinfer prune` uses the record to find
+caches whose model is gone. It takes as much disk as the model's matrices (delete the directory to reclaim it).
+Where the home cannot be written, the packed matrices live in memory instead.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from kernels_cpu.repack import repack
 
 ALIGN = 64  # cache-line alignment of every packed matrix in the buffer
 RECORD_FORMAT = 1  # version of the .json record beside each cache file
+_verified: set[tuple] = set()  # (path, inode, mtime_ns, size) of cache files whose CRC-32 matched in this process
 
 
 def packed_shape(m: QuantMatrix) -> tuple[int, int] | None:
@@ -164,9 +165,16 @@ def _map_verified(path: Path, size: int) -> np.ndarray | None:
     if buffer.shape[0] != size:
         warn(f"repacked cache {path} was damaged ({buffer.shape[0]} bytes, expected {size}); rebuilt")
         return None
-    if zlib.crc32(buffer) != record.get("crc32"):
-        warn(f"repacked cache {path} was damaged (checksum mismatch); rebuilt")
+    try:
+        st = path.stat()
+    except OSError:
         return None
+    identity = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    if identity not in _verified:  # a write to the file changes its mtime, so it is checked again
+        if zlib.crc32(buffer) != record.get("crc32"):
+            warn(f"repacked cache {path} was damaged (checksum mismatch); rebuilt")
+            return None
+        _verified.add(identity)
     return buffer
 
 
