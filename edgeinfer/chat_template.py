@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import operator
 import re
 import threading
@@ -303,7 +304,8 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
             return operator.mul(left, right)
         if op == "*":
             if left.bit_length() + right.bit_length() > MAX_POWER_BITS:
-                raise SecurityError(f"a product of {left.bit_length()}- and {right.bit_length()}-bit numbers is too large")
+                raise SecurityError(f"a product of {left.bit_length()}- and {right.bit_length()}-bit integers "
+                                    "is too large")
             return operator.mul(left, right)
         if op == "+":
             if not ints:
@@ -443,11 +445,13 @@ def _special_token_text(meta: Mapping[str, Any], key: str, token_text: Callable[
     token_id = meta.get(key)
     if token_id is None:
         return ""
-    if token_text is not None:
-        return token_text(int(token_id))
     tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        return ""
-    if not 0 <= int(token_id) < len(tokens):
-        raise TemplateError(f"{key} = {token_id} is outside the vocabulary ({len(tokens)} tokens)")
-    return tokens[int(token_id)]
+    n_tokens = len(tokens) if isinstance(tokens, (list, tuple)) else None
+    if not isinstance(token_id, numbers.Integral) or isinstance(token_id, bool) \
+            or not 0 <= token_id < (n_tokens or 2 ** 63):
+        where = f" ({n_tokens} tokens)" if n_tokens is not None else ""
+        raise TemplateError(f"{key} = {token_id!r} is not a token id of the vocabulary{where}")
+    token_id = int(token_id)
+    if token_text is not None:
+        return token_text(token_id)
+    return tokens[token_id] if n_tokens is not None else ""

@@ -204,9 +204,9 @@ _REWRITES += [("llama.rope.scaling.type", ["yarn", "linear", "none", 3]), ("llam
               ("llama.attn_logit_softcapping", [50.0]), ("llama.expert_count", [8, 0]),
               ("llama.attention.sliding_window", [4096, 0]), ("llama.vocab_size", [303, 305, 0]),
               ("tokenizer.ggml.model", ["gpt2", "bert", None]), ("tokenizer.ggml.add_bos_token", [False, 2]),
-              ("tokenizer.chat_template", ["{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
-                                           "{% endfor %}", "{{ 'a' * 10**9 }}", "{% if %}", "{{ raise_exception('x') }}",
-                                           "{{ messages[5] }}", None]),
+              ("tokenizer.chat_template", [
+                  "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                  "{{ 'a' * 10**9 }}", "{% if %}", "{{ raise_exception('x') }}", "{{ messages[5] }}", None]),
               ("general.architecture", ["gemma3", "qwen2", "mamba", 7])]
 
 

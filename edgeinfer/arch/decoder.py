@@ -140,7 +140,8 @@ def _vocab_size(gguf: GGUFFile, arch: str, key) -> int:
     if n_vocab < 1:
         gguf.fail(f"{arch}.vocab_size", None, f"{n_vocab} is out of range (expected at least 1)")
     if n_tokens is not None and n_vocab != n_tokens:
-        gguf.fail(f"{arch}.vocab_size", None, f"{n_vocab} does not match the {n_tokens} tokens of tokenizer.ggml.tokens")
+        gguf.fail(f"{arch}.vocab_size", None,
+                  f"{n_vocab} does not match the {n_tokens} tokens of tokenizer.ggml.tokens")
     return n_vocab
 
 
@@ -267,7 +268,8 @@ class _TensorReader:
     def vector(self, name: str, n: int) -> np.ndarray:
         t = self._tensor(name)
         if t.type_name != "F32" or t.shape != (n,):
-            raise GGUFError(self.gguf.path, name, t.offset, f"expected F32 of shape ({n},), found {t.type_name} {t.shape}")
+            raise GGUFError(self.gguf.path, name, t.offset,
+                            f"expected F32 of shape ({n},), found {t.type_name} {t.shape}")
         return t.array()
 
     def _tensor(self, name: str) -> TensorInfo:
