@@ -166,6 +166,15 @@ class GGUFFile:
             if name in self.tensors:
                 self.fail(name, info_offset, "duplicate tensor name")
             self.tensors[name] = self._place_tensor(name, ggml_type, ne, offset, offset_field)
+        self._check_no_overlap({name: offset_field for name, *_, offset_field in infos})
+
+    def _check_no_overlap(self, offset_fields: dict[str, int]) -> None:
+        """Two tensors sharing bytes would alias each other's weights (ggml's reader requires them packed in order)."""
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values())
+        for (_, end, before), (start, stop, name) in zip(spans, spans[1:]):
+            if start < end:
+                self.fail(f"{name}.offset", offset_fields[name],
+                          f"tensor data [{start}, {stop}) overlaps that of {before} (which ends at {end})")
 
     def _read_value(self, cur: _Cursor, key: str, value_type: int | None = None):
         type_offset = cur.pos

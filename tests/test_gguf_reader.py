@@ -198,6 +198,8 @@ BAD_FILES: dict[str, tuple[list[Edit], str, int | None]] = {
     "unknown_tensor_type": ([put(T["w.q"][4], "<I", 4)], "w.q.type", T["w.q"][4]),  # 4 was Q4_2, long removed
     "tensor_offset_past_end": ([put(T["w.q"][5], "<Q", 32 * 1024)], "w.q.offset", T["w.q"][5]),
     "misaligned_tensor_offset": ([put(T["w.b"][5], "<Q", 64 + 4)], "w.b.offset", T["w.b"][5]),
+    # w.a holds bytes [0, 64) of the data: w.b there would alias its weights
+    "overlapping_tensors": ([put(T["w.b"][5], "<Q", 32)], "w.b.offset", T["w.b"][5]),
     "n_dims_0": ([put(T["w.a"][2], "<I", 0)], "w.a.n_dims", T["w.a"][2]),
     "n_dims_9": ([put(T["w.a"][2], "<I", 9)], "w.a.n_dims", T["w.a"][2]),
     "zero_dimension": ([put(T["w.b"][3], "<Q", 0)], "w.b.shape", T["w.b"][3]),
