@@ -1,8 +1,8 @@
 """A validating, memory-mapped GGUF reader.
 
-Every length, count, type and offset in the file is checked against the file's size before it is used, so a damaged
-or hostile file fails with a `GGUFError` naming the file, the field and the byte offset, never with a crash or a huge
-allocation. Tensor data is never copied: `TensorInfo.raw` is a uint8 view into the memory map.
+Every length, count, type and offset in the file is checked against the file's size before it is used (and tensors
+may not share bytes), so a damaged or hostile file fails with a `GGUFError` naming the file, the field and the byte
+offset, never with a crash or a huge allocation. Tensor data is never copied: `TensorInfo.raw` is a uint8 view into the memory map.
 
 Layout (all little-endian): magic "GGUF", u32 version, u64 tensor_count, u64 kv_count, kv_count x (string key,
 u32 value_type, value), tensor_count x (string name, u32 n_dims, n_dims x u64 ne, u32 ggml_type, u64 offset), padding

@@ -283,7 +283,7 @@ def run_fuzz(n_cases: int, workdir: Path, seed: int = SEED) -> dict:
     started = time.monotonic()
     worker = Worker(home, clean_path)
     baseline_text = worker.warm_up_text
-    outcomes, errors, failures, new_kernels = Counter(), Counter(), [], 0
+    outcomes, errors, failures, new_kernels, padding_same = Counter(), Counter(), [], 0, 0
     try:
         rng = np.random.default_rng(seed)
         case_path = workdir / "case.gguf"
@@ -296,10 +296,12 @@ def run_fuzz(n_cases: int, workdir: Path, seed: int = SEED) -> dict:
             new_kernels += result["new_kernels"]
             if result["outcome"] == "error":
                 errors[result["error"]] += 1
-            if padding_only and result["outcome"] == "ok" and result["text"] != baseline_text:
-                result["outcome"] = "wrong"
-                result["message"] = f"padding-only mutation changed the output: {result['text']!r}"
-            if result["outcome"] in ("fail", "crash", "hang", "wrong") or (padding_only and result["outcome"] != "ok"):
+            wrong = padding_only and (result["outcome"], result.get("text")) != ("ok", baseline_text)
+            padding_same += padding_only and not wrong  # nothing reads padding: the clean file's run is the answer
+            if wrong:
+                result["message"] = f"padding-only mutation changed the run: {result.get('text')!r} " + \
+                    result.get("message", "")
+            if result["outcome"] in ("fail", "crash", "hang") or wrong:
                 failures.append(result)
                 (workdir / f"failure_{case}.gguf").write_bytes(case_path.read_bytes())
             if result["outcome"] in ("crash", "hang"):
@@ -308,7 +310,8 @@ def run_fuzz(n_cases: int, workdir: Path, seed: int = SEED) -> dict:
     finally:
         worker.stop()
     return {"cases": n_cases, "seed": seed, "outcomes": dict(outcomes), "errors": dict(errors.most_common()),
-            "cases_with_new_kernels": new_kernels, "seconds": round(time.monotonic() - started, 1),
+            "cases_with_new_kernels": new_kernels, "padding_only_cases_with_the_clean_output": padding_same,
+            "seconds": round(time.monotonic() - started, 1),
             "failures": failures, "baseline_text": baseline_text}
 
 
@@ -322,3 +325,4 @@ def test_fuzzed_files_end_in_a_clean_error_or_a_correct_run(tmp_path):
     assert not report["failures"], json.dumps(report["failures"][:5], indent=1)
     # both ends were exercised: files that still run and files refused with a reason
     assert report["outcomes"].get("ok", 0) > 0 and report["outcomes"].get("error", 0) > FUZZ_CASES // 4
+    assert report["padding_only_cases_with_the_clean_output"] > 0
