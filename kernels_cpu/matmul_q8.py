@@ -145,3 +145,25 @@ def matmul_q8(type_id: int, weights: np.ndarray, x: np.ndarray, out: np.ndarray 
     else:
         matmul_rows(int(type_id), weights, xq, xd, xs, out)
     return out
+
+
+@njit(cache=True)
+def matmul_tiles_dispatch(type_id, w, xq, xd, xs, out):
+    """matmul_tiles16 for compiled callers: an if-chain over the repacked layouts (kernels_cpu.specialize keeps only
+    a model's branches). An unknown id leaves out as it is."""
+    if type_id == Q4_1_R:
+        matmul_tiles16(w, xq, xd, xs, out, Q4_1_R)
+    elif type_id == Q8_0_R:
+        matmul_tiles16(w, xq, xd, xs, out, Q8_0_R)
+    elif type_id == Q4_K_R:
+        matmul_tiles16(w, xq, xd, xs, out, Q4_K_R)
+    elif type_id == Q6_K_R:
+        matmul_tiles16(w, xq, xd, xs, out, Q6_K_R)
+    elif type_id == Q5_0_R:
+        matmul_tiles16(w, xq, xd, xs, out, Q5_0_R)
+    elif type_id == Q4_0_R:
+        matmul_tiles16(w, xq, xd, xs, out, Q4_0_R)
+    elif type_id == Q5_1_R:
+        matmul_tiles16(w, xq, xd, xs, out, Q5_1_R)
+    elif type_id == Q5_K_R:
+        matmul_tiles16(w, xq, xd, xs, out, Q5_K_R)

@@ -1,4 +1,4 @@
-"""The decode step specialized to a model's weight types (kernels_cpu.specialize)."""
+"""The forward pass specialized to a model's weight types (kernels_cpu.specialize)."""
 import ast
 import os
 
@@ -7,7 +7,8 @@ import pytest
 from kernels_cpu import formats as F
 from kernels_cpu.dequant import dequant_row
 from kernels_cpu.matvec_q8 import Q4_1_R, Q8_0_R, REPACKED, matvec_q8_dispatch
-from kernels_cpu.specialize import _generated_path, decode_step_for, pruned_source
+from kernels_cpu.matmul_q8 import matmul_tiles_dispatch
+from kernels_cpu.specialize import _generated_path, forward_for, pruned_source
 
 
 def branch_types(source: str) -> list[str]:
@@ -20,37 +21,26 @@ def test_pruned_dispatch_keeps_only_the_given_types():
     assert branch_types(source) == ["Q4_1_R", "Q8_0_R", "Q6_K"]  # the original order
     assert "matvec_k16(raw, xq, xd, xs, out, Q6_K)" in source and "matvec_k4" not in source
     assert source.startswith("from kernels_cpu.matvec_q8 import ")
+    tiles = pruned_source(matmul_tiles_dispatch, [Q8_0_R, F.Q6_K])  # Q6_K (raw) has no tile kernel
+    assert branch_types(tiles) == ["Q8_0_R"]
     only_q8 = pruned_source(dequant_row, [F.Q8_0])
     assert branch_types(only_q8) == ["Q8_0"] and "raise" not in only_q8
 
 
 def test_unknown_types_are_refused():
     with pytest.raises(ValueError, match="1010"):
-        decode_step_for([REPACKED + F.Q2_K, Q4_1_R], F.Q8_0)  # Q2_K has no repacked layout
+        forward_for([REPACKED + F.Q2_K, Q4_1_R], F.Q8_0)  # Q2_K has no repacked layout
     with pytest.raises(ValueError, match="99"):
-        decode_step_for([Q4_1_R], 99)
+        forward_for([Q4_1_R], 99)
 
 
 def test_generated_module_is_written_once_and_reused():
-    step = decode_step_for([Q4_1_R, Q8_0_R], F.Q8_0)  # SmolLM2's types: the session fixture compiled it already
+    forward = forward_for([Q4_1_R, Q8_0_R], F.Q8_0)  # SmolLM2's types: the session fixture compiled it already
     path = _generated_path([Q4_1_R, Q8_0_R, -F.Q8_0])
-    assert path.exists() and step.py_func.__code__.co_filename == str(path)
+    assert path.exists() and forward.py_func.__code__.co_filename == str(path)
     mtime = os.stat(path).st_mtime_ns
-    assert decode_step_for([Q8_0_R, Q4_1_R], F.Q8_0) is step
+    assert forward_for([Q8_0_R, Q4_1_R], F.Q8_0) is forward
     assert os.stat(path).st_mtime_ns == mtime  # rewriting it would make Numba recompile
-    assert sorted(branch_types(path.read_text().split("types only\n")[1])) == ["Q4_1_R", "Q8_0", "Q8_0_R"]
-
-
-def test_background_compile_child_runs_and_is_skipped_once_cached():
-    """The first-run helper: a child process compiles (here: finds in the cache) the step for the engine's exact
-    argument types; once the cache holds the step, no child is started."""
-    import edgeinfer
-    from conftest import model_path
-    from kernels_cpu.specialize import compile_in_background, is_compiled
-
-    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=16, n_threads=1) as model:
-        step, cache = model.engine.step, model.engine.cache
-        child = compile_in_background(step.type_ids, int(step.head_mats[0, 1]), step.arguments(0, 0, cache))
-        assert child.wait(timeout=300) == 0
-        assert is_compiled(step.decode_step)
-        assert step.compile_in_background(cache) is None
+    # the matvec chain keeps Q4_1_R and Q8_0_R, the tile chain the same two, the embedding chain Q8_0
+    assert sorted(branch_types(path.read_text().split("types only\n")[1])) == ["Q4_1_R", "Q4_1_R", "Q8_0",
+                                                                                 "Q8_0_R", "Q8_0_R"]

@@ -1,0 +1,245 @@
+"""One forward pass of the pre-norm decoder family for any batch of tokens, each at its own (sequence, position).
+
+A prompt's prefill (one sequence, positions p..p+n-1), one decode step (n = 1), a decode step of B sequences and k
+draft tokens to verify are all the same call: `forward`. It runs every layer inside compiled code (Python-level
+orchestration costs microseconds per kernel call; a 30-layer step makes hundreds). Row i's keys and values are
+stored at `k_cache[layer, seqs[i], positions[i]]` before attention, so row i attends to its own sequence's cached
+positions <= positions[i] (inside the layer's sliding window where it has one): rows of one sequence see each other
+causally, rows of different sequences never meet. A batch must not hold two rows with the same (sequence, position).
+
+Matrices multiply with int8-quantized activations: matvec kernels for one row, tile kernels (matmul_q8) for more;
+both take the same per-block steps, so a token's logits are bit-identical whichever way it is batched.
+
+Knows nothing of GGUF: weights arrive as two uint8 buffers (the memory-mapped file and the repacked weights) plus a
+table of where each matrix lies (`MATRIX`, a record dtype); the small float vectors (norms, biases) as one padded
+float32 table indexed by the V_* roles; the hyper-parameters and variant switches as a `Hyper` named tuple, the
+scratch arrays as a `Scratch` named tuple. `edgeinfer.engine` builds them.
+"""
+from collections import namedtuple
+
+import numpy as np
+from numba import njit
+
+from kernels_cpu.activation import _gated_rows, gated_activation_row
+from kernels_cpu.activations_q8 import quantize_activations, quantize_activations_rows
+from kernels_cpu.attention import attention_rows
+from kernels_cpu.dequant import dequant_row
+from kernels_cpu.matmul_q8 import matmul_tiles_dispatch
+from kernels_cpu.matvec_q8 import REPACKED, matvec_q8_dispatch, weight_rows
+from kernels_cpu.norm import rms_norm_rows, rms_norm_rows_parallel
+from kernels_cpu.rope import rope_inplace
+
+# A weight matrix: where its bytes lie (`buffer` IN_FILE: the model file; IN_PACKED: the repacked weights, at
+# `offset`), its layout (`type_id`: a ggml type or a repacked layout's id, matvec_q8), its shape and bytes per array
+# row. A row of n_rows 0 marks a matrix that does not exist (e.g. the fused Q|K|V where Q, K, V are apart).
+MATRIX = np.dtype([("offset", np.int64), ("type_id", np.int64), ("n_rows", np.int64), ("n_cols", np.int64),
+                   ("row_bytes", np.int64), ("buffer", np.int64)])
+IN_FILE, IN_PACKED = 0, 1
+
+# roles of the per-layer matrices (second axis of the layer table); M_QKV and M_GATE_UP are Q|K|V and gate|up as one
+# matrix where they lie one after another in one layout: one parallel region and one quantization of x, not three
+M_Q, M_K, M_V, M_O, M_GATE, M_UP, M_DOWN, M_QKV, M_GATE_UP = range(9)
+N_MAT = 9
+# the head table: token embedding and output (LM head) matrices
+H_EMBED, H_OUTPUT = range(2)
+# roles of the per-layer float vectors (second axis of `vecs`)
+V_ATTN_NORM, V_FFN_NORM, V_Q_BIAS, V_K_BIAS, V_V_BIAS, V_Q_NORM, V_K_NORM, V_POST_ATTN, V_POST_FFN = range(9)
+N_VEC = 9
+
+# The hyper-parameters and variant switches compiled code reads (built from an arch's DecoderConfig in one place).
+Hyper = namedtuple("Hyper", [
+    "d_model", "n_heads", "n_kv_heads", "head_dim", "value_dim", "d_ff", "n_vocab",  # sizes
+    "rope_dims", "rope_style",  # RoPE: leading dims rotated per head, ROPE_NORMAL / ROPE_NEOX
+    "qkv_bias", "qk_norm", "post_norms", "gelu",  # variant switches (bools)
+    "norm_eps", "embedding_scale", "attention_scale", "logit_softcap",  # reals (softcap 0: none)
+])
+
+# Scratch arrays for a batch of n rows; the q8 triples are x quantized to int8 blocks (values, block scales, block
+# sums) at the three widths matrices read: d_model, n_heads * value_dim (attention output) and d_ff.
+Scratch = namedtuple("Scratch", [
+    "x", "h",  # (n, d_model): the residual stream, the normed input of a block
+    "qkv", "q", "k", "v",  # (n, q+k+v dims) the fused projection; q (n, heads, hd), k (n, kv, hd), v (n, kv, vd)
+    "attn",  # (n, heads, vd)
+    "gate_up", "gate", "up",  # (n, 2 ff) fused; gate, up (n, ff)
+    "out",  # (n, d_model): a block's output before the residual add
+    "q8_model", "q8_attn", "q8_ff",  # (values int8 (n, w), scales f32 (n, w/32), sums i32 (n, w/32)) per width
+    "head_in",  # (n, d_model): final-normed rows whose logits are wanted
+])
+
+# below this many rows, waking the worker threads for norms costs more than it saves (prefill's old threshold)
+PARALLEL_NORM_ROWS = 64
+
+
+def make_scratch(hp: Hyper, n: int) -> Scratch:
+    """Scratch arrays for batches of up to n rows."""
+    f32 = np.float32
+    d, heads, kv, hd, vd, ff = hp.d_model, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.value_dim, hp.d_ff
+
+    def q8(width):
+        return (np.zeros((n, width), np.int8), np.zeros((n, width // 32), f32), np.zeros((n, width // 32), np.int32))
+
+    return Scratch(
+        x=np.zeros((n, d), f32), h=np.zeros((n, d), f32),
+        qkv=np.zeros((n, heads * hd + kv * hd + kv * vd), f32),
+        q=np.zeros((n, heads, hd), f32), k=np.zeros((n, kv, hd), f32), v=np.zeros((n, kv, vd), f32),
+        attn=np.zeros((n, heads, vd), f32),
+        gate_up=np.zeros((n, 2 * ff), f32), gate=np.zeros((n, ff), f32), up=np.zeros((n, ff), f32),
+        out=np.zeros((n, d), f32),
+        q8_model=q8(d), q8_attn=q8(heads * vd), q8_ff=q8(ff),
+        head_in=np.zeros((n, d), f32),
+    )
+
+
+@njit(cache=True)
+def _matrix(weights, packed, m):
+    """The uint8 (array rows, row_bytes) view of the matrix that table record m describes."""
+    rows = weight_rows(m.type_id, m.n_rows)
+    buffer = packed if m.buffer == IN_PACKED else weights
+    return buffer[m.offset:m.offset + rows * m.row_bytes].reshape((rows, m.row_bytes))
+
+
+@njit(cache=True)
+def _linear(weights, packed, m, x, out, q8):
+    """out[:, :n_rows] = x @ W.T for the rows of x (n, n_cols), x quantized to int8 blocks first (as llama.cpp's
+    vec_dot with Q8 activations). One row: a matvec; more: the tile kernels of a repacked layout, else a matvec per
+    row."""
+    n = x.shape[0]
+    xq, xd, xs = q8[0][:n], q8[1][:n], q8[2][:n]
+    w = _matrix(weights, packed, m)
+    if n == 1:
+        quantize_activations(x[0], xq[0], xd[0], xs[0])
+        matvec_q8_dispatch(m.type_id, w, xq[0], xd[0], xs[0], out[0])
+        return
+    quantize_activations_rows(x, xq, xd, xs)
+    if m.type_id >= REPACKED:
+        matmul_tiles_dispatch(m.type_id, w, xq, xd, xs, out)
+    else:
+        for t in range(n):
+            matvec_q8_dispatch(m.type_id, w, xq[t], xd[t], xs[t], out[t])
+
+
+@njit(cache=True)
+def _rms_norm(x, weight, eps, out):
+    if x.shape[0] >= PARALLEL_NORM_ROWS:
+        rms_norm_rows_parallel(x, weight, eps, out)
+    else:
+        rms_norm_rows(x, weight, eps, out)
+
+
+@njit(cache=True)
+def _add_rows(x, y):
+    """x += y, row by row (y may be wider than x: only x's columns are added)."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            x[i, j] += y[i, j]
+
+
+@njit(cache=True)
+def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_base, positions, seqs, k_cache, v_cache,
+                     s, n):
+    """s.out[:n] = the attention block's output for s.x[:n] (its K/V rows stored into the cache first)."""
+    d, heads, kv_heads, hd, vd = hp.d_model, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.value_dim
+    qd, kd = heads * hd, kv_heads * hd
+    x, h, q, k, v = s.x[:n], s.h[:n], s.q[:n], s.k[:n], s.v[:n]
+    _rms_norm(x, lv[V_ATTN_NORM, :d], hp.norm_eps, h)
+    q2, k2, v2 = q.reshape((n, qd)), k.reshape((n, kd)), v.reshape((n, kv_heads * vd))
+    if mats[M_QKV].n_rows:
+        qkv = s.qkv[:n]
+        _linear(weights, packed, mats[M_QKV], h, qkv, s.q8_model)
+        for i in range(n):
+            q2[i] = qkv[i, :qd]
+            k2[i] = qkv[i, qd:qd + kd]
+            v2[i] = qkv[i, qd + kd:]
+    else:
+        _linear(weights, packed, mats[M_Q], h, q2, s.q8_model)
+        _linear(weights, packed, mats[M_K], h, k2, s.q8_model)
+        _linear(weights, packed, mats[M_V], h, v2, s.q8_model)
+    if hp.qkv_bias:
+        for i in range(n):
+            q2[i] += lv[V_Q_BIAS, :qd]
+            k2[i] += lv[V_K_BIAS, :kd]
+            v2[i] += lv[V_V_BIAS, :kv_heads * vd]
+    if hp.qk_norm:
+        rms_norm_rows(q.reshape((n * heads, hd)), lv[V_Q_NORM, :hd], hp.norm_eps, q.reshape((n * heads, hd)))
+        rms_norm_rows(k.reshape((n * kv_heads, hd)), lv[V_K_NORM, :hd], hp.norm_eps, k.reshape((n * kv_heads, hd)))
+    rope_inplace(q, positions, rope_base, hp.rope_dims, hp.rope_style)
+    rope_inplace(k, positions, rope_base, hp.rope_dims, hp.rope_style)
+    for i in range(n):
+        k_cache[layer, seqs[i], positions[i]] = k[i]
+        v_cache[layer, seqs[i], positions[i]] = v[i]
+    attn = s.attn[:n]
+    attention_rows(q, positions, seqs, k_cache[layer], v_cache[layer], hp.attention_scale, window, attn)
+    out = s.out[:n]
+    _linear(weights, packed, mats[M_O], attn.reshape((n, heads * vd)), out, s.q8_attn)
+    if hp.post_norms:
+        _rms_norm(out, lv[V_POST_ATTN, :d], hp.norm_eps, out)
+
+
+@njit(cache=True)
+def _feed_forward_block(weights, packed, mats, lv, hp, s, n):
+    """s.out[:n] = the feed-forward block's output for s.x[:n]."""
+    d, ff = hp.d_model, hp.d_ff
+    x, h, gate, up = s.x[:n], s.h[:n], s.gate[:n], s.up[:n]
+    _rms_norm(x, lv[V_FFN_NORM, :d], hp.norm_eps, h)
+    if mats[M_GATE_UP].n_rows:
+        gate_up = s.gate_up[:n]
+        _linear(weights, packed, mats[M_GATE_UP], h, gate_up, s.q8_model)
+        for i in range(n):
+            gate[i] = gate_up[i, :ff]
+            up[i] = gate_up[i, ff:]
+    else:
+        _linear(weights, packed, mats[M_GATE], h, gate, s.q8_model)
+        _linear(weights, packed, mats[M_UP], h, up, s.q8_model)
+    if n == 1:
+        gated_activation_row(gate[0], up[0], hp.gelu)
+    else:
+        _gated_rows(gate, up, hp.gelu)
+    out = s.out[:n]
+    _linear(weights, packed, mats[M_DOWN], gate, out, s.q8_ff)
+    if hp.post_norms:
+        _rms_norm(out, lv[V_POST_FFN, :d], hp.norm_eps, out)
+
+
+@njit(cache=True)
+def forward(tokens, positions, seqs, logit_rows, weights, packed, layer_mats, head_mats, vecs, output_norm,
+            windows, rope_bases, hp, k_cache, v_cache, s, logits):
+    """Evaluate tokens (n,) at positions (n,) of sequences seqs (n,) (each row's K/V stored there), and write the
+    logits of rows logit_rows (m,) into logits (m, n_vocab).
+
+    layer_mats (n_layers, N_MAT) and head_mats (2,) of MATRIX records; vecs (n_layers, N_VEC, width) float32;
+    windows (n_layers,) int64 (0: full attention); rope_bases (n_layers,) float64; hp a Hyper; k_cache
+    (n_layers, n_seq, n_ctx, n_kv_heads, head_dim) float32, v_cache likewise with value_dim; s a Scratch of at
+    least n rows."""
+    n = tokens.shape[0]
+    d = hp.d_model
+    x = s.x[:n]
+    embed = _matrix(weights, packed, head_mats[H_EMBED])
+    for i in range(n):
+        dequant_row(head_mats[H_EMBED].type_id, embed[tokens[i]], x[i])
+    if hp.embedding_scale != 1.0:
+        scale = np.float32(hp.embedding_scale)  # a float32 product, as llama.cpp computes it
+        for i in range(n):
+            for j in range(d):
+                x[i, j] *= scale
+
+    for layer in range(layer_mats.shape[0]):
+        mats, lv = layer_mats[layer], vecs[layer]
+        _attention_block(layer, weights, packed, mats, lv, hp, windows[layer], rope_bases[layer], positions, seqs,
+                         k_cache, v_cache, s, n)
+        _add_rows(x, s.out[:n])
+        _feed_forward_block(weights, packed, mats, lv, hp, s, n)
+        _add_rows(x, s.out[:n])
+
+    m = logit_rows.shape[0]
+    if m == 0:  # a prompt chunk before the last one: its keys and values are all that is wanted
+        return
+    head_in = s.head_in[:m]
+    for r in range(m):
+        head_in[r] = x[logit_rows[r]]
+    _rms_norm(head_in, output_norm, hp.norm_eps, head_in)
+    _linear(weights, packed, head_mats[H_OUTPUT], head_in, logits, s.q8_model)
+    cap = hp.logit_softcap
+    if cap != 0.0:
+        for r in range(m):
+            for j in range(logits.shape[1]):
+                logits[r, j] = np.tanh(logits[r, j] / cap) * cap
