@@ -27,18 +27,19 @@ from edgeinfer.tokenizer.vocab import Attr
 
 
 def load(model: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-         seed: int | None = None, power: str = "auto") -> "Model":
+         seed: int | None = None, power: str = "auto", n_seq: int = 1) -> "Model":
     """Open a model by catalogue name (fetched on first use) or path to a GGUF file.
 
     n_ctx: context positions to allocate (default: the largest that fits in memory, at most min(trained, 8192));
     n_threads: compute threads (default: chosen for this machine's cores and power state);
-    seed: default seed for sampling (None or -1: a random one); power: "auto", "saver", "balanced" or "performance".
+    seed: default seed for sampling (None or -1: a random one); power: "auto", "saver", "balanced" or "performance";
+    n_seq: sequences the KV cache holds, n_ctx positions each (`Model.generate_batch` decodes that many at once).
     Raises BudgetError, before allocating anything, if the model or the asked-for context does not fit;
     InvalidArgument / TypeError naming the argument for a bad value."""
     from models.fetch import resolve_model
 
-    _check_options(n_ctx, n_threads, seed, power)
-    return Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power)
+    _check_options(n_ctx, n_threads, seed, power, n_seq)
+    return Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power, n_seq=n_seq)
 
 
 # ================================================================ argument checks
@@ -53,8 +54,9 @@ def _check_int(name: str, value, minimum: int, *, optional: bool = False) -> Non
         raise InvalidArgument(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_options(n_ctx, n_threads, seed, power) -> None:
+def _check_options(n_ctx, n_threads, seed, power, n_seq=1) -> None:
     _check_int("n_ctx", n_ctx, 1, optional=True)
+    _check_int("n_seq", n_seq, 1)
     _check_int("n_threads", n_threads, 1, optional=True)
     _check_int("seed", seed, -1, optional=True)  # -1: random, as llama.cpp
     if power != "auto" and power not in POWER_MODES:
@@ -95,6 +97,20 @@ def check_messages(messages) -> None:
                 raise InvalidArgument(f"messages[{i}] has no {key!r}")
             if not isinstance(m[key], str):
                 raise TypeError(f"messages[{i}]: {key!r} must be a string, not {type(m[key]).__name__}")
+
+
+def _per_prompt(key: str, value, n: int) -> list:
+    """A generate_batch setting as one value per prompt: a list (for `stop`: a list of lists or None) gives them
+    one by one, anything else is every prompt's."""
+    if key == "stop":
+        given = isinstance(value, list) and any(v is None or isinstance(v, (list, tuple)) for v in value)
+    else:
+        given = isinstance(value, (list, tuple))
+    if not given:
+        return [value] * n
+    if len(value) != n:
+        raise InvalidArgument(f"{key} has {len(value)} values for {n} prompts")
+    return list(value)
 
 
 # ================================================================ chat tokenization
@@ -204,17 +220,17 @@ class Model:
     read each stream's own `stats`."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 seed: int | None = None, power: str = "auto"):
-        _check_options(n_ctx, n_threads, seed, power)
+                 seed: int | None = None, power: str = "auto", n_seq: int = 1):
+        _check_options(n_ctx, n_threads, seed, power, n_seq)
         self.gguf = GGUFFile(path)
         try:
             self.config, self.weights = load_decoder(self.gguf)
             # explicit n_ctx / n_threads win; a BudgetError comes here, before the tokenizer or KV cache is built
             self.plan: Plan = make_plan(ModelFootprint.from_gguf(self.gguf, self.config), read_system_state(),
-                                        n_ctx=n_ctx, n_threads=n_threads, power=power)
+                                        n_ctx=n_ctx, n_threads=n_threads, power=power, n_seq=n_seq)
             self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
             self.engine = Engine(self.config, self.weights, n_ctx=self.plan.n_ctx, n_batch=self.plan.n_batch,
-                                 n_threads=self.plan.n_threads)
+                                 n_threads=self.plan.n_threads, n_seq=self.plan.n_seq)
         except BaseException:
             self.gguf.close()
             raise
@@ -301,17 +317,22 @@ class Model:
         Stops at an end-of-generation token, at max_tokens (>= 0), when the context is full, or before a stop string
         (which is not emitted). The iterator's `stats` (and `last_stats`) hold the figures. Arguments are checked
         here, before the first piece; ModelError if the model computes NaN/inf logits."""
-        tokens = self._prompt_ids(prompt, "prompt")
+        tokens, sampler, stops = self._request(prompt, "prompt", max_tokens=max_tokens, temperature=temperature,
+                                               top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                               presence_penalty=presence_penalty,
+                                               frequency_penalty=frequency_penalty, seed=seed, stop=stop)
+        self.last_stats = stats = GenerationStats()
+        return Completion(self._pieces(tokens, sampler, max_tokens, stops, stats), stats, sampler)
+
+    def _request(self, prompt, name: str, *, max_tokens, stop, seed, **sampling) -> tuple:
+        """A generation's checked parts: (prompt token ids, sampler, stop strings)."""
+        tokens = self._prompt_ids(prompt, name)
         _check_int("max_tokens", max_tokens, 0)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         for i, s in enumerate(stops):
             _check_text(f"stop[{i}]", s)
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty, seed=self.seed if seed is None else seed)
-        sampler = Sampler(params, self.n_vocab)
-        self.last_stats = stats = GenerationStats()
-        return Completion(self._pieces(tokens, sampler, max_tokens, stops, stats), stats, sampler)
+        params = SamplingParams(**sampling, seed=self.seed if seed is None else seed)
+        return tokens, Sampler(params, self.n_vocab), stops
 
     def _pieces(self, tokens: list[int], sampler: Sampler, max_tokens: int, stop: list[str],
                 stats: GenerationStats) -> Iterator[str]:
@@ -330,6 +351,33 @@ class Model:
     def generate(self, prompt: str | Sequence[int], **kwargs) -> str:
         """The whole continuation of `prompt` as one string; keyword arguments as for `stream`."""
         return "".join(self.stream(prompt, **kwargs))
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], **settings) -> list[str]:
+        """The continuations of several prompts, decoded together: up to n_seq (see `load`) at a time in one forward
+        pass per token, the next prompt starting as soon as one ends. settings: the keyword arguments of `stream`
+        (max_tokens, temperature, ..., seed, stop); each is one value for every prompt or a list of one per prompt.
+        Each answer is exactly what `generate` gives that prompt alone (with a given seed, or greedy).
+        `last_batch_stats` holds each prompt's GenerationStats afterwards."""
+        from edgeinfer.batch_generation import BatchGenerator, BatchRequest
+
+        self._check_open()
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of prompts, not {type(prompts).__name__}")
+        defaults = dict(max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
+                        presence_penalty=0.0, frequency_penalty=0.0, seed=None, stop=None)
+        unknown = sorted(set(settings) - set(defaults))
+        if unknown:
+            raise TypeError(f"generate_batch got unexpected settings: {', '.join(unknown)}")
+        per_prompt = {key: _per_prompt(key, value, len(prompts)) for key, value in {**defaults, **settings}.items()}
+        requests = []
+        for i, prompt in enumerate(prompts):
+            mine = {key: values[i] for key, values in per_prompt.items()}
+            tokens, sampler, stops = self._request(prompt, f"prompts[{i}]", **mine)
+            requests.append(BatchRequest(tokens, sampler, mine["max_tokens"], stops))
+        with self._use() as cached:
+            BatchGenerator(cached.engine, self.tokenizer, self.tokenizer.eog_ids, name=str(self.path)).run(requests)
+        self.last_batch_stats = [r.stats for r in requests]
+        return [r.text for r in requests]
 
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, *,
                     parse_special: bool = False) -> list[int]:

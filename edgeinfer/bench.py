@@ -1,7 +1,9 @@
 """`edgeinfer bench`: prompt-processing and generation speed in the manner of llama-bench.
 
 pp N: evaluate N prompt tokens on an empty context (tokens/s). tg N: generate N tokens one decode step at a time
-from an empty context (tokens/s). Each test runs after one warm-up and is repeated; mean and standard deviation
+from an empty context (tokens/s); with a batch of B > 1, B sequences generate N tokens each, one decode step for all
+of them at a time (aggregate tokens/s over the B sequences). Beside each tg row: the weight bytes one decode step
+reads and the read rate that makes (decode is bound by it: B sequences read the weights once per step). Each test runs after one warm-up and is repeated; mean and standard deviation
 are reported. With `compare_llama_cpp`, llama.cpp (through llama-cpp-python) runs the same tests on the same file
 in the same run (in a child process), so the ratio column compares like with like.
 Time to first token and peak RSS are measured in fresh subprocesses, since both are properties of a whole process.
@@ -30,7 +32,8 @@ class BenchRow:
     backend: str  # "edgeinfer" or "llama.cpp"
     test: str  # "pp512", "tg128"
     n_threads: int
-    samples: list[float] = field(default_factory=list)  # tokens/s per repetition
+    samples: list[float] = field(default_factory=list)  # tokens/s per repetition (all B sequences together)
+    batch: int = 1  # sequences decoded together (tg)
 
     @property
     def mean(self) -> float:
@@ -46,25 +49,28 @@ def _random_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(1000, min(n_vocab, 30000), size=n).tolist()
 
 
-def _time_edgeinfer(model, test: str, n: int, n_threads: int, reps: int) -> BenchRow:
+def _time_edgeinfer(model, test: str, n: int, n_threads: int, reps: int, batch: int = 1) -> BenchRow:
     engine = model.engine
     engine.n_threads = n_threads
-    tokens = _random_tokens(n, model.n_vocab)
-    row = BenchRow("edgeinfer", test, n_threads)
+    tokens = _random_tokens(max(n, batch), model.n_vocab)
+    row = BenchRow("edgeinfer", test, n_threads, batch=batch)
+    seqs = list(range(batch))
     for rep in range(reps + 1):  # the first run is a warm-up
-        engine.reset()
+        for seq in seqs:
+            engine.cache.truncate(seq, 0)
         start = time.perf_counter()
         if test.startswith("pp"):
             engine.prefill(tokens)
         else:
-            token = tokens[0]
+            step = tokens[:batch]
             for _ in range(n):
-                logits = engine.decode(token)
-                token = int(np.argmax(logits))
+                logits = engine.decode_batch(step, seqs)
+                step = [int(t) for t in np.argmax(logits, axis=1)]
         elapsed = time.perf_counter() - start
         if rep:
-            row.samples.append(n / elapsed)
-    engine.reset()
+            row.samples.append(n * (batch if test.startswith("tg") else 1) / elapsed)
+    for seq in seqs:
+        engine.cache.truncate(seq, 0)
     return row
 
 
@@ -177,8 +183,9 @@ def bench_context(prompt_tokens: int, gen_tokens: int, n_ctx: int | None = None)
 
 
 def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 128, threads=(1, 2), reps: int = 3,
-              n_ctx: int | None = None, compare_llama_cpp: bool = False, process: bool = True) -> dict:
-    """All rows of a benchmark run, as a JSON-serialisable dict. n_ctx: context positions (see `bench_context`)."""
+              n_ctx: int | None = None, batches=(1,), compare_llama_cpp: bool = False, process: bool = True) -> dict:
+    """All rows of a benchmark run, as a JSON-serialisable dict. n_ctx: context positions (see `bench_context`);
+    batches: the tg test for each number of sequences decoded together."""
     import edgeinfer
 
     if reps < 1:
@@ -186,17 +193,21 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
     path = str(model_path)
     n_ctx = bench_context(prompt_tokens, gen_tokens, n_ctx)
     rows: list[BenchRow] = []
-    with edgeinfer.load(path, n_ctx=n_ctx) as model:
+    if any(b < 1 for b in batches):
+        raise BenchError(f"--batch values must be >= 1, got {','.join(map(str, batches))}")
+    with edgeinfer.load(path, n_ctx=n_ctx, n_seq=max(batches)) as model:
+        weight_bytes = model.engine.tables.weight_bytes_per_step()
         for n_threads in threads:
             if prompt_tokens:
                 rows.append(_time_edgeinfer(model, f"pp{prompt_tokens}", prompt_tokens, n_threads, reps))
-            if gen_tokens:
-                rows.append(_time_edgeinfer(model, f"tg{gen_tokens}", gen_tokens, n_threads, reps))
+            for batch in batches if gen_tokens else ():
+                rows.append(_time_edgeinfer(model, f"tg{gen_tokens}", gen_tokens, n_threads, reps, batch))
     if compare_llama_cpp:
         rows += _llama_cpp_rows(path, prompt_tokens, gen_tokens, threads, reps, n_ctx)
     result = {
         "model": os.path.basename(path),
         "model_size_bytes": os.path.getsize(path),
+        "weight_bytes_per_step": weight_bytes,
         "rows": [dict(asdict(r), mean=r.mean, sd=r.sd) for r in rows],
     }
     if process:
@@ -209,15 +220,20 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
 def format_bench(result: dict) -> str:
     """The result as a llama-bench-style table, with the ratio to llama.cpp where it ran."""
     theirs = {(r["test"], r["n_threads"]): r["mean"] for r in result["rows"] if r["backend"] == "llama.cpp"}
-    lines = [f"model: {result['model']} ({result['model_size_bytes'] / 1e6:.0f} MB)",
-             f"| {'backend':9} | {'test':6} | threads | {'tokens/s':>16} | vs llama.cpp |",
-             "|-----------|--------|---------|------------------|--------------|"]
+    step_bytes = result.get("weight_bytes_per_step")
+    lines = [f"model: {result['model']} ({result['model_size_bytes'] / 1e6:.0f} MB)"
+             + (f"; a decode step reads {step_bytes / 1e6:.0f} MB of weights" if step_bytes else ""),
+             f"| {'backend':9} | {'test':6} | batch | threads | {'tokens/s':>16} | vs llama.cpp | weights GB/s |",
+             "|-----------|--------|-------|---------|------------------|--------------|--------------|"]
     for r in result["rows"]:
-        ratio = ""
-        if r["backend"] == "edgeinfer" and (r["test"], r["n_threads"]) in theirs:
+        ratio = rate = ""
+        batch = r.get("batch", 1)
+        if r["backend"] == "edgeinfer" and batch == 1 and (r["test"], r["n_threads"]) in theirs:
             ratio = f"{r['mean'] / theirs[(r['test'], r['n_threads'])]:.2f}x"
-        lines.append(f"| {r['backend']:9} | {r['test']:6} | {r['n_threads']:7} | "
-                     f"{r['mean']:8.1f} ± {r['sd']:5.1f} | {ratio:>12} |")
+        if r["backend"] == "edgeinfer" and r["test"].startswith("tg") and step_bytes:
+            rate = f"{step_bytes * r['mean'] / batch / 1e9:.1f}"  # steps/s = tokens/s / B
+        lines.append(f"| {r['backend']:9} | {r['test']:6} | {batch:5} | {r['n_threads']:7} | "
+                     f"{r['mean']:8.1f} ± {r['sd']:5.1f} | {ratio:>12} | {rate:>12} |")
     for backend, fig in result.get("process", {}).items():
         if "error" in fig:
             lines.append(f"{backend}: process figures failed: {fig['error']}")

@@ -9,6 +9,7 @@ Memory figures in messages are MB of 2**20 bytes, as `free -m` and `top` show th
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -266,6 +267,7 @@ class ModelFootprint:
     tokenizer_bytes: int
     runtime_bytes: int = RUNTIME_BYTES
     config: DecoderConfig | None = field(default=None, repr=False, compare=False)
+    n_seq: int = 1  # sequences the KV cache holds, n_ctx positions each (batched generation)
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, cfg: DecoderConfig) -> "ModelFootprint":
@@ -286,8 +288,8 @@ class ModelFootprint:
     def kv_bytes(self, n_ctx: int) -> int:
         """KV-cache bytes for n_ctx positions: the engine's own figure when the config is known."""
         if self.config is not None:
-            return KVCache.nbytes_for(self.config, n_ctx)
-        return n_ctx * self.kv_bytes_per_token
+            return KVCache.nbytes_for(self.config, n_ctx, self.n_seq)
+        return self.n_seq * n_ctx * self.kv_bytes_per_token
 
     def scratch_bytes(self, n_batch: int) -> int:
         """Working memory of a prefill batch of n_batch positions plus one position's logits and sampling."""
@@ -310,6 +312,7 @@ class Plan:
     n_ctx: int
     n_threads: int
     n_batch: int
+    n_seq: int  # sequences the KV cache holds (n_ctx positions each)
     power_mode: str  # resolved: "saver", "balanced" or "performance"
     memory: dict[str, int]  # bytes by part: weights, kv_cache, scratch, runtime, tokenizer
     memory_total_bytes: int
@@ -393,17 +396,18 @@ def power_changed(old: SystemState, new: SystemState) -> bool:
 
 
 def make_plan(footprint: ModelFootprint, state: SystemState, *, n_ctx: int | None = None,
-              n_threads: int | None = None, power: str = "auto") -> Plan:
+              n_threads: int | None = None, power: str = "auto", n_seq: int = 1) -> Plan:
     """Choose context length, threads and prefill batch for a model on a machine; BudgetError if it cannot fit.
 
     Explicit n_ctx / n_threads win (n_ctx only if it fits). Otherwise: the largest context that fits, a multiple
     of 256 between 512 and min(trained, 8192); physical cores (one left free above four, the cgroup quota caps),
-    halved in saver mode (asked for, or auto on battery below 30%), one fewer when the CPU is hot."""
+    halved in saver mode (asked for, or auto on battery below 30%), one fewer when the CPU is hot. With n_seq > 1
+    the KV cache holds n_seq sequences of n_ctx positions each (batched generation)."""
     if n_ctx is not None and n_ctx < 1:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
     if n_threads is not None and n_threads < 1:
         raise ValueError(f"n_threads must be positive, got {n_threads}")
-    fp = footprint
+    fp = dataclasses.replace(footprint, n_seq=int(n_seq)) if n_seq != footprint.n_seq else footprint
     reasons = {}
     mode, reasons["power"] = resolve_power(power, state)
     if n_threads:
@@ -424,7 +428,8 @@ def make_plan(footprint: ModelFootprint, state: SystemState, *, n_ctx: int | Non
     if fp.kv_linear:
         reasons["n_ctx"] += f"; {fp.kv_bytes_per_token / 1024:.0f} KB of KV cache per position"
     memory = fp.breakdown(ctx, batch)
-    return Plan(model=fp.name, n_ctx=ctx, n_threads=threads, n_batch=batch, power_mode=mode, memory=memory,
+    return Plan(model=fp.name, n_ctx=ctx, n_threads=threads, n_batch=batch, n_seq=fp.n_seq, power_mode=mode,
+                memory=memory,
                 memory_total_bytes=sum(memory.values()), memory_available_bytes=usable, reasons=reasons)
 
 

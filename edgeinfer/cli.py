@@ -44,19 +44,31 @@ def _compute_threads(ctx, param, value):
     return None if value is None else check_thread_count(value, param, ctx)
 
 
-class ThreadCounts(click.ParamType):
-    """A comma-separated list of thread counts, e.g. "1,2", each one this machine can run -> tuple[int, ...]."""
+class CountList(click.ParamType):
+    """A comma-separated list of positive counts, e.g. "1,4,8" -> tuple[int, ...]."""
 
     name = "N[,N...]"
 
     def convert(self, value, param, ctx):
+        counts = self.parse(value, param, ctx)
+        if any(n < 1 for n in counts):
+            self.fail(f"{value!r}: every count must be >= 1.", param, ctx)
+        return counts
+
+    def parse(self, value, param, ctx) -> tuple[int, ...]:
         if isinstance(value, tuple):
             return value
         try:
-            counts = tuple(int(t) for t in str(value).split(","))
+            return tuple(int(t) for t in str(value).split(","))
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of thread counts.", param, ctx)
-        return tuple(check_thread_count(n, param, ctx) for n in counts)
+            self.fail(f"{value!r} is not a comma-separated list of counts.", param, ctx)
+
+
+class ThreadCounts(CountList):
+    """A comma-separated list of thread counts, e.g. "1,2", each one this machine can run -> tuple[int, ...]."""
+
+    def convert(self, value, param, ctx):
+        return tuple(check_thread_count(n, param, ctx) for n in self.parse(value, param, ctx))
 
 
 def _seed(ctx, param, value):
@@ -216,10 +228,13 @@ def chat_cmd(model, system, max_tokens, single, **options):
               help="Repetitions per test (after a warm-up).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
               help="Context length (default: the larger of -p and -n, plus 16).")
+@click.option("-b", "--batch", "batches", type=CountList(), default="1", show_default=True,
+              help="Comma-separated numbers of sequences decoded together in the tg test (aggregate tokens/s).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--compare-llama-cpp", is_flag=True, help="Run llama.cpp (llama-cpp-python) on the same file too.")
 @click.option("--no-process", is_flag=True, help="Skip the time-to-first-token and peak-RSS subprocess runs.")
-def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, n_ctx, as_json, compare_llama_cpp, no_process):
+def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, n_ctx, batches, as_json, compare_llama_cpp,
+              no_process):
     """Measure prompt processing and generation speed, like llama-bench."""
     from edgeinfer.bench import BenchError, bench_context, format_bench, run_bench
     from models.fetch import resolve_model
@@ -235,7 +250,8 @@ def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, n_ctx, as_json, c
         except ImportError:
             raise click.UsageError("--compare-llama-cpp needs llama-cpp-python: pip install 'edgeinfer[llama]'")
     result = run_bench(resolve_model(model), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                       threads=thread_counts, reps=reps, n_ctx=n_ctx, compare_llama_cpp=compare_llama_cpp,
+                       threads=thread_counts, reps=reps, n_ctx=n_ctx, batches=batches,
+                       compare_llama_cpp=compare_llama_cpp,
                        process=not no_process)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 

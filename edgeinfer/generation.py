@@ -50,7 +50,8 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class CachedEngine:
-    """An engine plus the token ids its KV cache holds, so a new prompt re-evaluates only what differs.
+    """An engine's single stream (sequence 0 of its KV cache), so a new prompt re-evaluates only what differs from
+    the tokens the cache holds (the cache keeps that record: `tokens`).
 
     Every evaluation checks its logits: NaN or inf (damaged weights, a damaged repacked cache, NaN norms or epsilon)
     raise ModelError naming `name` (the model file) and the position, and the positions just evaluated are dropped."""
@@ -58,11 +59,14 @@ class CachedEngine:
     def __init__(self, engine: Engine, name: str = "model"):
         self.engine = engine
         self.name = name
-        self.tokens: list[int] = []
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids the cache holds, by position (a copy)."""
+        return self.engine.cache.tokens(0)
 
     def reset(self) -> None:
         self.engine.reset()
-        self.tokens = []
 
     def evaluate_prompt(self, prompt: Sequence[int]) -> tuple:
         """Logits after the whole prompt, evaluating only the tokens past the longest common prefix with the cache.
@@ -71,26 +75,23 @@ class CachedEngine:
         keep = common_prefix_length(self.tokens, prompt)
         if keep == len(prompt):
             keep -= 1  # the last prompt token must be evaluated again to get its logits
-        self._truncate(keep)
+        self.truncate(keep)
         new = list(prompt[keep:])
         logits = self.engine.prefill(new)
-        self.tokens.extend(new)
-        self._check_finite(logits, len(self.tokens) - 1, keep)
+        self._check_finite(logits, self.engine.n_past - 1, keep)
         return logits, len(new)
 
     def evaluate_all(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits (len(tokens), n_vocab) float32 of every position of `tokens`, evaluated on a fresh context."""
         self.reset()
         logits = self.engine.prefill(tokens, all_logits=True)
-        self.tokens = list(tokens)
         self._check_finite(logits, 0, 0)
         return logits
 
     def decode(self, token: int) -> np.ndarray:
         """Logits (n_vocab,) after evaluating one more token."""
         logits = self.engine.decode(token)
-        self.tokens.append(token)
-        self._check_finite(logits, len(self.tokens) - 1, len(self.tokens) - 1)
+        self._check_finite(logits, self.engine.n_past - 1, self.engine.n_past - 1)
         return logits
 
     def extend_to(self, sequence: Sequence[int]) -> np.ndarray:
@@ -98,13 +99,13 @@ class CachedEngine:
         case), else evaluation past the longest common prefix (another generation used the cache in between).
         Prefill and decode logits are bit-identical, so both give the same next token."""
         n = len(sequence) - 1
-        if len(self.tokens) == n and self.tokens == sequence[:n]:
+        if self.engine.n_past == n and self.engine.cache.holds(0, sequence[:n]):
             return self.decode(sequence[n])
         return self.evaluate_prompt(sequence)[0]
 
-    def _truncate(self, n: int) -> None:
+    def truncate(self, n: int) -> None:
+        """Keep only the first n cached positions."""
         self.engine.truncate(n)
-        del self.tokens[n:]
 
     def _check_finite(self, logits: np.ndarray, first_position: int, keep: int) -> None:
         """ModelError unless every logit is finite; logits' rows are positions first_position, first_position + 1..."""
@@ -112,7 +113,7 @@ class CachedEngine:
             return
         rows = logits.reshape(-1, logits.shape[-1])
         position = first_position + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
-        self._truncate(keep)  # their keys and values may be NaN too: never reuse them
+        self.truncate(keep)  # their keys and values may be NaN too: never reuse them
         raise ModelError(f"{self.name}: logits are not finite at position {position} (NaN/inf: damaged weights or "
                          f"hyper-parameters)")
 

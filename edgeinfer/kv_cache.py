@@ -54,6 +54,10 @@ class KVCache:
         """The token ids sequence `seq` holds, by position (a copy)."""
         return list(self._tokens[self._check(seq)])
 
+    def holds(self, seq: int, tokens: Sequence[int]) -> bool:
+        """Whether sequence seq holds exactly `tokens` (without copying its record)."""
+        return self._tokens[self._check(seq)] == list(tokens)
+
     def room(self, seq: int = 0) -> int:
         """Positions still free in sequence `seq`."""
         return self.n_ctx - self.length(seq)

@@ -241,8 +241,7 @@ class ChatSession:
         with self.model._use() as cached:
             cached.evaluate_prompt(prefix)
             cached.decode(prefix[-1])  # a throw-away position: only the compiled decode step matters
-            cached.engine.truncate(len(prefix))
-            del cached.tokens[len(prefix):]
+            cached.truncate(len(prefix))
 
     # -- settings ---------------------------------------------------------------------------------------------
     def set(self, **settings) -> None:
@@ -281,9 +280,8 @@ class ChatSession:
         identity = {"model_file": Path(self.model.path).name, "model_size": st.st_size,
                     "model_mtime_ns": st.st_mtime_ns, "n_ctx": self.model.n_ctx}
         with self.model._use() as cached:  # no other turn changes the cache while it is written
-            n, cache = len(cached.tokens), cached.engine.cache
-            _write_atomic(kv_path, lambda f: np.savez(f, tokens=np.asarray(cached.tokens, dtype=np.int64),
-                                                      k=cache.k[:, :n], v=cache.v[:, :n],
+            tokens, k, v = cached.engine.cache.export(0)
+            _write_atomic(kv_path, lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int64), k=k, v=v,
                                                       identity=np.array(json.dumps(identity))))
         doc = {"format": FILE_FORMAT, "version": FILE_VERSION, "model": identity["model_file"],
                "messages": self.messages, "first_in_context": self.first_in_context,
@@ -327,16 +325,11 @@ class ChatSession:
         mine = (Path(self.model.path).name, st.st_size, st.st_mtime_ns)
         if (identity.get("model_file"), identity.get("model_size"), identity.get("model_mtime_ns")) != mine:
             return f"KV cache not used: saved for another model file ({identity.get('model_file')})"
+        # Keys and values depend on absolute positions only, not on n_ctx: a prefix that fits is valid as it is.
+        n = min(len(tokens), self.model.n_ctx)
         with self.model._use() as cached:
-            cache = cached.engine.cache
-            if k.shape[:1] + k.shape[2:] != cache.k.shape[:1] + cache.k.shape[2:] or k.shape[1] != len(tokens) \
-                    or v.shape[1] != len(tokens):
+            if not cached.engine.cache.restore(0, tokens[:n], k[:, :n], v[:, :n]):
                 return "KV cache not used: its shapes do not match this model"
-            # Keys and values depend on absolute positions only, not on n_ctx: a prefix that fits is valid as it is.
-            n = min(len(tokens), self.model.n_ctx)
-            cache.k[:, :n], cache.v[:, :n] = k[:, :n], v[:, :n]
-            cache.n_past = n
-            cached.tokens = [int(t) for t in tokens[:n]]
         return f"KV cache restored ({n} tokens: no re-evaluation)"
 
 

@@ -247,7 +247,7 @@ def test_the_search_follows_a_kv_cache_that_is_not_linear(monkeypatch):
     cfg = DecoderConfig(arch="llama", n_layers=2, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, value_dim=32,
                         d_ff=128, n_vocab=1000, context_length=8192, norm_eps=1e-6, rope_base=1e4, rope_dims=32,
                         rope_style=0)
-    monkeypatch.setattr(budget.KVCache, "nbytes_for", staticmethod(lambda c, n: min(n, 1024) * MB))
+    monkeypatch.setattr(budget.KVCache, "nbytes_for", staticmethod(lambda c, n, n_seq=1: n_seq * min(n, 1024) * MB))
     fp = replace(synthetic(), config=cfg, kv_bytes_per_token=MB, kv_linear=False)
     assert fp.kv_bytes(8192) == 1024 * MB
     plugged = state(replace(LAPTOP, battery_state=(None, None)))  # usable 1741 MB
@@ -392,3 +392,11 @@ def test_plan_for_model_reads_metadata_only(monkeypatch):
     monkeypatch.setattr(budget.KVCache, "__init__", no_cache)
     plan = plan_for_model(model_path("smollm2-135m-instruct"), state=state(DESKTOP))
     assert (plan.n_ctx, plan.n_threads, plan.model) == (8192, 15, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_a_cache_of_several_sequences_is_planned_with_all_of_them():
+    fp = synthetic()
+    one = make_plan(fp, state(DESKTOP), n_ctx=2048)
+    four = make_plan(fp, state(DESKTOP), n_ctx=2048, n_seq=4)
+    assert (one.n_seq, four.n_seq) == (1, 4)
+    assert four.memory["kv_cache"] == 4 * one.memory["kv_cache"] == 4 * fp.kv_bytes(2048)

@@ -40,6 +40,7 @@ MISTAKES = [
     ("bench-threads-999", ["bench", MODEL, "-t", "1,999"], 2, ["'-t'", "999", "compute threads"]),
     ("bench-threads-not-numbers", ["bench", MODEL, "-t", "1,x"], 2, ["'-t'", "'1,x'", "comma-separated"]),
     ("bench-reps-0", ["bench", MODEL, "-r", "0"], 2, ["--reps", "x>=1"]),
+    ("bench-batch-0", ["bench", MODEL, "--batch", "1,0"], 2, ["--batch", "'1,0'", ">= 1"]),
     ("bench-negative-prompt", ["bench", MODEL, "-p", "-5"], 2, ["--prompt-tokens", "x>=0"]),
     ("bench-prompt-beyond-ctx", ["bench", MODEL, "-p", "600", "--ctx", "512"], 2, ["-p 600", "context of 512"]),
     ("bench-gen-beyond-ctx", ["bench", MODEL, "-n", "600", "--ctx", "512"], 2, ["-n 600", "context of 512"]),

@@ -38,6 +38,7 @@ def test_four_sequences_decoded_together_equal_each_alone(model):
     engine = model.batch_engine
     alone = [greedy_alone(engine, p) for p in PROMPTS]
     cache = engine.cache
+    engine.reset()
     seqs = [0] + [cache.allocate() for _ in range(3)]
     logits = [engine.prefill(p, seq=s) for p, s in zip(PROMPTS, seqs)]
     tokens = [[] for _ in PROMPTS]
@@ -66,7 +67,7 @@ def test_prefix_copy_then_divergence(model):
     # each continues differently from the shared prefix; each equals evaluating its whole text alone
     a, b = engine.decode(11), engine.decode(12, seq=fork)
     np.testing.assert_array_equal(a, greedy_alone(engine, shared + [11], 0)[1][0])
-    cache.copy_prefix(fork, 0)  # sequence 0 back to the forked state, then on as the fork did
+    cache.copy_prefix(fork, 0, len(shared))  # sequence 0 back to the shared prefix, then on as the fork went
     np.testing.assert_array_equal(engine.decode(12), b)
     cache.free(fork)
 
@@ -126,3 +127,23 @@ def test_cache_bookkeeping_refuses_what_it_cannot_do(model):
         engine.prefill(list(range(1, 66)))
     with pytest.raises(ValueError, match="distinct sequences"):
         engine.decode_batch([1, 2], [0, 0])
+
+
+@pytest.mark.slow
+def test_generate_batch_equals_each_prompt_alone():
+    """More prompts than sequences (continuous refill), each with its own settings and stop rule."""
+    import edgeinfer
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,", "Water is"]
+    settings = dict(max_tokens=[12, 16, 3, 20, 0], temperature=[0, 0, 0, 0.8, 0], seed=7,
+                    stop=[None, ["\n\n"], None, [" 9"], None])
+    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=64, n_threads=1, n_seq=3) as model:
+        before = model.generate("Water is", max_tokens=4, temperature=0)
+        batch = model.generate_batch(prompts, **settings)
+        alone = [model.generate(p, max_tokens=settings["max_tokens"][i], temperature=settings["temperature"][i],
+                                seed=7, stop=settings["stop"][i]) for i, p in enumerate(prompts)]
+        assert batch == alone and batch[4] == "" and all(batch[:4])
+        assert [s.stop_reason for s in model.last_batch_stats][4] == "length"
+        with pytest.raises(edgeinfer.InvalidArgument, match="max_tokens has 2 values for 5 prompts"):
+            model.generate_batch(prompts, max_tokens=[1, 2])
+        assert model.generate("Water is", max_tokens=4, temperature=0) == before  # the single stream is intact

@@ -10,6 +10,7 @@ import numpy as np
 
 from edgeinfer.arch.decoder import DecoderConfig, DecoderWeights, QuantMatrix
 from kernels_cpu import forward as fw
+from kernels_cpu.matvec_q8 import weight_rows
 
 _NO_PACKED = np.zeros(64, np.uint8)  # stands in for the repacked buffer of a model that has none
 _NO_PACKED.flags.writeable = False
@@ -86,6 +87,15 @@ class ForwardTables:
         self.type_ids = sorted(set(self.layer_mats["type_id"][used].tolist())
                                | {int(self.head_mats[fw.H_OUTPUT]["type_id"])})
         self.embedding_type = int(self.head_mats[fw.H_EMBED]["type_id"])
+
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of matrices one forward step reads, whatever its batch: every layer matrix and the LM head
+        (embedding rows and norm vectors are too few to count)."""
+        def nbytes(m) -> int:
+            return int(weight_rows(int(m["type_id"]), int(m["n_rows"])) * m["row_bytes"])
+
+        layers = sum(nbytes(m) for role in MATRIX_FIELDS for m in self.layer_mats[:, role])
+        return layers + nbytes(self.head_mats[fw.H_OUTPUT])
 
     def arguments(self, tokens, positions, seqs, logit_rows, k_cache, v_cache, scratch, logits) -> tuple:
         """The argument tuple of `forward` for one batch."""
