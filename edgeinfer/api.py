@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edgeinfer.arch import load_decoder
+from edgeinfer.backends.cpu import prepare_weights
 from edgeinfer.budget import POWER_MODES, ModelFootprint, Plan, make_plan, read_system_state
 from edgeinfer.chat_template import ChatTemplate
 from edgeinfer.engine import Engine
@@ -224,11 +225,12 @@ class Model:
         _check_options(n_ctx, n_threads, seed, power, n_seq)
         self.gguf = GGUFFile(path)
         try:
-            self.config, self.weights = load_decoder(self.gguf)
+            self.config, views = load_decoder(self.gguf)
             # explicit n_ctx / n_threads win; a BudgetError comes here, before the tokenizer or KV cache is built
             self.plan: Plan = make_plan(ModelFootprint.from_gguf(self.gguf, self.config), read_system_state(),
                                         n_ctx=n_ctx, n_threads=n_threads, power=power, n_seq=n_seq)
             self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+            self.weights = prepare_weights(views, self.gguf.path)  # the CPU kernels' layouts, cached on disk
             self.engine = Engine(self.config, self.weights, n_ctx=self.plan.n_ctx, n_batch=self.plan.n_batch,
                                  n_threads=self.plan.n_threads, n_seq=self.plan.n_seq)
         except BaseException:

@@ -12,7 +12,7 @@ from conftest import model_path
 from edgeinfer.api import Model
 from edgeinfer.errors import EdgeInferError, InvalidArgument, ModelClosed, ModelError
 from edgeinfer.gguf_reader import GGUFFile
-from kernels_cpu import decode_step
+from kernels_cpu import forward
 
 SMOLLM2 = "smollm2-135m-instruct"
 N_VOCAB = 49152  # SmolLM2's vocabulary
@@ -202,15 +202,18 @@ def test_nan_weights_give_model_error_naming_the_file_and_position(damaged_copy,
             m.chat([{"role": "user", "content": "Hi"}], **GREEDY)
 
 
-def test_nan_in_the_decode_step_names_the_position(model):
-    """Prefill is sound and the decode step's copy of a norm is NaN: the error names the first decoded position."""
-    vecs = model.engine.step.vecs
+def test_nan_after_the_prompt_names_the_position(model):
+    """The prompt is sound; a norm turns NaN before the first generated token is evaluated: the error names that
+    position, and the prompt's positions stay cached."""
+    vecs = model.engine.tables.vecs
     saved = vecs.copy()
-    vecs[0, decode_step.V_ATTN_NORM] = np.nan
+    prompt = model.tokenize("Once upon a time")
+    pieces = model.stream(prompt, **GREEDY)
     try:
-        prompt = model.tokenize("Once upon a time")
+        assert next(pieces)  # the prompt evaluated, the first token sampled
+        vecs[0, forward.V_ATTN_NORM] = np.nan
         with pytest.raises(ModelError, match=f"logits are not finite at position {len(prompt)} "):
-            model.generate(prompt, **GREEDY)
+            next(pieces)
         assert model._cached.tokens == prompt  # the prompt's positions stay: they were sound
     finally:
         vecs[:] = saved

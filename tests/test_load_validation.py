@@ -12,7 +12,7 @@ from tiny_gguf import HEAD_DIM, write_tiny_llama
 
 def load(path):
     with GGUFFile(path) as f:
-        return load_decoder(f, repack=False)
+        return load_decoder(f)
 
 
 def test_the_tiny_llama_loads(tmp_path):
@@ -94,7 +94,7 @@ def test_keys_that_change_nothing_still_load(tmp_path, metadata):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_the_real_models_pass_the_checks(name):
     with GGUFFile(model_path(name)) as f:
-        cfg, weights = load_decoder(f, repack=False)
+        cfg, weights = load_decoder(f)
         assert len(weights.layers) == cfg.n_layers
 
 

@@ -6,13 +6,20 @@ import numpy as np
 import pytest
 
 from conftest import model_path
-from edgeinfer.arch import load_decoder
+from edgeinfer.arch import load_decoder as load_views
+from edgeinfer.backends.cpu import prepare_weights
 from edgeinfer.engine import Engine
 from edgeinfer.gguf_reader import GGUFFile
 from edgeinfer.repacked import cache_path, packable, read_record, record_path, repack_weights
 from kernels_cpu.matvec_q8 import REPACKED
 from kernels_cpu.repack import repack
 from tools.perplexity import log_softmax
+
+
+def load_decoder(gguf, repack: bool = True):
+    """The config and weights as the CPU backend runs them (repacked), or the plain views."""
+    cfg, views = load_views(gguf)
+    return cfg, prepare_weights(views, gguf.path) if repack else views
 
 
 @pytest.fixture
@@ -133,3 +140,16 @@ def test_engine_gives_the_same_tokens_on_both_layouts(smollm2):
         assert np.argmax(raw_logits) == np.argmax(packed_logits)
         p, q = log_softmax(raw_logits[None])[0], log_softmax(packed_logits[None])[0]
         assert float(np.sum(np.exp(p) * (p - q))) < 0.01
+
+
+def test_reading_a_model_never_repacks(smollm2, tmp_path, monkeypatch):
+    """plan, info and convert read metadata and tensor headers: only what runs a model prepares its weights."""
+    from edgeinfer.budget import plan_for_model
+    from edgeinfer.model_info import summarize
+
+    monkeypatch.setenv("EDGEINFER_HOME", str(tmp_path))
+    _, views = load_views(smollm2)
+    plan_for_model(smollm2.path)
+    summarize(smollm2)
+    assert views.packed_bytes is None and all(lw.ffn_up.packed is None for lw in views.layers)
+    assert not (tmp_path / "repacked").exists()

@@ -7,9 +7,9 @@ from edgeinfer.gguf_reader import GGUFFile
 ARCHITECTURES = {module.ARCH: module for module in (llama, qwen2, gemma3)}
 
 
-def load_decoder(gguf: GGUFFile, repack: bool = True) -> tuple[DecoderConfig, DecoderWeights]:
-    """The config and weight views of a GGUF model of a supported architecture; with `repack`, matrices also
-    point at the kernels' faster layout (edgeinfer.repacked: cached on disk, memory-mapped).
+def load_decoder(gguf: GGUFFile) -> tuple[DecoderConfig, DecoderWeights]:
+    """The config and weight views (into the memory map) of a GGUF model of a supported architecture. Reads
+    metadata and tensor headers only: preparing the weights for kernels is a backend's job (edgeinfer.backends).
 
     Raises GGUFError for a hyper-parameter, special token id or tensor that is missing or out of range, and
     UnsupportedError for anything the file asks for that the forward pass does not compute (both name the key)."""
@@ -19,9 +19,4 @@ def load_decoder(gguf: GGUFFile, repack: bool = True) -> tuple[DecoderConfig, De
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     cfg = ARCHITECTURES[arch].config_from_gguf(gguf)
     check_implemented(gguf, cfg)
-    weights = read_weights(gguf, cfg)
-    if repack:
-        from edgeinfer.repacked import repack_weights
-
-        weights = repack_weights(weights, gguf.path)
-    return cfg, weights
+    return cfg, read_weights(gguf, cfg)
