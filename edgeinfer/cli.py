@@ -185,7 +185,7 @@ def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_
     from rich.console import Console
 
     with _load_model(model, n_ctx, n_threads, seed) as m:
-        with Console(stderr=True).status("loading kernels (a first run compiles them: about a minute)"):
+        with Console(stderr=True).status("loading kernels (a first run compiles them: a minute or two)"):
             m.engine.warm_up()
         for piece in m.stream(prompt, max_tokens=max_tokens,
                               **_sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed)):
