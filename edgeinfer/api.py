@@ -4,6 +4,7 @@ Sections: argument checks, chat tokenization (only the template's markup becomes
 """
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import threading
@@ -365,8 +366,8 @@ class Model:
         self._check_open()
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise TypeError(f"prompts must be a list of prompts, not {type(prompts).__name__}")
-        defaults = dict(max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
-                        presence_penalty=0.0, frequency_penalty=0.0, seed=None, stop=None)
+        defaults = {name: p.default for name, p in inspect.signature(Model.stream).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}  # stream's settings, one source of defaults
         unknown = sorted(set(settings) - set(defaults))
         if unknown:
             raise TypeError(f"generate_batch got unexpected settings: {', '.join(unknown)}")

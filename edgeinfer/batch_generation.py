@@ -17,8 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeinfer.engine import Engine
-from edgeinfer.errors import ModelError
-from edgeinfer.generation import GenerationStats, TextStream
+from edgeinfer.generation import GenerationStats, TextStream, non_finite_logits
 from edgeinfer.sampling import Sampler
 from edgeinfer.tokenizer import Tokenizer
 
@@ -113,6 +112,5 @@ class BatchGenerator:
 
     def _finite(self, logits: np.ndarray, r: BatchRequest) -> np.ndarray:
         if not np.isfinite(logits).all():
-            raise ModelError(f"{self.name}: logits are not finite at position {len(r.history) - 1} (NaN/inf: "
-                             f"damaged weights or hyper-parameters)")
+            raise non_finite_logits(self.name, len(r.history) - 1)
         return logits

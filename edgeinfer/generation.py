@@ -114,8 +114,13 @@ class CachedEngine:
         rows = logits.reshape(-1, logits.shape[-1])
         position = first_position + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
         self.truncate(keep)  # their keys and values may be NaN too: never reuse them
-        raise ModelError(f"{self.name}: logits are not finite at position {position} (NaN/inf: damaged weights or "
-                         f"hyper-parameters)")
+        raise non_finite_logits(self.name, position)
+
+
+def non_finite_logits(name: str, position: int) -> ModelError:
+    """The error for NaN or inf logits of model file `name` at a position."""
+    return ModelError(f"{name}: logits are not finite at position {position} (NaN/inf: damaged weights or "
+                      f"hyper-parameters)")
 
 
 def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler: Sampler, prompt: Sequence[int],
