@@ -19,7 +19,7 @@ import numpy as np
 from edgeinfer.arch.decoder import DecoderConfig, DecoderWeights
 from edgeinfer.backends.cpu_tables import ForwardTables
 from edgeinfer.errors import EdgeInferError
-from edgeinfer.kv_cache import ContextFull, KVCache
+from edgeinfer.kv_cache import DEFAULT_KV_TYPE, ContextFull, KVCache
 from kernels_cpu.forward import make_scratch
 from kernels_cpu.specialize import forward_for
 
@@ -30,14 +30,14 @@ class Engine:
     """Runs a decoder (config + weight views) over a static KV cache of n_seq sequences of n_ctx positions."""
 
     def __init__(self, cfg: DecoderConfig, weights: DecoderWeights, n_ctx: int, n_batch: int = 256,
-                 n_threads: int | None = None, n_seq: int = 1):
+                 n_threads: int | None = None, n_seq: int = 1, kv_type: str = DEFAULT_KV_TYPE):
         self.cfg, self.weights = cfg, weights
         self.n_ctx, self.n_batch = int(n_ctx), max(1, int(n_batch))
         self.n_threads = int(n_threads or numba.config.NUMBA_NUM_THREADS)
         if not 1 <= self.n_threads <= numba.config.NUMBA_NUM_THREADS:
             raise EdgeInferError(f"n_threads={self.n_threads}: this machine runs 1 to "
                                  f"{numba.config.NUMBA_NUM_THREADS} compute threads")
-        self.cache = KVCache(cfg, self.n_ctx, n_seq)
+        self.cache = KVCache(cfg, self.n_ctx, n_seq, kv_type)
         self.tables = ForwardTables(cfg, weights)
         # the forward compiled with only this model's kernels (a first run compiles those alone)
         self._forward = forward_for(self.tables.type_ids, self.tables.embedding_type)
@@ -71,7 +71,7 @@ class Engine:
         numba.set_num_threads(self.n_threads)
         self._forward(*self.tables.arguments(tokens, np.ascontiguousarray(positions, dtype=np.int64),
                                              np.ascontiguousarray(seqs, dtype=np.int64), logit_rows,
-                                             self.cache.k, self.cache.v, self._scratch, logits))
+                                             self.cache.k[0], self.cache.v[0], self._scratch, logits))
         return logits
 
     def prefill(self, tokens, all_logits: bool = False, seq: int = 0) -> np.ndarray:

@@ -1,7 +1,10 @@
 """The KV cache: keys and values of up to `n_seq` sequences, and the record of which tokens each one holds.
 
 A static pool (gpt-fast's static cache with a batch axis; llama.cpp's per-slot cells): k (n_layers, n_seq, n_ctx,
-n_kv_heads, head_dim) and v likewise with value_dim, allocated once. Sequence s holds positions 0..length(s)-1; its
+n_kv_heads, head_dim) and v likewise with value_dim, allocated once, in one of three element types (`KV_TYPES`,
+llama.cpp's `-ctk/-ctv`): f32, f16 (IEEE half bits in uint16) or q8_0 (int8 values with a float32 scale per 32, the
+scale rounded to a half as ggml's block_q8_0 stores it). Compiled code receives each of k and v as a pair (values,
+scales); f32 and f16 caches carry a one-element dummy scale array. Sequence s holds positions 0..length(s)-1; its
 token ids are kept here, beside the keys and values they produced, so whoever reuses a prefix (prompt caching,
 shared system prompts, speculative rollback) asks the cache, not a second list elsewhere. Each sequence's positions
 lie contiguously, which the attention kernels stream through.
@@ -16,34 +19,84 @@ from typing import Sequence
 import numpy as np
 
 from edgeinfer.arch.decoder import DecoderConfig
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import EdgeInferError, InvalidArgument
+
+# element types of the cache: (values dtype, bytes per value counted with its scale)
+KV_TYPES = {"f32": (np.float32, 4.0), "f16": (np.uint16, 2.0), "q8_0": (np.int8, 1.0 + 4.0 / 32)}
+DEFAULT_KV_TYPE = "f32"  # until the attention kernels read f16 and q8_0
+QK = 32  # values per q8_0 block (along a head's dimension)
 
 
 class ContextFull(EdgeInferError):
     """The tokens to evaluate do not fit in a sequence's remaining positions."""
 
 
-class KVCache:
-    """Keys and values of `n_seq` sequences of up to `n_ctx` positions each (float32)."""
+def check_kv_type(kv_type: str, cfg: DecoderConfig | None = None) -> str:
+    """kv_type if it is one of KV_TYPES (and q8_0 fits this model's head sizes); InvalidArgument naming it else."""
+    if not isinstance(kv_type, str) or kv_type not in KV_TYPES:
+        raise InvalidArgument(f"kv_type={kv_type!r}: expected one of {', '.join(KV_TYPES)}")
+    if kv_type == "q8_0" and cfg is not None and (cfg.head_dim % QK or cfg.value_dim % QK):
+        raise InvalidArgument(f"kv_type='q8_0' needs head sizes that are multiples of {QK} (this model's: "
+                              f"{cfg.head_dim} and {cfg.value_dim}); use f16")
+    return kv_type
 
-    def __init__(self, cfg: DecoderConfig, n_ctx: int, n_seq: int = 1):
+
+def encode(kv_type: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows (..., dim) -> (values, scales) as the cache stores them (the compiled forward does the same)."""
+    x = np.asarray(x, dtype=np.float32)
+    if kv_type == "f32":
+        return x.copy(), np.zeros(x.shape[:-1] + (0,), np.float32)
+    if kv_type == "f16":
+        return x.astype(np.float16).view(np.uint16), np.zeros(x.shape[:-1] + (0,), np.float32)
+    blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // QK, QK))
+    d = np.abs(blocks).max(axis=-1) / np.float32(127)  # ggml's quantize_row_q8_0: x * (1/d), d stored as a half
+    inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    q = blocks * inverse[..., None]
+    q = np.where(q >= 0, np.floor(q + np.float32(0.5)), np.ceil(q - np.float32(0.5)))  # roundf: halves away from 0
+    return q.astype(np.int8).reshape(x.shape), d.astype(np.float16).astype(np.float32)
+
+
+def decode(kv_type: str, values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(values, scales) of a cache -> float32 rows (..., dim)."""
+    if kv_type == "f32":
+        return np.array(values, dtype=np.float32)
+    if kv_type == "f16":
+        return values.view(np.float16).astype(np.float32)
+    blocks = values.reshape(values.shape[:-1] + (values.shape[-1] // QK, QK)).astype(np.float32)
+    return (blocks * scales[..., None]).reshape(values.shape)
+
+
+class KVCache:
+    """Keys and values of `n_seq` sequences of up to `n_ctx` positions each, in kv_type."""
+
+    def __init__(self, cfg: DecoderConfig, n_ctx: int, n_seq: int = 1, kv_type: str = DEFAULT_KV_TYPE):
         if n_ctx < 1 or n_seq < 1:
             raise ValueError(f"a KV cache needs n_ctx >= 1 and n_seq >= 1, got {n_ctx} and {n_seq}")
+        self.kv_type = check_kv_type(kv_type, cfg)
         self.n_ctx, self.n_seq = int(n_ctx), int(n_seq)
-        self.k = np.zeros((cfg.n_layers, n_seq, n_ctx, cfg.n_kv_heads, cfg.head_dim), dtype=np.float32)
-        self.v = np.zeros((cfg.n_layers, n_seq, n_ctx, cfg.n_kv_heads, cfg.value_dim), dtype=np.float32)
+        self.k = self._allocate((cfg.n_layers, n_seq, n_ctx, cfg.n_kv_heads, cfg.head_dim))
+        self.v = self._allocate((cfg.n_layers, n_seq, n_ctx, cfg.n_kv_heads, cfg.value_dim))
         self._tokens: list[list[int]] = [[] for _ in range(n_seq)]
         self._in_use = [False] * n_seq
         self._in_use[0] = True  # sequence 0 is the single-stream API's, always there
 
+    def _allocate(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(values, scales) zeroed: scales (..., dim / 32) for q8_0, a (1, 1, 1, 1, 1) stand-in otherwise."""
+        values = np.zeros(shape, dtype=KV_TYPES[self.kv_type][0])
+        scale_shape = shape[:-1] + (shape[-1] // QK,) if self.kv_type == "q8_0" else (1,) * len(shape)
+        return values, np.zeros(scale_shape, dtype=np.float32)
+
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        if self.kv_type == "q8_0":
+            return sum(a.nbytes for a in self.k + self.v)
+        return self.k[0].nbytes + self.v[0].nbytes
 
     @staticmethod
-    def nbytes_for(cfg: DecoderConfig, n_ctx: int, n_seq: int = 1) -> int:
+    def nbytes_for(cfg: DecoderConfig, n_ctx: int, n_seq: int = 1, kv_type: str = DEFAULT_KV_TYPE) -> int:
         """Bytes a cache of n_seq sequences of n_ctx positions allocates for this model (the budget plans with it)."""
-        return n_seq * n_ctx * cfg.kv_bytes_per_token(np.dtype(np.float32).itemsize)
+        values = n_seq * n_ctx * cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cfg.value_dim)
+        return int(values * KV_TYPES[check_kv_type(kv_type)][1])
 
     # -- what each sequence holds ----------------------------------------------------------------------------
     def length(self, seq: int = 0) -> int:
@@ -96,9 +149,13 @@ class KVCache:
         n = self.length(src) if n is None else min(int(n), self.length(src))
         self._check(dst)
         if src != dst:
-            self.k[:, dst, :n] = self.k[:, src, :n]
-            self.v[:, dst, :n] = self.v[:, src, :n]
+            for a in self._arrays():
+                if a.shape[1] == self.n_seq:  # not a stand-in scale array
+                    a[:, dst, :n] = a[:, src, :n]
         self._tokens[dst] = self._tokens[src][:n]
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return self.k + self.v
 
     def _check(self, seq: int) -> int:
         if not 0 <= seq < self.n_seq or not self._in_use[seq]:
@@ -107,18 +164,27 @@ class KVCache:
 
     # -- saving a sequence -----------------------------------------------------------------------------------
     def export(self, seq: int = 0) -> tuple[list[int], np.ndarray, np.ndarray]:
-        """(tokens, k, v) of sequence seq: k (n_layers, length, n_kv_heads, head_dim), v likewise (copies)."""
+        """(tokens, k, v) of sequence seq as float32 (so a saved conversation loads into a cache of any type):
+        k (n_layers, length, n_kv_heads, head_dim), v likewise."""
         n = self.length(seq)
-        return self.tokens(seq), self.k[:, seq, :n].copy(), self.v[:, seq, :n].copy()
+        return self.tokens(seq), self._read(self.k, seq, n), self._read(self.v, seq, n)
+
+    def _read(self, pair, seq: int, n: int) -> np.ndarray:
+        values, scales = pair
+        return decode(self.kv_type, values[:, seq, :n], scales[:, seq, :n] if self.kv_type == "q8_0" else scales)
 
     def restore(self, seq: int, tokens: Sequence[int], k: np.ndarray, v: np.ndarray) -> bool:
         """Make sequence seq hold what `export` gave; False (nothing changed) if the arrays do not fit this cache."""
         n = len(tokens)
-        shape_k = (self.k.shape[0], n) + self.k.shape[3:]
-        shape_v = (self.v.shape[0], n) + self.v.shape[3:]
+        shape_k = (self.k[0].shape[0], n) + self.k[0].shape[3:]
+        shape_v = (self.v[0].shape[0], n) + self.v[0].shape[3:]
         if n > self.n_ctx or k.shape != shape_k or v.shape != shape_v:
             return False
         self._check(seq)
-        self.k[:, seq, :n], self.v[:, seq, :n] = k, v
+        for pair, x in ((self.k, k), (self.v, v)):
+            values, scales = encode(self.kv_type, x)
+            pair[0][:, seq, :n] = values
+            if self.kv_type == "q8_0":
+                pair[1][:, seq, :n] = scales
         self._tokens[seq] = [int(t) for t in tokens]
         return True
