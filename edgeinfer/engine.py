@@ -69,9 +69,10 @@ class Engine:
         logit_rows = np.ascontiguousarray(logit_rows, dtype=np.int64)
         logits = np.empty((len(logit_rows), self.cfg.n_vocab), dtype=np.float32)
         numba.set_num_threads(self.n_threads)
+        self._scratch.threads[0] = self.n_threads
         self._forward(*self.tables.arguments(tokens, np.ascontiguousarray(positions, dtype=np.int64),
                                              np.ascontiguousarray(seqs, dtype=np.int64), logit_rows,
-                                             self.cache.k[0], self.cache.v[0], self._scratch, logits))
+                                             self.cache.k, self.cache.v, self._scratch, logits))
         return logits
 
     def prefill(self, tokens, all_logits: bool = False, seq: int = 0) -> np.ndarray:

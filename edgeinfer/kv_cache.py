@@ -23,7 +23,7 @@ from edgeinfer.errors import EdgeInferError, InvalidArgument
 
 # element types of the cache: (values dtype, bytes per value counted with its scale)
 KV_TYPES = {"f32": (np.float32, 4.0), "f16": (np.uint16, 2.0), "q8_0": (np.int8, 1.0 + 4.0 / 32)}
-DEFAULT_KV_TYPE = "f32"  # until the attention kernels read f16 and q8_0
+DEFAULT_KV_TYPE = "f16"
 QK = 32  # values per q8_0 block (along a head's dimension)
 
 
@@ -51,8 +51,8 @@ def encode(kv_type: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // QK, QK))
     d = np.abs(blocks).max(axis=-1) / np.float32(127)  # ggml's quantize_row_q8_0: x * (1/d), d stored as a half
     inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
-    q = blocks * inverse[..., None]
-    q = np.where(q >= 0, np.floor(q + np.float32(0.5)), np.ceil(q - np.float32(0.5)))  # roundf: halves away from 0
+    q = (blocks * inverse[..., None]).astype(np.float64)  # the float32 product, then rounded exactly:
+    q = np.sign(q) * np.floor(np.abs(q) + 0.5)  # roundf, halves away from zero
     return q.astype(np.int8).reshape(x.shape), d.astype(np.float16).astype(np.float32)
 
 

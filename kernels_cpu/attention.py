@@ -1,90 +1,257 @@
-"""Causal grouped-query attention of a batch of rows over a KV cache of sequences, optionally with a sliding window.
+"""Causal grouped-query attention of a batch of rows over a KV cache of sequences: tiled, with an online softmax.
 
-The cache holds keys and values by sequence and position: k (n_seq, n_ctx, n_kv_heads, d_k), v (n_seq, n_ctx,
-n_kv_heads, d_v). Row i, a query at position p of sequence s, attends to s's cached positions j <= p (and with
-window > 0 only to those with p - j < window: llama.cpp's standard sliding window). Scores and the weighted values
-are float32 (as llama.cpp's CPU path), the softmax normalizer float64.
+The cache holds keys and values by layer, sequence and position, as (values, scales) pairs of any element type
+(kernels_cpu.kv_types): k (n_layers, n_seq, n_ctx, n_kv_heads, d_k), v likewise with d_v. Row i, a query at
+position p of sequence s, attends to s's cached positions j <= p (and with window > 0 only to those with
+p - j < window: llama.cpp's standard sliding window).
+
+Flash attention (Dao et al.), as llama.cpp's CPU `flash_attn_ext` and the flash-decoding split do it:
+- rows of one sequence that lie together in the batch (a prompt chunk, draft tokens) form a block; a job is one
+  block and one KV head: the query vectors of every row of the block and every query head of that KV head's group
+  (GQA) are scored against each key tile, so each key and value is read once per job, not once per query head;
+- keys are taken in tiles of TILE; a running maximum m, normalizer l and weighted sum of values per query vector
+  absorb each tile (the online softmax), so no score row longer than a tile is ever held: memory does not grow with
+  the context;
+- tiles that no row of the block can see (beyond the causal edge or before the window) are skipped whole;
+- when a batch has too few jobs to keep every thread busy (decoding one or a few sequences over a long cache), each
+  job's keys are split into chunks that run in parallel and whose partial (m, l, sum) are merged after
+  (flash-decoding): the second core helps at depth.
+Scores, the softmax and the weighted values are float32, as in llama.cpp.
 """
+from collections import namedtuple
+
 import numpy as np
 from numba import njit, prange
 
+from kernels_cpu.activations_q8 import quantize_activations
+from kernels_cpu.kv_types import QK, add_value, key_scores, needs_int8_queries
+
+TILE = 64  # keys per tile
+QUERY_VECTORS = 64  # query vectors (rows x heads of a group) per job at most: a block's rows are 64 // group
+SPLIT_ROWS = 8  # batches of at most this many rows may split each job's keys across threads
+MAX_CHUNKS = 16  # key chunks per job at most
+MIN_CHUNK_KEYS = 256  # a chunk holds at least this many keys (merging costs a little)
+JOBS_PER_THREAD = 8  # split until there are this many jobs per thread (even shares under static scheduling)
 # below this many multiply-adds per call, waking the worker threads costs more than it saves
 PARALLEL_ATTENTION_WORK = 1 << 18
 
+# the query vectors of one job, as key_scores reads them: f float32 (nv, d_k) scaled; q, d, s its int8 blocks
+Queries = namedtuple("Queries", ["f", "q", "d", "s"])
+# partial results of split jobs: acc (MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, SPLIT_ROWS, n_heads)
+Partials = namedtuple("Partials", ["acc", "m", "l"])
+
+
+def make_partials(n_heads: int, d_v: int) -> Partials:
+    return Partials(np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), np.float32),
+                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float32),
+                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float32))
+
+
+@njit(cache=True)
+def _blocks(seqs, rows_per_block):
+    """Start rows of the blocks (runs of rows of one sequence, at most rows_per_block long), and n as the last."""
+    n = seqs.shape[0]
+    starts = np.empty(n + 1, np.int64)
+    k = 0
+    for i in range(n):
+        if i == 0 or seqs[i] != seqs[i - 1] or i - starts[k - 1] >= rows_per_block:
+            starts[k] = i
+            k += 1
+    starts[k] = n
+    return starts[:k + 1]
+
+
+@njit(cache=True)
+def _key_range(positions, r0, r1, window):
+    """[first, end) of the keys any row r0..r1-1 can see."""
+    lo, hi = positions[r0], positions[r0]
+    for r in range(r0, r1):
+        lo = min(lo, positions[r])
+        hi = max(hi, positions[r])
+    first = lo - window + 1 if window > 0 else 0
+    return max(first, 0), hi + 1
+
 
 @njit(cache=True, inline="always", fastmath=True, error_model="numpy")
-def _attend_head(qh, p, k_cache, v_cache, kv, scale, window, oh):
-    """oh = softmax(qh . K^T * scale) V over kv head `kv`'s cached positions visible from position p. Dot products
-    and the weighted sum of values run in float32 SIMD lanes (rows sliced first, so the inner loops vectorize); the
-    softmax's maximum and normalizer are float64."""
-    d_v = v_cache.shape[2]
-    first = 0
-    if window > 0 and p - window + 1 > 0:
-        first = p - window + 1
-    n_keys = p + 1 - first
-    scores = np.empty(n_keys, dtype=np.float32)
+def _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r0, r1, key_lo, key_hi,
+            acc, m, l):
+    """Absorb keys key_lo..key_hi-1 into (acc, m, l) of the query vectors of rows r0..r1-1 and the query heads of
+    KV head kv_head: vector v = (r - r0) * group + g. acc (nv, d_v), m, l (nv,) start at 0, -inf, 0."""
+    k_values, k_scales = k_pair
+    v_values, v_scales = v_pair
+    n_heads, d_k = q.shape[1], q.shape[2]
+    group = n_heads // k_values.shape[3]
+    nv = (r1 - r0) * group
+    seq = seqs[r0]
+    f = np.empty((nv, d_k), np.float32)
+    for r in range(r0, r1):
+        for g in range(group):
+            for c in range(d_k):
+                f[(r - r0) * group + g, c] = q[r, kv_head * group + g, c] * np.float32(scale)
+    qq = np.empty((nv, d_k), np.int8)
+    qd = np.empty((nv, d_k // QK), np.float32)
+    qs = np.empty((nv, d_k // QK), np.int32)
+    if needs_int8_queries(k_values):
+        for v in range(nv):
+            quantize_activations(f[v], qq[v], qd[v], qs[v])
+    queries = Queries(f, qq, qd, qs)
+    buf = np.empty(max(d_k, acc.shape[1]), np.float32)
+    scores = np.empty((nv, TILE), np.float32)
+    low, high = _row_limits(positions, r0, r1, window)
+    for t0 in range(key_lo, key_hi, TILE):
+        t1 = min(t0 + TILE, key_hi)
+        for j in range(t0, t1):
+            key_scores(k_values, k_scales, layer, seq, j, kv_head, queries, scores, j - t0, buf)
+        for v in range(nv):
+            r = v // group
+            _absorb_tile(scores[v], t0, t1, low[r], high[r], acc[v], m, l, v)
+        for j in range(t0, t1):
+            add_value(v_values, v_scales, layer, seq, j, kv_head, scores[:, j - t0], acc, buf)
+
+
+@njit(cache=True, inline="always")
+def _row_limits(positions, r0, r1, window):
+    """Per row of the block: the first and last key it sees."""
+    low = np.empty(r1 - r0, np.int64)
+    high = np.empty(r1 - r0, np.int64)
+    for r in range(r0, r1):
+        p = positions[r]
+        low[r - r0] = max(p - window + 1, 0) if window > 0 else 0
+        high[r - r0] = p
+    return low, high
+
+
+@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
+def _absorb_tile(s, t0, t1, low, high, acc_row, m, l, v):
+    """Online softmax step for one query vector: scores s[:t1 - t0] of keys t0.. become their weights exp(s - m')
+    (0 where the key is not visible), and (acc_row, m[v], l[v]) are rescaled to the new maximum m'."""
+    n = t1 - t0
+    a, b = max(low - t0, 0), min(high - t0 + 1, n)  # the visible keys of this tile: a..b-1
     best = -np.inf
-    for j in range(n_keys):
-        s = _dot(qh, k_cache[first + j, kv]) * np.float32(scale)
-        scores[j] = s
-        if s > best:
-            best = s
-    total = 0.0
-    for j in range(n_keys):
-        e = np.exp(np.float64(scores[j]) - best)
-        scores[j] = e
-        total += e
-    acc = np.zeros(d_v, dtype=np.float32)
-    for j in range(n_keys):
-        _axpy(np.float32(scores[j] / total), v_cache[first + j, kv], acc)
-    for c in range(d_v):
-        oh[c] = acc[c]
+    for j in range(a, b):
+        best = max(best, s[j])
+    if best == -np.inf:  # no key of this tile is visible to this vector
+        for j in range(n):
+            s[j] = 0.0
+        return
+    new_m = max(m[v], best)
+    if new_m > m[v]:
+        correction = np.float32(np.exp(m[v] - new_m)) if m[v] > -np.inf else np.float32(0.0)
+        l[v] *= correction
+        for c in range(acc_row.shape[0]):
+            acc_row[c] *= correction
+        m[v] = new_m
+    total = np.float32(0.0)
+    for j in range(n):
+        if a <= j < b:
+            e = np.float32(np.exp(s[j] - new_m))
+            s[j] = e
+            total += e
+        else:
+            s[j] = 0.0
+    l[v] += total
 
 
 @njit(cache=True, inline="always", fastmath=True, error_model="numpy")
-def _attend_row_head(q, positions, seqs, k_seqs, v_seqs, scale, window, out, job):
-    """One (row, head) pair of a batch over a cache of sequences: row i reads its own sequence's cache."""
-    n_heads = q.shape[1]
-    i = job // n_heads
-    h = job - i * n_heads
-    s = seqs[i]
-    _attend_head(q[i, h], positions[i], k_seqs[s], v_seqs[s], h // (n_heads // k_seqs.shape[2]), scale, window,
-                 out[i, h])
+def _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc, part_m, part_l, starts, n_kv,
+         n_chunks, job):
+    """Job = (block, KV head, chunk): a whole result into out when n_chunks == 1, else a partial into the partials
+    (passed as arrays, not the Partials tuple: numba loses writes through a named tuple's fields inside prange)."""
+    chunk = job % n_chunks
+    kv_head = (job // n_chunks) % n_kv
+    block = _zigzag(job // (n_chunks * n_kv), starts.shape[0] - 1)
+    r0, r1 = starts[block], starts[block + 1]
+    key_lo, key_hi = _key_range(positions, r0, r1, window)
+    if n_chunks > 1:
+        size = (key_hi - key_lo + n_chunks - 1) // n_chunks
+        key_lo, key_hi = key_lo + chunk * size, min(key_lo + (chunk + 1) * size, key_hi)
+    n_heads, d_v = q.shape[1], out.shape[2]
+    group = n_heads // k_pair[0].shape[3]
+    nv = (r1 - r0) * group
+    acc = np.zeros((nv, d_v), np.float32)
+    m = np.full(nv, -np.inf, np.float32)
+    l = np.zeros(nv, np.float32)
+    if key_lo < key_hi:
+        _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r0, r1, key_lo, key_hi,
+                acc, m, l)
+    for v in range(nv):
+        r, h = r0 + v // group, kv_head * group + v % group
+        if n_chunks == 1:
+            inverse = np.float32(1.0) / l[v]
+            for c in range(d_v):
+                out[r, h, c] = acc[v, c] * inverse
+        else:
+            part_m[chunk, r, h] = m[v]
+            part_l[chunk, r, h] = l[v]
+            for c in range(d_v):
+                part_acc[chunk, r, h, c] = acc[v, c]
 
 
-@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
-def _attention_rows_parallel(q, positions, seqs, k_seqs, v_seqs, scale, window, out):
-    for job in prange(q.shape[0] * q.shape[1]):
-        _attend_row_head(q, positions, seqs, k_seqs, v_seqs, scale, window, out, job)
+@njit(cache=True, inline="always")
+def _zigzag(i, n):
+    """0, n-1, 1, n-2, ...: blocks late in a prompt see more keys, so interleave them with early ones before
+    static scheduling hands out consecutive jobs."""
+    return i // 2 if i % 2 == 0 else n - 1 - i // 2
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def attention_rows(q, positions, seqs, k_seqs, v_seqs, scale, window, out):
+def _merge(partials, n_chunks, out):
+    """out[r, h] = the softmax-weighted sum over all chunks of the partial results (flash-decoding's reduction)."""
+    for r in range(out.shape[0]):
+        for h in range(out.shape[1]):
+            best = -np.inf
+            for c in range(n_chunks):
+                best = max(best, partials.m[c, r, h])
+            total = np.float32(0.0)
+            for c in range(out.shape[2]):
+                out[r, h, c] = 0.0
+            for k in range(n_chunks):
+                if partials.m[k, r, h] == -np.inf:
+                    continue
+                w = np.float32(np.exp(partials.m[k, r, h] - best))
+                total += w * partials.l[k, r, h]
+                for c in range(out.shape[2]):
+                    out[r, h, c] += w * partials.acc[k, r, h, c]
+            inverse = np.float32(1.0) / total
+            for c in range(out.shape[2]):
+                out[r, h, c] *= inverse
+
+
+@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+def _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc, part_m, part_l, starts,
+                   n_kv, n_chunks):
+    for job in prange((starts.shape[0] - 1) * n_kv * n_chunks):
+        _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc, part_m, part_l, starts, n_kv,
+             n_chunks, job)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, partials, threads):
     """A batch over a cache of sequences: q (n, n_heads, d_k), row i at positions[i] of sequence seqs[i], against
-    k_seqs (n_seq, n_ctx, n_kv_heads, d_k) and v_seqs (n_seq, n_ctx, n_kv_heads, d_v) -> out (n, n_heads, d_v).
+    layer `layer` of the cache pairs k_pair, v_pair -> out (n, n_heads, d_v). partials: make_partials(n_heads, d_v);
+    threads: how many threads the parallel regions run on (numba's get_num_threads in compiled code would make the
+    caller uncacheable).
     Small work (one query over a short cache) runs on the calling thread: waking the workers would cost more."""
-    work = 0
-    for i in range(q.shape[0]):
-        keys = positions[i] + 1
-        if window > 0 and keys > window:
-            keys = window
-        work += keys
-    if work * q.shape[1] * q.shape[2] < PARALLEL_ATTENTION_WORK:
-        for job in range(q.shape[0] * q.shape[1]):
-            _attend_row_head(q, positions, seqs, k_seqs, v_seqs, scale, window, out, job)
-    else:
-        _attention_rows_parallel(q, positions, seqs, k_seqs, v_seqs, scale, window, out)
-
-
-@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
-def _dot(a, b):
-    s = np.float32(0.0)
-    for c in range(a.shape[0]):
-        s += a[c] * b[c]
-    return s
-
-
-@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
-def _axpy(w, x, acc):
-    for c in range(x.shape[0]):
-        acc[c] += w * x[c]
+    n, n_heads, d_k = q.shape
+    n_kv = k_pair[0].shape[3]
+    group = n_heads // n_kv
+    starts = _blocks(seqs, max(1, QUERY_VECTORS // group))
+    n_blocks = starts.shape[0] - 1
+    work, longest = 0, 0
+    for b in range(n_blocks):
+        lo, hi = _key_range(positions, starts[b], starts[b + 1], window)
+        work += (hi - lo) * (starts[b + 1] - starts[b])
+        longest = max(longest, hi - lo)
+    if work * n_heads * d_k < PARALLEL_ATTENTION_WORK or threads == 1:
+        for job in range(n_blocks * n_kv):
+            _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, partials.acc, partials.m, partials.l,
+                 starts, n_kv, 1, job)
+        return
+    n_chunks = 1
+    if n <= SPLIT_ROWS and n_blocks * n_kv < JOBS_PER_THREAD * threads:
+        wanted = (JOBS_PER_THREAD * threads + n_blocks * n_kv - 1) // (n_blocks * n_kv)
+        n_chunks = max(1, min(wanted, MAX_CHUNKS, longest // MIN_CHUNK_KEYS))
+    _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, partials.acc, partials.m,
+                   partials.l, starts, n_kv, n_chunks)
+    if n_chunks > 1:
+        _merge(partials, n_chunks, out)

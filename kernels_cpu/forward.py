@@ -22,8 +22,9 @@ from numba import njit
 
 from kernels_cpu.activation import _gated_rows, gated_activation_row
 from kernels_cpu.activations_q8 import quantize_activations, quantize_activations_rows
-from kernels_cpu.attention import attention_rows
+from kernels_cpu.attention import attention_rows, make_partials
 from kernels_cpu.dequant import dequant_row
+from kernels_cpu.kv_types import store_row
 from kernels_cpu.matmul_q8 import matmul_tiles_dispatch
 from kernels_cpu.matvec_q8 import REPACKED, matvec_q8_dispatch, weight_rows
 from kernels_cpu.norm import rms_norm_rows, rms_norm_rows_parallel
@@ -64,6 +65,9 @@ Scratch = namedtuple("Scratch", [
     "out",  # (n, d_model): a block's output before the residual add
     "q8_model", "q8_attn", "q8_ff",  # (values int8 (n, w), scales f32 (n, w/32), sums i32 (n, w/32)) per width
     "head_in",  # (n, d_model): final-normed rows whose logits are wanted
+    "partials",  # attention's partial results when it splits keys across threads (kernels_cpu.attention)
+    "threads",  # int64 (1,): the threads parallel regions run on (the engine sets it; numba's get_num_threads
+                # in compiled code would make the forward uncacheable)
 ])
 
 # below this many rows, waking the worker threads for norms costs more than it saves (prefill's old threshold)
@@ -87,6 +91,8 @@ def make_scratch(hp: Hyper, n: int) -> Scratch:
         out=np.zeros((n, d), f32),
         q8_model=q8(d), q8_attn=q8(heads * vd), q8_ff=q8(ff),
         head_in=np.zeros((n, d), f32),
+        partials=make_partials(heads, vd),
+        threads=np.ones(1, np.int64),
     )
 
 
@@ -165,10 +171,11 @@ def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_base, po
     rope_inplace(q, positions, rope_base, hp.rope_dims, hp.rope_style)
     rope_inplace(k, positions, rope_base, hp.rope_dims, hp.rope_style)
     for i in range(n):
-        k_cache[layer, seqs[i], positions[i]] = k[i]
-        v_cache[layer, seqs[i], positions[i]] = v[i]
+        store_row(k_cache[0], k_cache[1], layer, seqs[i], positions[i], k[i])
+        store_row(v_cache[0], v_cache[1], layer, seqs[i], positions[i], v[i])
     attn = s.attn[:n]
-    attention_rows(q, positions, seqs, k_cache[layer], v_cache[layer], hp.attention_scale, window, attn)
+    attention_rows(q, positions, seqs, k_cache, v_cache, layer, hp.attention_scale, window, attn, s.partials,
+                   s.threads[0])
     out = s.out[:n]
     _linear(weights, packed, mats[M_O], attn.reshape((n, heads * vd)), out, s.q8_attn)
     if hp.post_norms:
@@ -207,9 +214,9 @@ def forward(tokens, positions, seqs, logit_rows, weights, packed, layer_mats, he
     logits of rows logit_rows (m,) into logits (m, n_vocab).
 
     layer_mats (n_layers, N_MAT) and head_mats (2,) of MATRIX records; vecs (n_layers, N_VEC, width) float32;
-    windows (n_layers,) int64 (0: full attention); rope_bases (n_layers,) float64; hp a Hyper; k_cache
-    (n_layers, n_seq, n_ctx, n_kv_heads, head_dim) float32, v_cache likewise with value_dim; s a Scratch of at
-    least n rows."""
+    windows (n_layers,) int64 (0: full attention); rope_bases (n_layers,) float64; hp a Hyper; k_cache a
+    (values, scales) pair of shape (n_layers, n_seq, n_ctx, n_kv_heads, head_dim) in any cache type
+    (kernels_cpu.kv_types), v_cache likewise with value_dim; s a Scratch of at least n rows."""
     n = tokens.shape[0]
     d = hp.d_model
     x = s.x[:n]

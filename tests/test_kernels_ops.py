@@ -1,10 +1,10 @@
-"""The transformer op kernels (RMSNorm, RoPE, attention, gated activations) against their numpy references."""
+"""The transformer op kernels (RMSNorm, RoPE, gated activations) against their numpy references (attention:
+test_attention.py)."""
 import numpy as np
 import pytest
 
 from kernels_cpu import ops_reference as ref
 from kernels_cpu.activation import gated_activation_row, gelu_tanh_mul_inplace, silu_mul_inplace, tanh_f32
-from kernels_cpu.attention import attention_rows
 from kernels_cpu.norm import rms_norm
 from kernels_cpu.rope import rope_inplace
 
@@ -34,26 +34,6 @@ def test_rope_matches_reference(style, n_rot):
     expected = ref.rope(x, pos, 10000.0, n_rot, style)
     rope_inplace(x, pos, 10000.0, n_rot, style)
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("window", [0, 3])
-@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (9, 3), (4, 1)])
-@pytest.mark.parametrize("long_cache", [False, True])  # short: on the calling thread; long: split across threads
-def test_attention_rows_match_reference(n_heads, n_kv, window, long_cache):
-    """Rows of three sequences in one batch: each row sees only its own sequence's cache, up to its position."""
-    rng = np.random.default_rng(1)  # its own stream: the other tests keep their data
-    n_seq, n_ctx, d = 3, 1024 if long_cache else 16, 32
-    k = rng.standard_normal((n_seq, n_ctx, n_kv, d)).astype(np.float32)
-    v = rng.standard_normal((n_seq, n_ctx, n_kv, d)).astype(np.float32)
-    last = n_ctx - 4
-    positions = np.array([last, last + 1, last + 2, 5, 0, last + 3], dtype=np.int64)
-    seqs = np.array([0, 0, 0, 2, 1, 2], dtype=np.int64)
-    q = rng.standard_normal((len(seqs), n_heads, d)).astype(np.float32)
-    out = np.empty((len(seqs), n_heads, d), dtype=np.float32)
-    attention_rows(q, positions, seqs, k, v, 0.2, window, out)
-    for i, (p, s) in enumerate(zip(positions, seqs)):
-        expected = ref.attention(q[i:i + 1], k[s, :p + 1], v[s, :p + 1], positions[i:i + 1], 0.2, window)
-        np.testing.assert_allclose(out[i:i + 1], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_activations_match_reference():

@@ -1,0 +1,109 @@
+"""The tiled (flash) attention kernel over a KV cache of sequences, for every cache type, against the numpy reference.
+
+The reference reads the cache decoded to float32 (edgeinfer.kv_cache.decode); for q8_0 keys it also takes the
+queries through the int8 blocks the kernel scores them with, so every case is compared at float32 precision.
+Shapes cover the kernel's paths: one row on the calling thread, prompt blocks of one sequence (more rows than a job
+takes), a decode batch of several sequences, long caches whose keys are split across threads and merged, GQA
+groups, sliding windows.
+"""
+import numba
+import numpy as np
+import pytest
+
+from edgeinfer.kv_cache import KV_TYPES, decode, encode
+from kernels_cpu import ops_reference as ref
+from kernels_cpu.attention import attention_rows, make_partials
+from kernels_cpu.matvec_q8_reference import dequantize_activations_reference, quantize_activations_reference
+
+SCALE = 0.2
+
+
+def cache_pair(kv_type, x):
+    """One layer's cache as the kernel takes it: (values, scales) with a layer axis of 1."""
+    values, scales = encode(kv_type, x[None])
+    if kv_type != "q8_0":
+        scales = np.zeros((1,) * values.ndim, np.float32)
+    return values, scales
+
+
+def expected_rows(kv_type, q, positions, seqs, k, v, window):
+    kd = decode(kv_type, *encode(kv_type, k))
+    vd = decode(kv_type, *encode(kv_type, v))
+    out = []
+    for i, (p, s) in enumerate(zip(positions, seqs)):
+        qi = q[i:i + 1] * np.float32(SCALE)
+        if kv_type == "q8_0":  # the queries as the kernel scores them: int8 blocks of q * scale
+            qi = np.stack([dequantize_activations_reference(*quantize_activations_reference(h)[:2]) for h in qi[0]])[None]
+        out.append(ref.attention(qi.astype(np.float32), kd[s, :p + 1], vd[s, :p + 1], positions[i:i + 1], 1.0,
+                                 window))
+    return np.concatenate(out)
+
+
+def run_kernel(kv_type, q, positions, seqs, k, v, window, threads):
+    out = np.full((len(seqs), q.shape[1], v.shape[-1]), np.nan, dtype=np.float32)
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        attention_rows(q, positions, seqs, cache_pair(kv_type, k), cache_pair(kv_type, v), 0, SCALE, window, out,
+                       make_partials(q.shape[1], v.shape[-1]), threads)
+    finally:
+        numba.set_num_threads(previous)
+    return out
+
+
+def random_case(rng, n_seq, n_ctx, n_heads, n_kv, d_k=64, d_v=64):
+    k = rng.standard_normal((n_seq, n_ctx, n_kv, d_k)).astype(np.float32)
+    v = rng.standard_normal((n_seq, n_ctx, n_kv, d_v)).astype(np.float32)
+    return k, v
+
+
+CASES = {  # name -> (n_seq, n_ctx, positions, seqs)
+    "one row, short cache": (1, 16, [9], [0]),
+    "decode batch of sequences": (3, 40, [30, 5, 0, 39], [0, 2, 1, 1 + 1]),
+    "prompt block": (2, 300, list(range(200, 290)), [1] * 90),
+    "prompt after prompt, two sequences": (2, 160, list(range(100, 140)) + list(range(0, 30)), [0] * 40 + [1] * 30),
+    "one row, long cache (split keys)": (1, 3000, [2999], [0]),
+    "decode batch, long caches (split keys)": (3, 2100, [2099, 1500, 700], [2, 0, 1]),
+}
+
+
+@pytest.mark.parametrize("kv_type", list(KV_TYPES))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("n_heads,n_kv", [(9, 3), (4, 1)])
+@pytest.mark.parametrize("window", [0, 70])
+def test_attention_matches_reference(kv_type, case, n_heads, n_kv, window):
+    rng = np.random.default_rng(abs(hash((case, n_heads, window))) % 2**32)
+    n_seq, n_ctx, positions, seqs = CASES[case]
+    k, v = random_case(rng, n_seq, n_ctx, n_heads, n_kv)
+    positions, seqs = np.array(positions, np.int64), np.array(seqs, np.int64)
+    q = rng.standard_normal((len(seqs), n_heads, k.shape[-1])).astype(np.float32)
+    expected = expected_rows(kv_type, q, positions, seqs, k, v, window)
+    for threads in (1, 2):
+        out = run_kernel(kv_type, q, positions, seqs, k, v, window, threads)
+        np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-5, err_msg=f"{threads} thread(s)")
+
+
+def test_wide_heads_and_values_of_another_width():
+    """Gemma's 256-wide heads, and values narrower than keys (value_length != key_length)."""
+    rng = np.random.default_rng(7)
+    k, v = random_case(rng, 1, 600, 4, 1, d_k=256, d_v=128)
+    positions, seqs = np.array([599, 598], np.int64), np.array([0, 0], np.int64)
+    positions = np.arange(560, 600, dtype=np.int64)
+    seqs = np.zeros(40, np.int64)
+    q = rng.standard_normal((40, 4, 256)).astype(np.float32)
+    for kv_type in KV_TYPES:
+        expected = expected_rows(kv_type, q, positions, seqs, k, v, 0)
+        np.testing.assert_allclose(run_kernel(kv_type, q, positions, seqs, k, v, 0, 2), expected, rtol=2e-4,
+                                   atol=2e-5, err_msg=kv_type)
+
+
+def test_memory_does_not_grow_with_the_context():
+    """No score matrix: the kernel's scratch is the fixed-size partials, whatever the cache length (it runs with
+    a 16k-position cache and the same partials as a short one)."""
+    rng = np.random.default_rng(3)
+    k, v = random_case(rng, 1, 16384, 2, 1, d_k=32, d_v=32)
+    q = rng.standard_normal((1, 2, 32)).astype(np.float32)
+    positions, seqs = np.array([16383], np.int64), np.array([0], np.int64)
+    expected = expected_rows("f32", q, positions, seqs, k, v, 0)
+    np.testing.assert_allclose(run_kernel("f32", q, positions, seqs, k, v, 0, 2), expected, rtol=2e-4, atol=2e-5)
