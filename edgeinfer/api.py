@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edgeinfer.arch import load_decoder
-from edgeinfer.backends.cpu import prepare_weights
+from edgeinfer.backends.cpu import CPUBackend
 from edgeinfer.budget import POWER_MODES, ModelFootprint, Plan, make_plan, read_system_state
 from edgeinfer.chat_template import ChatTemplate
 from edgeinfer.engine import Engine
@@ -238,7 +238,8 @@ class Model:
                                         n_ctx=n_ctx, n_threads=n_threads, power=power, n_seq=n_seq,
                                         kv_type=kv_type)
             self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-            self.weights = prepare_weights(views, self.gguf.path)  # the CPU kernels' layouts, cached on disk
+            # the CPU backend's runner (Engine's default backend): weights repacked, cached on disk
+            self.weights = CPUBackend().prepare(self.config, views, self.gguf.path)
             self.engine = Engine(self.config, self.weights, n_ctx=self.plan.n_ctx, n_batch=self.plan.n_batch,
                                  n_threads=self.plan.n_threads, n_seq=self.plan.n_seq, kv_type=self.plan.kv_type)
         except BaseException:
