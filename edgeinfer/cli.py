@@ -87,6 +87,9 @@ class ChoiceList(click.ParamType):
         self.choices = choices
         self.name = "[" + "|".join(choices) + "][,...]"
 
+    def get_metavar(self, param, ctx=None) -> str:
+        return self.name  # as written (click upper-cases a type's name otherwise)
+
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
