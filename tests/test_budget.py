@@ -372,7 +372,7 @@ def test_container_refuses_32k_qwen_but_plans_a_context_that_fits(footprints):
 def test_kv_bytes_match_the_cache_the_engine_allocates(footprints, name):
     from conftest import model_path
     from edgeinfer.arch import load_decoder
-    from edgeinfer.backends.cpu import prepare_weights
+    from edgeinfer.backends.cpu import CPUBackend
     from edgeinfer.engine import Engine
     from edgeinfer.gguf_reader import GGUFFile
 
@@ -380,7 +380,7 @@ def test_kv_bytes_match_the_cache_the_engine_allocates(footprints, name):
     assert fp.kv_linear
     with GGUFFile(model_path(name)) as gguf:
         cfg, weights = load_decoder(gguf)
-        weights = prepare_weights(weights, gguf.path)
+        weights = CPUBackend().prepare(cfg, weights, gguf.path)
         engine = Engine(cfg, weights, n_ctx=256)
         assert engine.cache.nbytes == fp.kv_bytes_per_token * 256 == fp.kv_bytes(256)
         del engine, weights
