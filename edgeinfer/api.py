@@ -15,13 +15,14 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edgeinfer.arch import load_decoder
-from edgeinfer.backends.cpu import prepare_weights
+from edgeinfer.backends.cpu import CPUBackend
 from edgeinfer.budget import POWER_MODES, ModelFootprint, Plan, make_plan, read_system_state
 from edgeinfer.chat_template import ChatTemplate
 from edgeinfer.engine import Engine
 from edgeinfer.errors import InvalidArgument, ModelClosed
 from edgeinfer.generation import CachedEngine, GenerationStats, TextStream, generate_tokens
 from edgeinfer.gguf_reader import GGUFFile
+from edgeinfer.kv_cache import check_kv_type
 from edgeinfer.sampling import CHAT_REPEAT_PENALTY, Sampler, SamplingParams
 from edgeinfer.tokenizer import Tokenizer
 from edgeinfer.tokenizer.special import partition
@@ -29,19 +30,22 @@ from edgeinfer.tokenizer.vocab import Attr
 
 
 def load(model: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-         seed: int | None = None, power: str = "auto", n_seq: int = 1) -> "Model":
+         seed: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None) -> "Model":
     """Open a model by catalogue name (fetched on first use) or path to a GGUF file.
 
     n_ctx: context positions to allocate (default: the largest that fits in memory, at most min(trained, 8192));
     n_threads: compute threads (default: chosen for this machine's cores and power state);
     seed: default seed for sampling (None or -1: a random one); power: "auto", "saver", "balanced" or "performance";
-    n_seq: sequences the KV cache holds, n_ctx positions each (`Model.generate_batch` decodes that many at once).
+    n_seq: sequences the KV cache holds, n_ctx positions each (`Model.generate_batch` decodes that many at once);
+    kv_type: the KV cache's element type, "f32", "f16" or "q8_0" (llama.cpp's -ctk/-ctv; None: the budget's choice,
+    `edgeinfer.kv_cache.DEFAULT_KV_TYPE`).
     Raises BudgetError, before allocating anything, if the model or the asked-for context does not fit;
     InvalidArgument / TypeError naming the argument for a bad value."""
     from models.fetch import resolve_model
 
-    _check_options(n_ctx, n_threads, seed, power, n_seq)
-    return Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power, n_seq=n_seq)
+    _check_options(n_ctx, n_threads, seed, power, n_seq, kv_type)
+    return Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power, n_seq=n_seq,
+                 kv_type=kv_type)
 
 
 # ================================================================ argument checks
@@ -56,13 +60,15 @@ def _check_int(name: str, value, minimum: int, *, optional: bool = False) -> Non
         raise InvalidArgument(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_options(n_ctx, n_threads, seed, power, n_seq=1) -> None:
+def _check_options(n_ctx, n_threads, seed, power, n_seq=1, kv_type=None) -> None:
     _check_int("n_ctx", n_ctx, 1, optional=True)
     _check_int("n_seq", n_seq, 1)
     _check_int("n_threads", n_threads, 1, optional=True)
     _check_int("seed", seed, -1, optional=True)  # -1: random, as llama.cpp
     if power != "auto" and power not in POWER_MODES:
         raise InvalidArgument(f"power must be 'auto', {', '.join(repr(m) for m in POWER_MODES)}; got {power!r}")
+    if kv_type is not None:
+        check_kv_type(kv_type)  # whether q8_0 fits the model's head sizes is checked once the file is read
 
 
 def _check_text(name: str, text) -> None:
@@ -222,18 +228,20 @@ class Model:
     read each stream's own `stats`."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 seed: int | None = None, power: str = "auto", n_seq: int = 1):
-        _check_options(n_ctx, n_threads, seed, power, n_seq)
+                 seed: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None):
+        _check_options(n_ctx, n_threads, seed, power, n_seq, kv_type)
         self.gguf = GGUFFile(path)
         try:
             self.config, views = load_decoder(self.gguf)
             # explicit n_ctx / n_threads win; a BudgetError comes here, before the tokenizer or KV cache is built
             self.plan: Plan = make_plan(ModelFootprint.from_gguf(self.gguf, self.config), read_system_state(),
-                                        n_ctx=n_ctx, n_threads=n_threads, power=power, n_seq=n_seq)
+                                        n_ctx=n_ctx, n_threads=n_threads, power=power, n_seq=n_seq,
+                                        kv_type=kv_type)
             self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-            self.weights = prepare_weights(views, self.gguf.path)  # the CPU kernels' layouts, cached on disk
+            # the CPU backend's runner (Engine's default backend): weights repacked, cached on disk
+            self.weights = CPUBackend().prepare(self.config, views, self.gguf.path)
             self.engine = Engine(self.config, self.weights, n_ctx=self.plan.n_ctx, n_batch=self.plan.n_batch,
-                                 n_threads=self.plan.n_threads, n_seq=self.plan.n_seq)
+                                 n_threads=self.plan.n_threads, n_seq=self.plan.n_seq, kv_type=self.plan.kv_type)
         except BaseException:
             self.gguf.close()
             raise
@@ -265,6 +273,11 @@ class Model:
     @property
     def n_ctx(self) -> int:
         return self.plan.n_ctx
+
+    @property
+    def kv_type(self) -> str:
+        """The KV cache's element type ("f32", "f16" or "q8_0"), as planned."""
+        return self.plan.kv_type
 
     @property
     def n_threads(self) -> int:
@@ -461,4 +474,5 @@ class Model:
     def __repr__(self) -> str:
         if self._closed:
             return f"Model({self.path.name!r}, closed)"
-        return f"Model({self.path.name!r}, arch={self.config.arch}, n_ctx={self.n_ctx}, n_threads={self.n_threads})"
+        return (f"Model({self.path.name!r}, arch={self.config.arch}, n_ctx={self.n_ctx}, n_threads={self.n_threads}, "
+                f"kv_type={self.kv_type})")

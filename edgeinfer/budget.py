@@ -18,6 +18,7 @@ from edgeinfer.arch import load_decoder
 from edgeinfer.arch.decoder import DecoderConfig
 from edgeinfer.engine import KVCache
 from edgeinfer.errors import BudgetError
+from edgeinfer.kv_cache import DEFAULT_KV_TYPE, KV_TYPES, check_kv_type
 from edgeinfer.gguf_reader import GGUFFile
 
 __all__ = ["BudgetError", "ModelFootprint", "Plan", "SystemProbe", "SystemState", "format_plan", "make_plan",
@@ -39,6 +40,11 @@ CTX_CEILING = 8192
 N_BATCH = 256  # prefill positions per batch
 N_BATCH_SAVER = 128
 N_BATCH_MIN = 32
+# Why the default KV-cache type is the default (the plan's reason when kv_type is not asked for).
+DEFAULT_KV_TYPE_WHY = {
+    "f32": "the attention kernels read only f32 for now",
+    "f16": "half of f32's bytes, llama.cpp's default too",
+}
 
 
 # ================================================================ the machine
@@ -255,11 +261,12 @@ LOGITS_BYTES_PER_TOKEN = 32
 class ModelFootprint:
     """What a model costs in memory, by part, before anything is allocated. Bytes.
 
+    The KV-cache figures are for `kv_type`; `with_kv_type` gives the same model's footprint with another type.
     Not counted: `Model.logits(tokens)` (scoring) holds len(tokens) x n_vocab float32 logits on top."""
 
     name: str
     weights_bytes: int  # the whole file: memory-mapped, and every weight is read for every token, so resident
-    kv_bytes_per_token: int  # KVCache.nbytes_for(cfg, 1)
+    kv_bytes_per_token: int  # KVCache.nbytes_for(cfg, 1, kv_type=kv_type)
     kv_linear: bool  # nbytes_for(cfg, n) == n * kv_bytes_per_token (False once local layers use ring buffers)
     trained_context: int
     activation_bytes_per_token: int  # float32 prefill activations per batch position
@@ -268,12 +275,15 @@ class ModelFootprint:
     runtime_bytes: int = RUNTIME_BYTES
     config: DecoderConfig | None = field(default=None, repr=False, compare=False)
     n_seq: int = 1  # sequences the KV cache holds, n_ctx positions each (batched generation)
+    kv_type: str = DEFAULT_KV_TYPE  # element type of the KV cache (edgeinfer.kv_cache.KV_TYPES)
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, cfg: DecoderConfig) -> "ModelFootprint":
+    def from_gguf(cls, gguf: GGUFFile, cfg: DecoderConfig, kv_type: str = DEFAULT_KV_TYPE) -> "ModelFootprint":
         """The footprint of an opened GGUF whose config load_decoder built; reads metadata only."""
-        kv_one = KVCache.nbytes_for(cfg, 1)
-        linear = all(KVCache.nbytes_for(cfg, n) == n * kv_one for n in (CTX_STEP, CTX_CEILING, cfg.context_length))
+        check_kv_type(kv_type, cfg)
+        kv_one = KVCache.nbytes_for(cfg, 1, kv_type=kv_type)
+        linear = all(KVCache.nbytes_for(cfg, n, kv_type=kv_type) == n * kv_one
+                     for n in (CTX_STEP, CTX_CEILING, cfg.context_length))
         merges = gguf.get("tokenizer.ggml.merges")
         n_merges = 0 if merges is None else len(merges)
         # live at once in a layer, at most: the embedding rows, residual x, its norm and the block output (d_model
@@ -283,12 +293,27 @@ class ModelFootprint:
                    kv_linear=linear, trained_context=cfg.context_length,
                    activation_bytes_per_token=per_position * 4, n_vocab=cfg.n_vocab,
                    tokenizer_bytes=cfg.n_vocab * TOKENIZER_BYTES_PER_TOKEN + n_merges * TOKENIZER_BYTES_PER_MERGE,
-                   config=cfg)
+                   config=cfg, kv_type=kv_type)
 
-    def kv_bytes(self, n_ctx: int) -> int:
-        """KV-cache bytes for n_ctx positions: the engine's own figure when the config is known."""
+    def with_kv_type(self, kv_type: str) -> "ModelFootprint":
+        """This footprint with a KV cache of kv_type (InvalidArgument naming it if the type is unknown, or q8_0
+        does not fit the model's head sizes). Without a config, the per-position bytes scale by bytes per value."""
+        check_kv_type(kv_type, self.config)
+        if kv_type == self.kv_type:
+            return self
         if self.config is not None:
-            return KVCache.nbytes_for(self.config, n_ctx, self.n_seq)
+            per_position = KVCache.nbytes_for(self.config, 1, kv_type=kv_type)
+        else:
+            per_position = int(self.kv_bytes_per_token * KV_TYPES[kv_type][1] / KV_TYPES[self.kv_type][1])
+        return dataclasses.replace(self, kv_type=kv_type, kv_bytes_per_token=per_position)
+
+    def kv_bytes(self, n_ctx: int, kv_type: str | None = None) -> int:
+        """KV-cache bytes for n_ctx positions (in kv_type, default the footprint's): the engine's own figure when
+        the config is known."""
+        if kv_type is not None and kv_type != self.kv_type:
+            return self.with_kv_type(kv_type).kv_bytes(n_ctx)
+        if self.config is not None:
+            return KVCache.nbytes_for(self.config, n_ctx, self.n_seq, kv_type=self.kv_type)
         return self.n_seq * n_ctx * self.kv_bytes_per_token
 
     def scratch_bytes(self, n_batch: int) -> int:
@@ -317,7 +342,10 @@ class Plan:
     memory: dict[str, int]  # bytes by part: weights, kv_cache, scratch, runtime, tokenizer
     memory_total_bytes: int
     memory_available_bytes: int | None  # usable: free memory less the safety margin; None if unreadable
-    reasons: dict[str, str]  # keys: memory, n_ctx, n_threads, n_batch, power
+    reasons: dict[str, str]  # keys: memory, n_ctx, n_threads, n_batch, power, kv_type
+    kv_type: str = DEFAULT_KV_TYPE  # element type of the KV cache
+    kv_bytes_per_position: int = 0  # all layers, K and V, of one sequence, in kv_type
+    kv_fraction_of_f32: float = 1.0  # the cache's bytes over those of an f32 cache of the same positions
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -396,18 +424,21 @@ def power_changed(old: SystemState, new: SystemState) -> bool:
 
 
 def make_plan(footprint: ModelFootprint, state: SystemState, *, n_ctx: int | None = None,
-              n_threads: int | None = None, power: str = "auto", n_seq: int = 1) -> Plan:
-    """Choose context length, threads and prefill batch for a model on a machine; BudgetError if it cannot fit.
+              n_threads: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None) -> Plan:
+    """Choose context length, threads, prefill batch and KV-cache type for a model on a machine; BudgetError if it
+    cannot fit; InvalidArgument for an unknown kv_type (or q8_0 on head sizes it does not fit).
 
     Explicit n_ctx / n_threads win (n_ctx only if it fits). Otherwise: the largest context that fits, a multiple
     of 256 between 512 and min(trained, 8192); physical cores (one left free above four, the cgroup quota caps),
     halved in saver mode (asked for, or auto on battery below 30%), one fewer when the CPU is hot. With n_seq > 1
-    the KV cache holds n_seq sequences of n_ctx positions each (batched generation)."""
+    the KV cache holds n_seq sequences of n_ctx positions each (batched generation). kv_type None: the default
+    (DEFAULT_KV_TYPE); the cache is planned in the chosen type, so a compact type affords a longer context."""
     if n_ctx is not None and n_ctx < 1:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
     if n_threads is not None and n_threads < 1:
         raise ValueError(f"n_threads must be positive, got {n_threads}")
-    fp = dataclasses.replace(footprint, n_seq=int(n_seq)) if n_seq != footprint.n_seq else footprint
+    fp = footprint.with_kv_type(DEFAULT_KV_TYPE if kv_type is None else kv_type)
+    fp = dataclasses.replace(fp, n_seq=int(n_seq)) if n_seq != fp.n_seq else fp
     reasons = {}
     mode, reasons["power"] = resolve_power(power, state)
     if n_threads:
@@ -426,11 +457,23 @@ def make_plan(footprint: ModelFootprint, state: SystemState, *, n_ctx: int | Non
         ctx, batch, reasons["n_ctx"] = _fit_auto(fp, usable, batch)
     reasons["n_batch"] = _batch_reason(batch, mode)
     if fp.kv_linear:
-        reasons["n_ctx"] += f"; {fp.kv_bytes_per_token / 1024:.0f} KB of KV cache per position"
+        reasons["n_ctx"] += f"; {fp.kv_bytes_per_token / 1024:.0f} KB of {fp.kv_type} KV cache per position"
     memory = fp.breakdown(ctx, batch)
+    fraction = memory["kv_cache"] / fp.kv_bytes(ctx, "f32")
+    reasons["kv_type"] = _kv_type_reason(fp.kv_type, kv_type is not None, memory["kv_cache"], fraction)
     return Plan(model=fp.name, n_ctx=ctx, n_threads=threads, n_batch=batch, n_seq=fp.n_seq, power_mode=mode,
                 memory=memory,
-                memory_total_bytes=sum(memory.values()), memory_available_bytes=usable, reasons=reasons)
+                memory_total_bytes=sum(memory.values()), memory_available_bytes=usable, reasons=reasons,
+                kv_type=fp.kv_type, kv_bytes_per_position=fp.kv_bytes_per_token, kv_fraction_of_f32=fraction)
+
+
+def _kv_type_reason(kv_type: str, asked: bool, cache_bytes: int, fraction: float) -> str:
+    """Why this KV-cache type, and what it costs against f32: "asked for; 28% of f32's bytes (36 MB of 128 MB)"."""
+    why = "asked for" if asked else f"the default ({DEFAULT_KV_TYPE_WHY.get(kv_type, 'the runtime default')})"
+    if kv_type == "f32":
+        return f"{why}; {_mb(cache_bytes)} MB"
+    return (f"{why}; {fraction:.0%} of f32's bytes ({_mb(cache_bytes)} MB against {_mb(cache_bytes / fraction)} MB "
+            f"in f32)")
 
 
 def _batch_that_fits(fp: ModelFootprint, usable: int, n_ctx: int, batch: int) -> int | None:
@@ -517,7 +560,8 @@ def format_plan(plan: Plan) -> str:
     """The plan as text: each choice with its reason, then the memory by part in MB."""
     available = "unknown" if plan.memory_available_bytes is None else f"{_mb(plan.memory_available_bytes)} MB"
     rows = [("context", f"{plan.n_ctx} positions", "n_ctx"), ("threads", plan.n_threads, "n_threads"),
-            ("batch", f"{plan.n_batch} positions", "n_batch"), ("power", plan.power_mode, "power")]
+            ("batch", f"{plan.n_batch} positions", "n_batch"), ("power", plan.power_mode, "power"),
+            ("kv cache", plan.kv_type, "kv_type")]
     lines = [f"plan for {plan.model}"]
     lines += [f"  {label:<10} {value:<16} {plan.reasons[key]}" for label, value, key in rows]
     lines.append(f"memory: {_mb(plan.memory_total_bytes)} MB of {available} usable ({plan.reasons['memory']})")
@@ -526,9 +570,10 @@ def format_plan(plan: Plan) -> str:
 
 
 def plan_for_model(path_or_gguf: str | os.PathLike | GGUFFile, *, n_ctx: int | None = None,
-                   n_threads: int | None = None, power: str = "auto", state: SystemState | None = None) -> Plan:
+                   n_threads: int | None = None, power: str = "auto", state: SystemState | None = None,
+                   kv_type: str | None = None) -> Plan:
     """Plan for a GGUF file (path or opened): reads its metadata, never allocates the KV cache.
-    `state` defaults to the real machine's."""
+    `state` defaults to the real machine's; kv_type None is the default type."""
     gguf = path_or_gguf if isinstance(path_or_gguf, GGUFFile) else GGUFFile(path_or_gguf)
     try:
         cfg, _ = load_decoder(gguf)
@@ -536,4 +581,5 @@ def plan_for_model(path_or_gguf: str | os.PathLike | GGUFFile, *, n_ctx: int | N
     finally:
         if gguf is not path_or_gguf:
             gguf.close()
-    return make_plan(footprint, state or read_system_state(), n_ctx=n_ctx, n_threads=n_threads, power=power)
+    return make_plan(footprint, state or read_system_state(), n_ctx=n_ctx, n_threads=n_threads, power=power,
+                     kv_type=kv_type)

@@ -29,7 +29,7 @@ EXIT_HINT = "press Ctrl-C again, Ctrl-D or /quit to exit"
 
 def run_chat_command(model_name: str | None, *, system: str | None = None, max_tokens: int = 1024,
                      single: bool = False, n_ctx: int | None = None, n_threads: int | None = None,
-                     seed: int | None = None, power: str = "auto", **options) -> None:
+                     seed: int | None = None, power: str = "auto", kv_type: str | None = None, **options) -> None:
     """The `edgeinfer chat` command: open the model (pulled if needed), then chat over stdin/stdout.
     options: the CLI's sampling options (temperature, top_k, top_p, min_p, repeat_penalty; others ignored)."""
     from rich.console import Console
@@ -37,7 +37,8 @@ def run_chat_command(model_name: str | None, *, system: str | None = None, max_t
     console = Console(stderr=True, highlight=False)
     sampling = {k: v for k, v in options.items() if k in SETTINGS and k != "max_tokens"}
     session, line = open_session(model_name, system=system, max_tokens=max_tokens, n_ctx=n_ctx,
-                                 n_threads=n_threads, seed=seed, power=power, console=console, **sampling)
+                                 n_threads=n_threads, seed=seed, power=power, kv_type=kv_type, console=console,
+                                 **sampling)
     interactive = sys.stdin.isatty()
     with session.model:
         if interactive:
@@ -52,7 +53,8 @@ def run_chat_command(model_name: str | None, *, system: str | None = None, max_t
 
 def open_session(model_name: str | None, *, system: str | None = None, max_tokens: int = 1024,
                  n_ctx: int | None = None, n_threads: int | None = None, seed: int | None = None,
-                 power: str = "auto", console=None, **sampling) -> tuple[ChatSession, str]:
+                 power: str = "auto", kv_type: str | None = None, console=None,
+                 **sampling) -> tuple[ChatSession, str]:
     """Resolve the model (a progress bar while a catalogue model is pulled), plan its context and threads with the
     budget manager, load it and compile or load the kernels (a spinner on stderr meanwhile).
     Returns the session and the start line."""
@@ -67,7 +69,8 @@ def open_session(model_name: str | None, *, system: str | None = None, max_token
     with rich_progress(console) as progress:
         path = resolve_model(model_name, progress=progress)
     with console.status(f"loading {path.name}"):
-        model = Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power)  # planned by the budget
+        model = Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power,  # planned by the budget
+                      kv_type=kv_type)
     try:
         if model.metadata.get("tokenizer.chat_template") is None:  # ChatTemplate.from_metadata falls back then
             console.print(f"{path.name} has no chat template: using the {model.chat_template.name} format (a base "

@@ -45,14 +45,17 @@ def _compute_threads(ctx, param, value):
 
 
 class CountList(click.ParamType):
-    """A comma-separated list of positive counts, e.g. "1,4,8" -> tuple[int, ...]."""
+    """A comma-separated list of counts, each at least `minimum`, e.g. "1,4,8" -> tuple[int, ...]."""
 
     name = "N[,N...]"
 
+    def __init__(self, minimum: int = 1):
+        self.minimum = minimum
+
     def convert(self, value, param, ctx):
         counts = self.parse(value, param, ctx)
-        if any(n < 1 for n in counts):
-            self.fail(f"{value!r}: every count must be >= 1.", param, ctx)
+        if any(n < self.minimum for n in counts):
+            self.fail(f"{value!r}: every count must be >= {self.minimum}.", param, ctx)
         return counts
 
     def parse(self, value, param, ctx) -> tuple[int, ...]:
@@ -69,6 +72,36 @@ class ThreadCounts(CountList):
 
     def convert(self, value, param, ctx):
         return tuple(check_thread_count(n, param, ctx) for n in self.parse(value, param, ctx))
+
+
+# the KV cache's element types: edgeinfer.kv_cache.KV_TYPES (not imported here: it loads numpy; a test keeps the two
+# in step)
+KV_TYPE_CHOICES = ("f32", "f16", "q8_0")
+KV_TYPE_HELP = "KV cache type (llama.cpp's -ctk/-ctv; q8_0 takes 28% of f32's memory; default: the budget's choice)."
+
+
+class ChoiceList(click.ParamType):
+    """A comma-separated list of choices, e.g. "f32,q8_0" -> tuple[str, ...]."""
+
+    def __init__(self, choices: tuple[str, ...]):
+        self.choices = choices
+        self.name = "[" + "|".join(choices) + "][,...]"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return self.name  # as written (click upper-cases a type's name otherwise)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = tuple(str(value).split(","))
+        for item in items:
+            if item not in self.choices:
+                self.fail(f"{item!r} is not one of {', '.join(map(repr, self.choices))}.", param, ctx)
+        return items
+
+
+def _kv_type_option():
+    return click.option("--kv-type", type=click.Choice(KV_TYPE_CHOICES), default=None, help=KV_TYPE_HELP)
 
 
 def _seed(ctx, param, value):
@@ -123,13 +156,14 @@ def info_cmd(model: str, as_json: bool) -> None:
               help=THREADS_HELP)
 @click.option("--power", type=click.Choice(["auto", "saver", "balanced", "performance"]), default="auto",
               show_default=True, help="Power mode; auto is saver on battery below 30%.")
+@_kv_type_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_cmd(model: str, n_ctx, n_threads, power: str, as_json: bool) -> None:
-    """Show the context length, threads and memory MODEL would get on this machine, and why."""
+def plan_cmd(model: str, n_ctx, n_threads, power: str, kv_type, as_json: bool) -> None:
+    """Show the context length, threads, KV cache type and memory MODEL would get on this machine, and why."""
     from edgeinfer.budget import format_plan, plan_for_model
     from models.fetch import resolve_model
 
-    plan = plan_for_model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, power=power)
+    plan = plan_for_model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, power=power, kv_type=kv_type)
     click.echo(json.dumps(plan.to_json(), indent=2) if as_json else format_plan(plan))
 
 
@@ -150,6 +184,7 @@ def _sampling_options(repeat_penalty: float):
                      help="Context length (default: chosen for you)."),
         click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, callback=_compute_threads,
                      help=THREADS_HELP),
+        _kv_type_option(),
     ]
 
     def decorate(f):
@@ -160,13 +195,13 @@ def _sampling_options(repeat_penalty: float):
     return decorate
 
 
-def _load_model(model: str | None, n_ctx, n_threads, seed):
+def _load_model(model: str | None, n_ctx, n_threads, seed, kv_type=None):
     from edgeinfer.api import Model
     from models.fetch import default_model_name, resolve_model, rich_progress
 
     with rich_progress() as progress:
         path = resolve_model(model or default_model_name(), progress=progress)
-    return Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed)
+    return Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, kv_type=kv_type)
 
 
 def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
@@ -180,11 +215,12 @@ def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> 
 @click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=256, show_default=True,
               help="Tokens to generate at most; 0 only evaluates the prompt.")
 @_sampling_options(repeat_penalty=1.0)
-def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
+def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads,
+            kv_type):
     """Continue PROMPT with MODEL, streaming the text to stdout and timings to stderr."""
     from rich.console import Console
 
-    with _load_model(model, n_ctx, n_threads, seed) as m:
+    with _load_model(model, n_ctx, n_threads, seed, kv_type) as m:
         with Console(stderr=True).status("loading kernels (a first run compiles them: a minute or two)"):
             m.engine.warm_up()
         for piece in m.stream(prompt, max_tokens=max_tokens,
@@ -219,28 +255,36 @@ def chat_cmd(model, system, max_tokens, single, **options):
 @cli.command("bench")
 @click.argument("model")
 @click.option("-p", "--prompt-tokens", type=click.IntRange(min=0), default=512, show_default=True,
-              help="Prompt tokens (pp test); 0 skips.")
+              help="Prompt tokens (pp test), at most the context; 0 skips.")
 @click.option("-n", "--gen-tokens", type=click.IntRange(min=0), default=128, show_default=True,
               help="Generated tokens (tg test); 0 skips.")
 @click.option("-t", "--threads", type=ThreadCounts(), default=None,
               help="Comma-separated thread counts, each at most the threads Numba runs (default: 1,2 or just 1).")
 @click.option("-r", "--reps", type=click.IntRange(min=1), default=3, show_default=True,
               help="Repetitions per test (after a warm-up).")
+@click.option("-d", "--depth", "depths", type=CountList(minimum=0), default="0", show_default=True,
+              help="Comma-separated numbers of tokens prefilled into the cache (not timed) before each test, which "
+                   "then runs at positions d and on (llama-bench's -d; the test shows as 'tg128 @ d4096').")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
-              help="Context length (default: the larger of -p and -n, plus 16).")
+              help="Context length (default: the largest depth plus the larger of -p and -n, plus 16).")
 @click.option("-b", "--batch", "batches", type=CountList(), default="1", show_default=True,
               help="Comma-separated numbers of sequences decoded together in the tg test (aggregate tokens/s).")
+@click.option("--kv-type", "kv_types", type=ChoiceList(KV_TYPE_CHOICES), default=None,
+              help="Comma-separated KV cache types to measure (llama-bench's -ctk; default: the budget's choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--compare-llama-cpp", is_flag=True, help="Run llama.cpp (llama-cpp-python) on the same file too.")
 @click.option("--no-process", is_flag=True, help="Skip the time-to-first-token and peak-RSS subprocess runs.")
-def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, n_ctx, batches, as_json, compare_llama_cpp,
-              no_process):
-    """Measure prompt processing and generation speed, like llama-bench."""
+def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, batches, kv_types, as_json,
+              compare_llama_cpp, no_process):
+    """Measure prompt processing and generation speed, like llama-bench.
+
+    Beside each tg row: the bytes a decode step reads (the weights, and the KV cache of the positions it attends
+    to, at the cache type) and the read rate that makes."""
     from edgeinfer.bench import BenchError, bench_context, format_bench, run_bench
     from models.fetch import resolve_model
 
     try:
-        n_ctx = bench_context(prompt_tokens, gen_tokens, n_ctx)  # -p / -n beyond --ctx: refused before any work
+        n_ctx = bench_context(prompt_tokens, gen_tokens, n_ctx, depths)  # beyond --ctx: refused before any work
     except BenchError as e:
         raise click.UsageError(str(e)) from None
     thread_counts = threads or tuple(sorted({1, min(2, compute_threads_available())}))
@@ -250,8 +294,8 @@ def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, n_ctx, batches, a
         except ImportError:
             raise click.UsageError("--compare-llama-cpp needs llama-cpp-python: pip install 'edgeinfer[llama]'")
     result = run_bench(resolve_model(model), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                       threads=thread_counts, reps=reps, n_ctx=n_ctx, batches=batches,
-                       compare_llama_cpp=compare_llama_cpp,
+                       threads=thread_counts, reps=reps, n_ctx=n_ctx, batches=batches, depths=depths,
+                       kv_types=kv_types or (None,), compare_llama_cpp=compare_llama_cpp,
                        process=not no_process)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
@@ -288,11 +332,14 @@ def convert_cmd(src, out, type_name, tensor_types, prune, dry_run, force, n_thre
 @click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=None, help="Score only the first N chunks.")
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, callback=_compute_threads,
               help=THREADS_HELP)
-def perplexity_cmd(model, text_file, n_ctx, kl_base, n_chunks, n_threads):
+@click.option("--kv-type", type=click.Choice(KV_TYPE_CHOICES), default=None,
+              help=KV_TYPE_HELP[:-1] + "; BASE always runs with f32.")
+def perplexity_cmd(model, text_file, n_ctx, kl_base, n_chunks, n_threads, kv_type):
     """Perplexity of MODEL on TEXT_FILE, computed as llama.cpp's llama-perplexity does."""
     from tools.perplexity import run_perplexity
 
-    run_perplexity(model, text_file, n_ctx=n_ctx, kl_base=kl_base, n_chunks=n_chunks, n_threads=n_threads)
+    run_perplexity(model, text_file, n_ctx=n_ctx, kl_base=kl_base, n_chunks=n_chunks, n_threads=n_threads,
+                   kv_type=kv_type)
 
 
 def _fail(message: str, status: int) -> None:

@@ -60,7 +60,7 @@ def rm_cmd(model: str, dry_run: bool) -> None:
     Given a path to a GGUF file instead, removes only that file's repacked cache: rm never deletes your own files."""
     from edgeinfer.errors import InvalidArgument, ModelNotFound
     from edgeinfer.paths import models_dir
-    from edgeinfer.repacked import cache_files_of
+    from edgeinfer.backends.cpu_repack import cache_files_of
     from models.fetch import downloaded_files, load_catalogue, model_path
 
     path = Path(model).expanduser()
@@ -86,7 +86,7 @@ def rm_cmd(model: str, dry_run: bool) -> None:
 def prune_cmd(dry_run: bool) -> None:
     """Remove files no run will use again: repacked caches whose model is gone or changed, partial downloads and
     compiled kernels of other edgeinfer versions. Downloaded models are kept (see `edgeinfer rm`)."""
-    from edgeinfer.repacked import stale_cache_files
+    from edgeinfer.backends.cpu_repack import stale_cache_files
     from kernels_cpu import stale_cache_dirs
     from models.fetch import stale_partials
 

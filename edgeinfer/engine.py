@@ -1,47 +1,53 @@
-"""The engine: the decoder family's one forward pass over a KV cache of sequences.
+"""The engine: which tokens of which sequences go into each forward pass of a backend, over a KV cache of sequences.
 
-`forward(tokens, seqs, positions, logit_rows)` evaluates any batch of tokens, each at its own (sequence, position):
-one compiled call (`kernels_cpu.forward`) runs every layer, with the matvec kernels for one row and the tile kernels
-for more. Everything else is a way of filling a batch:
+`forward(tokens, seqs, positions, logit_rows)` evaluates any batch of tokens, each at its own (sequence, position),
+in one call of the backend's runner (edgeinfer.backends: on the CPU, one compiled call runs every layer).
+Everything else is a way of filling a batch:
 - `prefill(tokens, seq=0)`: a prompt after what sequence seq holds, in chunks of `n_batch`;
 - `decode(token, seq=0)`: one generated token;
 - `decode_batch(tokens, seqs)`: one generated token for each of several sequences, in one pass.
-The cache (`edgeinfer.kv_cache.KVCache`) records which tokens each sequence holds; sequence 0 is the single-stream
-API's (`n_past`, `truncate`, `reset` act on it).
+The cache (`edgeinfer.kv_cache.KVCache`, allocated by the backend) records which tokens each sequence holds;
+sequence 0 is the single-stream API's (`n_past`, `truncate`, `reset` act on it). Nothing here knows how a backend
+lays out weights or computes: it uses `prepare`'s result, `allocate_cache` and `forward`, nothing else.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import numba
 import numpy as np
 
-from edgeinfer.arch.decoder import DecoderConfig, DecoderWeights
-from edgeinfer.backends.cpu_tables import ForwardTables
+from edgeinfer.arch.decoder import DecoderConfig
+from edgeinfer.backends import Backend, Runner, default_backend
 from edgeinfer.errors import EdgeInferError
 from edgeinfer.kv_cache import DEFAULT_KV_TYPE, ContextFull, KVCache
-from kernels_cpu.forward import make_scratch
-from kernels_cpu.specialize import forward_for
 
 __all__ = ["ContextFull", "Engine", "KVCache"]
 
 
 class Engine:
-    """Runs a decoder (config + weight views) over a static KV cache of n_seq sequences of n_ctx positions."""
+    """Runs a decoder over a static KV cache of n_seq sequences of n_ctx positions.
 
-    def __init__(self, cfg: DecoderConfig, weights: DecoderWeights, n_ctx: int, n_batch: int = 256,
-                 n_threads: int | None = None, n_seq: int = 1, kv_type: str = DEFAULT_KV_TYPE):
-        self.cfg, self.weights = cfg, weights
+    runner is what backend.prepare(cfg, weights, ...) returned (backend: the CPU one when None); several engines
+    may share one."""
+
+    def __init__(self, cfg: DecoderConfig, runner: Runner, n_ctx: int, n_batch: int = 256,
+                 n_threads: int | None = None, n_seq: int = 1, kv_type: str = DEFAULT_KV_TYPE,
+                 backend: Backend | None = None):
+        self.backend = backend if backend is not None else default_backend()
+        self.cfg, self.runner = cfg, runner
         self.n_ctx, self.n_batch = int(n_ctx), max(1, int(n_batch))
-        self.n_threads = int(n_threads or numba.config.NUMBA_NUM_THREADS)
-        if not 1 <= self.n_threads <= numba.config.NUMBA_NUM_THREADS:
-            raise EdgeInferError(f"n_threads={self.n_threads}: this machine runs 1 to "
-                                 f"{numba.config.NUMBA_NUM_THREADS} compute threads")
-        self.cache = KVCache(cfg, self.n_ctx, n_seq, kv_type)
-        self.tables = ForwardTables(cfg, weights)
-        # the forward compiled with only this model's kernels (a first run compiles those alone)
-        self._forward = forward_for(self.tables.type_ids, self.tables.embedding_type)
-        self._scratch = make_scratch(self.tables.hyper, max(self.n_batch, n_seq))
+        max_threads = self.backend.max_threads
+        self.n_threads = int(n_threads or max_threads)
+        if not 1 <= self.n_threads <= max_threads:
+            raise EdgeInferError(f"n_threads={self.n_threads}: this machine runs 1 to {max_threads} compute threads")
+        self.cache = self.backend.allocate_cache(cfg, self.n_ctx, n_seq, kv_type)
+        self.max_rows = max(self.n_batch, n_seq)  # of one forward call: a prefill chunk, or a step of every sequence
+
+    @property
+    def tables(self):
+        """Transitional: the CPU runner's tables (edgeinfer.bench and tests/test_api_errors.py read them here; they
+        belong to `engine.runner.tables`, and a backend other than the CPU one has none)."""
+        return self.runner.tables
 
     # -- sequence 0, the single stream ------------------------------------------------------------------------
     @property
@@ -64,15 +70,12 @@ class Engine:
         position) and that each row's earlier positions are cached or in the batch."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         n = len(tokens)
-        if not 1 <= n <= self._scratch.x.shape[0]:
-            raise ValueError(f"a forward batch holds 1 to {self._scratch.x.shape[0]} rows, got {n}")
+        if not 1 <= n <= self.max_rows:
+            raise ValueError(f"a forward batch holds 1 to {self.max_rows} rows, got {n}")
         logit_rows = np.ascontiguousarray(logit_rows, dtype=np.int64)
         logits = np.empty((len(logit_rows), self.cfg.n_vocab), dtype=np.float32)
-        numba.set_num_threads(self.n_threads)
-        self._scratch.threads[0] = self.n_threads
-        self._forward(*self.tables.arguments(tokens, np.ascontiguousarray(positions, dtype=np.int64),
-                                             np.ascontiguousarray(seqs, dtype=np.int64), logit_rows,
-                                             self.cache.k, self.cache.v, self._scratch, logits))
+        self.runner.forward(tokens, np.ascontiguousarray(positions, dtype=np.int64),
+                           np.ascontiguousarray(seqs, dtype=np.int64), logit_rows, self.cache, logits, self.n_threads)
         return logits
 
     def prefill(self, tokens, all_logits: bool = False, seq: int = 0) -> np.ndarray:

@@ -11,7 +11,8 @@ import pytest
 from edgeinfer import budget
 from edgeinfer.budget import (ModelFootprint, SystemProbe, SystemState, format_plan, make_plan, plan_for_model,
                               power_changed, read_system_state, threads_for_power, usable_memory)
-from edgeinfer.errors import BudgetError
+from edgeinfer.errors import BudgetError, InvalidArgument
+from edgeinfer.kv_cache import DEFAULT_KV_TYPE, KV_TYPES, KVCache
 
 MB, GB = 1 << 20, 1 << 30
 MODELS = ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"]
@@ -247,7 +248,8 @@ def test_the_search_follows_a_kv_cache_that_is_not_linear(monkeypatch):
     cfg = DecoderConfig(arch="llama", n_layers=2, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, value_dim=32,
                         d_ff=128, n_vocab=1000, context_length=8192, norm_eps=1e-6, rope_base=1e4, rope_dims=32,
                         rope_style=0)
-    monkeypatch.setattr(budget.KVCache, "nbytes_for", staticmethod(lambda c, n, n_seq=1: n_seq * min(n, 1024) * MB))
+    monkeypatch.setattr(budget.KVCache, "nbytes_for",
+                        staticmethod(lambda c, n, n_seq=1, kv_type="f32": n_seq * min(n, 1024) * MB))
     fp = replace(synthetic(), config=cfg, kv_bytes_per_token=MB, kv_linear=False)
     assert fp.kv_bytes(8192) == 1024 * MB
     plugged = state(replace(LAPTOP, battery_state=(None, None)))  # usable 1741 MB
@@ -370,7 +372,7 @@ def test_container_refuses_32k_qwen_but_plans_a_context_that_fits(footprints):
 def test_kv_bytes_match_the_cache_the_engine_allocates(footprints, name):
     from conftest import model_path
     from edgeinfer.arch import load_decoder
-    from edgeinfer.backends.cpu import prepare_weights
+    from edgeinfer.backends.cpu import CPUBackend
     from edgeinfer.engine import Engine
     from edgeinfer.gguf_reader import GGUFFile
 
@@ -378,7 +380,7 @@ def test_kv_bytes_match_the_cache_the_engine_allocates(footprints, name):
     assert fp.kv_linear
     with GGUFFile(model_path(name)) as gguf:
         cfg, weights = load_decoder(gguf)
-        weights = prepare_weights(weights, gguf.path)
+        weights = CPUBackend().prepare(cfg, weights, gguf.path)
         engine = Engine(cfg, weights, n_ctx=256)
         assert engine.cache.nbytes == fp.kv_bytes_per_token * 256 == fp.kv_bytes(256)
         del engine, weights
@@ -402,3 +404,76 @@ def test_a_cache_of_several_sequences_is_planned_with_all_of_them():
     four = make_plan(fp, state(DESKTOP), n_ctx=2048, n_seq=4)
     assert (one.n_seq, four.n_seq) == (1, 4)
     assert four.memory["kv_cache"] == 4 * one.memory["kv_cache"] == 4 * fp.kv_bytes(2048)
+
+
+# ---------------------------------------------------------------- KV-cache types
+
+def test_each_kv_type_plans_its_own_bytes():
+    fp = synthetic(kv_type="f32")  # 40 KB per position in f32
+    for kv_type in KV_TYPES:
+        plan = make_plan(fp, state(DESKTOP), n_ctx=2048, kv_type=kv_type)
+        per_value = KV_TYPES[kv_type][1]
+        assert plan.kv_type == kv_type
+        assert plan.kv_bytes_per_position == 40 * 1024 * per_value / 4
+        assert plan.memory["kv_cache"] == 2048 * 40 * 1024 * per_value / 4
+        assert plan.kv_fraction_of_f32 == per_value / 4
+        assert plan.reasons["kv_type"].startswith("asked for")
+    f16 = make_plan(fp, state(DESKTOP), n_ctx=2048, kv_type="f16")
+    assert "50% of f32's bytes (40 MB against 80 MB in f32)" in f16.reasons["kv_type"]
+
+
+def test_q8_0_cache_is_at_most_30_percent_of_f32_and_the_plan_says_so():
+    plan = make_plan(synthetic(kv_type="f32"), state(DESKTOP), n_ctx=8192, kv_type="q8_0")
+    assert plan.kv_fraction_of_f32 == 1.125 / 4 <= 0.30  # int8 values + a float32 scale per 32 = 28%
+    assert "28% of f32's bytes (90 MB against 320 MB in f32)" in plan.reasons["kv_type"]
+    text = format_plan(plan)
+    assert "kv cache   q8_0" in text and "28% of f32's bytes" in text
+    data = json.loads(json.dumps(plan.to_json()))
+    assert (data["kv_type"], data["kv_fraction_of_f32"]) == ("q8_0", 0.28125)
+    assert data["memory"]["kv_cache"] == 8192 * 40 * 1024 * 1.125 / 4 == data["kv_bytes_per_position"] * 8192
+
+
+def test_without_kv_type_the_plan_takes_the_default_and_says_why():
+    plan = make_plan(synthetic(), state(DESKTOP))
+    assert plan.kv_type == DEFAULT_KV_TYPE
+    assert plan.reasons["kv_type"].startswith(f"the default ({budget.DEFAULT_KV_TYPE_WHY[DEFAULT_KV_TYPE]})")
+    asked = make_plan(synthetic(), state(DESKTOP), kv_type=DEFAULT_KV_TYPE)
+    assert asked.kv_type == DEFAULT_KV_TYPE and asked.reasons["kv_type"].startswith("asked for")
+    assert asked.memory == plan.memory
+
+
+def test_a_compact_cache_affords_a_longer_context():
+    fp = synthetic(kv_type="f32")
+    s = state(replace(PI, available=700 * MB))  # usable 444 MB: 3840 positions in f32 (see above)
+    for kv_type in KV_TYPES:
+        plan = make_plan(fp, s, kv_type=kv_type)
+        assert plan.n_ctx == expected_ctx(fp.with_kv_type(kv_type), 444 * MB, 256)
+        assert f"KB of {kv_type} KV cache per position" in plan.reasons["n_ctx"]
+    assert [make_plan(fp, s, kv_type=t).n_ctx for t in ("f32", "f16", "q8_0")] == [3840, 7936, 8192]  # 157 MB / 20 KB
+
+
+def test_a_bad_kv_type_is_refused_naming_it():
+    with pytest.raises(InvalidArgument, match=r"kv_type='q4_0': expected one of f32, f16, q8_0"):
+        make_plan(synthetic(), state(DESKTOP), kv_type="q4_0")
+    from edgeinfer.arch.decoder import DecoderConfig
+
+    cfg = DecoderConfig(arch="llama", n_layers=2, d_model=96, n_heads=2, n_kv_heads=1, head_dim=48, value_dim=48,
+                        d_ff=128, n_vocab=1000, context_length=8192, norm_eps=1e-6, rope_base=1e4, rope_dims=48,
+                        rope_style=0)
+    fp = replace(synthetic(), config=cfg, kv_type="f32")
+    with pytest.raises(InvalidArgument, match=r"kv_type='q8_0' needs head sizes that are multiples of 32"):
+        make_plan(fp, state(DESKTOP), kv_type="q8_0")
+    assert make_plan(fp, state(DESKTOP), kv_type="f16").memory["kv_cache"] == KVCache.nbytes_for(
+        cfg, 8192, kv_type="f16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_real_models_plan_the_bytes_each_kv_type_allocates(footprints, name):
+    fp = footprints[name]
+    f32 = make_plan(fp, state(DESKTOP), n_ctx=512, kv_type="f32").memory["kv_cache"]
+    for kv_type in KV_TYPES:
+        plan = make_plan(fp, state(DESKTOP), n_ctx=512, kv_type=kv_type, n_seq=2)
+        allocated = KVCache(fp.config, 512, 2, kv_type).nbytes  # the cache alone: no weights needed
+        assert plan.memory["kv_cache"] == allocated == 2 * f32 * plan.kv_fraction_of_f32
+        assert plan.kv_bytes_per_position * 512 * 2 == allocated

@@ -45,6 +45,15 @@ MISTAKES = [
     ("bench-prompt-beyond-ctx", ["bench", MODEL, "-p", "600", "--ctx", "512"], 2, ["-p 600", "context of 512"]),
     ("bench-gen-beyond-ctx", ["bench", MODEL, "-n", "600", "--ctx", "512"], 2, ["-n 600", "context of 512"]),
     ("bench-nothing-to-measure", ["bench", MODEL, "-p", "0", "-n", "0"], 2, ["nothing to measure"]),
+    ("bench-depth-negative", ["bench", MODEL, "-d", "0,-1"], 2, ["--depth", "'0,-1'", ">= 0"]),
+    ("bench-depth-not-numbers", ["bench", MODEL, "-d", "4k"], 2, ["--depth", "'4k'", "comma-separated"]),
+    ("bench-depth-beyond-ctx", ["bench", MODEL, "-d", "0,500", "-p", "0", "-n", "16", "--ctx", "512"], 2,
+     ["-n 16 at -d 500 (516 positions)", "context of 512"]),
+    ("bench-kv-type-bad", ["bench", MODEL, "--kv-type", "f32,q4_0"], 2, ["--kv-type", "'q4_0' is not one of", "'f16'"]),
+    ("run-kv-type-bad", ["run", MODEL, "hi", "--kv-type", "q4_0"], 2, ["--kv-type", "'q4_0' is not one of"]),
+    ("chat-kv-type-bad", ["chat", MODEL, "--kv-type", "F16"], 2, ["--kv-type", "'F16' is not one of"]),
+    ("plan-kv-type-bad", ["plan", MODEL, "--kv-type", "int8"], 2, ["--kv-type", "'int8' is not one of", "'q8_0'"]),
+    ("perplexity-kv-type-bad", ["perplexity", MODEL, "text.txt", "--kv-type", "f64"], 2, ["--kv-type", "'f64'"]),
     ("perplexity-chunks-0", ["perplexity", MODEL, "text.txt", "--chunks", "0"], 2, ["--chunks", "x>=1"]),
     ("perplexity-ctx-2", ["perplexity", MODEL, "text.txt", "--ctx", "2"], 2, ["--ctx", "x>=4"]),
     ("perplexity-threads-0", ["perplexity", MODEL, "text.txt", "--threads", "0"], 2, ["--threads"]),
@@ -114,6 +123,17 @@ def test_help_shows_ranges_and_each_commands_defaults():
     assert "default: 1.1;" in chat_help and "default: 1.0;" not in chat_help, chat_help
     bench_help = _help("bench")
     assert "--ctx INTEGER RANGE" in bench_help and "--reps INTEGER RANGE" in bench_help, bench_help
+    for text in ("-d, --depth N[,N...]", "'tg128 @ d4096'", "--kv-type [f32|f16|q8_0][,...]", "weights, and the KV"):
+        assert text in bench_help, f"{text!r} not in bench --help: {bench_help}"
+    for command in ("run", "chat", "plan", "perplexity"):
+        assert "--kv-type [f32|f16|q8_0]" in _help(command), command
+
+
+def test_the_cli_offers_every_kv_cache_type():
+    from edgeinfer.cli import KV_TYPE_CHOICES
+    from edgeinfer.kv_cache import KV_TYPES
+
+    assert KV_TYPE_CHOICES == tuple(KV_TYPES)
     convert_help = _help("convert")
     assert "--force" in convert_help and "0<=x<1" in convert_help, convert_help
 
@@ -135,7 +155,7 @@ def test_an_os_error_at_the_edge_is_one_line(monkeypatch, capsys, smollm):
 @pytest.mark.slow
 def test_valid_options_still_run_end_to_end(smollm, home_env):
     result = run_edgeinfer("run", smollm, "The capital of France is", "-n", "4", "--temp", "0", "--threads", "1",
-                           "--ctx", "256", "--seed", "-1", env=home_env)
+                           "--ctx", "256", "--seed", "-1", "--kv-type", "f32", env=home_env)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and "generated 4 tokens" in result.stderr, (result.stdout, result.stderr)
     assert "error" not in result.stderr

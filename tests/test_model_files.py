@@ -11,7 +11,7 @@ import pytest
 
 from cli_helpers import assert_one_error_line, run_edgeinfer
 from edgeinfer.cli_models import format_model_table
-from edgeinfer.repacked import RECORD_FORMAT, cache_path, record_path
+from edgeinfer.backends.cpu_repack import RECORD_FORMAT, cache_path, record_path
 from kernels_cpu import _sources_hash
 from models.catalogue import load_catalogue
 

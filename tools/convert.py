@@ -21,12 +21,13 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.gguf_writer import GGUFValue
 
+from edgeinfer.arch import ARCHITECTURES
 from edgeinfer.errors import EdgeInferError
 from kernels_cpu import formats as F
 from kernels_cpu.quantize import quantize
 from tools.quantize_plan import FILE_TYPES, PlanError, TensorPlan, format_plan, parse_overrides, plan_tensors
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
+SUPPORTED_ARCHS = tuple(ARCHITECTURES)  # one per module of edgeinfer/arch/
 ALIGNMENT = 32  # GGUF's default data alignment, which GGUFWriter uses
 # keys a GGUF -> GGUF conversion does not copy: they describe the old file's encoding or layout
 DROPPED_KEYS = ("general.file_type", "general.quantization_version", "general.alignment")

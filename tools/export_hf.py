@@ -16,15 +16,15 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from edgeinfer.arch import load_decoder
+from edgeinfer.arch import ARCHITECTURES, load_decoder
 from edgeinfer.gguf_reader import GGUFFile
 from kernels_cpu.dequant import dequantize
 from tools.convert import ConvertError
 from tools.hf_vocab import BYTE, CONTROL, UNKNOWN, UNUSED, USER_DEFINED
 
-HF_ARCH = {"llama": ("LlamaForCausalLM", "llama", gguf.MODEL_ARCH.LLAMA),
-           "qwen2": ("Qwen2ForCausalLM", "qwen2", gguf.MODEL_ARCH.QWEN2),
-           "gemma3": ("Gemma3ForCausalLM", "gemma3_text", gguf.MODEL_ARCH.GEMMA3)}
+# GGUF architecture -> (config.json "architectures"[0], "model_type", gguf.MODEL_ARCH), as edgeinfer/arch/ declares
+HF_ARCH = {arch: (module.HF_ARCHITECTURES[0], module.HF_MODEL_TYPE, getattr(gguf.MODEL_ARCH, module.GGUF_MODEL_ARCH))
+           for arch, module in ARCHITECTURES.items()}
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N."); ffn_norm depends on the architecture
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",

@@ -18,16 +18,14 @@ import gguf
 import numpy as np
 from gguf.gguf_writer import GGUFValue
 
+import edgeinfer.arch
 from kernels_cpu import formats as F
 from tools.convert import ConvertError, Source, SourceTensor
 from tools.hf_vocab import add_vocab
 
-# config.json "architectures"[0] -> (GGUF architecture, gguf.MODEL_ARCH)
-ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", gguf.MODEL_ARCH.LLAMA),
-    "Qwen2ForCausalLM": ("qwen2", gguf.MODEL_ARCH.QWEN2),
-    "Gemma3ForCausalLM": ("gemma3", gguf.MODEL_ARCH.GEMMA3),
-}
+# config.json "architectures"[0] -> (GGUF architecture, gguf.MODEL_ARCH), as each module of edgeinfer/arch/ declares
+ARCHITECTURES = {hf_name: (module.ARCH, getattr(gguf.MODEL_ARCH, module.GGUF_MODEL_ARCH))
+                 for module in edgeinfer.arch.ARCHITECTURES.values() for hf_name in module.HF_ARCHITECTURES}
 SKIPPED = ("rotary_emb.inv_freq",)  # buffers some checkpoints save; llama.cpp drops them too
 
 

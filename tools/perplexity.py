@@ -83,9 +83,12 @@ def chunk_tokens(tokens: list[int], n_ctx: int, add_bos: bool, bos_id: int | Non
 
 def perplexity(model_path: str, text: str, n_ctx: int = 512, kl_base: str | None = None,
                n_chunks: int | None = None, n_threads: int | None = None,
-               on_chunk: Callable[[int, int, float], None] | None = None) -> PerplexityResult:
+               on_chunk: Callable[[int, int, float], None] | None = None,
+               kv_type: str | None = None) -> PerplexityResult:
     """Perplexity of MODEL on `text` (and KL divergence against `kl_base` if given), as llama-perplexity computes it.
 
+    kv_type: MODEL's KV cache type (None: the default); the base always runs with an f32 cache, the full-precision
+    reference, so `perplexity(m, text, kv_type="q8_0", kl_base=m)` measures what the compact cache costs.
     on_chunk(i, n_chunks, running_ppl) is called after each chunk."""
     from edgeinfer.api import load
     from models.fetch import resolve_model
@@ -95,10 +98,10 @@ def perplexity(model_path: str, text: str, n_ctx: int = 512, kl_base: str | None
     if n_chunks is not None and n_chunks < 1:
         raise PerplexityError(f"--chunks must be at least 1, got {n_chunks}")
     kl_base = resolve_model(kl_base) if kl_base else None  # a bad BASE is refused before the model loads
-    with load(model_path, n_ctx=n_ctx, n_threads=n_threads) as model:
+    with load(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type) as model:
         tokens = model.tokenize(text, add_special=True, parse_special=False)
         chunks = chunk_tokens(tokens, n_ctx, model.tokenizer.add_bos, model.tokenizer.bos_id)[:n_chunks]
-        base = load(kl_base, n_ctx=n_ctx, n_threads=n_threads) if kl_base else None
+        base = load(kl_base, n_ctx=n_ctx, n_threads=n_threads, kv_type="f32") if kl_base else None
         try:
             if base is not None and base.tokenize(text, add_special=True, parse_special=False) != tokens:
                 raise PerplexityError(f"{kl_base} tokenizes the text differently from {model_path}: KL divergence "
@@ -140,7 +143,8 @@ def _score(model, base, chunks, n_ctx, on_chunk) -> PerplexityResult:
 
 
 def run_perplexity(model: str, text_file: str, n_ctx: int = 512, kl_base: str | None = None,
-                   n_chunks: int | None = None, n_threads: int | None = None, echo: Callable[[str], None] = print):
+                   n_chunks: int | None = None, n_threads: int | None = None, echo: Callable[[str], None] = print,
+                   kv_type: str | None = None):
     """The `edgeinfer perplexity` command: llama.cpp's running "[i]ppl," line, then the final estimate."""
     try:
         with open(text_file, encoding="utf-8") as f:
@@ -152,6 +156,6 @@ def run_perplexity(model: str, text_file: str, n_ctx: int = 512, kl_base: str | 
         echo(f"[{i + 1}]{ppl:.4f},", end="" if i + 1 < n else "\n", flush=True)
 
     result = perplexity(model, text, n_ctx=n_ctx, kl_base=kl_base, n_chunks=n_chunks, n_threads=n_threads,
-                        on_chunk=on_chunk)
+                        on_chunk=on_chunk, kv_type=kv_type)
     echo(result.report())
     return result

@@ -3,7 +3,8 @@
 `DecoderConfig` holds the hyper-parameters (read from `{arch}.*` GGUF keys) and the variant switches (biases, Q/K
 norms, post-norms, activation, sliding window, RoPE style). `read_weights` maps GGUF's standard tensor names
 (`blk.N.attn_q.weight`, ...) to canonical per-layer fields; weights stay views into the memory map.
-An architecture module only builds a `DecoderConfig`; the engine executes any config of the family.
+An architecture module only builds a `DecoderConfig`; a backend (edgeinfer.backends) executes any config of the
+family, keeping whatever layout its kernels prefer to itself.
 """
 from __future__ import annotations
 
@@ -198,20 +199,8 @@ class QuantMatrix:
     raw: np.ndarray  # uint8 (n_rows, row_bytes)
     n_rows: int
     n_cols: int
-    offset: int  # of the first byte in the file, so compiled code can find it in `DecoderWeights.file_bytes`
-    # the kernels' own layout where one exists (edgeinfer.repacked): type id, array, offset in `packed_bytes`
-    packed_type: int = -1
-    packed: np.ndarray | None = None
-    packed_offset: int = 0
-
-    @property
-    def kernel_type(self) -> int:
-        """Type id of the layout the matvec kernels should read (repacked if there is one, else the ggml type)."""
-        return self.packed_type if self.packed is not None else self.ggml_type
-
-    @property
-    def kernel_data(self) -> np.ndarray:
-        return self.packed if self.packed is not None else self.raw
+    offset: int  # of the first byte in the file: where compiled code finds it in `DecoderWeights.file_bytes`, and
+    # the key a backend files its own copy under (edgeinfer.backends: the CPU one repacks, a GPU one uploads)
 
 
 @dataclass
@@ -243,7 +232,6 @@ class DecoderWeights:
     output: QuantMatrix  # the LM head; the embedding itself when tied
     layers: list[LayerWeights] = field(default_factory=list)
     file_bytes: np.ndarray | None = None  # the whole memory-mapped file (read-only uint8), which all views share
-    packed_bytes: np.ndarray | None = None  # all repacked matrices (read-only uint8; edgeinfer.repacked)
 
 
 # tensors a file may carry that this family has no use for, with what they ask for (named in the refusal)

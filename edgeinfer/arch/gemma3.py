@@ -11,6 +11,9 @@ from edgeinfer.errors import UnsupportedError
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "gemma3"
+HF_ARCHITECTURES = ("Gemma3ForCausalLM",)  # config.json "architectures" names converted from (the first: written on export)
+HF_MODEL_TYPE = "gemma3_text"  # config.json "model_type" written on export
+GGUF_MODEL_ARCH = "GEMMA3"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
 SLIDING_WINDOW_PATTERN = 6  # layers i with i % 6 < 5 are local; every sixth is global (llama.cpp's set_swa_pattern(6))
 LOCAL_ROPE_BASE = 10000.0  # llama.cpp's rope_freq_base_train_swa for gemma3; the GGUF does not store it
 

@@ -5,6 +5,9 @@ from edgeinfer.arch.decoder import ROPE_NORMAL, DecoderConfig, read_common_hpara
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "llama"
+HF_ARCHITECTURES = ("LlamaForCausalLM",)  # config.json "architectures" names converted from (the first: written on export)
+HF_MODEL_TYPE = "llama"  # config.json "model_type" written on export
+GGUF_MODEL_ARCH = "LLAMA"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
 
 
 def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:

@@ -3,6 +3,9 @@ from edgeinfer.arch.decoder import ROPE_NEOX, DecoderConfig, read_common_hparams
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "qwen2"
+HF_ARCHITECTURES = ("Qwen2ForCausalLM",)  # config.json "architectures" names converted from (the first: written on export)
+HF_MODEL_TYPE = "qwen2"  # config.json "model_type" written on export
+GGUF_MODEL_ARCH = "QWEN2"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
 
 
 def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:

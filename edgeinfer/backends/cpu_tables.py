@@ -1,19 +1,21 @@
 """The tables the compiled CPU forward (`kernels_cpu.forward`) reads, built from an architecture's config and weights.
 
 This is the one place where the variant switches of `DecoderConfig` become what compiled code sees (`Hyper`), and
-where each weight's bytes are located (`MATRIX` records: the repacked buffer where a matrix has the kernels' layout,
-else the memory-mapped file).
+where each weight's bytes are located (`MATRIX` records: the repacked buffer where `Repacked` says a matrix has the
+kernels' layout, else the memory-mapped file).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from edgeinfer.arch.decoder import DecoderConfig, DecoderWeights, QuantMatrix
+from edgeinfer.backends.cpu_repack import Repacked
 from kernels_cpu import forward as fw
 from kernels_cpu.matvec_q8 import weight_rows
 
 _NO_PACKED = np.zeros(64, np.uint8)  # stands in for the repacked buffer of a model that has none
 _NO_PACKED.flags.writeable = False
+NO_REPACKING = Repacked(None, {})  # every matrix read in its file layout
 
 # per-layer vector roles -> LayerWeights field names
 VECTOR_FIELDS = {fw.V_ATTN_NORM: "attn_norm", fw.V_FFN_NORM: "ffn_norm", fw.V_Q_BIAS: "attn_q_bias",
@@ -35,41 +37,42 @@ def hyper(cfg: DecoderConfig) -> fw.Hyper:
         logit_softcap=float(cfg.final_logit_softcap))
 
 
-def _record(m: QuantMatrix) -> tuple:
-    if m.packed is not None:  # the kernels' layout, in the repacked buffer
-        return (m.packed_offset, m.packed_type, m.n_rows, m.n_cols, m.packed.shape[1], fw.IN_PACKED)
-    return (m.offset, m.ggml_type, m.n_rows, m.n_cols, m.raw.shape[1], fw.IN_FILE)
-
-
 NO_MATRIX = (0, 0, 0, 0, 0, fw.IN_FILE)
 
 
-def _fused(*ms: QuantMatrix) -> tuple:
+def _record(m: QuantMatrix, repacked: Repacked) -> tuple:
+    p = repacked.get(m)
+    if p is not None:  # the kernels' layout, in the repacked buffer
+        return (p.offset, p.type_id, m.n_rows, m.n_cols, p.row_bytes, fw.IN_PACKED)
+    return (m.offset, m.ggml_type, m.n_rows, m.n_cols, m.raw.shape[1], fw.IN_FILE)
+
+
+def _fused(repacked: Repacked, *ms: QuantMatrix) -> tuple:
     """One record for matrices that lie one after another in the repacked buffer with one type and width, so one
     matvec computes them all; NO_MATRIX otherwise."""
-    first = ms[0]
-    if all(m.packed is not None and m.packed_type == first.packed_type and m.n_cols == first.n_cols for m in ms):
-        ends = [m.packed_offset + m.packed.nbytes for m in ms]
-        if all(m.packed_offset == end for m, end in zip(ms[1:], ends)):
-            return (first.packed_offset, first.packed_type, sum(m.n_rows for m in ms), first.n_cols,
-                    first.packed.shape[1], fw.IN_PACKED)
+    ps = [repacked.get(m) for m in ms]
+    first, p0 = ms[0], ps[0]
+    if all(p is not None and p.type_id == p0.type_id and m.n_cols == first.n_cols for m, p in zip(ms, ps)):
+        if all(p.offset == before.offset + before.nbytes for before, p in zip(ps, ps[1:])):
+            return (p0.offset, p0.type_id, sum(m.n_rows for m in ms), first.n_cols, p0.row_bytes, fw.IN_PACKED)
     return NO_MATRIX
 
 
 class ForwardTables:
     """Everything `kernels_cpu.forward.forward` needs about one model, apart from the batch, cache and scratch."""
 
-    def __init__(self, cfg: DecoderConfig, w: DecoderWeights):
+    def __init__(self, cfg: DecoderConfig, w: DecoderWeights, repacked: Repacked = NO_REPACKING):
         self.hyper = hyper(cfg)
         self.layer_mats = np.zeros((cfg.n_layers, fw.N_MAT), fw.MATRIX)
         for i, lw in enumerate(w.layers):
             for role, name in MATRIX_FIELDS.items():
-                self.layer_mats[i, role] = _record(getattr(lw, name))
-            self.layer_mats[i, fw.M_QKV] = _fused(lw.attn_q, lw.attn_k, lw.attn_v)
-            self.layer_mats[i, fw.M_GATE_UP] = _fused(lw.ffn_gate, lw.ffn_up)
+                self.layer_mats[i, role] = _record(getattr(lw, name), repacked)
+            self.layer_mats[i, fw.M_QKV] = _fused(repacked, lw.attn_q, lw.attn_k, lw.attn_v)
+            self.layer_mats[i, fw.M_GATE_UP] = _fused(repacked, lw.ffn_gate, lw.ffn_up)
         self.head_mats = np.zeros(2, fw.MATRIX)
-        self.head_mats[fw.H_EMBED] = _record(w.token_embd)
-        self.head_mats[fw.H_OUTPUT] = _record(w.output)
+        # embedding rows are looked up in the file's own layout, even where a tied LM head shares them repacked
+        self.head_mats[fw.H_EMBED] = _record(w.token_embd, NO_REPACKING)
+        self.head_mats[fw.H_OUTPUT] = _record(w.output, repacked)
         width = max(cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.value_dim)
         self.vecs = np.zeros((cfg.n_layers, fw.N_VEC, width), dtype=np.float32)
         for i, lw in enumerate(w.layers):
@@ -81,7 +84,7 @@ class ForwardTables:
         self.windows = np.array([cfg.layer_window(i) for i in range(cfg.n_layers)], dtype=np.int64)
         self.rope_bases = np.array([cfg.layer_rope_base(i) for i in range(cfg.n_layers)], dtype=np.float64)
         self.weights = w.file_bytes
-        self.packed = w.packed_bytes if w.packed_bytes is not None else _NO_PACKED
+        self.packed = repacked.buffer if repacked.buffer is not None else _NO_PACKED
         used = self.layer_mats["n_rows"] > 0
         # the type ids whose kernels this model needs (the forward is compiled with only those)
         self.type_ids = sorted(set(self.layer_mats["type_id"][used].tolist())

@@ -1,4 +1,4 @@
-"""Weights in the kernels' own layout: repacked once per model file, kept in a cache file, memory-mapped.
+"""The CPU backend's weights in its kernels' own layout: repacked once per model file, cached, memory-mapped.
 
 The int8 matvec kernels run 2-3x faster on 16 rows interleaved with pre-decoded K-quant scales
 (`kernels_cpu.repack.repack`) than on raw ggml blocks. Repacking a model costs about a second per 100 MB, so the
@@ -14,6 +14,9 @@ CRC-32, checked on a process's first load of the file (about 2.5 GB/s: 40 ms for
 Qwen2.5-0.5B's 392 MB); a damaged file is rebuilt with one warning line, and `edgeinfer prune` uses the record to find
 caches whose model is gone. It takes as much disk as the model's matrices (delete the directory to reclaim it).
 Where the home cannot be written, the packed matrices live in memory instead.
+
+The architecture's weights (views into the model file) are never changed: `repack_weights` returns a `Repacked`
+record (the buffer and where each matrix lies in it) that the CPU backend keeps beside them.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import mmap
 import os
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,39 @@ from kernels_cpu.repack import repack
 ALIGN = 64  # cache-line alignment of every packed matrix in the buffer
 RECORD_FORMAT = 1  # version of the .json record beside each cache file
 _verified: set[tuple] = set()  # (path, inode, mtime_ns, size) of cache files whose CRC-32 matched in this process
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """Where one matrix lies in the repacked buffer, in the kernels' layout."""
+
+    type_id: int  # matvec_q8's id of the layout (REPACKED + the ggml type)
+    offset: int  # of its first byte in `Repacked.buffer`
+    n_array_rows: int  # rows of the (n_array_rows, row_bytes) uint8 array (16 matrix rows each)
+    row_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_array_rows * self.row_bytes
+
+
+@dataclass(frozen=True)
+class Repacked:
+    """A model's repacked matrices: one read-only uint8 buffer (None when no matrix has a repacked layout) and where
+    each matrix lies in it, keyed by the matrix's offset in the model file (`QuantMatrix.offset`, unique per tensor:
+    a tied LM head and its embedding are one entry)."""
+
+    buffer: np.ndarray | None
+    matrices: dict[int, PackedMatrix]
+
+    def get(self, m: QuantMatrix) -> PackedMatrix | None:
+        """m's place in the buffer, or None if m is read in its file layout (no repacked layout, e.g. embeddings)."""
+        return self.matrices.get(m.offset)
+
+    def array(self, m: QuantMatrix) -> np.ndarray | None:
+        """m's repacked (n_array_rows, row_bytes) uint8 view of the buffer, or None."""
+        p = self.get(m)
+        return None if p is None else self.buffer[p.offset:p.offset + p.nbytes].reshape(p.n_array_rows, p.row_bytes)
 
 
 def packed_shape(m: QuantMatrix) -> tuple[int, int] | None:
@@ -226,12 +263,12 @@ def _why_stale(cache_file: Path) -> str | None:
     return None
 
 
-def repack_weights(weights: DecoderWeights, model_path: str | os.PathLike, use_cache: bool = True) -> DecoderWeights:
-    """weights with every matrix that has a repacked layout pointing at it (QuantMatrix.packed*), the raw views kept
-    for embedding lookups; the packed bytes come from the cache file (made on first use) or, failing that, memory."""
+def repack_weights(weights: DecoderWeights, model_path: str | os.PathLike, use_cache: bool = True) -> Repacked:
+    """Where each matrix of weights that has a repacked layout lies in the kernels' layout (the architecture's views
+    are left as they are); the packed bytes come from the cache file (made on first use) or, failing that, memory."""
     matrices = packable(weights)
     if not matrices:
-        return weights
+        return Repacked(None, {})
     offsets, size = _layout(matrices)
     buffer = None
     if use_cache and writable_home() is not None:
@@ -248,18 +285,8 @@ def repack_weights(weights: DecoderWeights, model_path: str | os.PathLike, use_c
         buffer = np.zeros(size, np.uint8)
         _pack_into(matrices, offsets, buffer)
         buffer.flags.writeable = False
-    packed_by_offset = {}
+    where = {}
     for (_, m), off in zip(matrices, offsets):
         rows, row_bytes = packed_shape(m)
-        packed_by_offset[m.offset] = (off, buffer[off:off + rows * row_bytes].reshape(rows, row_bytes))
-
-    def with_packed(m):
-        if not isinstance(m, QuantMatrix) or m.offset not in packed_by_offset:
-            return m
-        off, data = packed_by_offset[m.offset]
-        return dataclasses.replace(m, packed_type=matvec_q8.REPACKED + m.ggml_type, packed=data, packed_offset=off)
-
-    layers = [dataclasses.replace(lw, **{f.name: with_packed(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
-              for lw in weights.layers]
-    return dataclasses.replace(weights, layers=layers, output=with_packed(weights.output), packed_bytes=buffer)
-
+        where[m.offset] = PackedMatrix(matvec_q8.REPACKED + m.ggml_type, off, rows, row_bytes)
+    return Repacked(buffer, where)
