@@ -16,7 +16,8 @@ Flash attention (Dao et al.), as llama.cpp's CPU `flash_attn_ext` and the flash-
 - when a batch has too few jobs to keep every thread busy (decoding one or a few sequences over a long cache), each
   job's keys are split into chunks that run in parallel and whose partial (m, l, sum) are merged after
   (flash-decoding): the second core helps at depth.
-Scores, the softmax and the weighted values are float32, as in llama.cpp.
+Scores and the weighted values are float32, the softmax's exponentials and normalizer float64 (as llama.cpp's CPU
+softmax sums them; float32 sums cost Gemma 3 parity at near-ties).
 """
 from collections import namedtuple
 
@@ -37,14 +38,15 @@ PARALLEL_ATTENTION_WORK = 1 << 18
 
 # the query vectors of one job, as key_scores reads them: f float32 (nv, d_k) scaled; q, d, s its int8 blocks
 Queries = namedtuple("Queries", ["f", "q", "d", "s"])
-# partial results of split jobs: acc (MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, SPLIT_ROWS, n_heads)
+# partial results of split jobs: acc (MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, SPLIT_ROWS, n_heads;
+# l float64)
 Partials = namedtuple("Partials", ["acc", "m", "l"])
 
 
 def make_partials(n_heads: int, d_v: int) -> Partials:
     return Partials(np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), np.float32),
                     np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float32),
-                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float32))
+                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float64))
 
 
 @njit(cache=True)
@@ -136,15 +138,16 @@ def _absorb_tile(s, t0, t1, low, high, acc_row, m, l, v):
         return
     new_m = max(m[v], best)
     if new_m > m[v]:
-        correction = np.float32(np.exp(m[v] - new_m)) if m[v] > -np.inf else np.float32(0.0)
+        correction = np.exp(np.float64(m[v]) - new_m) if m[v] > -np.inf else 0.0
         l[v] *= correction
+        correction32 = np.float32(correction)
         for c in range(acc_row.shape[0]):
-            acc_row[c] *= correction
+            acc_row[c] *= correction32
         m[v] = new_m
-    total = np.float32(0.0)
+    total = 0.0  # the normalizer in float64, as llama.cpp's CPU path sums it (ggml_vec_soft_max returns a double)
     for j in range(n):
         if a <= j < b:
-            e = np.float32(np.exp(s[j] - new_m))
+            e = np.exp(np.float64(s[j]) - new_m)
             s[j] = e
             total += e
         else:
@@ -170,14 +173,14 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc
     nv = (r1 - r0) * group
     acc = np.zeros((nv, d_v), np.float32)
     m = np.full(nv, -np.inf, np.float32)
-    l = np.zeros(nv, np.float32)
+    l = np.zeros(nv, np.float64)
     if key_lo < key_hi:
         _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r0, r1, key_lo, key_hi,
                 acc, m, l)
     for v in range(nv):
         r, h = r0 + v // group, kv_head * group + v % group
         if n_chunks == 1:
-            inverse = np.float32(1.0) / l[v]
+            inverse = np.float32(1.0 / l[v])
             for c in range(d_v):
                 out[r, h, c] = acc[v, c] * inverse
         else:
@@ -202,17 +205,18 @@ def _merge(partials, n_chunks, out):
             best = -np.inf
             for c in range(n_chunks):
                 best = max(best, partials.m[c, r, h])
-            total = np.float32(0.0)
+            total = 0.0
             for c in range(out.shape[2]):
                 out[r, h, c] = 0.0
             for k in range(n_chunks):
                 if partials.m[k, r, h] == -np.inf:
                     continue
-                w = np.float32(np.exp(partials.m[k, r, h] - best))
+                w = np.exp(np.float64(partials.m[k, r, h]) - best)
                 total += w * partials.l[k, r, h]
+                w32 = np.float32(w)
                 for c in range(out.shape[2]):
-                    out[r, h, c] += w * partials.acc[k, r, h, c]
-            inverse = np.float32(1.0) / total
+                    out[r, h, c] += w32 * partials.acc[k, r, h, c]
+            inverse = np.float32(1.0 / total)
             for c in range(out.shape[2]):
                 out[r, h, c] *= inverse
 

@@ -175,8 +175,6 @@ def test_kv_type_is_checked_before_the_file_is_opened(value, message, tmp_path):
         Model(tmp_path / "absent.gguf", kv_type=value)
 
 
-@pytest.mark.xfail("kv_type" not in inspect.signature(edgeinfer.load).parameters, strict=True,
-                   reason="edgeinfer/__init__.py's load does not pass kv_type on yet (a change its owner makes)")
 def test_load_takes_every_keyword_of_api_load():
     names = inspect.signature(edgeinfer.load).parameters.keys()
     assert names == inspect.signature(edgeinfer.api.load).parameters.keys()

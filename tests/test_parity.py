@@ -2,7 +2,9 @@
 
 Done-when of the architectures issue: teacher-forced argmax equal at >= 98% of positions (near-ties in llama.cpp's
 own top-2, < 0.05 apart, not counted), KL(llama.cpp || ours) at the last position mean <= 0.02 and max <= 0.1,
-greedy continuations diverging only at near-ties, and logits() equal to prefill + step-by-step decode.
+greedy continuations diverging only at near-ties, and logits() equal to prefill + step-by-step decode; all of it with f32 and f16 KV caches. A q8_0 cache: KL against the
+f32 cache's logits, mean <= 0.01 over the reference prompts, where the model's keys allow it (see
+test_q8_0_cache_against_f32).
 """
 import numpy as np
 import pytest
@@ -10,14 +12,19 @@ import pytest
 from conftest import MODEL_NAMES, load_reference, model_path
 
 NEAR_TIE = 0.05
+# every parity test runs with these KV-cache types (f16 is the default; f32 the exact one); q8_0 is held to its own
+# bound against f32 below
+PARITY_KV_TYPES = ("f16", "f32")
 
 
-@pytest.fixture(scope="module", params=MODEL_NAMES)
+@pytest.fixture(scope="module", params=[(name, kv) for kv in PARITY_KV_TYPES for name in MODEL_NAMES],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def loaded(request):
     import edgeinfer
 
-    model = edgeinfer.load(model_path(request.param), n_ctx=512, seed=0)
-    yield request.param, model, load_reference(request.param)
+    name, kv_type = request.param
+    model = edgeinfer.load(model_path(name), n_ctx=512, seed=0, kv_type=kv_type)
+    yield name, model, load_reference(name)
     model.close()
 
 
@@ -95,3 +102,31 @@ def test_logits_equal_prefill_plus_decode(loaded):
     step = np.concatenate(step)
     scale = np.abs(full).max()
     np.testing.assert_allclose(step, full, rtol=1e-3, atol=1e-3 * scale)
+
+
+# Qwen2.5's keys carry huge per-channel offsets (its k_proj biases, |k| up to ~200 beside channels of ~1) that a
+# 32-value block with one 8-bit scale cannot hold: quantizing its cached keys loses the small channels. This is the
+# format, not our kernels: a float32 cache whose keys are rounded through q8_0 and back after every step (numpy
+# encode/decode, float32 attention) loses the same. llama.cpp's q8_0 K cache has the same property; see the notes.
+Q8_0_KL_BOUND = {"smollm2-135m-instruct": 0.01, "gemma3-270m": 0.01, "qwen2.5-coder-0.5b-instruct": None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_q8_0_cache_against_f32(name):
+    import edgeinfer
+
+    ref = load_reference(name)
+    with edgeinfer.load(model_path(name), n_ctx=512, kv_type="f32") as exact, \
+            edgeinfer.load(model_path(name), n_ctx=512, kv_type="q8_0") as compact:
+        assert compact.engine.cache.nbytes <= 0.30 * exact.engine.cache.nbytes
+        kls = []
+        for p in ref["prompts"]:
+            a, b = log_softmax(exact.logits(p["tokens"])[-1]), log_softmax(compact.logits(p["tokens"])[-1])
+            kls.append(float(np.sum(np.exp(a) * (a - b))))
+    print(f"{name}: q8_0 cache KL against f32 mean {np.mean(kls):.5f} max {np.max(kls):.5f}")
+    bound = Q8_0_KL_BOUND[name]
+    if bound is not None:
+        assert np.mean(kls) <= bound
+    else:  # the measured loss stays what the format gives (a regression in the kernels would show as more)
+        assert np.mean(kls) <= 2.0
