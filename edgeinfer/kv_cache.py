@@ -1,13 +1,14 @@
 """The KV cache: keys and values of up to `n_seq` sequences, and the record of which tokens each one holds.
 
-A static pool (gpt-fast's static cache with a batch axis; llama.cpp's per-slot cells): k (n_layers, n_seq, n_ctx,
-n_kv_heads, head_dim) and v likewise with value_dim, allocated once, in one of three element types (`KV_TYPES`,
+A static pool (gpt-fast's static cache with a batch axis; llama.cpp's per-slot cells): k (n_layers, n_seq,
+n_kv_heads, n_ctx, head_dim) and v likewise with value_dim, allocated once, in one of three element types (`KV_TYPES`,
 llama.cpp's `-ctk/-ctv`): f32, f16 (IEEE half bits in uint16) or q8_0 (int8 values with a float32 scale per 32, the
 scale rounded to a half as ggml's block_q8_0 stores it). Compiled code receives each of k and v as a pair (values,
 scales); f32 and f16 caches carry a one-element dummy scale array. Sequence s holds positions 0..length(s)-1; its
 token ids are kept here, beside the keys and values they produced, so whoever reuses a prefix (prompt caching,
-shared system prompts, speculative rollback) asks the cache, not a second list elsewhere. Each sequence's positions
-lie contiguously, which the attention kernels stream through.
+shared system prompts, speculative rollback) asks the cache, not a second list elsewhere. Each (layer, sequence, KV
+head)'s positions lie contiguously, which the attention kernels stream through (one head's keys at a stride of all
+heads reached a third of the read rate on a 2-core EPYC: the prefetchers lose the stream).
 
 Operations: `allocate` / `free` a sequence, `truncate` it, `copy_prefix` from one sequence to another (a shared
 system prompt, a fork of a conversation), and `record` what a forward pass stored.
@@ -74,8 +75,8 @@ class KVCache:
             raise ValueError(f"a KV cache needs n_ctx >= 1 and n_seq >= 1, got {n_ctx} and {n_seq}")
         self.kv_type = check_kv_type(kv_type, cfg)
         self.n_ctx, self.n_seq = int(n_ctx), int(n_seq)
-        self.k = self._allocate((cfg.n_layers, n_seq, n_ctx, cfg.n_kv_heads, cfg.head_dim))
-        self.v = self._allocate((cfg.n_layers, n_seq, n_ctx, cfg.n_kv_heads, cfg.value_dim))
+        self.k = self._allocate((cfg.n_layers, n_seq, cfg.n_kv_heads, n_ctx, cfg.head_dim))
+        self.v = self._allocate((cfg.n_layers, n_seq, cfg.n_kv_heads, n_ctx, cfg.value_dim))
         self._tokens: list[list[int]] = [[] for _ in range(n_seq)]
         self._in_use = [False] * n_seq
         self._in_use[0] = True  # sequence 0 is the single-stream API's, always there
@@ -151,7 +152,7 @@ class KVCache:
         if src != dst:
             for a in self._arrays():
                 if a.shape[1] == self.n_seq:  # not a stand-in scale array
-                    a[:, dst, :n] = a[:, src, :n]
+                    a[:, dst, :, :n] = a[:, src, :, :n]
         self._tokens[dst] = self._tokens[src][:n]
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
@@ -171,20 +172,21 @@ class KVCache:
 
     def _read(self, pair, seq: int, n: int) -> np.ndarray:
         values, scales = pair
-        return decode(self.kv_type, values[:, seq, :n], scales[:, seq, :n] if self.kv_type == "q8_0" else scales)
+        x = decode(self.kv_type, values[:, seq, :, :n], scales[:, seq, :, :n] if self.kv_type == "q8_0" else scales)
+        return np.ascontiguousarray(x.transpose(0, 2, 1, 3))  # (n_layers, length, n_kv_heads, dim)
 
     def restore(self, seq: int, tokens: Sequence[int], k: np.ndarray, v: np.ndarray) -> bool:
         """Make sequence seq hold what `export` gave; False (nothing changed) if the arrays do not fit this cache."""
         n = len(tokens)
-        shape_k = (self.k[0].shape[0], n) + self.k[0].shape[3:]
-        shape_v = (self.v[0].shape[0], n) + self.v[0].shape[3:]
+        shape_k = (self.k[0].shape[0], n, self.k[0].shape[2], self.k[0].shape[4])
+        shape_v = (self.v[0].shape[0], n, self.v[0].shape[2], self.v[0].shape[4])
         if n > self.n_ctx or k.shape != shape_k or v.shape != shape_v:
             return False
         self._check(seq)
         for pair, x in ((self.k, k), (self.v, v)):
-            values, scales = encode(self.kv_type, x)
-            pair[0][:, seq, :n] = values
+            values, scales = encode(self.kv_type, x.transpose(0, 2, 1, 3))
+            pair[0][:, seq, :, :n] = values
             if self.kv_type == "q8_0":
-                pair[1][:, seq, :n] = scales
+                pair[1][:, seq, :, :n] = scales
         self._tokens[seq] = [int(t) for t in tokens]
         return True

@@ -1,7 +1,7 @@
 """Causal grouped-query attention of a batch of rows over a KV cache of sequences: tiled, with an online softmax.
 
-The cache holds keys and values by layer, sequence and position, as (values, scales) pairs of any element type
-(kernels_cpu.kv_types): k (n_layers, n_seq, n_ctx, n_kv_heads, d_k), v likewise with d_v. Row i, a query at
+The cache holds keys and values by layer, sequence, KV head and position, as (values, scales) pairs of any element
+type (kernels_cpu.kv_types): k (n_layers, n_seq, n_kv_heads, n_ctx, d_k), v likewise with d_v. Row i, a query at
 position p of sequence s, attends to s's cached positions j <= p (and with window > 0 only to those with
 p - j < window: llama.cpp's standard sliding window).
 
@@ -16,16 +16,15 @@ Flash attention (Dao et al.), as llama.cpp's CPU `flash_attn_ext` and the flash-
 - when a batch has too few jobs to keep every thread busy (decoding one or a few sequences over a long cache), each
   job's keys are split into chunks that run in parallel and whose partial (m, l, sum) are merged after
   (flash-decoding): the second core helps at depth.
-Scores and the weighted values are float32, the softmax's exponentials and normalizer float64 (as llama.cpp's CPU
-softmax sums them; float32 sums cost Gemma 3 parity at near-ties).
+Scores, the softmax and the weighted values are float32, as in llama.cpp's CPU flash attention.
 """
 from collections import namedtuple
 
 import numpy as np
 from numba import njit, prange
 
-from kernels_cpu.activations_q8 import quantize_activations
-from kernels_cpu.kv_types import QK, add_value, key_scores, needs_int8_queries
+from kernels_cpu._fp16 import bits_to_f32
+from kernels_cpu.kv_types import head_view, tile_rows
 
 TILE = 64  # keys per tile
 QUERY_VECTORS = 64  # query vectors (rows x heads of a group) per job at most: a block's rows are 64 // group
@@ -33,20 +32,19 @@ SPLIT_ROWS = 8  # batches of at most this many rows may split each job's keys ac
 MAX_CHUNKS = 16  # key chunks per job at most
 MIN_CHUNK_KEYS = 256  # a chunk holds at least this many keys (merging costs a little)
 JOBS_PER_THREAD = 8  # split until there are this many jobs per thread (even shares under static scheduling)
+# fast float math, but with infinities kept: -inf marks a vector that has seen no key yet
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # below this many multiply-adds per call, waking the worker threads costs more than it saves
 PARALLEL_ATTENTION_WORK = 1 << 18
 
-# the query vectors of one job, as key_scores reads them: f float32 (nv, d_k) scaled; q, d, s its int8 blocks
-Queries = namedtuple("Queries", ["f", "q", "d", "s"])
-# partial results of split jobs: acc (MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, SPLIT_ROWS, n_heads;
-# l float64)
+# partial results of split jobs: acc (MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, SPLIT_ROWS, n_heads)
 Partials = namedtuple("Partials", ["acc", "m", "l"])
 
 
 def make_partials(n_heads: int, d_v: int) -> Partials:
     return Partials(np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), np.float32),
                     np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float32),
-                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float64))
+                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float32))
 
 
 @njit(cache=True)
@@ -74,41 +72,111 @@ def _key_range(positions, r0, r1, window):
     return max(first, 0), hi + 1
 
 
-@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r0, r1, key_lo, key_hi,
             acc, m, l):
     """Absorb keys key_lo..key_hi-1 into (acc, m, l) of the query vectors of rows r0..r1-1 and the query heads of
-    KV head kv_head: vector v = (r - r0) * group + g. acc (nv, d_v), m, l (nv,) start at 0, -inf, 0."""
-    k_values, k_scales = k_pair
-    v_values, v_scales = v_pair
+    KV head kv_head: vector v = (r - r0) * group + g. acc (nv, d_v), m, l (nv,) start at 0, -inf, 0.
+
+    Each step works on a whole tile in a compiled loop of its own (scores, softmax, values): LLVM vectorizes those,
+    where the same loops inlined into this nest came out scalar."""
     n_heads, d_k = q.shape[1], q.shape[2]
-    group = n_heads // k_values.shape[3]
+    group = n_heads // k_pair[0].shape[2]
     nv = (r1 - r0) * group
-    seq = seqs[r0]
-    f = np.empty((nv, d_k), np.float32)
+    keys, key_scales = head_view(k_pair[0], k_pair[1], layer, seqs[r0], kv_head)
+    values, value_scales = head_view(v_pair[0], v_pair[1], layer, seqs[r0], kv_head)
+    queries = np.empty((nv, d_k), np.float32)
     for r in range(r0, r1):
         for g in range(group):
             for c in range(d_k):
-                f[(r - r0) * group + g, c] = q[r, kv_head * group + g, c] * np.float32(scale)
-    qq = np.empty((nv, d_k), np.int8)
-    qd = np.empty((nv, d_k // QK), np.float32)
-    qs = np.empty((nv, d_k // QK), np.int32)
-    if needs_int8_queries(k_values):
-        for v in range(nv):
-            quantize_activations(f[v], qq[v], qd[v], qs[v])
-    queries = Queries(f, qq, qd, qs)
-    buf = np.empty(max(d_k, acc.shape[1]), np.float32)
+                queries[(r - r0) * group + g, c] = q[r, kv_head * group + g, c] * np.float32(scale)
+    key_buf = np.empty((TILE, d_k), np.float32)
+    value_buf = np.empty((TILE, acc.shape[1]), np.float32)
     scores = np.empty((nv, TILE), np.float32)
+    correction = np.empty(nv, np.float32)
     low, high = _row_limits(positions, r0, r1, window)
     for t0 in range(key_lo, key_hi, TILE):
         t1 = min(t0 + TILE, key_hi)
-        for j in range(t0, t1):
-            key_scores(k_values, k_scales, layer, seq, j, kv_head, queries, scores, j - t0, buf)
-        for v in range(nv):
-            r = v // group
-            _absorb_tile(scores[v], t0, t1, low[r], high[r], acc[v], m, l, v)
-        for j in range(t0, t1):
-            add_value(v_values, v_scales, layer, seq, j, kv_head, scores[:, j - t0], acc, buf)
+        _tile_scores(queries, tile_rows(keys, key_scales, t0, t1, key_buf), scores)
+        _tile_softmax(scores, t1 - t0, t0, low, high, group, m, l, correction)
+        _tile_values(scores, tile_rows(values, value_scales, t0, t1, value_buf), correction, acc)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _tile_scores(queries, keys, scores):
+    """scores[v, j] = queries[v] . keys[j] for the tile's keys (n, d) (float32)."""
+    for v in range(queries.shape[0]):
+        qv = queries[v]
+        for j in range(keys.shape[0]):
+            kj = keys[j]
+            s = np.float32(0.0)
+            for c in range(kj.shape[0]):
+                s += qv[c] * kj[c]
+            scores[v, j] = s
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _tile_softmax(scores, n, t0, low, high, group, m, l, correction):
+    """The online softmax step: each vector's scores of keys t0..t0+n-1 become exp(s - m') (0 where the row does
+    not see the key), m[v] becomes the new maximum m', l[v] the rescaled normalizer plus this tile's weights, and
+    correction[v] = exp(m - m') the factor the vector's value sum must be rescaled by."""
+    for v in range(scores.shape[0]):
+        r = v // group
+        a, b = max(low[r] - t0, 0), min(high[r] - t0 + 1, n)  # the keys of this tile row r sees: a..b-1
+        row = scores[v]
+        if a >= b:
+            for j in range(n):
+                row[j] = 0.0
+            correction[v] = 1.0
+            continue
+        best = row[a]
+        for j in range(a, b):
+            best = max(best, row[j])
+        new_m = max(m[v], best)
+        correction[v] = exp_f32(m[v] - new_m) if m[v] > -np.inf else np.float32(0.0)
+        total = np.float32(0.0)
+        for j in range(n):
+            e = exp_f32(row[j] - new_m)
+            e = e if a <= j < b else np.float32(0.0)
+            row[j] = e
+            total += e
+        l[v] = l[v] * correction[v] + total
+        m[v] = new_m
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _tile_values(weights, values, correction, acc):
+    """acc[v] = acc[v] * correction[v] + sum over the tile's keys j of weights[v, j] * values[j]."""
+    for v in range(acc.shape[0]):
+        out = acc[v]
+        c_v = correction[v]
+        if c_v != 1.0:
+            for c in range(out.shape[0]):
+                out[c] *= c_v
+        w = weights[v]
+        for j in range(values.shape[0]):
+            wj = w[j]
+            vj = values[j]
+            for c in range(out.shape[0]):
+                out[c] += wj * vj[c]
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def exp_f32(x):
+    """e**x in float32 within 2 ulp (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r, times 2**n); a
+    branch-free body that LLVM vectorizes across a tile (numba's np.exp is a libm call per element). Inputs are
+    clamped to [-87, 88]: exp(-87) ~ 1.6e-38 stands in for 0, which only masked keys would need."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * bits_to_f32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 @njit(cache=True, inline="always")
@@ -123,39 +191,7 @@ def _row_limits(positions, r0, r1, window):
     return low, high
 
 
-@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
-def _absorb_tile(s, t0, t1, low, high, acc_row, m, l, v):
-    """Online softmax step for one query vector: scores s[:t1 - t0] of keys t0.. become their weights exp(s - m')
-    (0 where the key is not visible), and (acc_row, m[v], l[v]) are rescaled to the new maximum m'."""
-    n = t1 - t0
-    a, b = max(low - t0, 0), min(high - t0 + 1, n)  # the visible keys of this tile: a..b-1
-    best = -np.inf
-    for j in range(a, b):
-        best = max(best, s[j])
-    if best == -np.inf:  # no key of this tile is visible to this vector
-        for j in range(n):
-            s[j] = 0.0
-        return
-    new_m = max(m[v], best)
-    if new_m > m[v]:
-        correction = np.exp(np.float64(m[v]) - new_m) if m[v] > -np.inf else 0.0
-        l[v] *= correction
-        correction32 = np.float32(correction)
-        for c in range(acc_row.shape[0]):
-            acc_row[c] *= correction32
-        m[v] = new_m
-    total = 0.0  # the normalizer in float64, as llama.cpp's CPU path sums it (ggml_vec_soft_max returns a double)
-    for j in range(n):
-        if a <= j < b:
-            e = np.exp(np.float64(s[j]) - new_m)
-            s[j] = e
-            total += e
-        else:
-            s[j] = 0.0
-    l[v] += total
-
-
-@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc, part_m, part_l, starts, n_kv,
          n_chunks, job):
     """Job = (block, KV head, chunk): a whole result into out when n_chunks == 1, else a partial into the partials
@@ -169,11 +205,11 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc
         size = (key_hi - key_lo + n_chunks - 1) // n_chunks
         key_lo, key_hi = key_lo + chunk * size, min(key_lo + (chunk + 1) * size, key_hi)
     n_heads, d_v = q.shape[1], out.shape[2]
-    group = n_heads // k_pair[0].shape[3]
+    group = n_heads // k_pair[0].shape[2]
     nv = (r1 - r0) * group
     acc = np.zeros((nv, d_v), np.float32)
     m = np.full(nv, -np.inf, np.float32)
-    l = np.zeros(nv, np.float64)
+    l = np.zeros(nv, np.float32)
     if key_lo < key_hi:
         _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r0, r1, key_lo, key_hi,
                 acc, m, l)
@@ -197,7 +233,7 @@ def _zigzag(i, n):
     return i // 2 if i % 2 == 0 else n - 1 - i // 2
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _merge(partials, n_chunks, out):
     """out[r, h] = the softmax-weighted sum over all chunks of the partial results (flash-decoding's reduction)."""
     for r in range(out.shape[0]):
@@ -221,7 +257,7 @@ def _merge(partials, n_chunks, out):
                 out[r, h, c] *= inverse
 
 
-@njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
 def _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc, part_m, part_l, starts,
                    n_kv, n_chunks):
     for job in prange((starts.shape[0] - 1) * n_kv * n_chunks):
@@ -229,7 +265,7 @@ def _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
              n_chunks, job)
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, partials, threads):
     """A batch over a cache of sequences: q (n, n_heads, d_k), row i at positions[i] of sequence seqs[i], against
     layer `layer` of the cache pairs k_pair, v_pair -> out (n, n_heads, d_v). partials: make_partials(n_heads, d_v);
@@ -237,7 +273,7 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
     caller uncacheable).
     Small work (one query over a short cache) runs on the calling thread: waking the workers would cost more."""
     n, n_heads, d_k = q.shape
-    n_kv = k_pair[0].shape[3]
+    n_kv = k_pair[0].shape[2]
     group = n_heads // n_kv
     starts = _blocks(seqs, max(1, QUERY_VECTORS // group))
     n_blocks = starts.shape[0] - 1

@@ -1,7 +1,8 @@
 """Repacking raw ggml blocks into the 16-row interleaved layouts the fast matvec and matmul kernels read.
 
 The layouts themselves (bytes per block, where quants, scales and minimums lie) are described next to the kernels
-that read them, in matvec_q8.py; this module only converts, once per model (edgeinfer.repacked caches the result).
+that read them, in matvec_q8.py; this module only converts, once per model (edgeinfer.backends.cpu_repack caches
+the result).
 """
 import numpy as np
 from numba import njit, prange

@@ -1,7 +1,7 @@
 """The tiled (flash) attention kernel over a KV cache of sequences, for every cache type, against the numpy reference.
 
-The reference reads the cache decoded to float32 (edgeinfer.kv_cache.decode); for q8_0 keys it also takes the
-queries through the int8 blocks the kernel scores them with, so every case is compared at float32 precision.
+The reference reads the cache decoded to float32 (edgeinfer.kv_cache.decode), as the kernel widens each row, so
+every case is compared at float32 precision.
 Shapes cover the kernel's paths: one row on the calling thread, prompt blocks of one sequence (more rows than a job
 takes), a decode batch of several sequences, long caches whose keys are split across threads and merged, GQA
 groups, sliding windows.
@@ -13,14 +13,14 @@ import pytest
 from edgeinfer.kv_cache import KV_TYPES, decode, encode
 from kernels_cpu import ops_reference as ref
 from kernels_cpu.attention import attention_rows, make_partials
-from kernels_cpu.matvec_q8_reference import dequantize_activations_reference, quantize_activations_reference
 
 SCALE = 0.2
 
 
 def cache_pair(kv_type, x):
-    """One layer's cache as the kernel takes it: (values, scales) with a layer axis of 1."""
-    values, scales = encode(kv_type, x[None])
+    """One layer's cache as the kernel takes it: (values, scales) of shape (1, n_seq, n_kv, n_ctx, dim), from x of
+    shape (n_seq, n_ctx, n_kv, dim)."""
+    values, scales = encode(kv_type, x.transpose(0, 2, 1, 3)[None])
     if kv_type != "q8_0":
         scales = np.zeros((1,) * values.ndim, np.float32)
     return values, scales
@@ -32,8 +32,6 @@ def expected_rows(kv_type, q, positions, seqs, k, v, window):
     out = []
     for i, (p, s) in enumerate(zip(positions, seqs)):
         qi = q[i:i + 1] * np.float32(SCALE)
-        if kv_type == "q8_0":  # the queries as the kernel scores them: int8 blocks of q * scale
-            qi = np.stack([dequantize_activations_reference(*quantize_activations_reference(h)[:2]) for h in qi[0]])[None]
         out.append(ref.attention(qi.astype(np.float32), kd[s, :p + 1], vd[s, :p + 1], positions[i:i + 1], 1.0,
                                  window))
     return np.concatenate(out)

@@ -15,11 +15,13 @@ def _store_all(values, scales, x):
 
 
 def compiled_store(kv_type, x):
-    values = np.zeros((1, 1) + x.shape, dtype=KV_TYPES[kv_type][0])
-    scales = (np.zeros((1, 1) + x.shape[:-1] + (x.shape[-1] // 32,), np.float32) if kv_type == "q8_0"
+    """x (positions, n_kv, dim) stored through store_row; (values, scales) back as (positions, n_kv, ...)."""
+    n_pos, n_kv, dim = x.shape
+    values = np.zeros((1, 1, n_kv, n_pos, dim), dtype=KV_TYPES[kv_type][0])
+    scales = (np.zeros((1, 1, n_kv, n_pos, dim // 32), np.float32) if kv_type == "q8_0"
               else np.zeros((1,) * 5, np.float32))
     _store_all(values, scales, x)
-    return values[0, 0], scales[0, 0]
+    return values[0, 0].transpose(1, 0, 2), (scales[0, 0].transpose(1, 0, 2) if kv_type == "q8_0" else None)
 
 
 @pytest.mark.parametrize("kv_type", list(KV_TYPES))
