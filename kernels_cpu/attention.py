@@ -16,7 +16,8 @@ Flash attention (Dao et al.), as llama.cpp's CPU `flash_attn_ext` and the flash-
 - when a batch has too few jobs to keep every thread busy (decoding one or a few sequences over a long cache), each
   job's keys are split into chunks that run in parallel and whose partial (m, l, sum) are merged after
   (flash-decoding): the second core helps at depth.
-Scores, the softmax and the weighted values are float32, as in llama.cpp's CPU flash attention.
+Scores, exponentials and the weighted values are float32, the softmax's normalizer float64, as llama.cpp's CPU
+softmax computes them (Gemma 3's parity at near-ties notices a float32 normalizer).
 """
 from collections import namedtuple
 
@@ -37,14 +38,15 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # below this many multiply-adds per call, waking the worker threads costs more than it saves
 PARALLEL_ATTENTION_WORK = 1 << 18
 
-# partial results of split jobs: acc (MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, SPLIT_ROWS, n_heads)
+# partial results of split jobs: acc (MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, SPLIT_ROWS, n_heads;
+# l float64)
 Partials = namedtuple("Partials", ["acc", "m", "l"])
 
 
 def make_partials(n_heads: int, d_v: int) -> Partials:
     return Partials(np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), np.float32),
                     np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float32),
-                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float32))
+                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float64))
 
 
 @njit(cache=True)
@@ -95,7 +97,8 @@ def _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r
     scores = np.empty((nv, TILE), np.float32)
     correction = np.empty(nv, np.float32)
     low, high = _row_limits(positions, r0, r1, window)
-    for t0 in range(key_lo, key_hi, TILE):
+    # tiles on multiples of TILE: every row meets the same tiles (and sums) in a block as alone
+    for t0 in range(key_lo - key_lo % TILE, key_hi, TILE):
         t1 = min(t0 + TILE, key_hi)
         _tile_scores(queries, tile_rows(keys, key_scales, t0, t1, key_buf), scores)
         _tile_softmax(scores, t1 - t0, t0, low, high, group, m, l, correction)
@@ -134,12 +137,14 @@ def _tile_softmax(scores, n, t0, low, high, group, m, l, correction):
             best = max(best, row[j])
         new_m = max(m[v], best)
         correction[v] = exp_f32(m[v] - new_m) if m[v] > -np.inf else np.float32(0.0)
-        total = np.float32(0.0)
         for j in range(n):
             e = exp_f32(row[j] - new_m)
-            e = e if a <= j < b else np.float32(0.0)
-            row[j] = e
-            total += e
+            row[j] = e if a <= j < b else np.float32(0.0)
+        # summed over exactly the visible keys, so a row's sum is the same whichever block it is computed in (the
+        # int8 activations downstream turn a last-bit difference into visibly different logits)
+        total = 0.0  # float64, as llama.cpp's softmax sums (ggml_vec_soft_max_f32 returns a double)
+        for j in range(a, b):
+            total += row[j]
         l[v] = l[v] * correction[v] + total
         m[v] = new_m
 
@@ -202,14 +207,15 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc
     r0, r1 = starts[block], starts[block + 1]
     key_lo, key_hi = _key_range(positions, r0, r1, window)
     if n_chunks > 1:
-        size = (key_hi - key_lo + n_chunks - 1) // n_chunks
-        key_lo, key_hi = key_lo + chunk * size, min(key_lo + (chunk + 1) * size, key_hi)
+        base = key_lo - key_lo % TILE  # chunks of whole tiles, on the same tile grid as an unsplit job
+        size = ((key_hi - base + n_chunks - 1) // n_chunks + TILE - 1) // TILE * TILE
+        key_lo, key_hi = max(key_lo, base + chunk * size), min(base + (chunk + 1) * size, key_hi)
     n_heads, d_v = q.shape[1], out.shape[2]
     group = n_heads // k_pair[0].shape[2]
     nv = (r1 - r0) * group
     acc = np.zeros((nv, d_v), np.float32)
     m = np.full(nv, -np.inf, np.float32)
-    l = np.zeros(nv, np.float32)
+    l = np.zeros(nv, np.float64)
     if key_lo < key_hi:
         _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r0, r1, key_lo, key_hi,
                 acc, m, l)

@@ -68,8 +68,7 @@ CASES = {  # name -> (n_seq, n_ctx, positions, seqs)
 
 @pytest.mark.parametrize("kv_type", list(KV_TYPES))
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("n_heads,n_kv", [(9, 3), (4, 1)])
-@pytest.mark.parametrize("window", [0, 70])
+@pytest.mark.parametrize("n_heads,n_kv,window", [(9, 3, 0), (4, 1, 70)])  # GQA groups of 3 and 4, full or windowed
 def test_attention_matches_reference(kv_type, case, n_heads, n_kv, window):
     rng = np.random.default_rng(abs(hash((case, n_heads, window))) % 2**32)
     n_seq, n_ctx, positions, seqs = CASES[case]

@@ -12,8 +12,8 @@ import pytest
 from conftest import MODEL_NAMES, load_reference, model_path
 
 NEAR_TIE = 0.05
-# every parity test runs with these KV-cache types (f16 is the default; f32 the exact one); q8_0 is held to its own
-# bound against f32 below
+# the logit tests run with these KV-cache types (f16 is the default; f32 the exact one), tokenization and greedy
+# continuations with the default; q8_0 is held to its own bound against f32 below
 PARITY_KV_TYPES = ("f16", "f32")
 
 
@@ -28,6 +28,15 @@ def loaded(request):
     model.close()
 
 
+@pytest.fixture(scope="module", params=MODEL_NAMES)
+def loaded_default(request):
+    import edgeinfer
+
+    model = edgeinfer.load(model_path(request.param), n_ctx=512, seed=0)
+    yield request.param, model, load_reference(request.param)
+    model.close()
+
+
 def log_softmax(z):
     z = z.astype(np.float64)
     z = z - z.max()
@@ -35,8 +44,8 @@ def log_softmax(z):
 
 
 @pytest.mark.slow
-def test_tokenized_prompts_match(loaded):
-    _, model, ref = loaded
+def test_tokenized_prompts_match(loaded_default):
+    _, model, ref = loaded_default
     for p in ref["prompts"]:
         assert model.tokenize(p["text"]) == p["tokens"]
 
@@ -66,9 +75,9 @@ def test_teacher_forced_argmax_and_kl(loaded):
 
 
 @pytest.mark.slow
-def test_greedy_diverges_only_at_near_ties(loaded):
+def test_greedy_diverges_only_at_near_ties(loaded_default):
     """Greedy 32-token continuations: equal to llama.cpp's until a step where our own top-2 logits are close."""
-    name, model, ref = loaded
+    name, model, ref = loaded_default
     prefixes = []
     for p in ref["prompts"]:
         expected = p["greedy"]
