@@ -7,9 +7,10 @@ A cache array is a pair (values, scales) of shape (n_layers, n_seq, n_kv_heads, 
         half as ggml's block_q8_0 stores it
 Each primitive below is one Python name with an implementation per values dtype (numba's @overload picks it when the
 caller compiles), so the attention kernels are written once for all three types. They work on one (layer, sequence,
-KV head) at a time: `head_view` gives its (positions, dim) rows, which lie contiguously.
+KV head) at a time: `head_view` gives its (positions, dim) rows, which lie contiguously, and `tile_rows` a tile of
+them as float32.
 
-Keys of every type are scored against float32 queries: an f16 or q8_0 row is widened to float32 once and serves all
+Keys of every type are scored against float32 queries: an f16 or q8_0 tile is widened to float32 once and serves all
 the query vectors of a job (every head of a GQA group, every row of a block). llama.cpp quantizes the queries to
 int8 for q8_0 keys instead; that adds the queries' own rounding (KL against f32 0.0075 instead of 0.0063 on SmolLM2,
 0.0069 instead of 0.0043 on Gemma 3, measured) for no gain where widening a key is shared by several queries.
@@ -35,15 +36,6 @@ def head_view(values, scales, layer, seq, kv_head):
 
 def tile_rows(rows, row_scales, start, stop, buf):
     """rows start..stop-1 of a head_view as float32 (n, dim): a view for f32, else widened into buf (TILE, dim)."""
-
-
-def key_scores(keys, key_scales, pos, queries, scores, col, buf):
-    """scores[v, col] = queries[v] . key for every query vector v (float32 (nv, dim), already scaled), the key at
-    row pos of a head_view; buf: float32 scratch of at least dim."""
-
-
-def add_value(values, value_scales, pos, weights, acc, buf):
-    """acc[v] += weights[v] * value for every v, the value at row pos of a head_view; buf as key_scores."""
 
 
 # -------------------------------------------------------------------------------------------------- storing a row
@@ -125,80 +117,4 @@ def _widen_q8_0(q, d, buf, block):
             part = row[b * block:b * block + block]
             for c in range(part.shape[0]):
                 part[c] *= scale
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- scoring a key
-@overload(key_scores, inline="always")
-def _key_scores(keys, key_scales, pos, queries, scores, col, buf):
-    if keys.dtype == types.float32:
-        def scores_f32(keys, key_scales, pos, queries, scores, col, buf):
-            _dots(queries, keys[pos], scores, col)
-        return scores_f32
-    if keys.dtype == types.uint16:
-        def scores_f16(keys, key_scales, pos, queries, scores, col, buf):
-            _dots(queries, _halves_to_f32(keys[pos], buf), scores, col)
-        return scores_f16
-    if keys.dtype == types.int8:
-        def scores_q8_0(keys, key_scales, pos, queries, scores, col, buf):
-            _dots(queries, _q8_to_f32(keys[pos], key_scales[pos], buf), scores, col)
-        return scores_q8_0
-    return None
-
-
-# ------------------------------------------------------------------------------------------ adding up values
-@overload(add_value, inline="always")
-def _add_value(values, value_scales, pos, weights, acc, buf):
-    if values.dtype == types.float32:
-        def add_f32(values, value_scales, pos, weights, acc, buf):
-            _axpy_rows(weights, values[pos], acc)
-        return add_f32
-    if values.dtype == types.uint16:
-        def add_f16(values, value_scales, pos, weights, acc, buf):
-            _axpy_rows(weights, _halves_to_f32(values[pos], buf), acc)
-        return add_f16
-    if values.dtype == types.int8:
-        def add_q8_0(values, value_scales, pos, weights, acc, buf):
-            _axpy_rows(weights, _q8_to_f32(values[pos], value_scales[pos], buf), acc)
-        return add_q8_0
-    return None
-
-
-# Plain (not IR-inlined) compiled loops: LLVM vectorizes these reductions when they are functions of their own, and
-# not when numba inlines their IR into a bigger loop nest (measured: scalar code, 5x slower).
-@njit(cache=True, fastmath=True)
-def _dots(queries, key, scores, col):
-    for v in range(queries.shape[0]):
-        q = queries[v]
-        s = np.float32(0.0)
-        for c in range(key.shape[0]):
-            s += q[c] * key[c]
-        scores[v, col] = s
-
-
-@njit(cache=True, fastmath=True)
-def _axpy_rows(weights, x, acc):
-    for v in range(acc.shape[0]):
-        w = weights[v]
-        if w != 0.0:
-            row = acc[v]
-            for c in range(x.shape[0]):
-                row[c] += w * x[c]
-
-
-@njit(cache=True, fastmath=True)
-def _halves_to_f32(bits, buf):
-    out = buf[:bits.shape[0]]
-    for c in range(bits.shape[0]):
-        out[c] = half_bits_to_f32(bits[c])
-    return out
-
-
-@njit(cache=True, fastmath=True)
-def _q8_to_f32(row, d, buf):
-    out = buf[:row.shape[0]]
-    for b in range(row.shape[0] // QK):
-        scale = d[b]
-        for c in range(b * QK, b * QK + QK):
-            out[c] = np.float32(row[c]) * scale
     return out

@@ -346,7 +346,8 @@ def test_real_models_what_each_machine_runs(footprints):
     """The outcomes in words, as a check on the hand rule itself."""
     smol, gemma, qwen = (footprints[n] for n in MODELS)
     assert make_plan(smol, state(PI)).n_ctx == 8192  # a 2 GB board runs SmolLM2 with its full context
-    assert make_plan(qwen, state(PI)).n_ctx < 8192  # ... and Qwen with what is left
+    assert make_plan(qwen, state(PI), kv_type="f32").n_ctx < 8192  # ... and Qwen with what is left in f32,
+    assert make_plan(qwen, state(PI), kv_type="f16").n_ctx == 8192  # its full context in f16 (the default)
     for fp in (smol, gemma, qwen):
         assert make_plan(fp, state(DESKTOP)).n_ctx == 8192
     tiny_board = SimulatedProbe(total=1 * GB, available=600 * MB, physical=4, logical=4)
