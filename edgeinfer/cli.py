@@ -333,7 +333,7 @@ def convert_cmd(src, out, type_name, tensor_types, prune, dry_run, force, n_thre
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, callback=_compute_threads,
               help=THREADS_HELP)
 @click.option("--kv-type", type=click.Choice(KV_TYPE_CHOICES), default=None,
-              help=KV_TYPE_HELP[:-1] + "; BASE always runs with f32.")
+              help=KV_TYPE_HELP[:-1] + "; given, BASE runs with f32 (else with the same default).")
 def perplexity_cmd(model, text_file, n_ctx, kl_base, n_chunks, n_threads, kv_type):
     """Perplexity of MODEL on TEXT_FILE, computed as llama.cpp's llama-perplexity does."""
     from tools.perplexity import run_perplexity

@@ -87,8 +87,9 @@ def perplexity(model_path: str, text: str, n_ctx: int = 512, kl_base: str | None
                kv_type: str | None = None) -> PerplexityResult:
     """Perplexity of MODEL on `text` (and KL divergence against `kl_base` if given), as llama-perplexity computes it.
 
-    kv_type: MODEL's KV cache type (None: the default); the base always runs with an f32 cache, the full-precision
-    reference, so `perplexity(m, text, kv_type="q8_0", kl_base=m)` measures what the compact cache costs.
+    kv_type: MODEL's KV cache type (None: the default, and the base runs with the same default, so a model against
+    itself gives KL 0); an explicit kv_type runs the base with an f32 cache, the full-precision reference, so
+    `perplexity(m, text, kv_type="q8_0", kl_base=m)` measures what the compact cache costs.
     on_chunk(i, n_chunks, running_ppl) is called after each chunk."""
     from edgeinfer.api import load
     from models.fetch import resolve_model
@@ -101,7 +102,8 @@ def perplexity(model_path: str, text: str, n_ctx: int = 512, kl_base: str | None
     with load(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type) as model:
         tokens = model.tokenize(text, add_special=True, parse_special=False)
         chunks = chunk_tokens(tokens, n_ctx, model.tokenizer.add_bos, model.tokenizer.bos_id)[:n_chunks]
-        base = load(kl_base, n_ctx=n_ctx, n_threads=n_threads, kv_type="f32") if kl_base else None
+        base_kv_type = None if kv_type is None else "f32"
+        base = load(kl_base, n_ctx=n_ctx, n_threads=n_threads, kv_type=base_kv_type) if kl_base else None
         try:
             if base is not None and base.tokenize(text, add_special=True, parse_special=False) != tokens:
                 raise PerplexityError(f"{kl_base} tokenizes the text differently from {model_path}: KL divergence "
