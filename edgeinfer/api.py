@@ -238,10 +238,12 @@ class Model:
                                         n_ctx=n_ctx, n_threads=n_threads, power=power, n_seq=n_seq,
                                         kv_type=kv_type)
             self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-            # the CPU backend's runner (Engine's default backend): weights repacked, cached on disk
-            self.weights = CPUBackend().prepare(self.config, views, self.gguf.path)
-            self.engine = Engine(self.config, self.weights, n_ctx=self.plan.n_ctx, n_batch=self.plan.n_batch,
-                                 n_threads=self.plan.n_threads, n_seq=self.plan.n_seq, kv_type=self.plan.kv_type)
+            # the backend prepares the weights (the CPU one: repacked, cached on disk) and allocates the cache
+            backend = CPUBackend()
+            self.runner = backend.prepare(self.config, views, self.gguf.path)
+            self.engine = Engine(self.config, self.runner, n_ctx=self.plan.n_ctx, n_batch=self.plan.n_batch,
+                                 n_threads=self.plan.n_threads, n_seq=self.plan.n_seq, kv_type=self.plan.kv_type,
+                                 backend=backend)
         except BaseException:
             self.gguf.close()
             raise
@@ -460,7 +462,7 @@ class Model:
             if self._closed:
                 return
             self._closed = True
-            self.weights = None
+            self.runner = None
             self.engine = None
             self._cached = None
             self.gguf.close()

@@ -273,7 +273,7 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
     for kv_type in dict.fromkeys(DEFAULT_KV_TYPE if t is None else t for t in kv_types):
         with load(path, n_ctx=n_ctx, n_seq=max(batches), kv_type=kv_type) as model:
             loaded_types.append(model.kv_type)
-            weight_bytes = model.engine.tables.weight_bytes_per_step()
+            weight_bytes = model.engine.runner.weight_bytes_per_step()
             kv_bytes_per_position[model.kv_type] = KVCache.nbytes_for(model.config, 1, 1, model.kv_type)
             rows += _edgeinfer_rows(model, prompt_tokens, gen_tokens, threads, reps, batches, depths, weight_bytes)
     if compare_llama_cpp:

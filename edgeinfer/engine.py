@@ -43,12 +43,6 @@ class Engine:
         self.cache = self.backend.allocate_cache(cfg, self.n_ctx, n_seq, kv_type)
         self.max_rows = max(self.n_batch, n_seq)  # of one forward call: a prefill chunk, or a step of every sequence
 
-    @property
-    def tables(self):
-        """Transitional: the CPU runner's tables (edgeinfer.bench and tests/test_api_errors.py read them here; they
-        belong to `engine.runner.tables`, and a backend other than the CPU one has none)."""
-        return self.runner.tables
-
     # -- sequence 0, the single stream ------------------------------------------------------------------------
     @property
     def n_past(self) -> int:

@@ -89,9 +89,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        if self.kv_type == "q8_0":
-            return sum(a.nbytes for a in self.k + self.v)
-        return self.k[0].nbytes + self.v[0].nbytes
+        return sum(a.nbytes for a in self._stored_arrays())
 
     @staticmethod
     def nbytes_for(cfg: DecoderConfig, n_ctx: int, n_seq: int = 1, kv_type: str = DEFAULT_KV_TYPE) -> int:
@@ -150,13 +148,13 @@ class KVCache:
         n = self.length(src) if n is None else min(int(n), self.length(src))
         self._check(dst)
         if src != dst:
-            for a in self._arrays():
-                if a.shape[1] == self.n_seq:  # not a stand-in scale array
-                    a[:, dst, :, :n] = a[:, src, :, :n]
+            for a in self._stored_arrays():
+                a[:, dst, :, :n] = a[:, src, :, :n]
         self._tokens[dst] = self._tokens[src][:n]
 
-    def _arrays(self) -> tuple[np.ndarray, ...]:
-        return self.k + self.v
+    def _stored_arrays(self) -> tuple[np.ndarray, ...]:
+        """The arrays that hold the cache's data: values, and scales for q8_0 (the others' are stand-ins)."""
+        return self.k + self.v if self.kv_type == "q8_0" else (self.k[0], self.v[0])
 
     def _check(self, seq: int) -> int:
         if not 0 <= seq < self.n_seq or not self._in_use[seq]:

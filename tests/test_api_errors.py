@@ -216,7 +216,7 @@ def test_nan_weights_give_model_error_naming_the_file_and_position(damaged_copy,
 def test_nan_after_the_prompt_names_the_position(model):
     """The prompt is sound; a norm turns NaN before the first generated token is evaluated: the error names that
     position, and the prompt's positions stay cached."""
-    vecs = model.engine.tables.vecs
+    vecs = model.engine.runner.tables.vecs
     saved = vecs.copy()
     prompt = model.tokenize("Once upon a time")
     pieces = model.stream(prompt, **GREEDY)

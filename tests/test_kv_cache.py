@@ -18,7 +18,7 @@ def model():
     from edgeinfer.engine import Engine
 
     with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=64, n_threads=1) as m:
-        m.batch_engine = Engine(m.config, m.weights, n_ctx=64, n_threads=1, n_seq=4)
+        m.batch_engine = Engine(m.config, m.runner, n_ctx=64, n_threads=1, n_seq=4)
         yield m
 
 
