@@ -37,7 +37,7 @@ from kernels_cpu._fp16 import f16_at
 from kernels_cpu.formats import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K,
                                  Q8_0, QK, check_out, check_raw)
 from kernels_cpu.matvec import dot_row_bf16, dot_row_f16, dot_row_f32
-from kernels_cpu.simd import (bits_i8x32, bits_i8x64, bitfields_i8x64, bytes_or, dot_i8, dot_i8_biased, dot_u8,
+from kernels_cpu.simd import (I8_DOT_BIAS, bits_i8x32, bits_i8x64, bitfields_i8x64, bytes_or, dot_i8, dot_i8_biased, dot_u8,
                               fields_i8x64, fma_lanes, fma_splat, halves_f32x16, halves_pair_splat, hsum, iadd,
                               int8s_f32x16, join, k4_scales_f32x16, lane_sums, load_f32x8, load_i8x32, load_i8x64,
                               load_i32x16, nibble_scales_f32x16, nibbles_i8x32, pick_pairs, pick_quads, prefetch,
@@ -86,7 +86,7 @@ def _layout(ggml_type):
     if ggml_type == Q5_1_R:
         return 384, 320, 0, True
     if ggml_type == Q8_0_R:
-        return 544, 512, -128, False
+        return 544, 512, -I8_DOT_BIAS, False
     if ggml_type == Q4_K_R:
         return 288, 256, 0, True
     return 352, 320, 0, True  # Q5_K_R
