@@ -6,7 +6,8 @@ prefilled into a free sequence, then every step samples one token for each runni
 those tokens in one `Engine.decode_batch`. A request that ends (end-of-generation token, stop string, max_tokens, a
 full context) frees its sequence for the next one waiting (continuous batching). Each request has its own sampler
 and stop rules, and its tokens are exactly those it would get alone: rows of different sequences never meet in the
-forward pass, and a token's logits do not depend on how it was batched.
+forward pass, and a token's logits do not depend on how it was batched. One request's step (sample, stop rules,
+text: `BatchRequest.sample_next`) is shared with the server's scheduler (`edgeinfer.serve.scheduler`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,52 @@ class BatchRequest:
     stream: TextStream | None = None
     logits: np.ndarray | None = None
 
+    def begin(self, tokenizer: Tokenizer) -> None:
+        """Get ready to generate: the history is the prompt, the text stream empty."""
+        self.history = list(self.prompt)
+        self.stats.prompt_tokens = len(self.prompt)
+        self.stream = TextStream(tokenizer, self.stop)
+
+    @property
+    def done(self) -> bool:
+        return self.stream is None
+
+    def sample_next(self, logits: np.ndarray, eog: frozenset[int], room: int) -> tuple[int | None, str]:
+        """One generation step from the logits after the history: sample a token, apply the stop rules.
+
+        room: positions left in the request's sequence. Returns (the token sampled, None for an end-of-generation
+        token; the text it released, also added to `text`). Afterwards either `done` (stats.stop_reason says why)
+        or the token must be evaluated next."""
+        token = self.sampler.sample(logits, self.history)
+        if token in eog:
+            text = self._finish("eog")
+            self.text += text
+            return None, text
+        self.history.append(token)
+        self.stats.generated_tokens += 1
+        text = self.stream.push(token)
+        if self.stream.stopped:
+            text += self._finish("stop")
+        elif self.stats.generated_tokens >= self.max_tokens:
+            text += self._finish("length")
+        elif room == 0:
+            text += self._finish("context")
+        self.text += text
+        return token, text
+
+    def end(self, reason: str) -> str:
+        """End the request now (a rule of the caller's: a grammar complete); the text the stream still held, also
+        added to `text`."""
+        rest = self._finish(reason)
+        self.text += rest
+        return rest
+
+    def _finish(self, reason: str) -> str:
+        """End the request; the text the stream still held."""
+        rest = self.stream.finish()
+        self.stats.stop_reason, self.stream = reason, None
+        return rest
+
 
 class BatchGenerator:
     """Runs requests over an engine's sequences until all are done (see the module docstring)."""
@@ -60,7 +107,7 @@ class BatchGenerator:
                     else:
                         free.append(request.seq)
                 self._step(running)
-                for request in [r for r in running if r.stream is None]:
+                for request in [r for r in running if r.done]:
                     running.remove(request)
                     free.append(request.seq)
         finally:
@@ -71,44 +118,27 @@ class BatchGenerator:
 
     def _start(self, request: BatchRequest, seq: int) -> bool:
         """Prefill the request's prompt into sequence seq; False if it is already done (max_tokens 0)."""
-        request.seq, request.history = seq, list(request.prompt)
+        request.seq = seq
         request.stats.prompt_tokens = request.stats.prompt_tokens_evaluated = len(request.prompt)
         if request.max_tokens <= 0:
             request.stats.stop_reason = "length"
             return False
+        request.begin(self.tokenizer)
         self.engine.cache.truncate(seq, 0)
         request.logits = self._finite(self.engine.prefill(request.prompt, seq=seq), request)
-        request.stream = TextStream(self.tokenizer, request.stop)
         return True
 
     def _step(self, running: list[BatchRequest]) -> None:
         """Sample one token for each running request; evaluate those that go on, together."""
         going = []
         for r in running:
-            token = r.sampler.sample(r.logits, r.history)
-            if token in self.eog:
-                self._finish(r, "eog")
-                continue
-            r.history.append(token)
-            r.stats.generated_tokens += 1
-            r.text += r.stream.push(token)
-            if r.stream.stopped:
-                self._finish(r, "stop")
-            elif r.stats.generated_tokens >= r.max_tokens:
-                self._finish(r, "length")
-            elif self.engine.cache.room(r.seq) == 0:
-                self._finish(r, "context")
-            else:
+            token, _ = r.sample_next(r.logits, self.eog, self.engine.cache.room(r.seq))
+            if not r.done:
                 going.append((r, token))
         if going:
             logits = self.engine.decode_batch([t for _, t in going], [r.seq for r, _ in going])
             for (r, _), row in zip(going, logits):
                 r.logits = self._finite(row, r)
-
-    def _finish(self, r: BatchRequest, reason: str) -> None:
-        r.text += r.stream.finish()
-        r.stats.stop_reason = reason
-        r.stream = None
 
     def _finite(self, logits: np.ndarray, r: BatchRequest) -> np.ndarray:
         if not np.isfinite(logits).all():
