@@ -378,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
 from edgeinfer.cli_models import register_model_commands  # noqa: E402  (list, rm, prune)
 
 register_model_commands(cli)
+from edgeinfer.cli_serve import register_serve_commands  # noqa: E402  (serve, bench-serve)
+
+register_serve_commands(cli)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", 
 def model():
     import edgeinfer
 
-    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=256, n_threads=2, n_seq=4) as m:
+    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=256, n_threads=1, n_seq=4) as m:
         yield m
 
 

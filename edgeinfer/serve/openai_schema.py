@@ -107,6 +107,8 @@ class Generation:
     stream: bool
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs
+    response_format: dict | None = None  # json_object / json_schema (see _response_format); None: text
+    ignore_eos: bool = False  # llama-server's extension: decode max_tokens whatever the model says
     prompt: Any = None  # completions: a string or token ids
     messages: list[dict] = field(default_factory=list)  # chat
 
@@ -144,14 +146,28 @@ def _generation(body: Any, *, max_tokens_names: tuple[str, ...]) -> dict:
         if body.get(unsupported):
             raise APIError(f"'{unsupported}' is not supported by this server yet", param=unsupported,
                            code="unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind != "text":
-            raise APIError("'response_format' supports only {\"type\": \"text\"} on this server for now",
-                           param="response_format", code="unsupported_value")
     return dict(model=model, sampling=sampling, max_tokens=max_tokens, stop=_stops(body), stream=stream,
-                include_usage=include_usage)
+                include_usage=include_usage, response_format=_response_format(body.get("response_format")),
+                ignore_eos=_boolean(body, "ignore_eos"))
+
+
+def _response_format(value: Any) -> dict | None:
+    """None for plain text, else {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema"...}}."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return value
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise APIError("'response_format.json_schema' must be an object with a 'schema' object",
+                           param="response_format.json_schema")
+        return value
+    raise APIError("'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+                   param="response_format", code="invalid_value")
 
 
 def parse_chat_request(body: Any) -> Generation:

@@ -1,0 +1,428 @@
+"""The HTTP face of the server: a starlette app with OpenAI's endpoints over a `Scheduler`.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (and /v1/models/{id}), GET /health (503
+while the model loads), GET /metrics (Prometheus), POST /tokenize, POST /detokenize. Every answer that is not a
+success is OpenAI's error shape ({"error": {message, type, param, code}}) with its status: 400 bad request, 401
+wrong API key, 404 unknown path, 405 wrong method, 413 body over the limit, 429 queue full (with Retry-After),
+503 still loading; an unexpected exception is logged and answered 500 without a traceback. A client that goes
+away (mid-stream or while waiting) cancels its request, which leaves the batch at the scheduler's next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from edgeinfer.errors import EdgeInferError, InvalidArgument
+from edgeinfer.sampling import Sampler
+from edgeinfer.serve import openai_schema as schema
+from edgeinfer.serve.metrics import ServeMetrics
+from edgeinfer.serve.openai_schema import APIError, Generation, ResponseHead
+from edgeinfer.serve import structured
+from edgeinfer.serve.structured import GrammarVocabulary
+from edgeinfer.serve.scheduler import DoneEvent, ErrorEvent, QueueFull, Scheduler, ServeRequest, TokenEvent
+
+log = logging.getLogger("edgeinfer.serve")
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # JSON bodies beyond this are refused (413) before they are read whole
+RETRY_AFTER_SECONDS = 1
+_DISCONNECTED = object()  # put into a request's event queue when its client goes away
+
+
+@dataclass
+class Served:
+    """A loaded model and the scheduler that runs its requests; model_id is what /v1/models lists."""
+
+    model: Any  # edgeinfer.api.Model
+    scheduler: Scheduler
+    model_id: str
+    aliases: frozenset[str] = frozenset()
+    created: int = field(default_factory=lambda: int(time.time()))
+    vocabulary: GrammarVocabulary | None = None  # for response_format: built on first use
+
+    def __post_init__(self):
+        self.vocabulary = GrammarVocabulary(self.model.tokenizer, self.model.n_vocab)
+
+    def knows(self, name: str | None) -> bool:
+        return name is None or name == self.model_id or name in self.aliases
+
+
+@dataclass
+class ServerState:
+    """What the app serves: `served` is None while the model loads. api_key None: no authentication."""
+
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    served: Served | None = None
+
+
+def create_app(state: ServerState) -> Starlette:
+    """The starlette app over `state` (its `served` may be set later, once the model is loaded)."""
+    handlers = _Handlers(state)
+    routes = [
+        Route("/v1/chat/completions", handlers.wrap("chat", handlers.chat), methods=["POST"]),
+        Route("/v1/completions", handlers.wrap("completions", handlers.completions), methods=["POST"]),
+        Route("/v1/models", handlers.wrap("models", handlers.models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", handlers.wrap("models", handlers.model), methods=["GET"]),
+        Route("/health", handlers.wrap("health", handlers.health, public=True), methods=["GET"]),
+        Route("/metrics", handlers.wrap("metrics", handlers.metrics_text), methods=["GET"]),
+        Route("/tokenize", handlers.wrap("tokenize", handlers.tokenize), methods=["POST"]),
+        Route("/detokenize", handlers.wrap("detokenize", handlers.detokenize), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_exception, Exception: _internal})
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (unknown path, wrong method) in OpenAI's shape."""
+    message = {404: f"unknown path {request.url.path}", 405: f"{request.method} is not allowed on "
+               f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return _error_response(APIError(message, exc.status_code, code="not_found" if exc.status_code == 404 else None))
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s", request.url.path)
+    return _error_response(APIError("internal server error", 500, type="server_error"))
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class _Handlers:
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    def wrap(self, endpoint: str, handler: Callable[[Request], Awaitable[Response]], public: bool = False):
+        """handler with authentication, OpenAI-shaped errors and a request counter."""
+        async def run(request: Request) -> Response:
+            try:
+                if not public:
+                    self._authenticate(request)
+                response = await handler(request)
+            except APIError as e:
+                response = _error_response(e)
+            except Exception:  # noqa: BLE001 (nothing a client sends may leak a traceback)
+                log.exception("unexpected error on %s", request.url.path)
+                response = _error_response(APIError("internal server error", 500, type="server_error"))
+            self.state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            return response
+        return run
+
+    def _authenticate(self, request: Request) -> None:
+        key = self.state.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if given != f"Bearer {key}" and request.headers.get("x-api-key") != key:
+            raise APIError("incorrect API key provided" if given else "no API key provided (Authorization: Bearer "
+                           "KEY)", 401, code="invalid_api_key")
+
+    def _served(self) -> Served:
+        served = self.state.served
+        if served is None:
+            raise APIError("the model is still loading; retry shortly", 503, code="model_loading",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return served
+
+    async def _json(self, request: Request) -> Any:
+        """The body as JSON: 413 beyond the size limit (checked while reading), 400 if it is not JSON."""
+        limit = self.state.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise APIError(f"the request body has {int(length)} bytes: the limit is {limit}", 413,
+                           code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(f"the request body is over the limit of {limit} bytes", 413, code="request_too_large")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise APIError(f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+
+    # -- plain endpoints ----------------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        served = self.state.served
+        if served is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        busy = sum(1 for s in served.scheduler.slots if s.request is not None)
+        return JSONResponse({"status": "ok", "slots_idle": served.scheduler.n_slots - busy,
+                             "slots_processing": busy})
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.state.metrics.render(), media_type=ServeMetrics.content_type)
+
+    async def models(self, request: Request) -> Response:
+        served = self._served()
+        return JSONResponse(schema.models_list(served.model_id, served.created))
+
+    async def model(self, request: Request) -> Response:
+        served = self._served()
+        if not served.knows(request.path_params["model_id"]):
+            raise APIError(f"the model {request.path_params['model_id']!r} does not exist: this server has "
+                           f"{served.model_id!r}", 404, param="model", code="model_not_found")
+        return JSONResponse(schema.model_card(served.model_id, served.created))
+
+    async def tokenize(self, request: Request) -> Response:
+        served, body = self._served(), await self._json(request)
+        text = body.get("content", body.get("prompt")) if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            raise APIError("'content' must be a string", param="content")
+        add_special = body.get("add_special", True)
+        if not isinstance(add_special, bool):
+            raise APIError("'add_special' must be a boolean", param="add_special")
+        tokens = await run_in_threadpool(served.model.tokenize, text, add_special)
+        return JSONResponse({"tokens": tokens, "count": len(tokens)})
+
+    async def detokenize(self, request: Request) -> Response:
+        served, body = self._served(), await self._json(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        try:
+            text = served.model.detokenize(tokens)
+        except (TypeError, ValueError) as e:
+            raise APIError(f"'tokens': {e}", param="tokens") from None
+        return JSONResponse({"content": text})
+
+    # -- completions --------------------------------------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        served = self._served()
+        gen = schema.parse_chat_request(await self._json(request))
+        self._check_model(served, gen)
+        try:
+            prompt = await run_in_threadpool(served.model.chat_tokens, gen.messages)
+        except (EdgeInferError, TypeError, ValueError) as e:
+            raise APIError(f"the messages cannot be rendered with this model's chat template: {e}",
+                           param="messages") from None
+        head = ResponseHead(schema.new_id("chatcmpl"), "chat.completion", served.model_id)
+        return await self._respond(request, served, gen, prompt, head, _ChatShape(served.model.tokenizer))
+
+    async def completions(self, request: Request) -> Response:
+        served = self._served()
+        gen = schema.parse_completion_request(await self._json(request))
+        self._check_model(served, gen)
+        if isinstance(gen.prompt, str):
+            prompt = await run_in_threadpool(served.model.tokenize, gen.prompt)
+        else:
+            n_vocab = served.model.n_vocab
+            bad = next((t for t in gen.prompt if not 0 <= t < n_vocab), None)
+            if bad is not None:
+                raise APIError(f"'prompt' has token id {bad}: token ids are in [0, {n_vocab})", param="prompt")
+            prompt = list(gen.prompt)
+        head = ResponseHead(schema.new_id("cmpl"), "text_completion", served.model_id)
+        return await self._respond(request, served, gen, prompt, head, _CompletionShape(served.model.tokenizer))
+
+    @staticmethod
+    async def _constraint(served: Served, gen: Generation):
+        """The grammar a response_format asks for (None for text), compiled off the event loop."""
+        if gen.response_format is None:
+            return None
+        if not structured.available():
+            raise APIError("'response_format' json_object / json_schema needs llguidance (pip install llguidance)",
+                           param="response_format", code="unsupported_parameter")
+
+        def build():
+            return structured.Constraint(served.vocabulary, structured.grammar_for(gen.response_format))
+
+        try:
+            return await run_in_threadpool(build)
+        except InvalidArgument as e:
+            raise APIError(str(e), param="response_format") from None
+
+    @staticmethod
+    def _check_model(served: Served, gen: Generation) -> None:
+        if not served.knows(gen.model):
+            raise APIError(f"the model {gen.model!r} does not exist: this server has {served.model_id!r}",
+                           param="model", code="model_not_found")
+
+    async def _respond(self, request: Request, served: Served, gen: Generation, prompt: list[int],
+                       head: ResponseHead, shape: "_Shape") -> Response:
+        constraint = await self._constraint(served, gen)
+        events = self._submit(request, served, gen, prompt, constraint)
+        if gen.stream:
+            return StreamingResponse(_sse(events, head, shape, gen.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            body = await _collect(events, head, shape)
+        finally:
+            events.close()
+        return JSONResponse(body)
+
+    def _submit(self, request: Request, served: Served, gen: Generation, prompt: list[int],
+                constraint) -> "_EventQueue":
+        """Check that the request fits a slot and queue it; its events come through the returned queue."""
+        n_ctx = served.scheduler.n_ctx
+        max_tokens = n_ctx - len(prompt) if gen.max_tokens is None else gen.max_tokens
+        if len(prompt) + max(max_tokens, 1) > n_ctx:
+            asked = f"{len(prompt)} in the prompt" + ("" if gen.max_tokens is None else f", {max_tokens} to generate")
+            raise APIError(f"this server's context is {n_ctx} tokens per request; the request needs "
+                           f"{len(prompt) + max_tokens} ({asked}): shorten the prompt or lower max_tokens",
+                           param="messages" if gen.messages else "prompt", code="context_length_exceeded")
+        r = ServeRequest(prompt, Sampler(gen.sampling, served.model.n_vocab), max_tokens, gen.stop,
+                         top_logprobs=gen.top_logprobs, constraint=constraint, ignore_eos=gen.ignore_eos)
+        events = _EventQueue(request, r)
+        try:
+            served.scheduler.submit(r)
+        except QueueFull as e:
+            events.close()
+            raise APIError(f"the server is busy: {e}; retry shortly", 429, code="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except EdgeInferError as e:
+            events.close()
+            raise APIError(str(e), param="prompt") from None
+        return events
+
+
+class _EventQueue:
+    """A request's events on the event loop, and the end of its client: `get` returns an event, or None once the
+    client disconnected (the request is then cancelled)."""
+
+    def __init__(self, request: Request, r: ServeRequest):
+        """Give r a sink that hands its events (from the scheduler thread) to this event loop's queue."""
+        loop = asyncio.get_running_loop()
+        self.r, self.queue = r, asyncio.Queue()
+
+        def sink(event) -> None:
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                r.cancel()
+
+        r.sink = sink
+        self.watcher = asyncio.ensure_future(self._watch(request.receive))
+
+    async def _watch(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.queue.put_nowait(_DISCONNECTED)
+
+    async def get(self):
+        event = await self.queue.get()
+        if event is _DISCONNECTED:
+            self.r.cancel()
+            return None
+        return event
+
+    def close(self) -> None:
+        """The response is over (or abandoned): stop watching; cancel the request if it still runs."""
+        self.watcher.cancel()
+        self.r.cancel()
+
+
+async def _collect(events: _EventQueue, head: ResponseHead, shape: "_Shape") -> dict:
+    """The whole (non-streaming) response."""
+    text, entries = [], []
+    while True:
+        event = await events.get()
+        if event is None:
+            raise APIError("the client went away", 499)
+        if isinstance(event, ErrorEvent):
+            raise APIError(event.message, 500, type="server_error")
+        text.append(event.text)
+        if isinstance(event, DoneEvent):
+            usage = schema.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+            return head.wrap([shape.choice("".join(text), entries, event.finish_reason, events.r)], usage=usage)
+        if event.logprob is not None:
+            entries.append(event)
+
+
+async def _sse(events: _EventQueue, head: ResponseHead, shape: "_Shape", include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: chunks with the same id, the role first, [DONE] last."""
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(choices: list[dict], **fields) -> str:
+        return f"data: {json.dumps(head.wrap(choices, **{**extra, **fields}), ensure_ascii=False)}\n\n"
+
+    head.object += ".chunk" if head.object == "chat.completion" else ""
+    try:
+        first = shape.first_delta()
+        if first is not None:
+            yield chunk([first])
+        while True:
+            event = await events.get()
+            if event is None:
+                return
+            if isinstance(event, ErrorEvent):  # headers are sent: the error goes in the stream, as OpenAI's
+                yield f"data: {json.dumps(APIError(event.message, 500, type='server_error').body())}\n\n"
+                return
+            if isinstance(event, TokenEvent):
+                if event.text or event.logprob is not None:
+                    yield chunk([shape.delta(event.text, [event] if event.logprob is not None else [], None,
+                                             events.r)])
+                continue
+            yield chunk([shape.delta(event.text, [], event.finish_reason, events.r)])
+            if include_usage:
+                yield chunk([], usage=schema.usage(event.prompt_tokens, event.completion_tokens,
+                                                   event.cached_tokens))
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        events.close()
+
+
+class _Shape:
+    """How one endpoint's choices look (chat: message / delta; completions: text)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def _token(self, token: int) -> tuple[str, bytes]:
+        data = self.tokenizer.token_to_bytes(token, special=True)
+        return data.decode("utf-8", "replace"), data
+
+    def first_delta(self) -> dict | None:
+        return None
+
+
+class _ChatShape(_Shape):
+    def first_delta(self) -> dict:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def _logprobs(self, entries: list[TokenEvent]) -> dict:
+        content = []
+        for e in entries:
+            text, data = self._token(e.token)
+            content.append(schema.chat_logprob(text, data, e.logprob,
+                                               [(*self._token(t), lp) for t, lp in e.top_logprobs]))
+        return {"content": content, "refusal": None}
+
+    def choice(self, text: str, entries: list[TokenEvent], finish_reason: str, r: ServeRequest) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": self._logprobs(entries) if r.top_logprobs is not None else None,
+                "finish_reason": finish_reason}
+
+    def delta(self, text: str, entries: list[TokenEvent], finish_reason: str | None, r: ServeRequest) -> dict:
+        return {"index": 0, "delta": {"content": text} if text or finish_reason is None else {},
+                "logprobs": self._logprobs(entries) if entries else None, "finish_reason": finish_reason}
+
+
+class _CompletionShape(_Shape):
+    def _logprobs(self, entries: list[TokenEvent], offset: int = 0) -> dict:
+        tokens, offsets, at = [], [], offset
+        for e in entries:
+            text, _ = self._token(e.token)
+            tokens.append(text)
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self._token(t)[0]: lp for t, lp in e.top_logprobs} for e in entries],
+                "text_offset": offsets}
+
+    def choice(self, text: str, entries: list[TokenEvent], finish_reason: str, r: ServeRequest) -> dict:
+        return {"index": 0, "text": text, "logprobs": self._logprobs(entries) if r.top_logprobs is not None
+                else None, "finish_reason": finish_reason}
+
+    def delta(self, text: str, entries: list[TokenEvent], finish_reason: str | None, r: ServeRequest) -> dict:
+        return {"index": 0, "text": text, "logprobs": self._logprobs(entries) if entries else None,
+                "finish_reason": finish_reason}

@@ -1,0 +1,123 @@
+"""Running the server: bind the socket, serve the app with uvicorn while the model loads in the background (/health
+answers 503 until it is ready), drain on SIGINT/SIGTERM, close the model.
+
+The socket is bound here, before uvicorn starts, so a port in use is one clear error and port 0 picks a free port
+(whose URL is printed: tests start servers that way).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgeinfer.errors import EdgeInferError
+from edgeinfer.serve.app import Served, ServerState, create_app
+from edgeinfer.serve.scheduler import Scheduler
+
+log = logging.getLogger("edgeinfer.serve")
+
+
+@dataclass
+class ServeOptions:
+    """How to serve: where, how many requests at once (slots), their context, and limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 4
+    n_ctx: int | None = None  # per slot; None: the budget's choice for parallel + 1 sequences
+    n_threads: int | None = None
+    kv_type: str | None = None
+    api_key: str | None = None
+    max_queue: int = 64
+    drain_seconds: float = 5.0
+    model_id: str | None = None  # the name /v1/models lists (default: the catalogue name or the file's stem)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; EdgeInferError naming the address if it cannot be had."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        raise EdgeInferError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(path: Path, options: ServeOptions, say: Callable[[str], None] = print) -> None:
+    """Serve the GGUF model at `path` until SIGINT/SIGTERM; then drain for options.drain_seconds and return.
+
+    Raises EdgeInferError if the socket cannot be bound or the model cannot be loaded (the server stops)."""
+    import uvicorn
+
+    sock = bind(options.host, options.port)
+    state = ServerState(api_key=options.api_key)
+    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=max(0.1, options.drain_seconds))
+    server = uvicorn.Server(config)
+    url = url_of(sock)
+    model_id = options.model_id or path.stem
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            state.served = _load(path, options, state, model_id, say)
+            say(f"ready: {url}/v1 (model {model_id!r}, {options.parallel} slots)")
+        except BaseException as e:  # noqa: BLE001 (reported by serve, after uvicorn stops)
+            failure.append(e)
+            server.should_exit = True
+
+    say(f"edgeinfer serve: listening on {url} (loading {path.name}; /health answers 503 until ready)")
+    loader = threading.Thread(target=load, name="edgeinfer-load", daemon=True)
+    loader.start()
+    # uvicorn re-raises the signal it caught once it has drained; these no-op handlers make that re-raise a
+    # plain return, so SIGINT/SIGTERM end the process with status 0 after the drain
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+        served = state.served
+        state.served = None
+        if served is not None:
+            served.scheduler.close()
+            served.model.close()
+    if failure:
+        error = failure[0]
+        raise error if isinstance(error, EdgeInferError) else EdgeInferError(f"loading {path.name} failed: "
+                                                                              f"{error}")
+    say("edgeinfer serve: stopped")
+
+
+def _load(path: Path, options: ServeOptions, state: ServerState, model_id: str, say) -> Served:
+    """The model with parallel + 1 sequences (sequence 0 stays the single-stream API's), warmed up, and its
+    scheduler running."""
+    from edgeinfer.api import Model
+    from edgeinfer.budget import format_plan
+
+    model = Model(path, n_ctx=options.n_ctx, n_threads=options.n_threads, n_seq=options.parallel + 1,
+                  kv_type=options.kv_type)
+    try:
+        say(format_plan(model.plan))
+        model.engine.warm_up()  # compiles on a first run (a minute or two), else loads the compiled kernels
+        scheduler = Scheduler(model.engine, model.tokenizer, name=str(path), max_queue=options.max_queue,
+                              metrics=state.metrics).start()
+    except BaseException:
+        model.close()
+        raise
+    aliases = frozenset({path.name, path.stem, str(path)})
+    return Served(model, scheduler, model_id, aliases)
