@@ -233,6 +233,8 @@ def test_errors_have_openai_shapes(server, client):
         chat(client, "hi", n=2)
     with pytest.raises(openai.BadRequestError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="no tool support"):
+        chat(client, "hi", tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
     assert httpx.get(server.url + "/health").json()["status"] == "ok"

@@ -2,6 +2,7 @@
 import pytest
 
 from edgeinfer.serve.openai_schema import APIError, parse_chat_request, parse_completion_request
+from edgeinfer.serve.tools import parse_tool_calls, parse_tools
 
 
 def chat_body(**fields):
@@ -41,7 +42,9 @@ def test_message_contents_text_parts_and_roles():
     ({"stream_options": "yes", "stream": True}, "stream_options", "an object"),
     ({"top_logprobs": 2}, "top_logprobs", "needs 'logprobs'"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "between 0 and 20"),
-    ({"tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"functions": [{"name": "f"}]}, "functions", "use 'tools'"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+     "messages[0].tool_calls[0]", "function"),
     ({"response_format": {"type": "xml"}}, "response_format", "'json_schema'"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}}, "response_format.json_schema",
      "'schema' object"),
@@ -65,3 +68,27 @@ def test_completion_prompts():
                 {"prompt": "a", "echo": True}, "just a string"):
         with pytest.raises(APIError):
             parse_completion_request(bad)
+
+
+def test_tools_and_tool_choice():
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    assert parse_tools({"tools": [weather]}).choice == "auto"
+    assert parse_tools({"tools": [weather], "tool_choice": "none"}) is None
+    forced = parse_tools({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert forced.choice == "required" and forced.forced == "get_weather"
+    for bad, param in (({"tools": [weather], "tool_choice": {"function": {"name": "x"}}}, "tool_choice"),
+                       ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+                       ({"tools": [weather, weather]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+                       ({"tools": "x"}, "tools")):
+        with pytest.raises(APIError) as info:
+            parse_tools(bad)
+        assert info.value.param == param
+
+
+def test_tool_calls_are_parsed_from_the_markup_or_a_whole_json_answer():
+    content, calls = parse_tool_calls('Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>',
+                                      ["f"])
+    assert content == "Let me check." and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    assert parse_tool_calls('```json\n{"name": "f", "arguments": {}}\n```', ["f"])[0] is None
+    assert parse_tool_calls('{"name": "g", "arguments": {}}', ["f"]) == ('{"name": "g", "arguments": {}}', [])
+    assert parse_tool_calls("<tool_call>\n{\"name\": \"f\", \"argu", ["f"])[1] == []  # cut by max_tokens

@@ -28,7 +28,7 @@ from edgeinfer.sampling import Sampler
 from edgeinfer.serve import openai_schema as schema
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.serve.openai_schema import APIError, Generation, ResponseHead
-from edgeinfer.serve import structured
+from edgeinfer.serve import structured, tools
 from edgeinfer.serve.structured import GrammarVocabulary
 from edgeinfer.serve.scheduler import DoneEvent, ErrorEvent, QueueFull, Scheduler, ServeRequest, TokenEvent
 
@@ -50,8 +50,29 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
     vocabulary: GrammarVocabulary | None = None  # for response_format: built on first use
 
+    _supports_tools: bool | None = None
+    _controls: Any = None
+
     def __post_init__(self):
         self.vocabulary = GrammarVocabulary(self.model.tokenizer, self.model.n_vocab)
+
+    def supports_tools(self) -> bool:
+        if self._supports_tools is None:
+            self._supports_tools = tools.template_supports_tools(self.model.chat_template)
+        return self._supports_tools
+
+    def chat_tokens(self, messages: list[dict], tool_list: list[dict] | None) -> list[int]:
+        """The prompt of a conversation, rendered with the tools when there are any (control-token texts in
+        contents stay text either way)."""
+        if tool_list is None:
+            return self.model.chat_tokens(messages)
+        from edgeinfer.api import ControlTexts, check_messages, tokenize_chat
+
+        check_messages(messages)
+        if self._controls is None:
+            self._controls = ControlTexts(self.model.tokenizer)
+        return tokenize_chat(self.model.tokenizer, tools.TemplateWithTools(self.model.chat_template, tool_list),
+                             messages, self._controls)
 
     def knows(self, name: str | None) -> bool:
         return name is None or name == self.model_id or name in self.aliases
@@ -198,15 +219,24 @@ class _Handlers:
     # -- completions --------------------------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         served = self._served()
-        gen = schema.parse_chat_request(await self._json(request))
+        body = await self._json(request)
+        gen = schema.parse_chat_request(body)
+        gen.tools = tools.parse_tools(body)
         self._check_model(served, gen)
+        if gen.tools is not None:
+            if gen.response_format is not None:
+                raise APIError("'tools' and a JSON 'response_format' cannot be combined", param="response_format")
+            if not await run_in_threadpool(served.supports_tools):
+                raise APIError("this model's chat template has no tool support: send the request without 'tools'",
+                               param="tools", code="unsupported_parameter")
+        messages = tools.template_messages(gen.messages)
         try:
-            prompt = await run_in_threadpool(served.model.chat_tokens, gen.messages)
+            prompt = await run_in_threadpool(served.chat_tokens, messages, gen.tools and gen.tools.tools)
         except (EdgeInferError, TypeError, ValueError) as e:
             raise APIError(f"the messages cannot be rendered with this model's chat template: {e}",
                            param="messages") from None
         head = ResponseHead(schema.new_id("chatcmpl"), "chat.completion", served.model_id)
-        return await self._respond(request, served, gen, prompt, head, _ChatShape(served.model.tokenizer))
+        return await self._respond(request, served, gen, prompt, head, _ChatShape(served.model.tokenizer, gen.tools))
 
     async def completions(self, request: Request) -> Response:
         served = self._served()
@@ -226,19 +256,22 @@ class _Handlers:
     @staticmethod
     async def _constraint(served: Served, gen: Generation):
         """The grammar a response_format asks for (None for text), compiled off the event loop."""
-        if gen.response_format is None:
+        if gen.response_format is None and gen.tools is None:
             return None
+        param = "tools" if gen.tools is not None else "response_format"
         if not structured.available():
-            raise APIError("'response_format' json_object / json_schema needs llguidance (pip install llguidance)",
-                           param="response_format", code="unsupported_parameter")
+            raise APIError(f"'{param}' needs llguidance (pip install llguidance)", param=param,
+                           code="unsupported_parameter")
 
         def build():
-            return structured.Constraint(served.vocabulary, structured.grammar_for(gen.response_format))
+            grammar = (tools.tool_call_grammar(gen.tools) if gen.tools is not None
+                       else structured.grammar_for(gen.response_format))
+            return structured.Constraint(served.vocabulary, grammar)
 
         try:
             return await run_in_threadpool(build)
-        except InvalidArgument as e:
-            raise APIError(str(e), param="response_format") from None
+        except (InvalidArgument, ValueError) as e:
+            raise APIError(str(e), param=param) from None
 
     @staticmethod
     def _check_model(served: Served, gen: Generation) -> None:
@@ -345,6 +378,7 @@ async def _sse(events: _EventQueue, head: ResponseHead, shape: "_Shape", include
         return f"data: {json.dumps(head.wrap(choices, **{**extra, **fields}), ensure_ascii=False)}\n\n"
 
     head.object += ".chunk" if head.object == "chat.completion" else ""
+    held: list[str] = []  # a buffered shape's text until the end
     try:
         first = shape.first_delta()
         if first is not None:
@@ -357,11 +391,18 @@ async def _sse(events: _EventQueue, head: ResponseHead, shape: "_Shape", include
                 yield f"data: {json.dumps(APIError(event.message, 500, type='server_error').body())}\n\n"
                 return
             if isinstance(event, TokenEvent):
-                if event.text or event.logprob is not None:
+                if shape.buffered:
+                    held.append(event.text)
+                elif event.text or event.logprob is not None:
                     yield chunk([shape.delta(event.text, [event] if event.logprob is not None else [], None,
                                              events.r)])
                 continue
-            yield chunk([shape.delta(event.text, [], event.finish_reason, events.r)])
+            if shape.buffered:
+                finals = shape.final_deltas("".join(held) + event.text, event.finish_reason)
+            else:
+                finals = [shape.delta(event.text, [], event.finish_reason, events.r)]
+            for choice in finals:
+                yield chunk([choice])
             if include_usage:
                 yield chunk([], usage=schema.usage(event.prompt_tokens, event.completion_tokens,
                                                    event.cached_tokens))
@@ -373,6 +414,8 @@ async def _sse(events: _EventQueue, head: ResponseHead, shape: "_Shape", include
 
 class _Shape:
     """How one endpoint's choices look (chat: message / delta; completions: text)."""
+
+    buffered = False  # True: the stream sends the text only at the end (final_deltas)
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -386,6 +429,33 @@ class _Shape:
 
 
 class _ChatShape(_Shape):
+    def __init__(self, tokenizer, tool_request=None):
+        super().__init__(tokenizer)
+        self.tools = tool_request
+        self.buffered = tool_request is not None  # tool calls are parsed from the whole text, then streamed
+
+    def _message(self, text: str, finish_reason: str) -> tuple[dict, str]:
+        """(the assistant's message, finish_reason): tool calls parsed out where the request has tools."""
+        if self.tools is None:
+            return {"content": text}, finish_reason
+        content, calls = tools.parse_tool_calls(text, self.tools.names)
+        if not calls:
+            return {"content": text}, finish_reason
+        return {"content": content, "tool_calls": calls}, "tool_calls"
+
+    def final_deltas(self, text: str, finish_reason: str) -> list[dict]:
+        """A buffered stream's last chunks' choices: the content, the tool calls, the finish."""
+        message, finish_reason = self._message(text, finish_reason)
+        out = []
+        if message.get("content"):
+            out.append({"index": 0, "delta": {"content": message["content"]}, "logprobs": None,
+                        "finish_reason": None})
+        for i, call in enumerate(message.get("tool_calls", [])):
+            out.append({"index": 0, "delta": {"tool_calls": [{"index": i, **call}]}, "logprobs": None,
+                        "finish_reason": None})
+        out.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason})
+        return out
+
     def first_delta(self) -> dict:
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
@@ -398,7 +468,8 @@ class _ChatShape(_Shape):
         return {"content": content, "refusal": None}
 
     def choice(self, text: str, entries: list[TokenEvent], finish_reason: str, r: ServeRequest) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+        message, finish_reason = self._message(text, finish_reason)
+        return {"index": 0, "message": {"role": "assistant", **message, "refusal": None},
                 "logprobs": self._logprobs(entries) if r.top_logprobs is not None else None,
                 "finish_reason": finish_reason}
 

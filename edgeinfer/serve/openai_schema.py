@@ -109,6 +109,7 @@ class Generation:
     top_logprobs: int | None  # None: no logprobs
     response_format: dict | None = None  # json_object / json_schema (see _response_format); None: text
     ignore_eos: bool = False  # llama-server's extension: decode max_tokens whatever the model says
+    tools: Any = None  # chat: edgeinfer.serve.tools.ToolRequest, set by the handler
     prompt: Any = None  # completions: a string or token ids
     messages: list[dict] = field(default_factory=list)  # chat
 
@@ -142,10 +143,9 @@ def _generation(body: Any, *, max_tokens_names: tuple[str, ...]) -> dict:
     if options is not None and not isinstance(options, dict):
         raise _type_error("stream_options", "an object", options)
     include_usage = _boolean(options or {}, "include_usage") if stream else False
-    for unsupported in ("tools", "functions"):
-        if body.get(unsupported):
-            raise APIError(f"'{unsupported}' is not supported by this server yet", param=unsupported,
-                           code="unsupported_parameter")
+    if body.get("functions"):
+        raise APIError("'functions' (deprecated) is not supported: use 'tools'", param="functions",
+                       code="unsupported_parameter")
     return dict(model=model, sampling=sampling, max_tokens=max_tokens, stop=_stops(body), stream=stream,
                 include_usage=include_usage, response_format=_response_format(body.get("response_format")),
                 ignore_eos=_boolean(body, "ignore_eos"))
@@ -196,14 +196,35 @@ def _messages(messages: Any) -> list[dict]:
             raise APIError(f"'{name}.role' must be one of system, developer, user, assistant, tool; got "
                            f"{role!r}"[:300], param=f"{name}.role")
         content = m.get("content")
+        calls = m.get("tool_calls") if role == "assistant" else None
         if content is None and role == "assistant":
             content = ""
         elif isinstance(content, list):
             content = "".join(_text_part(part, f"{name}.content[{j}]") for j, part in enumerate(content))
         elif not isinstance(content, str):
             raise _type_error(f"{name}.content", "a string or an array of text parts", content)
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        message = {"role": "system" if role == "developer" else role, "content": content}
+        if calls:
+            message["tool_calls"] = _tool_calls(calls, f"{name}.tool_calls")
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        if isinstance(m.get("name"), str):
+            message["name"] = m["name"]
+        out.append(message)
     return out
+
+
+def _tool_calls(calls: Any, name: str) -> list[dict]:
+    """An assistant message's tool_calls: [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    if not isinstance(calls, list):
+        raise _type_error(name, "an array", calls)
+    for i, c in enumerate(calls):
+        function = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not isinstance(
+                function.get("arguments", ""), (str, dict)):
+            raise APIError(f"'{name}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                           f"\"arguments\": \"...\"}}}}", param=f"{name}[{i}]")
+    return calls
 
 
 def _text_part(part: Any, name: str) -> str:
@@ -219,6 +240,8 @@ def _text_part(part: Any, name: str) -> str:
 def parse_completion_request(body: Any) -> Generation:
     """A /v1/completions body, checked; `prompt` is a string or a list of token ids."""
     fields = _generation(body, max_tokens_names=("max_tokens",))
+    if body.get("tools"):
+        raise APIError("'tools' belong to /v1/chat/completions", param="tools", code="unsupported_parameter")
     if fields["max_tokens"] is None:
         fields["max_tokens"] = 16  # OpenAI's default for completions
     top = _integer(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
