@@ -1,0 +1,51 @@
+"""The starlette app without a model: 503 while loading, 429 with Retry-After when the scheduler's queue is full, and
+the error shape of what the router refuses (starlette's TestClient drives the ASGI app in-process)."""
+from types import SimpleNamespace
+
+from starlette.testclient import TestClient
+
+from edgeinfer.serve.app import Served, ServerState, create_app
+from edgeinfer.serve.scheduler import QueueFull
+
+
+class FullScheduler:
+    n_ctx, n_slots, slots = 64, 1, [SimpleNamespace(request=object())]
+
+    def submit(self, request):
+        raise QueueFull("all 1 slots are busy and 4 requests are waiting")
+
+
+def fake_model():
+    tokenizer = SimpleNamespace(eog_ids=frozenset({0}))
+    return SimpleNamespace(tokenizer=tokenizer, n_vocab=100, tokenize=lambda text, add_special=True: [1, 2, 3],
+                           chat_tokens=lambda messages: [1, 2, 3])
+
+
+def test_loading_then_busy():
+    state = ServerState()
+    client = TestClient(create_app(state))
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json() == {"status": "loading"}
+    loading = client.post("/v1/completions", json={"prompt": "hi"})
+    assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
+    assert loading.json()["error"]["code"] == "model_loading"
+
+    state.served = Served(fake_model(), FullScheduler(), "fake")
+    assert client.get("/health").json() == {"status": "ok", "slots_idle": 0, "slots_processing": 1}
+    busy = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert busy.json()["error"]["type"] == "rate_limit_error" and "4 requests are waiting" in busy.json()["error"][
+        "message"]
+    assert client.get("/v1/models").json()["data"][0]["id"] == "fake"
+    metrics = client.get("/metrics").text
+    assert 'edgeinfer_requests_total{endpoint="chat",status="429"} 1.0' in metrics
+
+
+def test_router_refusals_are_openai_errors():
+    client = TestClient(create_app(ServerState(api_key="k")))
+    for response, status in ((client.get("/nope"), 404), (client.delete("/v1/models"), 405)):
+        assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param",
+                                                                                    "code"}
+    assert client.get("/health").status_code == 503  # /health needs no key
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 503
