@@ -19,11 +19,12 @@ from edgeinfer.backends.cpu import CPUBackend
 from edgeinfer.budget import POWER_MODES, ModelFootprint, Plan, make_plan, read_system_state
 from edgeinfer.chat_template import ChatTemplate
 from edgeinfer.engine import Engine
-from edgeinfer.errors import InvalidArgument, ModelClosed
+from edgeinfer.errors import InvalidArgument, ModelClosed, UnsupportedError
 from edgeinfer.generation import CachedEngine, GenerationStats, TextStream, generate_tokens
 from edgeinfer.gguf_reader import GGUFFile
 from edgeinfer.kv_cache import check_kv_type
 from edgeinfer.sampling import CHAT_REPEAT_PENALTY, Sampler, SamplingParams
+from edgeinfer.speculative import check_speculation
 from edgeinfer.tokenizer import Tokenizer
 from edgeinfer.tokenizer.special import partition
 from edgeinfer.tokenizer.vocab import Attr
@@ -328,9 +329,12 @@ class Model:
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None) -> Completion:
+               stop: str | Sequence[str] | None = None, speculative: str = "off") -> Completion:
         """Yield the continuation of `prompt` (text, or token ids in [0, n_vocab)) as text pieces while it is
         generated. Defaults are llama.cpp's (repeat_penalty 1.0: off); seed None takes the model's, -1 is random.
+        speculative: "off", "ngram" (check prompt-lookup guesses every pass) or "auto" (where they pay), see
+        edgeinfer.speculative: greedy output is the same token for token; a sampled one is a sample of the same
+        distribution, but not the same sample for a seed as without speculation.
 
         Stops at an end-of-generation token, at max_tokens (>= 0), when the context is full, or before a stop string
         (which is not emitted). The iterator's `stats` (and `last_stats`) hold the figures. Arguments are checked
@@ -339,8 +343,9 @@ class Model:
                                                top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                                                presence_penalty=presence_penalty,
                                                frequency_penalty=frequency_penalty, seed=seed, stop=stop)
+        check_speculation(speculative)
         self.last_stats = stats = GenerationStats()
-        return Completion(self._pieces(tokens, sampler, max_tokens, stops, stats), stats, sampler)
+        return Completion(self._pieces(tokens, sampler, max_tokens, stops, stats, speculative), stats, sampler)
 
     def _request(self, prompt, name: str, *, max_tokens, stop, seed, **sampling) -> tuple:
         """A generation's checked parts: (prompt token ids, sampler, stop strings)."""
@@ -353,9 +358,10 @@ class Model:
         return tokens, Sampler(params, self.n_vocab), stops
 
     def _pieces(self, tokens: list[int], sampler: Sampler, max_tokens: int, stop: list[str],
-                stats: GenerationStats) -> Iterator[str]:
+                stats: GenerationStats, speculative: str = "off") -> Iterator[str]:
         text = TextStream(self.tokenizer, stop)
-        for token in generate_tokens(self._use, sampler, tokens, max_tokens, self.tokenizer.eog_ids, stats):
+        for token in generate_tokens(self._use, sampler, tokens, max_tokens, self.tokenizer.eog_ids, stats,
+                                     speculative):
             piece = text.push(token)
             if piece:
                 yield piece
@@ -383,6 +389,10 @@ class Model:
             raise TypeError(f"prompts must be a list of prompts, not {type(prompts).__name__}")
         defaults = {name: p.default for name, p in inspect.signature(Model.stream).parameters.items()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY}  # stream's settings, one source of defaults
+        if settings.get("speculative", "off") != "off":
+            raise UnsupportedError("generate_batch does not speculate (speculative=\"off\" only)")
+        settings = {key: value for key, value in settings.items() if key != "speculative"}
+        defaults.pop("speculative")
         unknown = sorted(set(settings) - set(defaults))
         if unknown:
             raise TypeError(f"generate_batch got unexpected settings: {', '.join(unknown)}")

@@ -77,6 +77,8 @@ class ThreadCounts(CountList):
 # the KV cache's element types: edgeinfer.kv_cache.KV_TYPES (not imported here: it loads numpy; a test keeps the two
 # in step)
 KV_TYPE_CHOICES = ("f32", "f16", "q8_0")
+# speculation modes: edgeinfer.speculative.SPECULATION_MODES (likewise kept in step by a test)
+SPECULATION_MODES = ("auto", "ngram", "off")
 KV_TYPE_HELP = "KV cache type (llama.cpp's -ctk/-ctv; q8_0 takes 28% of f32's memory; default: the budget's choice)."
 
 
@@ -185,6 +187,9 @@ def _sampling_options(repeat_penalty: float):
         click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, callback=_compute_threads,
                      help=THREADS_HELP),
         _kv_type_option(),
+        click.option("--spec", "speculative", type=click.Choice(SPECULATION_MODES), default="off",
+                     show_default=True, help="Speculative decoding by prompt lookup: 'ngram' checks its guesses on "
+                     "every step, 'auto' where they pay; greedy output is unchanged."),
     ]
 
     def decorate(f):
@@ -216,21 +221,23 @@ def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> 
               help="Tokens to generate at most; 0 only evaluates the prompt.")
 @_sampling_options(repeat_penalty=1.0)
 def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads,
-            kv_type):
+            kv_type, speculative):
     """Continue PROMPT with MODEL, streaming the text to stdout and timings to stderr."""
     from rich.console import Console
 
     with _load_model(model, n_ctx, n_threads, seed, kv_type) as m:
         with Console(stderr=True).status("loading kernels (a first run compiles them: a minute or two)"):
             m.engine.warm_up()
-        for piece in m.stream(prompt, max_tokens=max_tokens,
+        for piece in m.stream(prompt, max_tokens=max_tokens, speculative=speculative,
                               **_sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed)):
             click.echo(piece, nl=False)
         click.echo()
         s = m.last_stats
         click.echo(f"prompt {s.prompt_tokens} tokens {s.prefill_tokens_per_second:.1f} tok/s | "
                    f"generated {s.generated_tokens} tokens {s.decode_tokens_per_second:.1f} tok/s | "
-                   f"first token {s.time_to_first_token * 1000:.0f} ms | stop: {s.stop_reason}", err=True)
+                   f"first token {s.time_to_first_token * 1000:.0f} ms | stop: {s.stop_reason}"
+                   + (f" | speculation: {s.speculation.accepted}/{s.speculation.drafted} guesses accepted"
+                      if s.speculation.drafted else ""), err=True)
 
 
 @cli.command("chat")

@@ -1,13 +1,14 @@
 """Generation: the token loop over an engine, stop rules and streaming text.
 
-`generate_tokens` is the loop (prefill the new part of the prompt, then sample and decode one token at a time);
+`generate_tokens` is the loop (prefill the new part of the prompt, then sample and decode one token at a time, or
+check several guessed tokens per pass: edgeinfer.speculative);
 `TextStream` turns the tokens into text pieces safe to show: whole UTF-8 characters only, and never any part of
 a stop string (text that could still become a stop string is held back until it cannot).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy as np
 from edgeinfer.engine import Engine
 from edgeinfer.errors import ModelError
 from edgeinfer.sampling import Sampler
+from edgeinfer.speculative import DraftLength, NgramDrafter, SpeculationStats, accept_draft, check_speculation
 from edgeinfer.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -29,6 +31,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
     stop_reason: str = ""  # "eog", "stop", "length" or "context"
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -103,6 +106,22 @@ class CachedEngine:
             return self.decode(sequence[n])
         return self.evaluate_prompt(sequence)[0]
 
+    def extend_with(self, sequence: Sequence[int], draft: Sequence[int]) -> np.ndarray:
+        """Logits (1 + len(draft), n_vocab) after `sequence`, after sequence + draft[:1], ... in one forward pass
+        where the cache holds sequence[:-1] (and perhaps guesses of an earlier pass after it, dropped here)."""
+        n = len(sequence) - 1
+        if not draft:
+            return self.extend_to(sequence)[None]
+        if self.engine.n_past >= n and self.engine.cache.holds(0, sequence[:n]):
+            self.truncate(n)
+            logits = self.engine.prefill([sequence[n], *draft], all_logits=True)
+            self._check_finite(logits, n, n)
+            return logits
+        first = self.evaluate_prompt(sequence)[0]
+        rest = self.engine.prefill(list(draft), all_logits=True)
+        self._check_finite(rest, len(sequence), len(sequence))
+        return np.concatenate([first[None], rest])
+
     def truncate(self, n: int) -> None:
         """Keep only the first n cached positions."""
         self.engine.truncate(n)
@@ -124,41 +143,72 @@ def non_finite_logits(name: str, position: int) -> ModelError:
 
 
 def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler: Sampler, prompt: Sequence[int],
-                    max_tokens: int, eog_ids: Iterable[int], stats: GenerationStats) -> Iterator[int]:
+                    max_tokens: int, eog_ids: Iterable[int], stats: GenerationStats,
+                    speculative: str = "off") -> Iterator[int]:
     """Yield sampled tokens until an end-of-generation token, max_tokens, or a full context.
 
     acquire() gives the CachedEngine for exclusive use (the model's lock) for one evaluation at a time; it is not
     held while a token is with the caller, so other generations may use the cache in between. This one keeps its
     own history and re-evaluates it where the cache no longer holds it, so its tokens are those it would get alone.
-    The caller may stop iterating at any time (a stop string); the cache then holds what was evaluated."""
+    The caller may stop iterating at any time (a stop string); the cache then holds what was evaluated.
+
+    speculative "auto" or "ngram" checks prompt-lookup guesses in each pass (edgeinfer.speculative): the same
+    tokens when greedy, a sample of the same distribution when sampling."""
+    check_speculation(speculative)
     eog = frozenset(eog_ids)
     history = list(prompt)
     stats.prompt_tokens = len(history)
+    drafter = NgramDrafter() if speculative != "off" else None
+    length = DraftLength(always=speculative == "ngram")
     t0 = time.perf_counter()
     with acquire() as cached:
         n_ctx = cached.engine.n_ctx
         logits, stats.prompt_tokens_evaluated = cached.evaluate_prompt(history)
     stats.prefill_seconds = time.perf_counter() - t0
+    if max_tokens == 0:
+        stats.stop_reason = "length"
+        return
     decode_start = time.perf_counter()
-    for i in range(max_tokens):
-        token = sampler.sample(logits, history)
-        if i == 0:
-            stats.time_to_first_token = time.perf_counter() - t0
-        if token in eog:
-            stats.stop_reason = "eog"
-            return
-        history.append(token)
-        stats.generated_tokens += 1
-        yield token
-        if i + 1 == max_tokens:
-            break
-        if len(history) > n_ctx:  # every position holds an earlier token: this one cannot be evaluated
+    ready = [sampler.sample(logits, history)]  # sampled tokens not yet yielded (accepted guesses, then one more)
+    stats.time_to_first_token = time.perf_counter() - t0
+    guess = None  # the lookup's first guess on a plain step: was it right? (a free estimate of acceptance)
+    while True:
+        for token in ready:
+            if token in eog:
+                stats.stop_reason = "eog"
+                return
+            history.append(token)
+            stats.generated_tokens += 1
+            yield token
+            if stats.generated_tokens == max_tokens:
+                stats.stop_reason = "length"
+                return
+        if guess is not None:
+            length.observe_guesses(1, int(ready[0] == guess))
+        if len(history) > n_ctx:  # every position holds an earlier token: the last one cannot be evaluated
             stats.stop_reason = "context"
             return
+        room = min(n_ctx - len(history), max_tokens - stats.generated_tokens - 1)
+        k = min(length.choose(), room) if drafter else 0
+        draft = drafter.propose(history, k) if k > 0 else []
+        guess = None
+        if drafter and not draft:
+            lookup = drafter.propose(history, 1)
+            guess = lookup[0] if lookup else None
+        started = time.perf_counter()
         with acquire() as cached:
-            logits = cached.extend_to(history)
+            rows = cached.extend_with(history, draft)
+        length.observe_pass(len(rows), time.perf_counter() - started)
+        if draft:
+            ready = accept_draft(sampler, rows, history, draft)
+            right = len(ready) - 1
+            length.observe_guesses(min(right + 1, len(draft)), right)
+            spec = stats.speculation
+            spec.drafted, spec.accepted, spec.verify_steps = spec.drafted + len(draft), spec.accepted + right, \
+                spec.verify_steps + 1
+        else:
+            ready = [sampler.sample(rows[0], history)]
         stats.decode_seconds = time.perf_counter() - decode_start
-    stats.stop_reason = "length"
 
 
 class TextStream:

@@ -293,6 +293,11 @@ class Sampler:
             return int(ids[0])
         return sample_dist(ids, lg, self._rng)
 
+    def random(self) -> float:
+        """One draw in [0, 1) from this sampler's generator (speculative sampling's acceptance tests use it, so a
+        seeded run stays reproducible)."""
+        return float(self._rng.random())
+
     def _filtered(self, logits: np.ndarray, recent_tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)

@@ -25,6 +25,7 @@ import numpy as np
 from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import GenerationStats, common_prefix_length
 from edgeinfer.sampling import CHAT_REPEAT_PENALTY, SamplingParams
+from edgeinfer.speculative import check_speculation
 
 if TYPE_CHECKING:
     from edgeinfer.api import Model
@@ -43,7 +44,7 @@ KV_SUFFIX = ".kv.npz"
 
 # Settings `set` accepts (the chat's /set): name -> type. Sampling ones go to Model.stream, max_tokens per answer.
 SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repeat_penalty": float,
-            "presence_penalty": float, "frequency_penalty": float, "seed": int, "max_tokens": int}
+            "presence_penalty": float, "frequency_penalty": float, "seed": int, "speculative": str, "max_tokens": int}
 
 
 # ================================================================ errors
@@ -256,7 +257,8 @@ class ChatSession:
     def settings(self) -> dict:
         """Every setting's value in force, defaults included (seed None: the model's seed, else random)."""
         defaults = SamplingParams()
-        values = {name: getattr(defaults, name) for name in SETTINGS if name != "max_tokens"}
+        values = {name: getattr(defaults, name) for name in SETTINGS if name not in ("max_tokens", "speculative")}
+        values["speculative"] = "off"
         return {**values, "seed": self.model.seed, **self.sampling, "max_tokens": self.max_tokens}
 
     def stats(self) -> dict:
@@ -344,7 +346,8 @@ def _check_settings(settings: dict) -> None:
         raise TypeError(f"max_tokens must be an int, not {type(max_tokens).__name__}")
     if max_tokens < 1:
         raise InvalidArgument(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    SamplingParams(**{k: v for k, v in settings.items() if k != "max_tokens"})
+    check_speculation(settings.get("speculative", "off"))
+    SamplingParams(**{k: v for k, v in settings.items() if k not in ("max_tokens", "speculative")})
 
 
 def _turns(n: int) -> str:

@@ -1,0 +1,158 @@
+"""Speculative decoding (edgeinfer.speculative): prompt-lookup drafts, the acceptance rule's exactness, and greedy
+output unchanged on the three real models."""
+import numpy as np
+import pytest
+
+from conftest import MODEL_NAMES, load_reference, model_path
+from edgeinfer.errors import InvalidArgument, UnsupportedError
+from edgeinfer.sampling import Sampler, SamplingParams
+from edgeinfer.speculative import SPECULATION_MODES, DraftLength, NgramDrafter, accept_draft
+
+
+# ---------------------------------------------------------------- prompt lookup
+
+def test_lookup_proposes_what_followed_the_latest_occurrence():
+    drafter = NgramDrafter(max_ngram=3, min_ngram=2)
+    context = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3]
+    # [2, 3] last occurred before the end at index 6-7, followed by 7, 8, 6
+    assert drafter.propose(context, 3) == [7, 8, 6]
+    assert drafter.propose(context, 10) == [7, 8, 6, 2, 3]  # up to the context's end
+
+
+def test_a_longer_match_wins_over_a_more_recent_shorter_one():
+    drafter = NgramDrafter(max_ngram=3, min_ngram=2)
+    context = [5, 2, 3, 40, 41, 9, 2, 3, 50, 5, 2, 3]
+    assert drafter.propose(context, 2) == [40, 41]  # [5, 2, 3] occurred at the start; [2, 3] alone more recently
+
+
+def test_no_recurring_ngram_proposes_nothing():
+    drafter = NgramDrafter(max_ngram=3, min_ngram=2)
+    assert drafter.propose([1, 2, 3, 4, 5, 6], 4) == []
+    assert drafter.propose([1, 2, 3, 4, 5, 6], 0) == []
+    assert drafter.propose([7], 4) == []
+
+
+def test_the_index_follows_a_growing_context_and_rebuilds_for_another():
+    drafter = NgramDrafter(max_ngram=2, min_ngram=2)
+    context = [1, 2, 3]
+    assert drafter.propose(context, 2) == []
+    context += [1, 2]
+    assert drafter.propose(context, 2) == [3, 1]
+    assert drafter.propose([9, 8, 7, 9, 8], 1) == [7]  # not an extension: indexed afresh
+
+
+def test_draft_length_drafts_when_guesses_are_right_and_stops_when_they_are_not():
+    length = DraftLength(max_draft=8)
+    assert length.choose() == 0  # nothing measured yet
+    length.observe_pass(1, 0.010)
+    length.observe_pass(5, 0.020)  # 2.5 ms per extra row
+    for _ in range(20):
+        length.observe_guesses(4, 4)
+    assert length.choose() >= 6
+    for _ in range(40):
+        length.observe_guesses(1, 0)
+    assert length.choose() == 0
+    assert DraftLength(max_draft=5, always=True).choose() == 5
+
+
+# ---------------------------------------------------------------- the acceptance rule is exact
+
+N_VOCAB = 12
+
+
+def _emitted_distribution(params: SamplingParams, logits: np.ndarray, guess: int, draft_probs=None,
+                          trials: int = 20000) -> np.ndarray:
+    """How often each token comes out first of a verify pass with one guess."""
+    sampler = Sampler(params, N_VOCAB)
+    rows = np.stack([logits, logits])
+    counts = np.zeros(N_VOCAB)
+    for _ in range(trials):
+        counts[accept_draft(sampler, rows, [0, 1], [guess], draft_probs)[0]] += 1
+    return counts / trials
+
+
+def _target(params: SamplingParams, logits: np.ndarray) -> np.ndarray:
+    ids, probs = Sampler(params, N_VOCAB).distribution(logits, [0, 1])
+    p = np.zeros(N_VOCAB)
+    p[ids] = probs
+    return p
+
+
+LOGITS = np.array([2.0, 1.5, 1.4, 0.3, -0.5, 0.9, 1.1, -2.0, 0.0, 0.7, 1.45, -1.0], np.float32)
+PARAMS = SamplingParams(temperature=0.9, top_k=8, top_p=0.97, min_p=0.02, seed=11)
+
+
+@pytest.mark.parametrize("guess", [0, 2, 7], ids=["likely guess", "middling guess", "guess outside top-k"])
+def test_a_prompt_lookup_guess_leaves_the_sampled_distribution_unchanged(guess):
+    p = _target(PARAMS, LOGITS)
+    seen = _emitted_distribution(PARAMS, LOGITS, guess)
+    assert 0.5 * np.abs(seen - p).sum() < 0.02, (seen, p)
+
+
+def test_a_draft_models_guess_leaves_the_sampled_distribution_unchanged():
+    p = _target(PARAMS, LOGITS)
+    q = np.exp(-0.5 * np.arange(N_VOCAB))[::-1].copy()
+    q /= q.sum()  # a poor draft: most mass where the target has little
+    # a draft model's guess is drawn from q: weigh what comes out after each guess by its chance
+    seen = sum(q[g] * _emitted_distribution(PARAMS, LOGITS, g, q[None], trials=3000) for g in range(N_VOCAB))
+    assert 0.5 * np.abs(seen - p).sum() < 0.02, (seen, p)
+
+
+def test_greedy_acceptance_keeps_guesses_up_to_the_first_wrong_one():
+    sampler = Sampler(SamplingParams(temperature=0), N_VOCAB)
+    rows = np.zeros((4, N_VOCAB), np.float32)
+    for i, best in enumerate([3, 5, 7, 9]):
+        rows[i, best] = 1.0
+    assert accept_draft(sampler, rows, [1], [3, 5, 7]) == [3, 5, 7, 9]  # all right: the bonus token too
+    assert accept_draft(sampler, rows, [1], [3, 4, 7]) == [3, 5]  # the model's token where the guess was wrong
+
+
+# ---------------------------------------------------------------- on the real models
+
+REPEATING = ("Copy this list exactly:\napple banana cherry date elderberry fig grape\n"
+             "apple banana cherry date elderberry fig grape\nCopy:\n")
+
+
+@pytest.fixture(scope="module", params=MODEL_NAMES)
+def model(request):
+    import edgeinfer
+
+    m = edgeinfer.load(model_path(request.param), n_ctx=512, seed=0)
+    yield request.param, m
+    m.close()
+
+
+@pytest.mark.slow
+def test_greedy_output_is_the_same_with_speculation(model):
+    name, m = model
+    prompts = [p["tokens"] for p in load_reference(name)["prompts"][:2]] + [m.tokenize(REPEATING)]
+    drafted = 0
+    for prompt in prompts:
+        plain = m.generate(list(prompt), max_tokens=40, temperature=0)
+        for mode in ("ngram", "auto"):
+            assert m.generate(list(prompt), max_tokens=40, temperature=0, speculative=mode) == plain, mode
+            drafted += m.last_stats.speculation.drafted
+    assert drafted > 0  # the repeating prompt gives the lookup something to guess
+
+
+@pytest.mark.slow
+def test_sampling_with_speculation_is_reproducible_for_a_seed(model):
+    _, m = model
+    runs = [m.generate(REPEATING, max_tokens=24, temperature=0.7, seed=3, speculative="ngram") for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_speculation_modes_are_checked(model):
+    _, m = model
+    with pytest.raises(InvalidArgument, match="speculative='fast'"):
+        m.stream("hi", speculative="fast")
+    with pytest.raises(TypeError, match="speculative"):
+        m.stream("hi", speculative=1)
+    with pytest.raises(UnsupportedError, match="generate_batch does not speculate"):
+        m.generate_batch(["hi"], speculative="ngram")
+
+
+def test_cli_choices_are_the_speculation_modes():
+    from edgeinfer.cli import SPECULATION_MODES as CLI_MODES
+
+    assert CLI_MODES == SPECULATION_MODES
