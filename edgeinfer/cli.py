@@ -278,10 +278,13 @@ def chat_cmd(model, system, max_tokens, single, **options):
               help="Comma-separated numbers of sequences decoded together in the tg test (aggregate tokens/s).")
 @click.option("--kv-type", "kv_types", type=ChoiceList(KV_TYPE_CHOICES), default=None,
               help="Comma-separated KV cache types to measure (llama-bench's -ctk; default: the budget's choice).")
+@click.option("--spec", "spec_modes", type=ChoiceList(SPECULATION_MODES), default=None,
+              help="Instead of pp/tg: speculative decoding on real tasks (rewrite, quote, summarize, story), greedy, "
+                   "in each comma-separated mode against 'off' (edgeinfer.bench_spec).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--compare-llama-cpp", is_flag=True, help="Run llama.cpp (llama-cpp-python) on the same file too.")
 @click.option("--no-process", is_flag=True, help="Skip the time-to-first-token and peak-RSS subprocess runs.")
-def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, batches, kv_types, as_json,
+def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, batches, kv_types, spec_modes, as_json,
               compare_llama_cpp, no_process):
     """Measure prompt processing and generation speed, like llama-bench.
 
@@ -295,6 +298,14 @@ def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, ba
     except BenchError as e:
         raise click.UsageError(str(e)) from None
     thread_counts = threads or tuple(sorted({1, min(2, compute_threads_available())}))
+    if spec_modes:
+        from edgeinfer.api import load
+        from edgeinfer.bench_spec import format_spec_bench, run_spec_bench
+
+        with load(resolve_model(model), n_ctx=2048, kv_type=(kv_types or (None,))[0]) as m:
+            rows = run_spec_bench(m, spec_modes, thread_counts, reps=reps)
+        click.echo(json.dumps(rows, indent=2) if as_json else format_spec_bench(rows))
+        return
     if compare_llama_cpp:
         try:
             import llama_cpp  # noqa: F401

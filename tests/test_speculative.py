@@ -156,3 +156,17 @@ def test_cli_choices_are_the_speculation_modes():
     from edgeinfer.cli import SPECULATION_MODES as CLI_MODES
 
     assert CLI_MODES == SPECULATION_MODES
+
+
+@pytest.mark.slow
+def test_spec_bench_compares_each_mode_with_off():
+    import edgeinfer
+    from edgeinfer.bench_spec import format_spec_bench, run_spec_bench
+
+    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=1024) as m:
+        rows = run_spec_bench(m, ["ngram"], threads=[1], reps=1, max_tokens=24, tasks=("quote",))
+    assert [(r["task"], r["mode"]) for r in rows] == [("quote", "off"), ("quote", "ngram")]
+    assert rows[0]["speedup"] == pytest.approx(1.0) and rows[1]["speedup"] > 0
+    assert rows[0]["tokens"] == rows[1]["tokens"] > 0  # greedy: the same text in both modes
+    table = format_spec_bench(rows)
+    assert "| quote     | ngram |       1 |" in table

@@ -1,0 +1,107 @@
+"""`edgeinfer bench --spec MODES`: what speculative decoding gives on real tasks, against plain decoding.
+
+Random tokens (the pp/tg tests) give a prompt lookup nothing to find, so this measures tasks: three grounded in
+their input (rewrite a function renaming a variable, quote a paragraph, summarize a text) where the answer repeats
+the prompt, and a free-form story where it does not. Each runs greedily (the text is then the same in every mode,
+so the modes are compared on the same tokens), once as a warm-up and `reps` times measured, in each mode and
+thread count. Reported: decode tokens/s (after the first token), the share of guesses accepted, and the speed-up
+over mode "off" in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+
+from edgeinfer.errors import TemplateError
+
+_FUNCTION = "\n".join(
+    [
+        "def summarize_orders(orders, x):",
+        '    """Totals of the orders above x, by customer."""',
+        "    totals = {}",
+        "    for order in orders:",
+        "        if order.amount <= x:",
+        "            continue",
+        "        customer = order.customer",
+        "        totals.setdefault(customer, 0)",
+        "        totals[customer] += order.amount - x * order.discount",
+    ]
+    + [f"    step_{i} = len(totals) * x + {i}" for i in range(40)]
+    + ["    return {k: v for k, v in totals.items() if v > x}"]
+)
+_TEXT = (
+    "The river town of Halden grew up around a ferry crossing. For two centuries the ferry was the only way across "
+    "the water, and the families who ran it became the richest in the valley.\n\n"
+    "In 1871 the railway reached the east bank. The company built a wooden bridge beside the ferry landing, and "
+    "within a year the ferry carried only market carts and the occasional wedding party.\n\n"
+    "The bridge burned in the dry summer of 1902. While a stone bridge was being built, the old ferry was pulled "
+    "out of the boathouse and ran day and night for three years, the last time it was needed.\n\n"
+    "Today the ferry sits in the town museum, and the stone bridge carries the main road south to the coast."
+)
+TASKS = {  # name -> the user's message; the first three are grounded in their input
+    "rewrite": f"Rewrite this Python function, renaming the parameter x to threshold. Output only the code.\n\n"
+               f"{_FUNCTION}",
+    "quote": f"{_TEXT}\n\nQuote, word for word, the paragraph that mentions the railway and the one about the fire.",
+    "summarize": f"{_TEXT}\n\nSummarize this text in a few sentences, reusing its wording.",
+    "story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+}
+
+
+@dataclass
+class SpecRow:
+    task: str
+    mode: str
+    n_threads: int
+    tokens: int = 0
+    samples: list[float] = field(default_factory=list)  # decode tokens/s per repetition
+    acceptance: float = 0.0  # share of the guesses accepted (last repetition)
+    speedup: float = 0.0  # mean over the mean of mode "off" for the same task and threads
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else 0.0
+
+
+def task_prompt(model, task: str) -> list[int]:
+    """The task as the model is prompted: its chat template where it has one, else the plain text."""
+    message = TASKS[task]
+    try:
+        return model.chat_tokens([{"role": "user", "content": message}])
+    except TemplateError:  # a model without a usable chat template: the text and a cue
+        return model.tokenize(message + "\n\n")
+
+
+def run_spec_bench(model, modes, threads, reps: int = 2, max_tokens: int = 192, tasks=tuple(TASKS)) -> list[dict]:
+    """Rows for every task x thread count x mode on a loaded model (greedy; see the module docstring); mode "off"
+    runs first whether asked for or not (the speed-ups are over it)."""
+    modes = ["off"] + [m for m in dict.fromkeys(modes) if m != "off"]
+    rows = []
+    for n_threads in threads:
+        model.engine.n_threads = n_threads
+        for task in tasks:
+            prompt = task_prompt(model, task)
+            base = None
+            for mode in modes:
+                row = SpecRow(task, mode, n_threads)
+                for rep in range(reps + 1):  # the first: warm-up
+                    model.generate(prompt, max_tokens=max_tokens, temperature=0, speculative=mode)
+                    stats = model.last_stats
+                    if rep:
+                        row.samples.append(stats.decode_tokens_per_second)
+                row.tokens, row.acceptance = stats.generated_tokens, stats.speculation.acceptance_rate
+                if mode == "off":
+                    base = row.mean
+                rows.append(row)
+            for row in rows[-len(modes):]:
+                row.speedup = row.mean / base if base else 0.0
+    return [dict(asdict(r), mean=r.mean) for r in rows]
+
+
+def format_spec_bench(rows: list[dict]) -> str:
+    lines = ["| task      | spec  | threads | tokens | decode tok/s | accepted | vs off |",
+             "|-----------|-------|---------|--------|--------------|----------|--------|"]
+    for r in rows:
+        accepted = f"{100 * r['acceptance']:.0f}%" if r["mode"] != "off" else ""
+        lines.append(f"| {r['task']:9} | {r['mode']:5} | {r['n_threads']:7} | {r['tokens']:6} | {r['mean']:12.1f} | "
+                     f"{accepted:>8} | {r['speedup']:5.2f}x |")
+    return "\n".join(lines)
