@@ -75,7 +75,7 @@ def _key_range(positions, r0, r1, window):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
-def _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r0, r1, key_lo, key_hi,
+def _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, softcap, window, r0, r1, key_lo, key_hi,
             acc, m, l):
     """Absorb keys key_lo..key_hi-1 into (acc, m, l) of the query vectors of rows r0..r1-1 and the query heads of
     KV head kv_head: vector v = (r - r0) * group + g. acc (nv, d_v), m, l (nv,) start at 0, -inf, 0.
@@ -100,14 +100,15 @@ def _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r
     # tiles on multiples of TILE: every row meets the same tiles (and sums) in a block as alone
     for t0 in range(key_lo - key_lo % TILE, key_hi, TILE):
         t1 = min(t0 + TILE, key_hi)
-        _tile_scores(queries, tile_rows(keys, key_scales, t0, t1, key_buf), scores)
+        _tile_scores(queries, tile_rows(keys, key_scales, t0, t1, key_buf), softcap, scores)
         _tile_softmax(scores, t1 - t0, t0, low, high, group, m, l, correction)
         _tile_values(scores, tile_rows(values, value_scales, t0, t1, value_buf), correction, acc)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _tile_scores(queries, keys, scores):
-    """scores[v, j] = queries[v] . keys[j] for the tile's keys (n, d) (float32)."""
+def _tile_scores(queries, keys, softcap, scores):
+    """scores[v, j] = queries[v] . keys[j] for the tile's keys (n, d) (float32); with softcap > 0 capped to
+    softcap * tanh(score / softcap) (Gemma 2's attention logit soft-capping, as llama.cpp's flash attention)."""
     for v in range(queries.shape[0]):
         qv = queries[v]
         for j in range(keys.shape[0]):
@@ -116,6 +117,12 @@ def _tile_scores(queries, keys, scores):
             for c in range(kj.shape[0]):
                 s += qv[c] * kj[c]
             scores[v, j] = s
+    if softcap > 0.0:
+        cap = np.float32(softcap)
+        inverse = np.float32(1.0 / softcap)
+        for v in range(queries.shape[0]):
+            for j in range(keys.shape[0]):
+                scores[v, j] = cap * np.tanh(scores[v, j] * inverse)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -197,7 +204,7 @@ def _row_limits(positions, r0, r1, window):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
-def _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc, part_m, part_l, starts, n_kv,
+def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts, n_kv,
          n_chunks, job):
     """Job = (block, KV head, chunk): a whole result into out when n_chunks == 1, else a partial into the partials
     (passed as arrays, not the Partials tuple: numba loses writes through a named tuple's fields inside prange)."""
@@ -217,7 +224,7 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc
     m = np.full(nv, -np.inf, np.float32)
     l = np.zeros(nv, np.float64)
     if key_lo < key_hi:
-        _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, window, r0, r1, key_lo, key_hi,
+        _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, softcap, window, r0, r1, key_lo, key_hi,
                 acc, m, l)
     for v in range(nv):
         r, h = r0 + v // group, kv_head * group + v % group
@@ -264,17 +271,18 @@ def _merge(partials, n_chunks, out):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc, part_m, part_l, starts,
+def _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts,
                    n_kv, n_chunks):
     for job in prange((starts.shape[0] - 1) * n_kv * n_chunks):
-        _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, part_acc, part_m, part_l, starts, n_kv,
+        _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts, n_kv,
              n_chunks, job)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, partials, threads):
+def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, partials, threads, softcap=0.0):
     """A batch over a cache of sequences: q (n, n_heads, d_k), row i at positions[i] of sequence seqs[i], against
     layer `layer` of the cache pairs k_pair, v_pair -> out (n, n_heads, d_v). partials: make_partials(n_heads, d_v);
+    softcap > 0: each scaled score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2);
     threads: how many threads the parallel regions run on (numba's get_num_threads in compiled code would make the
     caller uncacheable).
     Small work (one query over a short cache) runs on the calling thread: waking the workers would cost more."""
@@ -290,14 +298,14 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
         longest = max(longest, hi - lo)
     if work * n_heads * d_k < PARALLEL_ATTENTION_WORK or threads == 1:
         for job in range(n_blocks * n_kv):
-            _job(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, partials.acc, partials.m, partials.l,
+            _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials.acc, partials.m, partials.l,
                  starts, n_kv, 1, job)
         return
     n_chunks = 1
     if n <= SPLIT_ROWS and n_blocks * n_kv < JOBS_PER_THREAD * threads:
         wanted = (JOBS_PER_THREAD * threads + n_blocks * n_kv - 1) // (n_blocks * n_kv)
         n_chunks = max(1, min(wanted, MAX_CHUNKS, longest // MIN_CHUNK_KEYS))
-    _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, partials.acc, partials.m,
+    _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials.acc, partials.m,
                    partials.l, starts, n_kv, n_chunks)
     if n_chunks > 1:
         _merge(partials, n_chunks, out)

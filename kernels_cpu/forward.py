@@ -52,7 +52,12 @@ Hyper = namedtuple("Hyper", [
     "d_model", "n_heads", "n_kv_heads", "head_dim", "value_dim", "d_ff", "n_vocab",  # sizes
     "rope_dims", "rope_style",  # RoPE: leading dims rotated per head, ROPE_NORMAL / ROPE_NEOX
     "qkv_bias", "qk_norm", "post_norms", "gelu",  # variant switches (bools)
+    "pre_norms",  # bool: RMSNorm of each block's input (OLMo 2 has none: only post-norms)
+    "qk_norm_whole",  # bool: the Q/K norms span the whole projection (OLMo 2), not each head
     "norm_eps", "embedding_scale", "attention_scale", "logit_softcap",  # reals (softcap 0: none)
+    "attn_softcap",  # soft-cap of the attention scores (Gemma 2; 0: none)
+    "residual_scale",  # each block's output is scaled by this before the residual add (Granite; 1: none)
+    "logit_scale",  # the logits are divided by this (Granite; 1: none)
 ])
 
 # Scratch arrays for a batch of n rows; the q8 triples are x quantized to int8 blocks (values, block scales, block
@@ -133,21 +138,36 @@ def _rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True)
-def _add_rows(x, y):
-    """x += y, row by row (y may be wider than x: only x's columns are added)."""
+def _add_rows(x, y, scale):
+    """x += y * scale, row by row (y may be wider than x: only x's columns are added); scale 1 adds y exactly."""
+    if scale == 1.0:
+        for i in range(x.shape[0]):
+            for j in range(x.shape[1]):
+                x[i, j] += y[i, j]
+        return
+    f = np.float32(scale)
     for i in range(x.shape[0]):
         for j in range(x.shape[1]):
-            x[i, j] += y[i, j]
+            x[i, j] += y[i, j] * f
 
 
 @njit(cache=True)
-def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_base, positions, seqs, k_cache, v_cache,
+def _block_input(x, h, norm, hp):
+    """h = the normed block input (pre-norm), or x itself for a post-norm-only family (OLMo 2)."""
+    if hp.pre_norms:
+        _rms_norm(x, norm, hp.norm_eps, h)
+    else:
+        h[:] = x
+
+
+@njit(cache=True)
+def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_freqs, positions, seqs, k_cache, v_cache,
                      s, n):
     """s.out[:n] = the attention block's output for s.x[:n] (its K/V rows stored into the cache first)."""
     d, heads, kv_heads, hd, vd = hp.d_model, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.value_dim
     qd, kd = heads * hd, kv_heads * hd
     x, h, q, k, v = s.x[:n], s.h[:n], s.q[:n], s.k[:n], s.v[:n]
-    _rms_norm(x, lv[V_ATTN_NORM, :d], hp.norm_eps, h)
+    _block_input(x, h, lv[V_ATTN_NORM, :d], hp)
     q2, k2, v2 = q.reshape((n, qd)), k.reshape((n, kd)), v.reshape((n, kv_heads * vd))
     if mats[M_QKV].n_rows:
         qkv = s.qkv[:n]
@@ -165,17 +185,20 @@ def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_base, po
             q2[i] += lv[V_Q_BIAS, :qd]
             k2[i] += lv[V_K_BIAS, :kd]
             v2[i] += lv[V_V_BIAS, :kv_heads * vd]
-    if hp.qk_norm:
+    if hp.qk_norm and hp.qk_norm_whole:
+        rms_norm_rows(q2, lv[V_Q_NORM, :qd], hp.norm_eps, q2)
+        rms_norm_rows(k2, lv[V_K_NORM, :kd], hp.norm_eps, k2)
+    elif hp.qk_norm:
         rms_norm_rows(q.reshape((n * heads, hd)), lv[V_Q_NORM, :hd], hp.norm_eps, q.reshape((n * heads, hd)))
         rms_norm_rows(k.reshape((n * kv_heads, hd)), lv[V_K_NORM, :hd], hp.norm_eps, k.reshape((n * kv_heads, hd)))
-    rope_inplace(q, positions, rope_base, hp.rope_dims, hp.rope_style)
-    rope_inplace(k, positions, rope_base, hp.rope_dims, hp.rope_style)
+    rope_inplace(q, positions, rope_freqs, hp.rope_style)
+    rope_inplace(k, positions, rope_freqs, hp.rope_style)
     for i in range(n):
         store_row(k_cache[0], k_cache[1], layer, seqs[i], positions[i], k[i])
         store_row(v_cache[0], v_cache[1], layer, seqs[i], positions[i], v[i])
     attn = s.attn[:n]
     attention_rows(q, positions, seqs, k_cache, v_cache, layer, hp.attention_scale, window, attn, s.partials,
-                   s.threads[0])
+                   s.threads[0], hp.attn_softcap)
     out = s.out[:n]
     _linear(weights, packed, mats[M_O], attn.reshape((n, heads * vd)), out, s.q8_attn)
     if hp.post_norms:
@@ -187,7 +210,7 @@ def _feed_forward_block(weights, packed, mats, lv, hp, s, n):
     """s.out[:n] = the feed-forward block's output for s.x[:n]."""
     d, ff = hp.d_model, hp.d_ff
     x, h, gate, up = s.x[:n], s.h[:n], s.gate[:n], s.up[:n]
-    _rms_norm(x, lv[V_FFN_NORM, :d], hp.norm_eps, h)
+    _block_input(x, h, lv[V_FFN_NORM, :d], hp)
     if mats[M_GATE_UP].n_rows:
         gate_up = s.gate_up[:n]
         _linear(weights, packed, mats[M_GATE_UP], h, gate_up, s.q8_model)
@@ -209,12 +232,13 @@ def _feed_forward_block(weights, packed, mats, lv, hp, s, n):
 
 @njit(cache=True)
 def forward(tokens, positions, seqs, logit_rows, weights, packed, layer_mats, head_mats, vecs, output_norm,
-            windows, rope_bases, hp, k_cache, v_cache, s, logits):
+            windows, rope_freqs, hp, k_cache, v_cache, s, logits):
     """Evaluate tokens (n,) at positions (n,) of sequences seqs (n,) (each row's K/V stored there), and write the
     logits of rows logit_rows (m,) into logits (m, n_vocab).
 
     layer_mats (n_layers, N_MAT) and head_mats (2,) of MATRIX records; vecs (n_layers, N_VEC, width) float32;
-    windows (n_layers,) int64 (0: full attention); rope_bases (n_layers,) float64; hp a Hyper; k_cache a
+    windows (n_layers,) int64 (0: full attention); rope_freqs (n_layers, rope_dims / 2) float64, each layer's angle
+    per position of each rotated pair (kernels_cpu.rope; all 0 on a layer without RoPE); hp a Hyper; k_cache a
     (values, scales) pair of shape (n_layers, n_seq, n_ctx, n_kv_heads, head_dim) in any cache type
     (kernels_cpu.kv_types), v_cache likewise with value_dim; s a Scratch of at least n rows."""
     n = tokens.shape[0]
@@ -231,11 +255,11 @@ def forward(tokens, positions, seqs, logit_rows, weights, packed, layer_mats, he
 
     for layer in range(layer_mats.shape[0]):
         mats, lv = layer_mats[layer], vecs[layer]
-        _attention_block(layer, weights, packed, mats, lv, hp, windows[layer], rope_bases[layer], positions, seqs,
+        _attention_block(layer, weights, packed, mats, lv, hp, windows[layer], rope_freqs[layer], positions, seqs,
                          k_cache, v_cache, s, n)
-        _add_rows(x, s.out[:n])
+        _add_rows(x, s.out[:n], hp.residual_scale)
         _feed_forward_block(weights, packed, mats, lv, hp, s, n)
-        _add_rows(x, s.out[:n])
+        _add_rows(x, s.out[:n], hp.residual_scale)
 
     m = logit_rows.shape[0]
     if m == 0:  # a prompt chunk before the last one: its keys and values are all that is wanted
@@ -245,6 +269,11 @@ def forward(tokens, positions, seqs, logit_rows, weights, packed, layer_mats, he
         head_in[r] = x[logit_rows[r]]
     _rms_norm(head_in, output_norm, hp.norm_eps, head_in)
     _linear(weights, packed, head_mats[H_OUTPUT], head_in, logits, s.q8_model)
+    if hp.logit_scale != 1.0:
+        inverse = np.float32(1.0 / hp.logit_scale)  # llama.cpp scales by 1 / logit_scale in float32
+        for r in range(m):
+            for j in range(logits.shape[1]):
+                logits[r, j] *= inverse
     cap = hp.logit_softcap
     if cap != 0.0:
         for r in range(m):

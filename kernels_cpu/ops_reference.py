@@ -14,14 +14,25 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x64 * scale * weight).astype(np.float32)
 
 
-def rope(x: np.ndarray, positions: np.ndarray, base: float, n_rot: int, style: int) -> np.ndarray:
+def rope_frequencies(base: float, n_rot: int, freq_factors=None, freq_scale: float = 1.0) -> np.ndarray:
+    """The angle per position of each rotated pair i < n_rot/2 (float64): freq_scale * base^(-2i/n_rot) / factor_i.
+
+    As llama.cpp's ggml_rope_ext without YaRN: freq_scale is linear scaling's 1/factor, freq_factors the per-pair
+    divisors of Llama 3's `rope_freqs.weight` (None: all 1)."""
+    freqs = float(base) ** (-np.arange(n_rot // 2, dtype=np.float64) * 2.0 / n_rot)
+    if freq_factors is not None and len(freq_factors):
+        freqs = freqs / np.asarray(freq_factors, dtype=np.float64)
+    return freqs * float(freq_scale)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, freqs: np.ndarray, style: int) -> np.ndarray:
     """Rotary position embedding of x (n_tokens, n_heads, head_dim) at integer positions (n_tokens,).
 
-    The first n_rot dimensions of each head are rotated by angle pos * base^(-2i/n_rot) for pair i."""
+    The first n_rot = 2 * len(freqs) dimensions of each head are rotated: pair i by angle pos * freqs[i]."""
     out = x.astype(np.float64).copy()
+    n_rot = 2 * len(freqs)
     half = n_rot // 2
-    inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / n_rot)
-    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (n_tokens, half)
+    angles = positions.astype(np.float64)[:, None] * np.asarray(freqs, np.float64)[None, :]  # (n_tokens, half)
     cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
     if style == ROPE_NEOX:
         a, b = x[..., :half].astype(np.float64), x[..., half:n_rot].astype(np.float64)
@@ -33,11 +44,12 @@ def rope(x: np.ndarray, positions: np.ndarray, base: float, n_rot: int, style: i
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray, scale: float,
-              window: int = 0) -> np.ndarray:
+              window: int = 0, softcap: float = 0.0) -> np.ndarray:
     """Causal grouped-query attention.
 
     q (n_q, n_heads, d_k); k (n_keys, n_kv_heads, d_k) and v (n_keys, n_kv_heads, d_v) hold positions 0..n_keys-1.
     Query at position p sees keys j <= p, and with a sliding window (window > 0) only those with p - j < window.
+    softcap > 0 caps each score s (already scaled) to softcap * tanh(s / softcap), as Gemma 2 does.
     Returns (n_q, n_heads, d_v)."""
     n_q, n_heads, _ = q.shape
     n_keys, n_kv, d_v = v.shape
@@ -52,6 +64,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarr
         for h in range(n_heads):
             kv = h // group
             scores = (k[visible, kv, :].astype(np.float64) @ q[i, h].astype(np.float64)) * scale
+            if softcap > 0:
+                scores = softcap * np.tanh(scores / softcap)
             w = np.exp(scores - scores.max())
             out[i, h] = (w / w.sum()) @ v[visible, kv, :].astype(np.float64)
     return out.astype(np.float32)

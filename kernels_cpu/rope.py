@@ -2,24 +2,23 @@
 import numpy as np
 from numba import njit
 
-from kernels_cpu.ops_reference import ROPE_NEOX, ROPE_NORMAL  # noqa: F401  (re-exported: callers pick a style)
+from kernels_cpu.ops_reference import ROPE_NEOX, ROPE_NORMAL, rope_frequencies  # noqa: F401  (re-exported)
 
 
 @njit(cache=True)
-def rope_inplace(x, positions, base, n_rot, style):
-    """Rotate the first n_rot dims of every head of x (n_tokens, n_heads, head_dim) by pos * base^(-2i/n_rot).
+def rope_inplace(x, positions, freqs, style):
+    """Rotate the first 2 * len(freqs) dims of every head of x (n_tokens, n_heads, head_dim): pair i by the angle
+    positions[t] * freqs[i] (freqs float64: `rope_frequencies`, where RoPE scaling is folded in).
 
-    style 0 (normal): pairs (2i, 2i+1); style 1 (NeoX): pairs (i, i + n_rot/2)."""
+    style 0 (normal): pairs (2i, 2i+1); style 1 (NeoX): pairs (i, i + n_rot/2). Frequencies of 0 (a layer without
+    RoPE) rotate by angle 0, which is exactly the identity."""
     n_tokens, n_heads, _ = x.shape
-    half = n_rot // 2
+    half = freqs.shape[0]
     cos = np.empty(half, dtype=np.float64)
     sin = np.empty(half, dtype=np.float64)
-    inv_freq = np.empty(half, dtype=np.float64)
-    for i in range(half):
-        inv_freq[i] = base ** (-2.0 * i / n_rot)
     for t in range(n_tokens):
         for i in range(half):
-            angle = positions[t] * inv_freq[i]
+            angle = positions[t] * freqs[i]
             cos[i] = np.cos(angle)
             sin[i] = np.sin(angle)
         for h in range(n_heads):

@@ -26,25 +26,25 @@ def cache_pair(kv_type, x):
     return values, scales
 
 
-def expected_rows(kv_type, q, positions, seqs, k, v, window):
+def expected_rows(kv_type, q, positions, seqs, k, v, window, softcap=0.0):
     kd = decode(kv_type, *encode(kv_type, k))
     vd = decode(kv_type, *encode(kv_type, v))
     out = []
     for i, (p, s) in enumerate(zip(positions, seqs)):
         qi = q[i:i + 1] * np.float32(SCALE)
         out.append(ref.attention(qi.astype(np.float32), kd[s, :p + 1], vd[s, :p + 1], positions[i:i + 1], 1.0,
-                                 window))
+                                 window, softcap))
     return np.concatenate(out)
 
 
-def run_kernel(kv_type, q, positions, seqs, k, v, window, threads):
+def run_kernel(kv_type, q, positions, seqs, k, v, window, threads, softcap=0.0):
     out = np.full((len(seqs), q.shape[1], v.shape[-1]), np.nan, dtype=np.float32)
     threads = min(threads, numba.config.NUMBA_NUM_THREADS)
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
         attention_rows(q, positions, seqs, cache_pair(kv_type, k), cache_pair(kv_type, v), 0, SCALE, window, out,
-                       make_partials(q.shape[1], v.shape[-1]), threads)
+                       make_partials(q.shape[1], v.shape[-1]), threads, softcap)
     finally:
         numba.set_num_threads(previous)
     return out
@@ -104,3 +104,19 @@ def test_memory_does_not_grow_with_the_context():
     positions, seqs = np.array([16383], np.int64), np.array([0], np.int64)
     expected = expected_rows("f32", q, positions, seqs, k, v, 0)
     np.testing.assert_allclose(run_kernel("f32", q, positions, seqs, k, v, 0, 2), expected, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["prompt block", "one row, long cache (split keys)"])
+def test_soft_capped_scores_match_reference(case):
+    """Gemma 2's attention logit soft-cap (cap * tanh(score / cap)), with a cap small enough to bind: the scores of
+    these inputs reach ~10, the cap is 2."""
+    rng = np.random.default_rng(11)
+    n_seq, n_ctx, positions, seqs = CASES[case]
+    k, v = random_case(rng, n_seq, n_ctx, 4, 2)
+    positions, seqs = np.array(positions, np.int64), np.array(seqs, np.int64)
+    q = rng.standard_normal((len(seqs), 4, 64)).astype(np.float32) * 3
+    expected = expected_rows("f32", q, positions, seqs, k, v, 0, softcap=2.0)
+    assert not np.allclose(expected, expected_rows("f32", q, positions, seqs, k, v, 0), atol=1e-3)
+    for threads in (1, 2):
+        out = run_kernel("f32", q, positions, seqs, k, v, 0, threads, softcap=2.0)
+        np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-5, err_msg=f"{threads} thread(s)")

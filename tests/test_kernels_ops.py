@@ -31,9 +31,32 @@ def test_rms_norm_in_place_per_head():
 def test_rope_matches_reference(style, n_rot):
     x = rng.standard_normal((5, 3, 64)).astype(np.float32)
     pos = np.array([0, 1, 17, 300, 4095], dtype=np.int64)
-    expected = ref.rope(x, pos, 10000.0, n_rot, style)
-    rope_inplace(x, pos, 10000.0, n_rot, style)
+    freqs = ref.rope_frequencies(10000.0, n_rot)
+    expected = ref.rope(x, pos, freqs, style)
+    rope_inplace(x, pos, freqs, style)
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_frequencies_fold_in_llama3_factors_and_linear_scaling():
+    """pair i turns by scale * base^(-2i/n) / factor_i per position (llama.cpp's theta_scale^i / ff[i] * freq_scale)."""
+    factors = np.array([1.0, 1.5, 4.0, 8.0])
+    freqs = ref.rope_frequencies(500000.0, 8, factors, 0.25)
+    expected = [0.25 * 500000.0 ** (-2 * i / 8) / factors[i] for i in range(4)]
+    np.testing.assert_allclose(freqs, expected, rtol=1e-15)
+    x = rng.standard_normal((3, 2, 12)).astype(np.float32)
+    pos = np.array([5, 100, 257], dtype=np.int64)
+    expected = ref.rope(x, pos, freqs, ref.ROPE_NORMAL)
+    assert np.array_equal(expected[..., 8:], x[..., 8:])  # dims past n_rot stay
+    rope_inplace(x, pos, freqs, ref.ROPE_NORMAL)
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_with_zero_frequencies_is_the_identity():
+    """A NoPE layer (SmolLM3) gets frequencies 0: the rotation by 0 leaves every value exactly as it was."""
+    x = rng.standard_normal((4, 3, 16)).astype(np.float32)
+    before = x.copy()
+    rope_inplace(x, np.array([0, 3, 90, 1000], dtype=np.int64), np.zeros(8), ref.ROPE_NEOX)
+    assert np.array_equal(x, before)
 
 
 def test_activations_match_reference():

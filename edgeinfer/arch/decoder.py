@@ -16,7 +16,7 @@ import numpy as np
 from edgeinfer.errors import GGUFError, UnsupportedError
 from edgeinfer.gguf_reader import GGUFFile, TensorInfo
 from kernels_cpu.formats import SUPPORTED_TYPES
-from kernels_cpu.ops_reference import ROPE_NEOX, ROPE_NORMAL
+from kernels_cpu.ops_reference import ROPE_NEOX, ROPE_NORMAL, rope_frequencies
 
 __all__ = ["DecoderConfig", "DecoderWeights", "LayerWeights", "QuantMatrix", "read_common_hparams",
            "read_weights", "ROPE_NEOX", "ROPE_NORMAL"]
@@ -49,7 +49,19 @@ class DecoderConfig:
     sliding_window: int = 0  # keys a local layer sees (0: none)
     local_layers: tuple[bool, ...] = ()  # per layer: uses the sliding window
     rope_base_local: float = 0.0  # RoPE base on local layers (0: same as rope_base)
+    rope_freq_scale: float = 1.0  # linear RoPE scaling: 1 / rope.scaling.factor (llama.cpp's freq_scale)
+    rope_freq_scale_local: float = 0.0  # on local layers (0: same as rope_freq_scale)
+    rope_freq_factors: tuple[float, ...] = ()  # per rotated pair, divides its frequency (Llama 3's rope_freqs)
+    rope_layers: tuple[bool, ...] = ()  # per layer: applies RoPE (SmolLM3's NoPE layers do not); () all do
     final_logit_softcap: float = 0.0
+    attn_logit_softcap: float = 0.0  # soft-cap of the attention scores (Gemma 2)
+    pre_norms: bool = True  # RMSNorm of each block's input (OLMo 2: False, only post-norms)
+    qk_norm_whole: bool = False  # Q/K norms over the whole projection (OLMo 2), not per head
+    residual_scale: float = 1.0  # block outputs scaled before the residual add (Granite's residual_multiplier)
+    logit_scale: float = 1.0  # logits divided by this (Granite's logits_scaling)
+    fused_qkv: bool = False  # Q, K and V stored as one attn_qkv matrix (Phi-3)
+    fused_gate_up: bool = False  # gate and up stored as one ffn_up matrix of 2 * d_ff rows, gate first (Phi-3)
+    ignored_keys: tuple[str, ...] = ()  # keys llama.cpp reads and deliberately does not apply (Phi-3's window)
 
     def layer_window(self, layer: int) -> int:
         return self.sliding_window if self.local_layers and self.local_layers[layer] else 0
@@ -58,6 +70,15 @@ class DecoderConfig:
         if self.local_layers and self.local_layers[layer] and self.rope_base_local:
             return self.rope_base_local
         return self.rope_base
+
+    def layer_rope_freqs(self, layer: int) -> np.ndarray:
+        """The angle per position of each rotated pair on this layer (float64, rope_dims / 2), RoPE scaling folded
+        in; zeros on a layer without RoPE (the rotation by 0 is the identity)."""
+        if self.rope_layers and not self.rope_layers[layer]:
+            return np.zeros(self.rope_dims // 2)
+        local = self.local_layers and self.local_layers[layer]
+        scale = self.rope_freq_scale_local if local and self.rope_freq_scale_local else self.rope_freq_scale
+        return rope_frequencies(self.layer_rope_base(layer), self.rope_dims, self.rope_freq_factors or None, scale)
 
     @property
     def scale(self) -> float:
@@ -117,6 +138,7 @@ def read_common_hparams(gguf: GGUFFile, arch: str) -> dict:
         gguf.fail(f"{arch}.rope.dimension_count", None, f"{rope_dims} is odd: RoPE rotates pairs")
     return dict(
         arch=arch,
+        rope_freq_scale=_linear_rope_scale(gguf, arch),
         n_layers=count("block_count", MAX_LAYERS),
         d_model=d_model,
         n_heads=n_heads,
@@ -130,6 +152,60 @@ def read_common_hparams(gguf: GGUFFile, arch: str) -> dict:
         rope_base=positive_real("rope.freq_base", default=10000.0),
         rope_dims=rope_dims,
     )
+
+
+def optional_number(gguf: GGUFFile, key: str, kind: type, default, low=0, high=math.inf):
+    """The metadata value at key: a finite number in [low, high] (default when absent), else a GGUFError naming the
+    key. kind int wants an integer; float takes either."""
+    if key not in gguf.metadata:
+        return default
+    value = gguf.require(key, (int, float) if kind is float else int)
+    if not (math.isfinite(value) and low <= value <= high):
+        gguf.fail(key, None, f"{value} is out of range (a finite number from {low} to {high})")
+    return kind(value)
+
+
+def sliding_window_layers(gguf: GGUFFile, arch: str, n_layers: int, period: int) -> tuple[bool, ...]:
+    """Per layer, whether it uses the sliding window, as llama.cpp's load_swa_pattern: the flags stored as the array
+    `{arch}.attention.sliding_window_pattern`, else layers i with i % n < n - 1 for the period n stored there or,
+    by default, `period` (a period of 1: no local layer)."""
+    key = f"{arch}.attention.sliding_window_pattern"
+    value = gguf.get(key, period)
+    if isinstance(value, np.ndarray):
+        if value.shape != (n_layers,):
+            gguf.fail(key, None, f"{value.shape[0] if value.ndim == 1 else value.shape} flags for {n_layers} layers")
+        return tuple(bool(v) for v in value)
+    n = optional_number(gguf, key, int, period, low=0, high=MAX_LAYERS) if key in gguf.metadata else period
+    return tuple(n == 0 or i % n < n - 1 for i in range(n_layers))
+
+
+def _linear_rope_scale(gguf: GGUFFile, arch: str) -> float:
+    """llama.cpp's freq_scale: 1 / `rope.scaling.factor` (or the older `rope.scale_linear`); 1 when absent or 0.
+    Whether the scaling type is one the forward computes is check_implemented's question."""
+    meta = gguf.metadata
+    for name in ("rope.scaling.factor", "rope.scale_linear"):
+        key = f"{arch}.{name}"
+        if key in meta:
+            value = gguf.require(key, (int, float))
+            if not (math.isfinite(value) and value >= 0):
+                gguf.fail(key, None, f"{value} must be a finite number, 0 or above")
+            return 1.0 / value if value else 1.0
+    return 1.0
+
+
+def read_rope_freq_factors(gguf: GGUFFile, rope_dims: int) -> tuple[float, ...]:
+    """Llama 3's RoPE frequency factors (`rope_freqs.weight`, F32, one per rotated pair; llama.cpp divides each
+    pair's frequency by its factor), () when the file has none. Each must be finite and above 0."""
+    if "rope_freqs.weight" not in gguf.tensors:
+        return ()
+    t = gguf.tensor("rope_freqs.weight")
+    if t.type_name != "F32" or t.shape != (rope_dims // 2,):
+        raise GGUFError(gguf.path, "rope_freqs.weight", t.offset,
+                        f"expected F32 of shape ({rope_dims // 2},), found {t.type_name} {t.shape}")
+    factors = t.array().astype(np.float64)
+    if not np.all(np.isfinite(factors) & (factors > 0)):
+        raise GGUFError(gguf.path, "rope_freqs.weight", t.offset, "a factor is not a finite number above 0")
+    return tuple(factors.tolist())
 
 
 def _vocab_size(gguf: GGUFFile, arch: str, key) -> int:
@@ -156,19 +232,18 @@ def check_implemented(gguf: GGUFFile, cfg: DecoderConfig) -> None:
         raise UnsupportedError(f"{gguf.path}: {key} = {_short(meta[key])}: {what} is not implemented")
 
     scaling = f"{arch}.rope.scaling.type"
+    # llama.cpp's default type is linear: a factor (read into rope_freq_scale) with no type scales linearly
     if scaling in meta and not _is_one_of(meta[scaling], "none", "linear"):
         refuse(scaling, "this RoPE scaling")
-    for factor in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
-        if factor in meta and not _is_one_of(meta[factor], 0, 1):  # llama.cpp reads a factor of 0 as none
-            refuse(factor, "RoPE scaling by a factor")
     features = {  # key -> (what it asks for, whether this config computes it)
-        f"{arch}.attn_logit_softcapping": ("soft-capping of the attention logits", False),
+        f"{arch}.attn_logit_softcapping": (f"soft-capping of the attention logits for {arch}",
+                                           cfg.attn_logit_softcap),
         f"{arch}.final_logit_softcapping": (f"soft-capping of the output logits for {arch}", cfg.final_logit_softcap),
         f"{arch}.attention.sliding_window": (f"sliding-window attention for {arch}", cfg.sliding_window),
         f"{arch}.expert_count": ("mixture of experts", False),
     }
     for key, (what, computed) in features.items():
-        if key in meta and not _is_one_of(meta[key], 0) and not computed:
+        if key in meta and not _is_one_of(meta[key], 0) and not computed and key not in cfg.ignored_keys:
             refuse(key, what)
     for key, value in meta.items():
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
@@ -205,17 +280,20 @@ class QuantMatrix:
 
 @dataclass
 class LayerWeights:
-    """One block's weights under canonical names; optional ones are None when the variant lacks them."""
+    """One block's weights under canonical names; optional ones are None when the variant lacks them (the norms of
+    a post-norm-only family; Q, K, V where one fused attn_qkv holds them; gate and up where ffn_gate_up does)."""
 
-    attn_norm: np.ndarray
-    attn_q: QuantMatrix
-    attn_k: QuantMatrix
-    attn_v: QuantMatrix
     attn_output: QuantMatrix
-    ffn_norm: np.ndarray
-    ffn_gate: QuantMatrix
-    ffn_up: QuantMatrix
     ffn_down: QuantMatrix
+    attn_norm: np.ndarray | None = None
+    ffn_norm: np.ndarray | None = None
+    attn_q: QuantMatrix | None = None
+    attn_k: QuantMatrix | None = None
+    attn_v: QuantMatrix | None = None
+    ffn_gate: QuantMatrix | None = None
+    ffn_up: QuantMatrix | None = None
+    attn_qkv: QuantMatrix | None = None  # Q | K | V rows in one matrix (Phi-3)
+    ffn_gate_up: QuantMatrix | None = None  # gate | up rows in one matrix (Phi-3's ffn_up)
     attn_q_bias: np.ndarray | None = None
     attn_k_bias: np.ndarray | None = None
     attn_v_bias: np.ndarray | None = None
@@ -235,7 +313,9 @@ class DecoderWeights:
 
 
 # tensors a file may carry that this family has no use for, with what they ask for (named in the refusal)
-_KNOWN_UNIMPLEMENTED = {"rope_freqs.weight": "Llama 3 RoPE frequency scaling (rope_freqs.weight)"}
+_KNOWN_UNIMPLEMENTED = {"rope_freqs.weight": "Llama 3 RoPE frequency scaling (rope_freqs.weight)",
+                        "rope_factors_long.weight": "long-context RoPE scaling (rope_factors_long.weight)",
+                        "rope_factors_short.weight": "long-context RoPE scaling (rope_factors_short.weight)"}
 
 
 class _TensorReader:
@@ -286,23 +366,30 @@ def read_weights(gguf: GGUFFile, cfg: DecoderConfig) -> DecoderWeights:
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         lw = LayerWeights(
-            attn_norm=r.vector(p + "attn_norm.weight", d),
-            attn_q=r.matrix(p + "attn_q.weight", q_dim, d),
-            attn_k=r.matrix(p + "attn_k.weight", k_dim, d),
-            attn_v=r.matrix(p + "attn_v.weight", v_dim, d),
             attn_output=r.matrix(p + "attn_output.weight", d, cfg.n_heads * cfg.value_dim),
-            ffn_norm=r.vector(p + "ffn_norm.weight", d),
-            ffn_gate=r.matrix(p + "ffn_gate.weight", cfg.d_ff, d),
-            ffn_up=r.matrix(p + "ffn_up.weight", cfg.d_ff, d),
             ffn_down=r.matrix(p + "ffn_down.weight", d, cfg.d_ff),
         )
+        if cfg.pre_norms:
+            lw.attn_norm = r.vector(p + "attn_norm.weight", d)
+            lw.ffn_norm = r.vector(p + "ffn_norm.weight", d)
+        if cfg.fused_qkv:
+            lw.attn_qkv = r.matrix(p + "attn_qkv.weight", q_dim + k_dim + v_dim, d)
+        else:
+            lw.attn_q = r.matrix(p + "attn_q.weight", q_dim, d)
+            lw.attn_k = r.matrix(p + "attn_k.weight", k_dim, d)
+            lw.attn_v = r.matrix(p + "attn_v.weight", v_dim, d)
+        if cfg.fused_gate_up:
+            lw.ffn_gate_up = r.matrix(p + "ffn_up.weight", 2 * cfg.d_ff, d)
+        else:
+            lw.ffn_gate = r.matrix(p + "ffn_gate.weight", cfg.d_ff, d)
+            lw.ffn_up = r.matrix(p + "ffn_up.weight", cfg.d_ff, d)
         if cfg.qkv_bias:
             lw.attn_q_bias = r.vector(p + "attn_q.bias", q_dim)
             lw.attn_k_bias = r.vector(p + "attn_k.bias", k_dim)
             lw.attn_v_bias = r.vector(p + "attn_v.bias", v_dim)
         if cfg.qk_norm:
-            lw.attn_q_norm = r.vector(p + "attn_q_norm.weight", cfg.head_dim)
-            lw.attn_k_norm = r.vector(p + "attn_k_norm.weight", cfg.head_dim)
+            lw.attn_q_norm = r.vector(p + "attn_q_norm.weight", q_dim if cfg.qk_norm_whole else cfg.head_dim)
+            lw.attn_k_norm = r.vector(p + "attn_k_norm.weight", k_dim if cfg.qk_norm_whole else cfg.head_dim)
         if cfg.post_norms:
             lw.post_attention_norm = r.vector(p + "post_attention_norm.weight", d)
             lw.post_ffw_norm = r.vector(p + "post_ffw_norm.weight", d)
@@ -310,5 +397,7 @@ def read_weights(gguf: GGUFFile, cfg: DecoderConfig) -> DecoderWeights:
     embd = r.matrix("token_embd.weight", cfg.n_vocab, d)
     output = r.matrix("output.weight", cfg.n_vocab, d) if "output.weight" in gguf.tensors else embd
     output_norm = r.vector("output_norm.weight", d)
+    if cfg.rope_freq_factors:
+        r.used.add("rope_freqs.weight")  # read into the config (read_rope_freq_factors)
     r.check_all_used()
     return DecoderWeights(embd, output_norm, output, layers, gguf.file_bytes)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from edgeinfer.arch.decoder import MAX_CONTEXT, ROPE_NEOX, DecoderConfig, read_common_hparams
+from edgeinfer.arch.decoder import MAX_CONTEXT, ROPE_NEOX, DecoderConfig, optional_number, read_common_hparams
 from edgeinfer.errors import UnsupportedError
 from edgeinfer.gguf_reader import GGUFFile
 
@@ -39,19 +39,14 @@ def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:
         sliding_window=window,
         local_layers=local,
         rope_base_local=_number(gguf, "rope.freq_base_swa", float, LOCAL_ROPE_BASE, low=1e-30),
+        rope_freq_scale_local=1.0,  # linear RoPE scaling (4B and up) is for the global layers only, as llama.cpp
         final_logit_softcap=_number(gguf, "final_logit_softcapping", float, 0.0),
     )
 
 
 def _number(gguf: GGUFFile, name: str, kind: type, default, low=0, high=math.inf):
     """`gemma3.{name}`: a finite number in [low, high] (default when absent), else a GGUFError naming the key."""
-    key = f"{ARCH}.{name}"
-    if key not in gguf.metadata:
-        return default
-    value = gguf.require(key, (int, float) if kind is float else int)
-    if not (math.isfinite(value) and low <= value <= high):
-        gguf.fail(key, None, f"{value} is out of range (a finite number from {low} to {high})")
-    return kind(value)
+    return optional_number(gguf, f"{ARCH}.{name}", kind, default, low, high)
 
 
 def _same_pattern(value, local: tuple[bool, ...]) -> bool:

@@ -1,7 +1,14 @@
-"""llama (SmolLM2, Llama 2/3, Mistral without sliding window): the plain pre-norm decoder with SwiGLU.
+"""llama (SmolLM2, Llama 2, Llama 3.x, Mistral): the plain pre-norm decoder with SwiGLU.
 
-GGUF's converter permutes Q and K rows so that RoPE rotates adjacent pairs (llama.cpp's LLAMA_ROPE_TYPE_NORM)."""
-from edgeinfer.arch.decoder import ROPE_NORMAL, DecoderConfig, read_common_hparams
+GGUF's converter permutes Q and K rows so that RoPE rotates adjacent pairs (llama.cpp's LLAMA_ROPE_TYPE_NORM).
+Llama 3.x scales RoPE by per-pair frequency factors stored as the tensor `rope_freqs.weight` (llama.cpp's converter
+computes them from config.json's rope_scaling "llama3"); linear scaling (`rope.scaling.factor`) is read with the
+common hyper-parameters. Mistral files are llama files; one that stores `llama.attention.sliding_window` (Mistral 7B
+v0.1's 4096) gets that window on every layer, as the model was trained (llama.cpp ignores the key for llama, so its
+logits differ from ours, and from the model's, only past the window).
+"""
+from edgeinfer.arch.decoder import (MAX_CONTEXT, ROPE_NORMAL, DecoderConfig, optional_number, read_common_hparams,
+                                    read_rope_freq_factors)
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "llama"
@@ -11,4 +18,9 @@ GGUF_MODEL_ARCH = "LLAMA"  # the member of gguf-py's MODEL_ARCH whose tensor-nam
 
 
 def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:
-    return DecoderConfig(**read_common_hparams(gguf, ARCH), rope_style=ROPE_NORMAL, activation="silu")
+    hp = read_common_hparams(gguf, ARCH)
+    window = optional_number(gguf, f"{ARCH}.attention.sliding_window", int, 0, high=MAX_CONTEXT)
+    return DecoderConfig(**hp, rope_style=ROPE_NORMAL, activation="silu",
+                         rope_freq_factors=read_rope_freq_factors(gguf, hp["rope_dims"]),
+                         sliding_window=window, local_layers=(window > 0,) * hp["n_layers"] if window else ())
+

@@ -32,15 +32,19 @@ def hyper(cfg: DecoderConfig) -> fw.Hyper:
         d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         value_dim=cfg.value_dim, d_ff=cfg.d_ff, n_vocab=cfg.n_vocab, rope_dims=cfg.rope_dims,
         rope_style=cfg.rope_style, qkv_bias=bool(cfg.qkv_bias), qk_norm=bool(cfg.qk_norm),
-        post_norms=bool(cfg.post_norms), gelu=cfg.activation == "gelu_tanh", norm_eps=float(cfg.norm_eps),
+        post_norms=bool(cfg.post_norms), gelu=cfg.activation == "gelu_tanh", pre_norms=bool(cfg.pre_norms),
+        qk_norm_whole=bool(cfg.qk_norm_whole), norm_eps=float(cfg.norm_eps),
         embedding_scale=float(cfg.embedding_scale), attention_scale=float(cfg.scale),
-        logit_softcap=float(cfg.final_logit_softcap))
+        logit_softcap=float(cfg.final_logit_softcap), attn_softcap=float(cfg.attn_logit_softcap),
+        residual_scale=float(cfg.residual_scale), logit_scale=float(cfg.logit_scale))
 
 
 NO_MATRIX = (0, 0, 0, 0, 0, fw.IN_FILE)
 
 
-def _record(m: QuantMatrix, repacked: Repacked) -> tuple:
+def _record(m: QuantMatrix | None, repacked: Repacked) -> tuple:
+    if m is None:  # a matrix this variant lacks (stored fused, or not at all)
+        return NO_MATRIX
     p = repacked.get(m)
     if p is not None:  # the kernels' layout, in the repacked buffer
         return (p.offset, p.type_id, m.n_rows, m.n_cols, p.row_bytes, fw.IN_PACKED)
@@ -50,6 +54,8 @@ def _record(m: QuantMatrix, repacked: Repacked) -> tuple:
 def _fused(repacked: Repacked, *ms: QuantMatrix) -> tuple:
     """One record for matrices that lie one after another in the repacked buffer with one type and width, so one
     matvec computes them all; NO_MATRIX otherwise."""
+    if any(m is None for m in ms):
+        return NO_MATRIX
     ps = [repacked.get(m) for m in ms]
     first, p0 = ms[0], ps[0]
     if all(p is not None and p.type_id == p0.type_id and m.n_cols == first.n_cols for m, p in zip(ms, ps)):
@@ -67,8 +73,11 @@ class ForwardTables:
         for i, lw in enumerate(w.layers):
             for role, name in MATRIX_FIELDS.items():
                 self.layer_mats[i, role] = _record(getattr(lw, name), repacked)
-            self.layer_mats[i, fw.M_QKV] = _fused(repacked, lw.attn_q, lw.attn_k, lw.attn_v)
-            self.layer_mats[i, fw.M_GATE_UP] = _fused(repacked, lw.ffn_gate, lw.ffn_up)
+            # stored as one matrix (Phi-3), or apart but adjacent in the repacked buffer
+            self.layer_mats[i, fw.M_QKV] = (_record(lw.attn_qkv, repacked) if lw.attn_qkv is not None
+                                            else _fused(repacked, lw.attn_q, lw.attn_k, lw.attn_v))
+            self.layer_mats[i, fw.M_GATE_UP] = (_record(lw.ffn_gate_up, repacked) if lw.ffn_gate_up is not None
+                                                else _fused(repacked, lw.ffn_gate, lw.ffn_up))
         self.head_mats = np.zeros(2, fw.MATRIX)
         # embedding rows are looked up in the file's own layout, even where a tied LM head shares them repacked
         self.head_mats[fw.H_EMBED] = _record(w.token_embd, NO_REPACKING)
@@ -82,7 +91,7 @@ class ForwardTables:
                     self.vecs[i, role, :len(vec)] = vec
         self.output_norm = np.ascontiguousarray(w.output_norm)
         self.windows = np.array([cfg.layer_window(i) for i in range(cfg.n_layers)], dtype=np.int64)
-        self.rope_bases = np.array([cfg.layer_rope_base(i) for i in range(cfg.n_layers)], dtype=np.float64)
+        self.rope_freqs = np.stack([cfg.layer_rope_freqs(i) for i in range(cfg.n_layers)])  # (layers, rope_dims/2)
         self.weights = w.file_bytes
         self.packed = repacked.buffer if repacked.buffer is not None else _NO_PACKED
         used = self.layer_mats["n_rows"] > 0
@@ -97,11 +106,15 @@ class ForwardTables:
         def nbytes(m) -> int:
             return int(weight_rows(int(m["type_id"]), int(m["n_rows"])) * m["row_bytes"])
 
-        layers = sum(nbytes(m) for role in MATRIX_FIELDS for m in self.layer_mats[:, role])
+        layers = 0
+        for mats in self.layer_mats:  # a fused record and its parts' own records describe the same bytes
+            qkv = [fw.M_QKV] if mats[fw.M_QKV]["n_rows"] else [fw.M_Q, fw.M_K, fw.M_V]
+            gate_up = [fw.M_GATE_UP] if mats[fw.M_GATE_UP]["n_rows"] else [fw.M_GATE, fw.M_UP]
+            layers += sum(nbytes(mats[role]) for role in qkv + gate_up + [fw.M_O, fw.M_DOWN])
         return layers + nbytes(self.head_mats[fw.H_OUTPUT])
 
     def arguments(self, tokens, positions, seqs, logit_rows, k_cache, v_cache, scratch, logits) -> tuple:
         """The argument tuple of `forward` for one batch."""
         return (tokens, positions, seqs, logit_rows, self.weights, self.packed, self.layer_mats, self.head_mats,
-                self.vecs, self.output_norm, self.windows, self.rope_bases, self.hyper, k_cache, v_cache, scratch,
+                self.vecs, self.output_norm, self.windows, self.rope_freqs, self.hyper, k_cache, v_cache, scratch,
                 logits)
