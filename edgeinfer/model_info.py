@@ -5,6 +5,7 @@ carry odd values (a string context length, an out-of-range token id) and `info` 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -43,6 +44,7 @@ def summarize(gguf: GGUFFile) -> dict:
         "n_tensors": len(gguf.tensors),
         "n_metadata": len(meta),
         "hyperparameters": hyper,
+        "variant": variant(gguf),
         "vocabulary": _vocabulary(meta, prefix),
         "chat_template": isinstance(meta.get("tokenizer.chat_template"), str),
         "tensor_types": dict(sorted(histogram.items(), key=lambda kv: -kv[1]["bytes"])),
@@ -99,6 +101,39 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def variant(gguf: GGUFFile) -> dict | None:
+    """What the forward pass computes differently for this file's family, as its architecture module reads it
+    (switches and numbers away from the plain llama decoder, RoPE scaling, per-layer patterns); None where the
+    architecture is not supported or the file's hyper-parameters do not load."""
+    from edgeinfer.arch import ARCHITECTURES
+    from edgeinfer.arch.decoder import DecoderConfig
+    module = ARCHITECTURES.get(gguf.metadata.get("general.architecture"))
+    if module is None:
+        return None
+    try:
+        cfg = module.config_from_gguf(gguf)
+    except Exception:  # noqa: BLE001  (info describes any file, however damaged: no variant then)
+        return None
+    plain = {f.name: f.default for f in dataclasses.fields(DecoderConfig) if f.default is not dataclasses.MISSING}
+    out: dict[str, Any] = {"rope_style": "neox" if cfg.rope_style else "normal", "activation": cfg.activation}
+    if cfg.rope_dims != cfg.head_dim:
+        out["rope_dims"] = f"{cfg.rope_dims} of {cfg.head_dim}"
+    for name in ("qkv_bias", "qk_norm", "qk_norm_whole", "post_norms", "pre_norms", "fused_qkv", "fused_gate_up",
+                 "embedding_scale", "attention_scale", "residual_scale", "logit_scale", "attn_logit_softcap",
+                 "final_logit_softcap", "rope_freq_scale", "rope_freq_scale_local", "rope_base_local"):
+        if getattr(cfg, name) != plain[name]:
+            out[name] = _jsonable(getattr(cfg, name))
+    if cfg.rope_freq_factors:
+        f = cfg.rope_freq_factors
+        out["rope_freq_factors"] = f"{len(f)} pairs, {min(f):g} to {max(f):g} (rope_freqs.weight)"
+    if cfg.sliding_window:
+        local = [i for i in range(cfg.n_layers) if cfg.layer_window(i)]
+        out["sliding_window"] = f"{cfg.sliding_window} on {len(local)} of {cfg.n_layers} layers"
+    if cfg.rope_layers and not all(cfg.rope_layers):
+        out["layers_without_rope"] = [i for i, on in enumerate(cfg.rope_layers) if not on]
+    return out
+
+
 # -- text rendering ---------------------------------------------------------------------------------------------------
 def format_summary(d: dict) -> str:
     """The summary as aligned `key: value` lines, the hyper-parameters, then a table of tensor types."""
@@ -121,6 +156,9 @@ def format_summary(d: dict) -> str:
     if d["hyperparameters"]:
         lines += ["", "hyper-parameters:"]
         lines += _aligned([(_show(k), _show(v)) for k, v in d["hyperparameters"].items()], indent="  ")
+    if d.get("variant"):
+        lines += ["", f"{d['architecture']} variant (what the forward computes):"]
+        lines += _aligned([(k, _show(v)) for k, v in d["variant"].items()], indent="  ")
     lines += ["", "tensor types:", f"  {'type':<8} {'count':>6} {'parameters':>14} {'bytes':>10}"]
     for name, row in d["tensor_types"].items():
         lines.append(f"  {name:<8} {row['count']:>6} {row['parameters']:>14,} {_bytes(row['bytes']):>10}")

@@ -209,3 +209,27 @@ def test_quantization_labels_follow_llama_cpp():
     assert quantization_label(4) == "unknown (4)" and quantization_label(None) is None
     assert quantization_label("Q4") == "invalid (Q4)"
 
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("llama3", {"rope_freq_factors": "8 pairs, 1 to 8 (rope_freqs.weight)"}),
+    ("mistral", {"sliding_window": "4096 on 4 of 4 layers"}),
+    ("gemma2", {"attn_logit_softcap": 2.5, "final_logit_softcap": 15.0, "sliding_window": "48 on 2 of 4 layers",
+                "activation": "gelu_tanh", "post_norms": True}),
+    ("granite", {"embedding_scale": 2.0, "residual_scale": 0.5, "attention_scale": 0.35, "logit_scale": 0.5}),
+    ("olmo2", {"pre_norms": False, "qk_norm_whole": True, "rope_style": "neox"}),
+    ("smollm3", {"layers_without_rope": [3]}),
+    ("phi3", {"fused_qkv": True, "fused_gate_up": True, "rope_dims": "8 of 16"}),
+    ("qwen3", {"qk_norm": True}),
+])
+def test_info_shows_each_familys_variant(tmp_path, capsys, family, expected):
+    """`info` says what sets each family apart, as its architecture module reads the file (JSON and text)."""
+    from tiny_families import write_family
+
+    path = write_family(tmp_path / f"{family}.gguf", family, "F16")
+    with GGUFFile(path) as g:
+        found = summarize(g)["variant"]
+    for key, value in expected.items():
+        assert found[key] == pytest.approx(value) if isinstance(value, float) else found[key] == value, key
+    code, out, _ = run_main(capsys, "info", str(path))
+    assert code == 0 and "variant (what the forward computes)" in out and next(iter(expected)) in out

@@ -1,5 +1,6 @@
 """Loading refuses, naming the key or tensor, every hyper-parameter out of range, special token id outside the
 vocabulary and feature the forward pass does not compute (issue 11, item 5); the tiny llama of `tiny_gguf`."""
+import numpy as np
 import pytest
 
 from cli_helpers import assert_one_error_line, run_edgeinfer
@@ -62,12 +63,11 @@ def test_a_missing_hyper_parameter_is_a_gguf_error_naming_it(tmp_path):
 
 @pytest.mark.parametrize("metadata, tensors, fragment", [
     ({"llama.rope.scaling.type": "yarn"}, {}, "llama.rope.scaling.type = 'yarn': this RoPE scaling"),
-    ({"llama.rope.scaling.factor": 8.0}, {}, "llama.rope.scaling.factor = 8.0: RoPE scaling by a factor"),
+    ({"llama.rope.scaling.type": "longrope"}, {}, "llama.rope.scaling.type = 'longrope': this RoPE scaling"),
     ({"llama.attn_logit_softcapping": 50.0}, {}, "llama.attn_logit_softcapping = 50.0: soft-capping"),
     ({"llama.final_logit_softcapping": 30.0}, {}, "llama.final_logit_softcapping = 30.0: soft-capping"),
-    ({"llama.attention.sliding_window": 4096}, {}, "sliding-window attention for llama"),
     ({"llama.expert_count": 8}, {}, "llama.expert_count = 8: mixture of experts"),
-    ({}, {"rope_freqs.weight": [1.0] * (HEAD_DIM // 2)}, "Llama 3 RoPE frequency scaling (rope_freqs.weight)"),
+    ({}, {"rope_factors_long.weight": [1.0] * (HEAD_DIM // 2)}, "long-context RoPE scaling (rope_factors_long"),
     ({}, {"blk.0.attn_q.bias": [0.0] * 64}, "the tensor blk.0.attn_q.bias is not implemented for llama"),
     ({}, {"blk.2.attn_norm.weight": [1.0] * 64}, "the tensor blk.2.attn_norm.weight"),  # a layer past block_count
 ])
@@ -104,3 +104,25 @@ def test_cli_reports_head_count_kv_zero_in_one_line(tmp_path):
     result = run_edgeinfer("run", str(path), "hello", "-n", "2", "--threads", "1",
                            env={"EDGEINFER_HOME": str(tmp_path / "home")})
     assert_one_error_line(result, "kv0.gguf", "llama.attention.head_count_kv", "out of range")
+
+
+def test_rope_scaling_and_window_keys_become_the_config(tmp_path):
+    """Linear scaling (freq_scale = 1 / factor, llama.cpp's default type), Llama 3 factors dividing each pair's
+    frequency, a Mistral-style window on every layer."""
+    factors = [1.0, 1.0, 2.0, 2.0, 4.0, 8.0, 8.0, 8.0][:HEAD_DIM // 2]
+    path = write_tiny_llama(tmp_path / "scaled.gguf", {"llama.rope.scaling.factor": 4.0,
+                                                      "llama.attention.sliding_window": 100},
+                            extra_tensors={"rope_freqs.weight": factors})
+    cfg, _ = load(path)
+    assert cfg.rope_freq_scale == 0.25 and cfg.rope_freq_factors == tuple(factors)
+    assert [cfg.layer_window(i) for i in range(cfg.n_layers)] == [100] * cfg.n_layers
+    base = 10000.0 ** (-np.arange(HEAD_DIM // 2) * 2.0 / HEAD_DIM)
+    np.testing.assert_allclose(cfg.layer_rope_freqs(1), 0.25 * base / np.array(factors), rtol=1e-12)
+
+
+@pytest.mark.parametrize("factors, problem", [([1.0] * 3, "expected F32 of shape"), ([0.0] * (HEAD_DIM // 2),
+                                                                                      "not a finite number above 0")])
+def test_bad_rope_freqs_are_gguf_errors(tmp_path, factors, problem):
+    path = write_tiny_llama(tmp_path / "bad.gguf", extra_tensors={"rope_freqs.weight": factors})
+    with pytest.raises(GGUFError, match=problem):
+        load(path)

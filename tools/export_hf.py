@@ -24,7 +24,7 @@ from tools.hf_vocab import BYTE, CONTROL, UNKNOWN, UNUSED, USER_DEFINED
 
 # GGUF architecture -> (config.json "architectures"[0], "model_type", gguf.MODEL_ARCH), as edgeinfer/arch/ declares
 HF_ARCH = {arch: (module.HF_ARCHITECTURES[0], module.HF_MODEL_TYPE, getattr(gguf.MODEL_ARCH, module.GGUF_MODEL_ARCH))
-           for arch, module in ARCHITECTURES.items()}
+           for arch, module in ARCHITECTURES.items() if module.HF_ARCHITECTURES}  # the families converted both ways
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N."); ffn_norm depends on the architecture
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -250,6 +250,9 @@ def export_hf(model: str | Path, out_dir: str | Path, dtype: str = "F32", n_shar
     with GGUFFile(model) as g:
         cfg, _ = load_decoder(g)
         arch, meta = cfg.arch, g.metadata
+        if arch not in HF_ARCH:
+            raise ConvertError(f"{model}: exporting {arch} to a Hugging Face checkpoint is not implemented "
+                               f"(exported: {', '.join(HF_ARCH)})")
         name_map = gguf.get_tensor_name_map(HF_ARCH[arch][2], cfg.n_layers)
         items = []
         for name, t in g.tensors.items():

@@ -10,7 +10,9 @@ from edgeinfer.arch.decoder import (MAX_CONTEXT, ROPE_NEOX, DecoderConfig, optio
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "gemma2"
-HF_ARCHITECTURES = ("Gemma2ForCausalLM",)  # config.json "architectures" names converted from (the first: written on export)
+# config.json "architectures" names converted from: none yet, the HF converter (tools/hf_checkpoint.py) does not
+# write this family (its checkpoints say "Gemma2ForCausalLM")
+HF_ARCHITECTURES: tuple[str, ...] = ()
 HF_MODEL_TYPE = "gemma2"  # config.json "model_type" written on export
 GGUF_MODEL_ARCH = "GEMMA2"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
 SLIDING_WINDOW_PATTERN = 2  # llama.cpp's load_swa_pattern(ml, 2): even layers local, odd ones global

@@ -8,7 +8,9 @@ from edgeinfer.arch.decoder import (ROPE_NORMAL, DecoderConfig, optional_number,
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "granite"
-HF_ARCHITECTURES = ("GraniteForCausalLM",)  # config.json "architectures" names converted from (the first: written on export)
+# config.json "architectures" names converted from: none yet, the HF converter (tools/hf_checkpoint.py) does not
+# write this family (its checkpoints say "GraniteForCausalLM")
+HF_ARCHITECTURES: tuple[str, ...] = ()
 HF_MODEL_TYPE = "granite"  # config.json "model_type" written on export
 GGUF_MODEL_ARCH = "GRANITE"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
 

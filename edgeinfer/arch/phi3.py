@@ -9,7 +9,9 @@ from edgeinfer.arch.decoder import ROPE_NEOX, DecoderConfig, read_common_hparams
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "phi3"
-HF_ARCHITECTURES = ("Phi3ForCausalLM",)  # config.json "architectures" names converted from (the first: written on export)
+# config.json "architectures" names converted from: none yet, the HF converter (tools/hf_checkpoint.py) does not
+# write this family (its checkpoints say "Phi3ForCausalLM")
+HF_ARCHITECTURES: tuple[str, ...] = ()
 HF_MODEL_TYPE = "phi3"  # config.json "model_type" written on export
 GGUF_MODEL_ARCH = "PHI3"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
 

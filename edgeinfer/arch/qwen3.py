@@ -5,7 +5,9 @@ from edgeinfer.arch.decoder import ROPE_NEOX, DecoderConfig, read_common_hparams
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "qwen3"
-HF_ARCHITECTURES = ("Qwen3ForCausalLM",)  # config.json "architectures" names converted from (the first: written on export)
+# config.json "architectures" names converted from: none yet, the HF converter (tools/hf_checkpoint.py) does not
+# write this family (its checkpoints say "Qwen3ForCausalLM")
+HF_ARCHITECTURES: tuple[str, ...] = ()
 HF_MODEL_TYPE = "qwen3"  # config.json "model_type" written on export
 GGUF_MODEL_ARCH = "QWEN3"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
 

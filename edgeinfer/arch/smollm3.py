@@ -4,7 +4,9 @@ from edgeinfer.arch.decoder import ROPE_NORMAL, DecoderConfig, read_common_hpara
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "smollm3"
-HF_ARCHITECTURES = ("SmolLM3ForCausalLM",)  # config.json "architectures" names converted from (the first: written on export)
+# config.json "architectures" names converted from: none yet, the HF converter (tools/hf_checkpoint.py) does not
+# write this family (its checkpoints say "SmolLM3ForCausalLM")
+HF_ARCHITECTURES: tuple[str, ...] = ()
 HF_MODEL_TYPE = "smollm3"  # config.json "model_type" written on export
 GGUF_MODEL_ARCH = "SMOLLM3"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
 NO_ROPE_LAYER_STEP = 4  # layer i applies RoPE unless (i + 1) % 4 == 0
