@@ -24,14 +24,15 @@ from edgeinfer.generation import CachedEngine, GenerationStats, TextStream, gene
 from edgeinfer.gguf_reader import GGUFFile
 from edgeinfer.kv_cache import check_kv_type
 from edgeinfer.sampling import CHAT_REPEAT_PENALTY, Sampler, SamplingParams
-from edgeinfer.speculative import check_speculation
+from edgeinfer.speculative import check_same_vocabulary, check_speculation
 from edgeinfer.tokenizer import Tokenizer
 from edgeinfer.tokenizer.special import partition
 from edgeinfer.tokenizer.vocab import Attr
 
 
 def load(model: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-         seed: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None) -> "Model":
+         seed: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None,
+         draft: str | os.PathLike | None = None) -> "Model":
     """Open a model by catalogue name (fetched on first use) or path to a GGUF file.
 
     n_ctx: context positions to allocate (default: the largest that fits in memory, at most min(trained, 8192));
@@ -39,14 +40,23 @@ def load(model: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int |
     seed: default seed for sampling (None or -1: a random one); power: "auto", "saver", "balanced" or "performance";
     n_seq: sequences the KV cache holds, n_ctx positions each (`Model.generate_batch` decodes that many at once);
     kv_type: the KV cache's element type, "f32", "f16" or "q8_0" (llama.cpp's -ctk/-ctv; None: the budget's choice,
-    `edgeinfer.kv_cache.DEFAULT_KV_TYPE`).
+    `edgeinfer.kv_cache.DEFAULT_KV_TYPE`);
+    draft: a smaller model of the same vocabulary (catalogue name or path) whose guesses `speculative="draft"` (or
+    "auto") checks, loaded with the same context and threads; InvalidArgument if its vocabulary differs.
     Raises BudgetError, before allocating anything, if the model or the asked-for context does not fit;
     InvalidArgument / TypeError naming the argument for a bad value."""
     from models.fetch import resolve_model
 
     _check_options(n_ctx, n_threads, seed, power, n_seq, kv_type)
-    return Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power, n_seq=n_seq,
-                 kv_type=kv_type)
+    target = Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power, n_seq=n_seq,
+                   kv_type=kv_type)
+    if draft is not None:
+        try:
+            target.use_draft(draft)
+        except BaseException:
+            target.close()
+            raise
+    return target
 
 
 # ================================================================ argument checks
@@ -255,6 +265,23 @@ class Model:
         self._template: ChatTemplate | None = None
         self._controls: ControlTexts | None = None
         self.last_stats = GenerationStats()
+        self.draft: Model | None = None  # the draft model of speculative decoding (attach_draft)
+
+    def use_draft(self, draft: "str | os.PathLike | Model") -> None:
+        """Check the guesses of `draft` (a smaller model of the same vocabulary: a Model, or a catalogue name or
+        path, then loaded with this one's context, threads and cache type) when speculative="draft" or "auto";
+        it is closed with this one. InvalidArgument, naming the difference, if its tokens or special ids are not
+        this model's."""
+        from models.fetch import resolve_model
+
+        if not isinstance(draft, Model):
+            draft = Model(resolve_model(draft), n_ctx=self.n_ctx, n_threads=self.n_threads, kv_type=self.kv_type)
+        try:
+            check_same_vocabulary(self.tokenizer, draft.tokenizer)
+        except BaseException:
+            draft.close()
+            raise
+        self.draft = draft
 
     # -- properties -----------------------------------------------------------------------------------------------
     @property
@@ -343,7 +370,7 @@ class Model:
                                                top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                                                presence_penalty=presence_penalty,
                                                frequency_penalty=frequency_penalty, seed=seed, stop=stop)
-        check_speculation(speculative)
+        check_speculation(speculative, self.draft is not None)
         self.last_stats = stats = GenerationStats()
         return Completion(self._pieces(tokens, sampler, max_tokens, stops, stats, speculative), stats, sampler)
 
@@ -361,7 +388,7 @@ class Model:
                 stats: GenerationStats, speculative: str = "off") -> Iterator[str]:
         text = TextStream(self.tokenizer, stop)
         for token in generate_tokens(self._use, sampler, tokens, max_tokens, self.tokenizer.eog_ids, stats,
-                                     speculative):
+                                     speculative, self.draft):
             piece = text.push(token)
             if piece:
                 yield piece
@@ -476,6 +503,8 @@ class Model:
             self.engine = None
             self._cached = None
             self.gguf.close()
+            if self.draft is not None:
+                self.draft.close()
 
     def __enter__(self) -> "Model":
         return self

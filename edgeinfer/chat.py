@@ -29,7 +29,8 @@ EXIT_HINT = "press Ctrl-C again, Ctrl-D or /quit to exit"
 
 def run_chat_command(model_name: str | None, *, system: str | None = None, max_tokens: int = 1024,
                      single: bool = False, n_ctx: int | None = None, n_threads: int | None = None,
-                     seed: int | None = None, power: str = "auto", kv_type: str | None = None, **options) -> None:
+                     seed: int | None = None, power: str = "auto", kv_type: str | None = None,
+                     draft: str | None = None, **options) -> None:
     """The `edgeinfer chat` command: open the model (pulled if needed), then chat over stdin/stdout.
     options: the CLI's sampling options (temperature, top_k, top_p, min_p, repeat_penalty; others ignored)."""
     from rich.console import Console
@@ -38,7 +39,7 @@ def run_chat_command(model_name: str | None, *, system: str | None = None, max_t
     sampling = {k: v for k, v in options.items() if k in SETTINGS and k != "max_tokens"}
     session, line = open_session(model_name, system=system, max_tokens=max_tokens, n_ctx=n_ctx,
                                  n_threads=n_threads, seed=seed, power=power, kv_type=kv_type, console=console,
-                                 **sampling)
+                                 draft=draft, **sampling)
     interactive = sys.stdin.isatty()
     with session.model:
         if interactive:
@@ -53,7 +54,7 @@ def run_chat_command(model_name: str | None, *, system: str | None = None, max_t
 
 def open_session(model_name: str | None, *, system: str | None = None, max_tokens: int = 1024,
                  n_ctx: int | None = None, n_threads: int | None = None, seed: int | None = None,
-                 power: str = "auto", kv_type: str | None = None, console=None,
+                 power: str = "auto", kv_type: str | None = None, console=None, draft: str | None = None,
                  **sampling) -> tuple[ChatSession, str]:
     """Resolve the model (a progress bar while a catalogue model is pulled), plan its context and threads with the
     budget manager, load it and compile or load the kernels (a spinner on stderr meanwhile).
@@ -72,6 +73,9 @@ def open_session(model_name: str | None, *, system: str | None = None, max_token
         model = Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power,  # planned by the budget
                       kv_type=kv_type)
     try:
+        if draft is not None:
+            with console.status(f"loading the draft model {draft}"):
+                model.use_draft(draft)
         if model.metadata.get("tokenizer.chat_template") is None:  # ChatTemplate.from_metadata falls back then
             console.print(f"{path.name} has no chat template: using the {model.chat_template.name} format (a base "
                           f"model only continues text: use 'edgeinfer run')", style="yellow", markup=False,

@@ -78,7 +78,7 @@ class ThreadCounts(CountList):
 # in step)
 KV_TYPE_CHOICES = ("f32", "f16", "q8_0")
 # speculation modes: edgeinfer.speculative.SPECULATION_MODES (likewise kept in step by a test)
-SPECULATION_MODES = ("auto", "ngram", "off")
+SPECULATION_MODES = ("auto", "ngram", "draft", "off")
 KV_TYPE_HELP = "KV cache type (llama.cpp's -ctk/-ctv; q8_0 takes 28% of f32's memory; default: the budget's choice)."
 
 
@@ -188,8 +188,10 @@ def _sampling_options(repeat_penalty: float):
                      help=THREADS_HELP),
         _kv_type_option(),
         click.option("--spec", "speculative", type=click.Choice(SPECULATION_MODES), default="off",
-                     show_default=True, help="Speculative decoding by prompt lookup: 'ngram' checks its guesses on "
-                     "every step, 'auto' where they pay; greedy output is unchanged."),
+                     show_default=True, help="Speculative decoding: 'ngram' checks prompt lookup's guesses every "
+                     "step, 'draft' those of --draft MODEL, 'auto' either where they pay; greedy output is unchanged."),
+        click.option("--draft", default=None, metavar="MODEL",
+                     help="A smaller model of the same vocabulary whose guesses --spec draft (or auto) checks."),
     ]
 
     def decorate(f):
@@ -200,13 +202,20 @@ def _sampling_options(repeat_penalty: float):
     return decorate
 
 
-def _load_model(model: str | None, n_ctx, n_threads, seed, kv_type=None):
+def _load_model(model: str | None, n_ctx, n_threads, seed, kv_type=None, draft=None):
     from edgeinfer.api import Model
     from models.fetch import default_model_name, resolve_model, rich_progress
 
     with rich_progress() as progress:
         path = resolve_model(model or default_model_name(), progress=progress)
-    return Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, kv_type=kv_type)
+    m = Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, kv_type=kv_type)
+    if draft is not None:
+        try:
+            m.use_draft(draft)
+        except BaseException:
+            m.close()
+            raise
+    return m
 
 
 def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
@@ -221,11 +230,11 @@ def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> 
               help="Tokens to generate at most; 0 only evaluates the prompt.")
 @_sampling_options(repeat_penalty=1.0)
 def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads,
-            kv_type, speculative):
+            kv_type, speculative, draft):
     """Continue PROMPT with MODEL, streaming the text to stdout and timings to stderr."""
     from rich.console import Console
 
-    with _load_model(model, n_ctx, n_threads, seed, kv_type) as m:
+    with _load_model(model, n_ctx, n_threads, seed, kv_type, draft) as m:
         with Console(stderr=True).status("loading kernels (a first run compiles them: a minute or two)"):
             m.engine.warm_up()
         for piece in m.stream(prompt, max_tokens=max_tokens, speculative=speculative,

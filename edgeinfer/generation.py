@@ -16,7 +16,7 @@ import numpy as np
 from edgeinfer.engine import Engine
 from edgeinfer.errors import ModelError
 from edgeinfer.sampling import Sampler
-from edgeinfer.speculative import DraftLength, NgramDrafter, SpeculationStats, accept_draft, check_speculation
+from edgeinfer.speculative import SpeculationStats, accept_draft, check_speculation, drafting_for
 from edgeinfer.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -144,7 +144,7 @@ def non_finite_logits(name: str, position: int) -> ModelError:
 
 def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler: Sampler, prompt: Sequence[int],
                     max_tokens: int, eog_ids: Iterable[int], stats: GenerationStats,
-                    speculative: str = "off") -> Iterator[int]:
+                    speculative: str = "off", draft_model=None) -> Iterator[int]:
     """Yield sampled tokens until an end-of-generation token, max_tokens, or a full context.
 
     acquire() gives the CachedEngine for exclusive use (the model's lock) for one evaluation at a time; it is not
@@ -152,14 +152,14 @@ def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler
     own history and re-evaluates it where the cache no longer holds it, so its tokens are those it would get alone.
     The caller may stop iterating at any time (a stop string); the cache then holds what was evaluated.
 
-    speculative "auto" or "ngram" checks prompt-lookup guesses in each pass (edgeinfer.speculative): the same
-    tokens when greedy, a sample of the same distribution when sampling."""
-    check_speculation(speculative)
+    speculative "auto", "ngram" or "draft" checks guesses (prompt lookup's, or draft_model's: an edgeinfer Model of
+    the same vocabulary) in each pass (edgeinfer.speculative): the same tokens when greedy, a sample of the same
+    distribution when sampling."""
+    check_speculation(speculative, draft_model is not None)
     eog = frozenset(eog_ids)
     history = list(prompt)
     stats.prompt_tokens = len(history)
-    drafter = NgramDrafter() if speculative != "off" else None
-    length = DraftLength(always=speculative == "ngram")
+    drafter, length = drafting_for(speculative, draft_model)
     t0 = time.perf_counter()
     with acquire() as cached:
         n_ctx = cached.engine.n_ctx
@@ -190,12 +190,12 @@ def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler
             return
         room = min(n_ctx - len(history), max_tokens - stats.generated_tokens - 1)
         k = min(length.choose(), room) if drafter else 0
+        started = time.perf_counter()  # a pass's cost includes drafting its guesses
         draft = drafter.propose(history, k) if k > 0 else []
         guess = None
-        if drafter and not draft:
+        if drafter and drafter.cheap and not draft:
             lookup = drafter.propose(history, 1)
             guess = lookup[0] if lookup else None
-        started = time.perf_counter()
         with acquire() as cached:
             rows = cached.extend_with(history, draft)
         length.observe_pass(len(rows), time.perf_counter() - started)

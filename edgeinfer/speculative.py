@@ -15,7 +15,8 @@ Exactness (what the model says does not change):
   (q(d) = 1): it is kept with probability p(d), else the token is drawn from p without d.
 
 Drafts come from prompt lookup (`NgramDrafter`: the continuation of the latest earlier occurrence of the context's
-last n tokens, the big win when the answer repeats its input: code edits, quotes, summaries, tool output).
+last n tokens, the big win when the answer repeats its input: code edits, quotes, summaries, tool output) or from a
+smaller model of the same vocabulary (`DraftModelDrafter`).
 `DraftLength` picks k from the measured acceptance rate and the measured cost of a verify pass, and drafts nothing
 when speculation does not pay.
 """
@@ -29,18 +30,45 @@ import numpy as np
 from edgeinfer.errors import InvalidArgument
 from edgeinfer.sampling import Sampler
 
-SPECULATION_MODES = ("auto", "ngram", "off")
-DEFAULT_SPECULATION = "auto"
+SPECULATION_MODES = ("auto", "ngram", "draft", "off")
+NGRAM_DRAFT, MODEL_DRAFT = 12, 6  # guesses per pass in modes "ngram" and "draft" (auto: chosen as it goes)
 
 
-def check_speculation(mode) -> str:
-    """The speculation mode, checked: "auto" (prompt lookup where it pays), "ngram" (always draft by prompt
-    lookup, at the largest useful length) or "off"."""
+def check_speculation(mode, has_draft_model: bool = True) -> str:
+    """The speculation mode, checked: "auto" (guesses where they pay: from the draft model if one is loaded, else
+    prompt lookup), "ngram" (prompt lookup every pass), "draft" (the draft model every pass) or "off"."""
     if not isinstance(mode, str):
         raise TypeError(f"speculative must be one of {', '.join(SPECULATION_MODES)}, not {type(mode).__name__}")
     if mode not in SPECULATION_MODES:
         raise InvalidArgument(f"speculative={mode!r}: expected one of {', '.join(SPECULATION_MODES)}")
+    if mode == "draft" and not has_draft_model:
+        raise InvalidArgument("speculative='draft' needs a draft model: load(..., draft=MODEL) or --draft MODEL")
     return mode
+
+
+def drafting_for(mode: str, draft_model=None):
+    """(drafter or None, DraftLength) for a generation in this mode."""
+    if mode == "off":
+        return None, DraftLength()
+    if mode == "draft" or (mode == "auto" and draft_model is not None):
+        return DraftModelDrafter(draft_model), DraftLength(fixed=MODEL_DRAFT if mode == "draft" else None)
+    return NgramDrafter(), DraftLength(fixed=NGRAM_DRAFT if mode == "ngram" else None)
+
+
+def check_same_vocabulary(target, draft) -> None:
+    """InvalidArgument unless the draft model's tokens and special ids are the target's (its guesses are token
+    ids of the target's vocabulary); both are Tokenizers."""
+    a, b = target.vocab, draft.vocab
+    if a.n_vocab != b.n_vocab:
+        raise InvalidArgument(f"draft model: its vocabulary has {b.n_vocab} tokens, the model's {a.n_vocab}")
+    if a.tokens != b.tokens:
+        first = next(i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y)
+        raise InvalidArgument(f"draft model: token {first} is {b.tokens[first]!r}, the model's is {a.tokens[first]!r}"
+                              f" (not the same vocabulary)")
+    for role in sorted(set(a.ids) | set(b.ids)):
+        if a.ids.get(role) != b.ids.get(role):
+            raise InvalidArgument(f"draft model: its {role} token is {b.ids.get(role)}, the model's "
+                                  f"{a.ids.get(role)}")
 
 
 class NgramDrafter:
@@ -50,6 +78,8 @@ class NgramDrafter:
     Keeps an index of every n-gram's latest end position, extended as the context grows (a context that does not
     extend the indexed one, e.g. another generation, rebuilds it), so a proposal costs a few dictionary lookups
     whatever the context length."""
+
+    cheap = True  # a proposal is a few dictionary lookups: plain passes check a free first guess
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -97,17 +127,44 @@ class SpeculationStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+class DraftModelDrafter:
+    """Guesses from a smaller model of the same vocabulary: its greedy continuation, k tokens, one decode step each.
+
+    The draft model's cache follows the context through its own prefix cache (edgeinfer.generation.CachedEngine):
+    after a pass where guesses were rejected, the next proposal drops them and evaluates what the context gained.
+    Greedy guesses are point masses, so the acceptance rule needs no draft distributions."""
+
+    cheap = False  # proposing costs decode steps of the draft model: no free guesses on plain passes
+
+    def __init__(self, model):
+        self.model = model  # an edgeinfer.api.Model
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        out: list[int] = []
+        if k <= 0:
+            return out
+        room = self.model.n_ctx - len(context)
+        with self.model._use() as cached:
+            logits = cached.extend_to(list(context)) if room > 0 else None
+            for i in range(min(k, room)):
+                out.append(int(np.argmax(logits)))
+                if i + 1 < min(k, room):
+                    logits = cached.decode(out[-1])
+        return out
+
+
 class DraftLength:
     """How many guesses to check next, from what drafting has given so far.
 
     Model: each guess is right with probability a (estimated from every guess checked, and from what the first
     guess would have been on plain steps, which costs nothing to check), and a pass over 1 + k rows costs
     t1 + k * t_row seconds (both measured). k maximizes the expected tokens per second,
-    (1 - a^(k+1)) / (1 - a) / (t1 + k t_row); 0 (plain decoding) where nothing beats one token per t1.
-    `always` (mode "ngram") skips the cost test and drafts whatever the lookup gives, up to max_draft."""
+    (1 - a^(k+1)) / (1 - a) / (t1 + k t_row); 0 (plain decoding) where nothing beats one token per t1. t_row
+    includes what drafting a guess costs (a draft model's decode step). `fixed` (the explicit modes) skips all
+    this and asks for that many guesses every pass."""
 
-    def __init__(self, max_draft: int = 12, always: bool = False):
-        self.max_draft, self.always = max_draft, always
+    def __init__(self, max_draft: int = 12, fixed: int | None = None):
+        self.max_draft, self.fixed = max_draft, fixed
         self.right, self.wrong = 1.0, 1.0  # a weak prior: a = 0.5 before anything is seen
         self.t1: float | None = None  # seconds of a one-row pass
         self.t_row: float | None = None  # seconds per extra row of a verify pass
@@ -117,8 +174,8 @@ class DraftLength:
         return self.right / (self.right + self.wrong)
 
     def choose(self) -> int:
-        if self.always:
-            return self.max_draft
+        if self.fixed is not None:
+            return self.fixed
         if self.t1 is None:
             return 0  # measure a plain step first
         a = min(self.acceptance, 0.999)

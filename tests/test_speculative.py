@@ -52,7 +52,7 @@ def test_draft_length_drafts_when_guesses_are_right_and_stops_when_they_are_not(
     for _ in range(40):
         length.observe_guesses(1, 0)
     assert length.choose() == 0
-    assert DraftLength(max_draft=5, always=True).choose() == 5
+    assert DraftLength(max_draft=5, fixed=3).choose() == 3
 
 
 # ---------------------------------------------------------------- the acceptance rule is exact
@@ -170,3 +170,30 @@ def test_spec_bench_compares_each_mode_with_off():
     assert rows[0]["tokens"] == rows[1]["tokens"] > 0  # greedy: the same text in both modes
     table = format_spec_bench(rows)
     assert "| quote     | ngram |       1 |" in table
+
+
+@pytest.mark.slow
+def test_a_draft_model_of_the_same_vocabulary_speeds_nothing_wrong():
+    """The model as its own draft: every greedy guess is right, and the text is plain decoding's."""
+    import edgeinfer
+
+    path = model_path("smollm2-135m-instruct")
+    with edgeinfer.load(path, n_ctx=512, draft=path) as m:
+        plain = m.generate(REPEATING, max_tokens=30, temperature=0)
+        assert m.generate(REPEATING, max_tokens=30, temperature=0, speculative="draft") == plain
+        spec = m.last_stats.speculation
+        assert spec.drafted > 0 and spec.accepted == spec.drafted
+        assert m.generate(REPEATING, max_tokens=30, temperature=0, speculative="auto") == plain
+        draft = m.draft
+    assert draft.closed  # closed with its target
+
+
+@pytest.mark.slow
+def test_a_draft_model_of_another_vocabulary_is_refused():
+    import edgeinfer
+
+    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=128) as m:
+        with pytest.raises(InvalidArgument, match="draft model: its vocabulary has 151936 tokens, the model's 49152"):
+            m.use_draft(model_path("qwen2.5-coder-0.5b-instruct"))
+        with pytest.raises(InvalidArgument, match="speculative='draft' needs a draft model"):
+            m.stream("hi", speculative="draft")
