@@ -402,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(status)
 
 
+# The command modules below import this one's option types; run as `python -m edgeinfer.cli`, this module is
+# __main__, and without the alias their import would run a second copy of it (which imports them half-made).
+if __name__ == "__main__":
+    sys.modules.setdefault("edgeinfer.cli", sys.modules[__name__])
+
 from edgeinfer.cli_models import register_model_commands  # noqa: E402  (list, rm, prune)
 
 register_model_commands(cli)
