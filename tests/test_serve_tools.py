@@ -34,7 +34,7 @@ ADD = {"type": "function", "function": {
 def client():
     argv = [EDGEINFER] if EDGEINFER else [sys.executable, "-m", "edgeinfer.cli"]
     proc = subprocess.Popen([*argv, "serve", str(model_path(MODEL)), "--port", "0", "--parallel", "1", "--ctx",
-                             "1024", "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "1024", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     while not (match := re.search(r"listening on (http://\S+)", seen[-1] if seen else "")):
         seen.append(proc.stdout.readline())
