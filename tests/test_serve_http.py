@@ -275,6 +275,10 @@ def test_cli_mistakes_are_one_error_line(server):
                                         timeout=120), "cannot listen", port)
     assert_one_error_line(run_edgeinfer("serve", "--parallel", "0"), "--parallel")
     assert_one_error_line(run_edgeinfer("serve", "no-such-model"), "no-such-model")
+    too_big = run_edgeinfer("serve", str(model_path("smollm2-135m-instruct")), "--port", "0", "--ctx", "100000000",
+                            timeout=120)  # the plan refuses it while the server is up: it stops, one line, exit 1
+    assert too_big.returncode == 1 and "listening on" in too_big.stdout
+    assert_one_error_line(too_big, "n_ctx=100000000")
 
 
 def test_sigterm_drains_then_exits_zero(server, client):
