@@ -9,7 +9,7 @@ import pytest
 from conftest import model_path
 from edgeinfer.arch import load_decoder as load_views
 from edgeinfer.backends.cpu import CPUBackend, CPURunner
-from edgeinfer.backends.cpu_repack import cache_path, packable, read_record, record_path, repack_weights
+from edgeinfer.backends.cpu_repack import _layout, cache_path, layout_digest, packable, read_record, record_path, repack_weights
 from edgeinfer.engine import Engine
 from edgeinfer.gguf_reader import GGUFFile
 from kernels_cpu import forward as fw
@@ -57,10 +57,22 @@ def test_cache_file_is_made_once_and_mapped(smollm2, tmp_path, monkeypatch):
     assert len(matrices) == 7 * 30 + 1 and len({m.offset for _, m in matrices}) == len(matrices)
 
 
+def test_the_cache_key_names_which_matrix_lies_where(smollm2):
+    """A new weight field reorders the matrices while the buffer keeps its size: the cache must not be reused."""
+    _, views = load_views(smollm2)
+    matrices = packable(views)
+    offsets, size = _layout(matrices)
+    reordered = [matrices[1], matrices[0]] + matrices[2:]
+    assert _layout(reordered)[1] == size
+    assert layout_digest(reordered, offsets) != layout_digest(matrices, offsets)
+    assert cache_path(smollm2.path, size, layout_digest(reordered, offsets)) != \
+        cache_path(smollm2.path, size, layout_digest(matrices, offsets))
+
+
 def test_stale_cache_files_are_removed(smollm2, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEINFER_HOME", str(tmp_path))
     _, runner = load_decoder(smollm2)
-    current = cache_path(smollm2.path, runner.repacked.buffer.shape[0])
+    current = runner.repacked.cache_file
     stale = current.with_name(current.name.rsplit(".", 2)[0] + ".0123456789abcdef.bin")
     other_model = current.with_name("other-model.12345678.0123456789abcdef.bin")
     stale.write_bytes(b"old layout"), other_model.write_bytes(b"another model")
@@ -72,7 +84,7 @@ def test_stale_cache_files_are_removed(smollm2, tmp_path, monkeypatch):
 def test_wrong_size_cache_is_replaced(smollm2, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDGEINFER_HOME", str(tmp_path))
     _, runner = load_decoder(smollm2)
-    path = cache_path(smollm2.path, runner.repacked.buffer.shape[0])
+    path = runner.repacked.cache_file
     del runner
     with open(path, "r+b") as f:
         f.truncate(1000)  # e.g. a disk that filled up under another tool
@@ -91,7 +103,7 @@ def test_damaged_cache_is_rebuilt_with_one_warning(smollm2, tmp_path, monkeypatc
     prompt = [1, 504, 3458, 282, 260, 2915, 28]
     cfg, runner = load_decoder(smollm2)
     expected = Engine(cfg, runner, n_ctx=32, n_threads=1).prefill(prompt)
-    path = cache_path(smollm2.path, runner.repacked.buffer.shape[0])
+    path = runner.repacked.cache_file
     first = runner.repacked.get(runner.weights.layers[0].attn_q).offset
     del runner
     with open(path, "r+b") as f:  # flip bytes inside the first layer's query matrix
@@ -110,7 +122,7 @@ def test_damaged_cache_is_rebuilt_with_one_warning(smollm2, tmp_path, monkeypatc
 def test_cache_without_record_is_rebuilt_quietly(smollm2, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDGEINFER_HOME", str(tmp_path))
     _, runner = load_decoder(smollm2)
-    path = cache_path(smollm2.path, runner.repacked.buffer.shape[0])
+    path = runner.repacked.cache_file
     record_path(path).unlink()  # as made by an older version, or a crash between the record and the data
     capsys.readouterr()
     _, again = load_decoder(smollm2)

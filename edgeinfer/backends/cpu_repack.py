@@ -65,6 +65,7 @@ class Repacked:
 
     buffer: np.ndarray | None
     matrices: dict[int, PackedMatrix]
+    cache_file: Path | None = None  # the file the buffer is mapped from (None: packed in memory)
 
     def get(self, m: QuantMatrix) -> PackedMatrix | None:
         """m's place in the buffer, or None if m is read in its file layout (no repacked layout, e.g. embeddings)."""
@@ -112,12 +113,21 @@ def _cache_prefix(model_path: str | os.PathLike) -> str:
     return f"{Path(model_path).stem}.{where}."
 
 
-def cache_path(model_path: str | os.PathLike, size: int) -> Path:
-    """Where the repacked weights of this model file (as it is now) are cached."""
+def layout_digest(matrices: list[tuple[str, QuantMatrix]], offsets: list[int]) -> str:
+    """A digest of which matrix lies where in the buffer: the order comes from the architecture's weight fields,
+    so a new field changes it while the total size may stay the same (a cache keyed by size alone then maps every
+    matrix at another's offset: NaN logits)."""
+    plan = ";".join(f"{path}|{m.offset}|{m.ggml_type}|{m.n_rows}x{m.n_cols}|{offset}"
+                    for (path, m), offset in zip(matrices, offsets))
+    return hashlib.sha256(plan.encode()).hexdigest()[:16]
+
+
+def cache_path(model_path: str | os.PathLike, size: int, layout: str = "") -> Path:
+    """Where the repacked weights of this model file (as it is now), of that size and `layout_digest`, are cached."""
     st = os.stat(model_path)
     # the layouts (matvec_q8) and the conversion to them (repack)
     layout_code = Path(matvec_q8.__file__).read_bytes() + Path(repack_module.__file__).read_bytes()
-    key = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{size}".encode() + layout_code).hexdigest()[:16]
+    key = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{size}|{layout}".encode() + layout_code).hexdigest()[:16]
     return home() / "repacked" / f"{_cache_prefix(model_path)}{key}.bin"
 
 
@@ -167,7 +177,8 @@ def _write_cache(path: Path, matrices, offsets, size: int, model_path) -> None:
     _pack_into(matrices, offsets, buffer)
     st = os.stat(model_path)
     record = {"format": RECORD_FORMAT, "model": os.path.realpath(model_path), "model_size": st.st_size,
-              "model_mtime_ns": st.st_mtime_ns, "bytes": size, "crc32": zlib.crc32(buffer)}
+              "model_mtime_ns": st.st_mtime_ns, "bytes": size, "layout": layout_digest(matrices, offsets),
+              "crc32": zlib.crc32(buffer)}
     _write_atomically(record_path(path), json.dumps(record).encode())
     _write_atomically(path, memoryview(buffer))
 
@@ -258,7 +269,7 @@ def _why_stale(cache_file: Path) -> str | None:
         return f"model file {model} is gone"
     if (st.st_size, st.st_mtime_ns) != (record.get("model_size"), record.get("model_mtime_ns")):
         return f"model file {model} has changed"
-    if cache_path(model, record.get("bytes", 0)) != cache_file:
+    if cache_path(model, record.get("bytes", 0), record.get("layout", "")) != cache_file:
         return "made by an older layout"
     return None
 
@@ -270,9 +281,9 @@ def repack_weights(weights: DecoderWeights, model_path: str | os.PathLike, use_c
     if not matrices:
         return Repacked(None, {})
     offsets, size = _layout(matrices)
-    buffer = None
+    buffer, path = None, None
     if use_cache and writable_home() is not None:
-        path = cache_path(model_path, size)
+        path = cache_path(model_path, size, layout_digest(matrices, offsets))
         buffer = _map_verified(path, size)
         if buffer is None:
             try:
@@ -282,6 +293,7 @@ def repack_weights(weights: DecoderWeights, model_path: str | os.PathLike, use_c
             except OSError as e:  # e.g. a full disk: pack in memory below
                 warn(f"cannot write repacked cache {path} ({e.strerror or e}); weights repacked in memory")
     if buffer is None:
+        path = None
         buffer = np.zeros(size, np.uint8)
         _pack_into(matrices, offsets, buffer)
         buffer.flags.writeable = False
@@ -289,4 +301,4 @@ def repack_weights(weights: DecoderWeights, model_path: str | os.PathLike, use_c
     for (_, m), off in zip(matrices, offsets):
         rows, row_bytes = packed_shape(m)
         where[m.offset] = PackedMatrix(matvec_q8.REPACKED + m.ggml_type, off, rows, row_bytes)
-    return Repacked(buffer, where)
+    return Repacked(buffer, where, path)
