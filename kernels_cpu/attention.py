@@ -29,7 +29,13 @@ from kernels_cpu.kv_types import head_view, tile_rows
 
 TILE = 64  # keys per tile
 QUERY_VECTORS = 64  # query vectors (rows x heads of a group) per job at most: a block's rows are 64 // group
-SPLIT_ROWS = 8  # batches of at most this many rows may split each job's keys across threads
+# batches of at most this many rows may split each job's keys across threads. 0: never, for now: a split job's
+# partials merge in another order than one job's running sums, so a row's logits at depth would depend on how it was
+# batched (prefill vs decode differed by up to 0.5 at 600 tokens once the int8 activations downstream amplified
+# it), which breaks speculative decoding's and the prefix cache's exactness. To be done: one fixed chunk grid that
+# unsplit jobs merge the same way.
+SPLIT_ROWS = 0
+PARTIAL_ROWS = 8  # rows the partials hold
 MAX_CHUNKS = 16  # key chunks per job at most
 MIN_CHUNK_KEYS = 256  # a chunk holds at least this many keys (merging costs a little)
 JOBS_PER_THREAD = 8  # split until there are this many jobs per thread (even shares under static scheduling)
@@ -38,15 +44,15 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # below this many multiply-adds per call, waking the worker threads costs more than it saves
 PARALLEL_ATTENTION_WORK = 1 << 18
 
-# partial results of split jobs: acc (MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, SPLIT_ROWS, n_heads;
+# partial results of split jobs: acc (MAX_CHUNKS, PARTIAL_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, PARTIAL_ROWS, n_heads;
 # l float64)
 Partials = namedtuple("Partials", ["acc", "m", "l"])
 
 
 def make_partials(n_heads: int, d_v: int) -> Partials:
-    return Partials(np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads, d_v), np.float32),
-                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float32),
-                    np.zeros((MAX_CHUNKS, SPLIT_ROWS, n_heads), np.float64))
+    return Partials(np.zeros((MAX_CHUNKS, PARTIAL_ROWS, n_heads, d_v), np.float32),
+                    np.zeros((MAX_CHUNKS, PARTIAL_ROWS, n_heads), np.float32),
+                    np.zeros((MAX_CHUNKS, PARTIAL_ROWS, n_heads), np.float64))
 
 
 @njit(cache=True)
