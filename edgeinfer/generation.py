@@ -193,7 +193,7 @@ def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler
         started = time.perf_counter()  # a pass's cost includes drafting its guesses
         draft = drafter.propose(history, k) if k > 0 else []
         guess = None
-        if drafter and drafter.cheap and not draft:
+        if drafter and drafter.cheap and k == 0:  # (k > 0 with no draft: the lookup has nothing to guess)
             lookup = drafter.propose(history, 1)
             guess = lookup[0] if lookup else None
         with acquire() as cached:

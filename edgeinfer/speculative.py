@@ -210,12 +210,13 @@ def accept_draft(sampler: Sampler, rows: np.ndarray, context: Sequence[int], dra
     draft_probs (len(draft), n_vocab): the draft distributions the guesses were drawn from (None: each guess a
     point mass, as prompt lookup's). Uses the sampler's random generator (not at all when greedy)."""
     out: list[int] = []
+    here = list(context)  # the context each row's sampler sees: context + out, kept as one growing list
     greedy = sampler.params.temperature <= 0.0
     for i, guess in enumerate(draft):
-        here = list(context) + out
         if greedy:
             token = sampler.sample(rows[i], here)
             out.append(token)
+            here.append(token)
             if token != guess:
                 return out
             continue
@@ -229,11 +230,12 @@ def accept_draft(sampler: Sampler, rows: np.ndarray, context: Sequence[int], dra
             q[:] = draft_probs[i]
         if q[guess] > 0.0 and sampler.random() * q[guess] < p[guess]:  # u < p / q without dividing
             out.append(int(guess))
+            here.append(int(guess))
             continue
         residual = np.maximum(p - q, 0.0)
         out.append(_draw(residual if residual.sum() > 0.0 else p, sampler))
         return out
-    out.append(sampler.sample(rows[len(draft)], list(context) + out))
+    out.append(sampler.sample(rows[len(draft)], here))
     return out
 
 
