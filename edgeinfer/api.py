@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edgeinfer.arch import load_decoder
-from edgeinfer.backends.cpu import CPUBackend
-from edgeinfer.budget import POWER_MODES, ModelFootprint, Plan, make_plan, read_system_state
+from edgeinfer.backends.devices import check_device
+from edgeinfer.budget import POWER_MODES, ModelFootprint, plan_on_device, read_system_state
 from edgeinfer.chat_template import ChatTemplate
 from edgeinfer.engine import Engine
 from edgeinfer.errors import InvalidArgument, ModelClosed, UnsupportedError
@@ -32,7 +32,7 @@ from edgeinfer.tokenizer.vocab import Attr
 
 def load(model: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
          seed: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None,
-         draft: str | os.PathLike | None = None) -> "Model":
+         draft: str | os.PathLike | None = None, device: str = "auto") -> "Model":
     """Open a model by catalogue name (fetched on first use) or path to a GGUF file.
 
     n_ctx: context positions to allocate (default: the largest that fits in memory, at most min(trained, 8192));
@@ -42,14 +42,17 @@ def load(model: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int |
     kv_type: the KV cache's element type, "f32", "f16" or "q8_0" (llama.cpp's -ctk/-ctv; None: the budget's choice,
     `edgeinfer.kv_cache.DEFAULT_KV_TYPE`);
     draft: a smaller model of the same vocabulary (catalogue name or path) whose guesses `speculative="draft"` (or
-    "auto") checks, loaded with the same context and threads; InvalidArgument if its vocabulary differs.
+    "auto") checks, loaded with the same context and threads; InvalidArgument if its vocabulary differs;
+    device: "auto" (a CUDA GPU when there is one and the model fits its free memory, else the CPU), "cpu" or
+    "cuda" (UnsupportedError, naming what is missing, without a GPU, its driver or numba-cuda); `Model.device`
+    says which was chosen and why.
     Raises BudgetError, before allocating anything, if the model or the asked-for context does not fit;
     InvalidArgument / TypeError naming the argument for a bad value."""
     from models.fetch import resolve_model
 
-    _check_options(n_ctx, n_threads, seed, power, n_seq, kv_type)
+    _check_options(n_ctx, n_threads, seed, power, n_seq, kv_type, device)
     target = Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power, n_seq=n_seq,
-                   kv_type=kv_type)
+                   kv_type=kv_type, device=device)
     if draft is not None:
         try:
             target.use_draft(draft)
@@ -71,7 +74,7 @@ def _check_int(name: str, value, minimum: int, *, optional: bool = False) -> Non
         raise InvalidArgument(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_options(n_ctx, n_threads, seed, power, n_seq=1, kv_type=None) -> None:
+def _check_options(n_ctx, n_threads, seed, power, n_seq=1, kv_type=None, device="auto") -> None:
     _check_int("n_ctx", n_ctx, 1, optional=True)
     _check_int("n_seq", n_seq, 1)
     _check_int("n_threads", n_threads, 1, optional=True)
@@ -80,6 +83,7 @@ def _check_options(n_ctx, n_threads, seed, power, n_seq=1, kv_type=None) -> None
         raise InvalidArgument(f"power must be 'auto', {', '.join(repr(m) for m in POWER_MODES)}; got {power!r}")
     if kv_type is not None:
         check_kv_type(kv_type)  # whether q8_0 fits the model's head sizes is checked once the file is read
+    check_device(device)
 
 
 def _check_text(name: str, text) -> None:
@@ -236,24 +240,30 @@ class Model:
     exactly the answer it would get alone (interleaved streams in one thread too). A `stream` iterator does not
     hold the lock between pieces. After `close()` every method raises ModelClosed, and a stream being consumed
     raises ModelClosed at its next step. `last_stats` is the last generation started; with several threads,
-    read each stream's own `stats`."""
+    read each stream's own `stats`. `device` is where it runs (edgeinfer.backends.devices.DeviceChoice: name
+    "cpu" or "cuda", the backend, and the reason it was chosen)."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 seed: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None):
-        _check_options(n_ctx, n_threads, seed, power, n_seq, kv_type)
+                 seed: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None,
+                 device: str = "auto"):
+        _check_options(n_ctx, n_threads, seed, power, n_seq, kv_type, device)
         self.gguf = GGUFFile(path)
         try:
             self.config, views = load_decoder(self.gguf)
-            # explicit n_ctx / n_threads win; a BudgetError comes here, before the tokenizer or KV cache is built
-            self.plan: Plan = make_plan(ModelFootprint.from_gguf(self.gguf, self.config), read_system_state(),
-                                        n_ctx=n_ctx, n_threads=n_threads, power=power, n_seq=n_seq,
-                                        kv_type=kv_type)
+            # the device, then the numbers on it (explicit n_ctx / n_threads win); an UnsupportedError (no GPU for
+            # device="cuda") or BudgetError comes here, before the tokenizer or KV cache is built
+            self.device, self.plan = plan_on_device(ModelFootprint.from_gguf(self.gguf, self.config),
+                                                    read_system_state(), views, device=device, n_ctx=n_ctx,
+                                                    n_threads=n_threads, power=power, n_seq=n_seq, kv_type=kv_type)
             self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-            # the backend prepares the weights (the CPU one: repacked, cached on disk) and allocates the cache
-            backend = CPUBackend()
+            # the backend prepares the weights (the CPU one: repacked, cached on disk; the CUDA one: uploaded) and
+            # allocates the cache
+            backend = self.device.backend
             self.runner = backend.prepare(self.config, views, self.gguf.path)
+            # a backend computing elsewhere uses few host threads: an explicit n_threads for the CPU is capped there
+            threads = self.plan.n_threads if backend.name == "cpu" else min(self.plan.n_threads, backend.max_threads)
             self.engine = Engine(self.config, self.runner, n_ctx=self.plan.n_ctx, n_batch=self.plan.n_batch,
-                                 n_threads=self.plan.n_threads, n_seq=self.plan.n_seq, kv_type=self.plan.kv_type,
+                                 n_threads=threads, n_seq=self.plan.n_seq, kv_type=self.plan.kv_type,
                                  backend=backend)
         except BaseException:
             self.gguf.close()
@@ -275,7 +285,8 @@ class Model:
         from models.fetch import resolve_model
 
         if not isinstance(draft, Model):
-            draft = Model(resolve_model(draft), n_ctx=self.n_ctx, n_threads=self.n_threads, kv_type=self.kv_type)
+            draft = Model(resolve_model(draft), n_ctx=self.n_ctx, n_threads=self.n_threads, kv_type=self.kv_type,
+                          device=self.device.name)
         try:
             check_same_vocabulary(self.tokenizer, draft.tokenizer)
         except BaseException:
@@ -516,4 +527,4 @@ class Model:
         if self._closed:
             return f"Model({self.path.name!r}, closed)"
         return (f"Model({self.path.name!r}, arch={self.config.arch}, n_ctx={self.n_ctx}, n_threads={self.n_threads}, "
-                f"kv_type={self.kv_type})")
+                f"kv_type={self.kv_type}, device={self.device.name})")

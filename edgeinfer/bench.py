@@ -12,6 +12,8 @@ test's steps at positions d .. d+N-1. Each test runs after one warm-up and is re
 are reported. With `compare_llama_cpp`, llama.cpp (through llama-cpp-python) runs the same tests on the same file
 in the same run (in a child process), so the ratio column compares like with like.
 Time to first token and peak RSS are measured in fresh subprocesses, since both are properties of a whole process.
+The model runs on the device asked for (auto, cpu, cuda: edgeinfer.backends.devices); the result names it and why,
+and each row its device (llama.cpp's rows run on the CPU: no layers are offloaded).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class BenchRow:
     batch: int = 1  # sequences decoded together (tg)
     depth: int = 0  # tokens in the cache before the test
     kv_type: str = DEFAULT_KV_TYPE
+    device: str = "cpu"  # where the test ran: "cpu" or "cuda"
 
     @property
     def mean(self) -> float:
@@ -53,8 +56,9 @@ class BenchRow:
 
 
 def _random_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
-    # llama-bench uses random token ids too; ids below 1000 avoid special tokens in every vocabulary here
-    return np.random.default_rng(seed).integers(1000, min(n_vocab, 30000), size=n).tolist()
+    # llama-bench uses random token ids too; ids below 1000 avoid special tokens in every vocabulary here (a tiny
+    # test vocabulary: its upper half)
+    return np.random.default_rng(seed).integers(min(1000, n_vocab // 2), min(n_vocab, 30000), size=n).tolist()
 
 
 def row_name(kind: str, n: int, depth: int = 0) -> str:
@@ -85,7 +89,7 @@ def _time_edgeinfer(model, kind: str, n: int, n_threads: int, reps: int, batch: 
     engine.n_threads = n_threads
     tokens = _random_tokens(max(n, batch), model.n_vocab)
     row = BenchRow("edgeinfer", row_name(kind, n, depth), n_threads, batch=batch, depth=depth,
-                   kv_type=model.kv_type)
+                   kv_type=model.kv_type, device=model.device.name)
     seqs = [0] + [engine.cache.allocate() for _ in range(batch - 1)]
     for seq in seqs[1:]:
         engine.cache.copy_prefix(0, seq, depth)
@@ -198,7 +202,7 @@ print("PEAK_RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flu
 
 _EDGEINFER_BODY = """
 import edgeinfer
-m = edgeinfer.load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]))
+m = edgeinfer.load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]), device=sys.argv[5])
 for i, piece in enumerate(m.stream("Once upon a time", max_tokens=int(sys.argv[4]), temperature=0)):
     if i == 0:
         print("FIRST_TOKEN", flush=True)
@@ -213,13 +217,13 @@ for i, out in enumerate(llm("Once upon a time", max_tokens=int(sys.argv[4]), tem
 """
 
 
-def process_figures(path: str, backend: str, n_ctx: int, n_threads: int, n_gen: int) -> dict:
+def process_figures(path: str, backend: str, n_ctx: int, n_threads: int, n_gen: int, device: str = "cpu") -> dict:
     """Seconds from process start to the first generated token, and the peak RSS, of a fresh process that
-    loads the model and generates n_gen tokens."""
+    loads the model (edgeinfer: on `device`) and generates n_gen tokens."""
     body = _EDGEINFER_BODY if backend == "edgeinfer" else _LLAMA_CPP_BODY
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", _CHILD_GENERATE.format(body=body), path, str(n_ctx),
-                             str(n_threads), str(n_gen)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(n_threads), str(n_gen), device], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first, peak = None, None
     for line in proc.stdout:
         if line.startswith("FIRST_TOKEN") and first is None:
@@ -256,10 +260,11 @@ def bench_context(prompt_tokens: int, gen_tokens: int, n_ctx: int | None = None,
 
 def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 128, threads=(1, 2), reps: int = 3,
               n_ctx: int | None = None, batches=(1,), depths=(0,), kv_types=(None,), compare_llama_cpp: bool = False,
-              process: bool = True) -> dict:
+              process: bool = True, device: str = "auto") -> dict:
     """All rows of a benchmark run, as a JSON-serialisable dict. n_ctx: context positions (see `bench_context`);
     batches: the tg test for each number of sequences decoded together; depths: each test after that many cached
-    tokens; kv_types: the KV-cache types to load the model with (None: the default)."""
+    tokens; kv_types: the KV-cache types to load the model with (None: the default); device: "auto", "cpu" or
+    "cuda" (the result's "device" says which ran and why)."""
     from edgeinfer.api import load
 
     if reps < 1:
@@ -271,7 +276,8 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
         raise BenchError(f"--batch values must be >= 1, got {','.join(map(str, batches))}")
     kv_bytes_per_position, loaded_types = {}, []
     for kv_type in dict.fromkeys(DEFAULT_KV_TYPE if t is None else t for t in kv_types):
-        with load(path, n_ctx=n_ctx, n_seq=max(batches), kv_type=kv_type) as model:
+        with load(path, n_ctx=n_ctx, n_seq=max(batches), kv_type=kv_type, device=device) as model:
+            chosen = {"name": model.device.name, "reason": model.device.reason}
             loaded_types.append(model.kv_type)
             weight_bytes = model.engine.runner.weight_bytes_per_step()
             kv_bytes_per_position[model.kv_type] = KVCache.nbytes_for(model.config, 1, 1, model.kv_type)
@@ -282,13 +288,15 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
     result = {
         "model": os.path.basename(path),
         "model_size_bytes": os.path.getsize(path),
+        "device": chosen,
         "n_ctx": n_ctx,
         "weight_bytes_per_step": weight_bytes,
         "kv_bytes_per_position": kv_bytes_per_position,  # one sequence, all layers, K and V
         "rows": rows,
     }
     if process:
-        result["process"] = {"edgeinfer": process_figures(path, "edgeinfer", 2048, max(threads), 128)}
+        result["process"] = {"edgeinfer": process_figures(path, "edgeinfer", 2048, max(threads), 128,
+                                                          chosen["name"])}
         if compare_llama_cpp:
             result["process"]["llama.cpp"] = process_figures(path, "llama.cpp", 2048, max(threads), 128)
     return result
@@ -327,6 +335,8 @@ def format_bench(result: dict) -> str:
     lines = [f"model: {result['model']} ({result['model_size_bytes'] / 1e6:.0f} MB)"
              + (f"; a decode step reads {step_bytes / 1e6:.0f} MB of weights" if step_bytes else "")
              + (f" and the KV cache of each attended position ({per_position})" if per_position else ""),
+             *([f"device: {result['device']['name']} ({result['device']['reason'].partition(': ')[2]})"]
+               if "device" in result else []),
              f"| {'backend':9} | {'test':{test_width}} | kv   | batch | threads | {'tokens/s':>16} | vs llama.cpp "
              f"| {READ_HEADER} | GB/s  |",
              f"|-----------|-{'-' * test_width}-|------|-------|---------|------------------|--------------"

@@ -2,7 +2,9 @@
 
 Sections, top to bottom: the machine (`SystemState`, read through a replaceable `SystemProbe`); the model's cost
 (`ModelFootprint`: weights, KV cache per position, scratch, runtime); the plan (`make_plan` applies the rules and
-says why for each number; `BudgetError` when nothing fits); the chat's mid-session power adaptation; output.
+says why for each number; `BudgetError` when nothing fits); the chat's mid-session power adaptation; output and the
+entry points (`plan_on_device` chooses the device, edgeinfer.backends.devices, then plans: on a GPU the weights, KV
+cache and scratch must fit its free memory, the runtime and tokenizer the host's).
 Nothing here allocates a KV cache: `KVCache.nbytes_for` says what the engine will allocate, so the plan follows it.
 Memory figures in messages are MB of 2**20 bytes, as `free -m` and `top` show them.
 """
@@ -15,14 +17,15 @@ from pathlib import Path
 from typing import Callable
 
 from edgeinfer.arch import load_decoder
-from edgeinfer.arch.decoder import DecoderConfig
+from edgeinfer.arch.decoder import DecoderConfig, DecoderWeights
+from edgeinfer.backends.devices import DeviceChoice, check_device, choose_device, cuda_weight_bytes, gpu_margin
 from edgeinfer.engine import KVCache
 from edgeinfer.errors import BudgetError
 from edgeinfer.kv_cache import DEFAULT_KV_TYPE, KV_TYPES, check_kv_type
 from edgeinfer.gguf_reader import GGUFFile
 
 __all__ = ["BudgetError", "ModelFootprint", "Plan", "SystemProbe", "SystemState", "format_plan", "make_plan",
-           "plan_for_model", "power_changed", "read_system_state", "resolve_power", "threads_for_power",
+           "plan_for_model", "plan_on_device", "power_changed", "read_system_state", "resolve_power", "threads_for_power",
            "usable_memory"]
 
 MB = 1 << 20
@@ -346,6 +349,10 @@ class Plan:
     kv_type: str = DEFAULT_KV_TYPE  # element type of the KV cache
     kv_bytes_per_position: int = 0  # all layers, K and V, of one sequence, in kv_type
     kv_fraction_of_f32: float = 1.0  # the cache's bytes over those of an f32 cache of the same positions
+    device: str = "cpu"  # where the model runs: "cpu" or "cuda" (reasons["device"] says why, when it was chosen)
+    # on a GPU: `memory` holds what lies there (weights in the backend's layout, KV cache, scratch) and
+    # memory_available_bytes is the GPU's usable memory; these parts stay in host memory. Empty on the CPU.
+    host_memory: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -424,7 +431,8 @@ def power_changed(old: SystemState, new: SystemState) -> bool:
 
 
 def make_plan(footprint: ModelFootprint, state: SystemState, *, n_ctx: int | None = None,
-              n_threads: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None) -> Plan:
+              n_threads: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None,
+              device: DeviceChoice | None = None, device_weights_bytes: int | None = None) -> Plan:
     """Choose context length, threads, prefill batch and KV-cache type for a model on a machine; BudgetError if it
     cannot fit; InvalidArgument for an unknown kv_type (or q8_0 on head sizes it does not fit).
 
@@ -432,7 +440,11 @@ def make_plan(footprint: ModelFootprint, state: SystemState, *, n_ctx: int | Non
     of 256 between 512 and min(trained, 8192); physical cores (one left free above four, the cgroup quota caps),
     halved in saver mode (asked for, or auto on battery below 30%), one fewer when the CPU is hot. With n_seq > 1
     the KV cache holds n_seq sequences of n_ctx positions each (batched generation). kv_type None: the default
-    (DEFAULT_KV_TYPE); the cache is planned in the chosen type, so a compact type affords a longer context."""
+    (DEFAULT_KV_TYPE); the cache is planned in the chosen type, so a compact type affords a longer context.
+    device: where the model runs (None: the CPU, no device reason); on a GPU (`device.on_gpu`) the context and
+    slots are planned against its free memory less `gpu_margin`, with the weights at device_weights_bytes (their
+    size in the backend's layout; default the file's), one host thread (the GPU computes), and BudgetError the
+    same way when they do not fit; the runtime and tokenizer must still fit the host's memory."""
     if n_ctx is not None and n_ctx < 1:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
     if n_threads is not None and n_threads < 1:
@@ -440,13 +452,27 @@ def make_plan(footprint: ModelFootprint, state: SystemState, *, n_ctx: int | Non
     fp = footprint.with_kv_type(DEFAULT_KV_TYPE if kv_type is None else kv_type)
     fp = dataclasses.replace(fp, n_seq=int(n_seq)) if n_seq != fp.n_seq else fp
     reasons = {}
+    if device is not None:
+        reasons["device"] = device.reason
+    on_device = device is not None and device.name != "cpu"
     mode, reasons["power"] = resolve_power(power, state)
     if n_threads:
         threads, reasons["n_threads"] = int(n_threads), "asked for"
+    elif on_device:
+        threads, reasons["n_threads"] = 1, f"one host thread: the {device.name} device computes"
     else:
         threads, reasons["n_threads"] = _threads(state, mode)
     resident = min(state.process_rss or 0, fp.runtime_bytes + fp.tokenizer_bytes)
     usable, reasons["memory"] = usable_memory(state, resident)
+    host_memory = {}
+    if device is not None and device.on_gpu:
+        host_memory = {"runtime": fp.runtime_bytes, "tokenizer": fp.tokenizer_bytes}
+        _refuse_host(fp.name, host_memory, usable)
+        usable, reasons["memory"] = _gpu_usable(device)
+        full_name = fp.name  # the fit below names the GPU in its refusals
+        fp = dataclasses.replace(fp, name=f"{fp.name} on {device.gpu_name}", runtime_bytes=0, tokenizer_bytes=0,
+                                 weights_bytes=fp.weights_bytes if device_weights_bytes is None
+                                 else int(device_weights_bytes))
     batch = N_BATCH_SAVER if mode == "saver" else N_BATCH
     if n_ctx is not None:
         ctx, batch = _fit_explicit(fp, usable, int(n_ctx), batch)
@@ -461,10 +487,29 @@ def make_plan(footprint: ModelFootprint, state: SystemState, *, n_ctx: int | Non
     memory = fp.breakdown(ctx, batch)
     fraction = memory["kv_cache"] / fp.kv_bytes(ctx, "f32")
     reasons["kv_type"] = _kv_type_reason(fp.kv_type, kv_type is not None, memory["kv_cache"], fraction)
+    if host_memory:
+        memory = {part: size for part, size in memory.items() if part not in host_memory}
+        fp = dataclasses.replace(fp, name=full_name)
     return Plan(model=fp.name, n_ctx=ctx, n_threads=threads, n_batch=batch, n_seq=fp.n_seq, power_mode=mode,
                 memory=memory,
                 memory_total_bytes=sum(memory.values()), memory_available_bytes=usable, reasons=reasons,
-                kv_type=fp.kv_type, kv_bytes_per_position=fp.kv_bytes_per_token, kv_fraction_of_f32=fraction)
+                kv_type=fp.kv_type, kv_bytes_per_position=fp.kv_bytes_per_token, kv_fraction_of_f32=fraction,
+                device="cpu" if device is None else device.name, host_memory=host_memory)
+
+
+def _gpu_usable(device: DeviceChoice) -> tuple[int, str]:
+    """(GPU bytes a model may use, why): its free memory less `gpu_margin`."""
+    margin = gpu_margin(device.total_bytes or device.free_bytes)
+    return max(0, device.free_bytes - margin), (f"{device.gpu_name}: {_mb(device.free_bytes)} MB free, less a "
+                                                f"{_mb(margin)} MB safety margin")
+
+
+def _refuse_host(name: str, host_parts: dict[str, int], usable: int | None) -> None:
+    """BudgetError if what stays in host memory while a GPU computes (runtime, tokenizer) does not fit there."""
+    need = sum(host_parts.values())
+    if usable is not None and need > usable:
+        raise BudgetError(f"{name}: the runtime and tokenizer need {_mb(need)} MB of host memory; "
+                          f"{_mb(usable)} MB available")
 
 
 def _kv_type_reason(kv_type: str, asked: bool, cache_bytes: int, fraction: float) -> str:
@@ -562,24 +607,55 @@ def format_plan(plan: Plan) -> str:
     rows = [("context", f"{plan.n_ctx} positions", "n_ctx"), ("threads", plan.n_threads, "n_threads"),
             ("batch", f"{plan.n_batch} positions", "n_batch"), ("power", plan.power_mode, "power"),
             ("kv cache", plan.kv_type, "kv_type")]
+    if "device" in plan.reasons:
+        rows.insert(0, ("device", plan.device, "device"))
     lines = [f"plan for {plan.model}"]
     lines += [f"  {label:<10} {value:<16} {plan.reasons[key]}" for label, value, key in rows]
-    lines.append(f"memory: {_mb(plan.memory_total_bytes)} MB of {available} usable ({plan.reasons['memory']})")
+    where = "GPU memory" if plan.host_memory else "memory"
+    lines.append(f"{where}: {_mb(plan.memory_total_bytes)} MB of {available} usable ({plan.reasons['memory']})")
     lines += [f"  {part:<10} {_mb(size):>6} MB" for part, size in plan.memory.items()]
+    if plan.host_memory:
+        lines.append("host memory:")
+        lines += [f"  {part:<10} {_mb(size):>6} MB" for part, size in plan.host_memory.items()]
     return "\n".join(lines)
+
+
+def plan_on_device(footprint: ModelFootprint, state: SystemState, weights: DecoderWeights | None, *,
+                   device: str = "auto", n_ctx: int | None = None, n_threads: int | None = None,
+                   power: str = "auto", n_seq: int = 1, kv_type: str | None = None,
+                   **choose) -> tuple[DeviceChoice, Plan]:
+    """Choose the device (edgeinfer.backends.devices.choose_device: "auto", "cpu" or "cuda"), then plan on it.
+
+    auto weighs the weights in the CUDA layout (`cuda_weight_bytes`; weights may be None only for device="cpu")
+    and the KV cache of n_ctx positions (or the smallest context) with the smallest scratch against the GPU's free
+    memory. choose: keyword arguments for choose_device (a probe, backend factories: tests)."""
+    check_device(device)
+    gpu_weights = fp_kv = 0  # unused on the CPU
+    if device != "cpu":
+        fp = footprint.with_kv_type(DEFAULT_KV_TYPE if kv_type is None else kv_type)
+        fp = dataclasses.replace(fp, n_seq=int(n_seq))
+        gpu_weights = cuda_weight_bytes(weights)
+        smallest = n_ctx or min(CTX_MIN, fp.trained_context)
+        fp_kv = fp.kv_bytes(smallest) + fp.scratch_bytes(N_BATCH_MIN)
+    choice = choose_device(device, gpu_weights, fp_kv, **choose)
+    plan = make_plan(footprint, state, n_ctx=n_ctx, n_threads=n_threads, power=power, n_seq=n_seq, kv_type=kv_type,
+                     device=choice, device_weights_bytes=None if device == "cpu" else gpu_weights)
+    return choice, plan
 
 
 def plan_for_model(path_or_gguf: str | os.PathLike | GGUFFile, *, n_ctx: int | None = None,
                    n_threads: int | None = None, power: str = "auto", state: SystemState | None = None,
-                   kv_type: str | None = None) -> Plan:
-    """Plan for a GGUF file (path or opened): reads its metadata, never allocates the KV cache.
+                   kv_type: str | None = None, device: str = "auto") -> Plan:
+    """Plan for a GGUF file (path or opened) on `device` ("auto", "cpu" or "cuda", see `plan_on_device`): reads
+    its metadata and tensor headers, never repacks or uploads weights, never allocates the KV cache.
     `state` defaults to the real machine's; kv_type None is the default type."""
+    check_device(device)
     gguf = path_or_gguf if isinstance(path_or_gguf, GGUFFile) else GGUFFile(path_or_gguf)
     try:
-        cfg, _ = load_decoder(gguf)
+        cfg, weights = load_decoder(gguf)
         footprint = ModelFootprint.from_gguf(gguf, cfg)
+        return plan_on_device(footprint, state or read_system_state(), weights, device=device, n_ctx=n_ctx,
+                              n_threads=n_threads, power=power, kv_type=kv_type)[1]
     finally:
         if gguf is not path_or_gguf:
             gguf.close()
-    return make_plan(footprint, state or read_system_state(), n_ctx=n_ctx, n_threads=n_threads, power=power,
-                     kv_type=kv_type)

@@ -80,6 +80,10 @@ KV_TYPE_CHOICES = ("f32", "f16", "q8_0")
 # speculation modes: edgeinfer.speculative.SPECULATION_MODES (likewise kept in step by a test)
 SPECULATION_MODES = ("auto", "ngram", "draft", "off")
 KV_TYPE_HELP = "KV cache type (llama.cpp's -ctk/-ctv; q8_0 takes 28% of f32's memory; default: the budget's choice)."
+# devices: edgeinfer.backends.devices.DEVICES (not imported here, so --help stays light; a test keeps them in step)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_HELP = ("Where the model runs: auto takes a CUDA GPU when there is one and the model fits it, else the CPU; "
+               "cuda needs numba-cuda (pip install 'edgeinfer[cuda]').")
 
 
 class ChoiceList(click.ParamType):
@@ -104,6 +108,12 @@ class ChoiceList(click.ParamType):
 
 def _kv_type_option():
     return click.option("--kv-type", type=click.Choice(KV_TYPE_CHOICES), default=None, help=KV_TYPE_HELP)
+
+
+def device_option():
+    """--device auto|cpu|cuda, the same on every command that loads or plans a model."""
+    return click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+                        help=DEVICE_HELP)
 
 
 def _seed(ctx, param, value):
@@ -159,13 +169,15 @@ def info_cmd(model: str, as_json: bool) -> None:
 @click.option("--power", type=click.Choice(["auto", "saver", "balanced", "performance"]), default="auto",
               show_default=True, help="Power mode; auto is saver on battery below 30%.")
 @_kv_type_option()
+@device_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_cmd(model: str, n_ctx, n_threads, power: str, kv_type, as_json: bool) -> None:
-    """Show the context length, threads, KV cache type and memory MODEL would get on this machine, and why."""
+def plan_cmd(model: str, n_ctx, n_threads, power: str, kv_type, device: str, as_json: bool) -> None:
+    """Show the device, context length, threads, KV cache type and memory MODEL would get on this machine, and why."""
     from edgeinfer.budget import format_plan, plan_for_model
     from models.fetch import resolve_model
 
-    plan = plan_for_model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, power=power, kv_type=kv_type)
+    plan = plan_for_model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, power=power, kv_type=kv_type,
+                          device=device)
     click.echo(json.dumps(plan.to_json(), indent=2) if as_json else format_plan(plan))
 
 
@@ -202,13 +214,13 @@ def _sampling_options(repeat_penalty: float):
     return decorate
 
 
-def _load_model(model: str | None, n_ctx, n_threads, seed, kv_type=None, draft=None):
+def _load_model(model: str | None, n_ctx, n_threads, seed, kv_type=None, draft=None, device="auto"):
     from edgeinfer.api import Model
     from models.fetch import default_model_name, resolve_model, rich_progress
 
     with rich_progress() as progress:
         path = resolve_model(model or default_model_name(), progress=progress)
-    m = Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, kv_type=kv_type)
+    m = Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, kv_type=kv_type, device=device)
     if draft is not None:
         try:
             m.use_draft(draft)
@@ -229,12 +241,14 @@ def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> 
 @click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=256, show_default=True,
               help="Tokens to generate at most; 0 only evaluates the prompt.")
 @_sampling_options(repeat_penalty=1.0)
+@device_option()
 def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads,
-            kv_type, speculative, draft):
-    """Continue PROMPT with MODEL, streaming the text to stdout and timings to stderr."""
+            kv_type, speculative, draft, device):
+    """Continue PROMPT with MODEL, streaming the text to stdout and timings to stderr (the last line also says
+    which device ran it, and why)."""
     from rich.console import Console
 
-    with _load_model(model, n_ctx, n_threads, seed, kv_type, draft) as m:
+    with _load_model(model, n_ctx, n_threads, seed, kv_type, draft, device) as m:
         with Console(stderr=True).status("loading kernels (a first run compiles them: a minute or two)"):
             m.engine.warm_up()
         for piece in m.stream(prompt, max_tokens=max_tokens, speculative=speculative,
@@ -244,7 +258,8 @@ def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_
         s = m.last_stats
         click.echo(f"prompt {s.prompt_tokens} tokens {s.prefill_tokens_per_second:.1f} tok/s | "
                    f"generated {s.generated_tokens} tokens {s.decode_tokens_per_second:.1f} tok/s | "
-                   f"first token {s.time_to_first_token * 1000:.0f} ms | stop: {s.stop_reason}"
+                   f"first token {s.time_to_first_token * 1000:.0f} ms | stop: {s.stop_reason} | "
+                   f"device: {m.device.summary}"
                    + (f" | speculation: {s.speculation.accepted}/{s.speculation.drafted} guesses accepted"
                       if s.speculation.drafted else ""), err=True)
 
@@ -290,11 +305,12 @@ def chat_cmd(model, system, max_tokens, single, **options):
 @click.option("--spec", "spec_modes", type=ChoiceList(SPECULATION_MODES), default=None,
               help="Instead of pp/tg: speculative decoding on real tasks (rewrite, quote, summarize, story), greedy, "
                    "in each comma-separated mode against 'off' (edgeinfer.bench_spec).")
+@device_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--compare-llama-cpp", is_flag=True, help="Run llama.cpp (llama-cpp-python) on the same file too.")
 @click.option("--no-process", is_flag=True, help="Skip the time-to-first-token and peak-RSS subprocess runs.")
-def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, batches, kv_types, spec_modes, as_json,
-              compare_llama_cpp, no_process):
+def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, batches, kv_types, spec_modes, device,
+              as_json, compare_llama_cpp, no_process):
     """Measure prompt processing and generation speed, like llama-bench.
 
     Beside each tg row: the bytes a decode step reads (the weights, and the KV cache of the positions it attends
@@ -311,7 +327,7 @@ def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, ba
         from edgeinfer.api import load
         from edgeinfer.bench_spec import format_spec_bench, run_spec_bench
 
-        with load(resolve_model(model), n_ctx=2048, kv_type=(kv_types or (None,))[0]) as m:
+        with load(resolve_model(model), n_ctx=2048, kv_type=(kv_types or (None,))[0], device=device) as m:
             rows = run_spec_bench(m, spec_modes, thread_counts, reps=reps)
         click.echo(json.dumps(rows, indent=2) if as_json else format_spec_bench(rows))
         return
@@ -323,7 +339,7 @@ def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, ba
     result = run_bench(resolve_model(model), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                        threads=thread_counts, reps=reps, n_ctx=n_ctx, batches=batches, depths=depths,
                        kv_types=kv_types or (None,), compare_llama_cpp=compare_llama_cpp,
-                       process=not no_process)
+                       process=not no_process, device=device)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 
