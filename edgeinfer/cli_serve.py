@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgeinfer.cli import KV_TYPE_CHOICES, KV_TYPE_HELP, THREADS_HELP, CountList, _compute_threads
+from edgeinfer.cli import KV_TYPE_CHOICES, KV_TYPE_HELP, THREADS_HELP, CountList, _compute_threads, device_option
 
 
 @click.command("serve")
@@ -20,13 +20,14 @@ from edgeinfer.cli import KV_TYPE_CHOICES, KV_TYPE_HELP, THREADS_HELP, CountList
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, callback=_compute_threads,
               help=THREADS_HELP)
 @click.option("--kv-type", type=click.Choice(KV_TYPE_CHOICES), default=None, help=KV_TYPE_HELP)
+@device_option()
 @click.option("--api-key", default=None, envvar="EDGEINFER_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")
 @click.option("--queue", "max_queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests that may wait for a slot; beyond them the server answers 429 with Retry-After.")
 @click.option("--drain", "drain_seconds", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds running requests may finish after SIGINT/SIGTERM.")
-def serve_cmd(model, host, port, parallel, n_ctx, n_threads, kv_type, api_key, max_queue, drain_seconds):
+def serve_cmd(model, host, port, parallel, n_ctx, n_threads, kv_type, device, api_key, max_queue, drain_seconds):
     """Serve MODEL (default: the catalogue's default model, fetched on first use) over OpenAI's HTTP API:
     /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, /tokenize, /detokenize."""
     from edgeinfer.serve.server import ServeOptions, serve
@@ -39,7 +40,7 @@ def serve_cmd(model, host, port, parallel, n_ctx, n_threads, kv_type, api_key, m
     entry = catalogue_entry_for(path)
     model_id = entry.name if entry is not None else path.stem  # what /v1/models lists; the file name works too
     options = ServeOptions(host=host, port=port, parallel=parallel, n_ctx=n_ctx, n_threads=n_threads,
-                           kv_type=kv_type, api_key=api_key or None, max_queue=max_queue,
+                           kv_type=kv_type, device=device, api_key=api_key or None, max_queue=max_queue,
                            drain_seconds=drain_seconds, model_id=model_id)
     serve(path, options, say=lambda line: click.echo(line))
 

@@ -226,6 +226,26 @@ def test_run_device_auto_says_cpu_on_the_stats_line(tiny):
     assert len(stats) == 1 and "| device: cpu (no CUDA GPU: " in stats[0], result.stderr
 
 
+def test_serve_device_cuda_without_a_gpu_stops_with_one_error_line(tiny):
+    result = run_edgeinfer("serve", str(tiny), "--port", "0", "--device", "cuda", env=NO_CUDA_ENV, timeout=120)
+    assert result.returncode == 1 and "listening on" in result.stdout
+    assert_one_error_line(result, "device cuda", "edgeinfer[cuda]")
+
+
+def test_serve_start_lines_say_the_device(tiny):
+    from edgeinfer.serve.app import ServerState
+    from edgeinfer.serve.server import ServeOptions, _load
+
+    lines = []
+    served = _load(tiny, ServeOptions(parallel=1, n_ctx=32, device="cpu"), ServerState(), "tiny", lines.append)
+    try:
+        assert served.model.device.name == "cpu"
+        assert "  device     cpu              cpu: asked for" in lines[0].splitlines()
+    finally:
+        served.scheduler.close()
+        served.model.close()
+
+
 def test_plan_device_cuda_json_errors_without_a_gpu(tiny):
     assert_one_error_line(run_edgeinfer("plan", str(tiny), "--device", "cuda", "--json", env=NO_CUDA_ENV),
                           "device cuda", "edgeinfer[cuda]")

@@ -70,7 +70,7 @@ def _numba_cuda_installed() -> bool:
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return text[0].rstrip(".") if text else type(error).__name__
 
 
 def _probe_numba_cuda() -> CudaProbe:
@@ -218,8 +218,8 @@ def choose_device(requested: str, model_bytes: int, kv_bytes: int, *, probe: Cud
         if probe.simulator:
             return DeviceChoice("cuda", cuda_backend(), f"cuda: {probe.reason}")
         if not probe.available:
-            raise UnsupportedError(f"device cuda: {probe.reason}; a CUDA GPU with its driver and numba-cuda "
-                                   f"({INSTALL_HINT}) are needed")
+            raise UnsupportedError(f"device cuda: {probe.reason}; it needs an NVIDIA GPU, its driver and numba-cuda "
+                               f"({INSTALL_HINT})")
         return _on_gpu(cuda_backend(), probe, "asked for")
     if probe.simulator:
         return DeviceChoice("cpu", cpu_backend(), f"cpu: {probe.reason}")

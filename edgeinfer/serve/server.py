@@ -34,6 +34,7 @@ class ServeOptions:
     n_ctx: int | None = None  # per slot; None: the budget's choice for parallel + 1 sequences
     n_threads: int | None = None
     kv_type: str | None = None
+    device: str = "auto"  # "auto", "cpu" or "cuda" (edgeinfer.backends.devices)
     api_key: str | None = None
     max_queue: int = 64
     drain_seconds: float = 5.0
@@ -94,7 +95,8 @@ def serve(path: Path, options: ServeOptions, say: Callable[[str], None] = print)
     def load() -> None:
         try:
             state.served = _load(path, options, state, model_id, say)
-            say(f"ready: {url}/v1 (model {model_id!r}, {options.parallel} slots)")
+            say(f"ready: {url}/v1 (model {model_id!r}, {options.parallel} slots, device: "
+                f"{state.served.model.device.summary})")
         except BaseException as e:  # noqa: BLE001 (reported by serve, after uvicorn stops)
             failure.append(e)
             server.should_exit = True
@@ -130,7 +132,7 @@ def _load(path: Path, options: ServeOptions, state: ServerState, model_id: str, 
     from edgeinfer.budget import format_plan
 
     model = Model(path, n_ctx=options.n_ctx, n_threads=options.n_threads, n_seq=options.parallel + 1,
-                  kv_type=options.kv_type)
+                  kv_type=options.kv_type, device=options.device)
     try:
         say(format_plan(model.plan))
         model.engine.warm_up()  # compiles on a first run (a minute or two), else loads the compiled kernels
