@@ -4,15 +4,20 @@ The whole session runs with EDGEINFER_HOME set to a temporary directory (before 
 by every subprocess), so repacked caches and anything else a test writes vanish with it; its `models` and `numba`
 are links to the user's real ones, so a second run neither downloads the models again nor recompiles the kernels.
 """
-import gzip
-import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
-import platformdirs
-import psutil
+# CI has no GPU: the CUDA kernels' tests run in numba-cuda's simulator. Set before anything imports numba (numba.cuda
+# reads it once); it changes only numba.cuda, never the CPU kernels. A GPU run sets NUMBA_ENABLE_CUDASIM=0 itself.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import gzip  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import platformdirs  # noqa: E402
+import psutil  # noqa: E402
 
 
 def _session_home() -> Path:

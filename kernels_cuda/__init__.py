@@ -1,0 +1,14 @@
+"""CUDA kernels for the decoder family (numba-cuda), the device side of edgeinfer.backends.cuda.
+
+- layout: every ggml weight type decoded once on the host into one exact form, int8 values with a float32 scale
+  and offset per group (plain numpy);
+- launch: the launch geometry (threads per row, rows per block), one for a real GPU and a small one for
+  numba-cuda's simulator, where each thread is a Python thread;
+- linear: activations quantized to int8 per 32 as the CPU does, int32 dots per group, a tile of tokens x rows;
+- ops: RMSNorm, RoPE, the gated activations, residual adds, embedding gather, logit post-processing;
+- attention: K/V stores into the device cache (f32, f16, q8_0) and attention over it for any batch of
+  (sequence, position) rows.
+
+Nothing outside edgeinfer.backends.cuda imports this package, so importing edgeinfer never loads numba.cuda.
+Not here yet: dp4a through linked CUDA C (the int32 dots are plain Numba), packed 4-bit weights, tuned tile sizes.
+"""

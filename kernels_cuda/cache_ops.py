@@ -1,0 +1,70 @@
+"""Storage operations on device KV-cache arrays (n_layers, n_seq, n_kv_heads, n_ctx, dim): zero-filled allocation,
+a copy of one sequence's first positions to another, and an upload of one sequence's positions from the host."""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+THREADS = 256
+
+
+@cuda.jit
+def _fill_zero(flat):
+    i = cuda.grid(1)
+    if i < flat.shape[0]:
+        flat[i] = 0
+
+
+@cuda.jit
+def _copy_positions(a, src, dst, n):
+    """a[:, dst, :, :n] = a[:, src, :, :n]; one thread per element."""
+    n_layers, n_heads, dim = a.shape[0], a.shape[2], a.shape[4]
+    i = cuda.grid(1)
+    if i >= n_layers * n_heads * n * dim:
+        return
+    c = i % dim
+    p = (i // dim) % n
+    h = (i // (dim * n)) % n_heads
+    layer = i // (dim * n * n_heads)
+    a[layer, dst, h, p, c] = a[layer, src, h, p, c]
+
+
+def _grid(n: int) -> int:
+    return max(1, (n + THREADS - 1) // THREADS)
+
+
+def zeros(shape: tuple[int, ...], dtype) -> cuda.devicearray.DeviceNDArray:
+    """A zeroed device array (filled there: no host array of its size is made)."""
+    a = cuda.device_array(shape, dtype=dtype)
+    flat = a.reshape(a.size)
+    _fill_zero[_grid(a.size), THREADS](flat)
+    return a
+
+
+def copy_positions(a, src: int, dst: int, n: int) -> None:
+    size = a.shape[0] * a.shape[2] * n * a.shape[4]
+    _copy_positions[_grid(size), THREADS](a, src, dst, n)
+
+
+def write_positions(a, seq: int, host: np.ndarray) -> None:
+    """a[:, seq, :, :n] = host (n_layers, n_heads, n, dim), through a staging device array and the copy kernel's
+    indexing (a strided slice of a device array cannot be assigned from the host directly)."""
+    n = host.shape[2]
+    if n == 0:
+        return
+    staging = cuda.to_device(host.reshape(host.shape[0], 1, host.shape[1], n, host.shape[3]))
+    size = host.size
+    _write_positions[_grid(size), THREADS](a, staging, seq, n)
+
+
+@cuda.jit
+def _write_positions(a, staging, seq, n):
+    n_layers, n_heads, dim = a.shape[0], a.shape[2], a.shape[4]
+    i = cuda.grid(1)
+    if i >= n_layers * n_heads * n * dim:
+        return
+    c = i % dim
+    p = (i // dim) % n
+    h = (i // (dim * n)) % n_heads
+    layer = i // (dim * n * n_heads)
+    a[layer, seq, h, p, c] = staging[layer, 0, h, p, c]
