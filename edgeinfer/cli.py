@@ -432,3 +432,5 @@ register_serve_commands(cli)
 
 if __name__ == "__main__":
     main()
+from edgeinfer.cli_frontier import frontier_cmd  # noqa: E402
+cli.add_command(frontier_cmd)

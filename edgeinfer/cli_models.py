@@ -83,19 +83,41 @@ def rm_cmd(model: str, dry_run: bool) -> None:
 
 @click.command("prune")
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
-def prune_cmd(dry_run: bool) -> None:
-    """Remove files no run will use again: repacked caches whose model is gone or changed, partial downloads and
-    compiled kernels of other edgeinfer versions. Downloaded models are kept (see `edgeinfer rm`)."""
+@click.option("--frontier", "all_frontier", is_flag=True,
+              help="Also remove every cached `edgeinfer frontier` weight variant (made again on the next run).")
+def prune_cmd(dry_run: bool, all_frontier: bool) -> None:
+    """Remove files no run will use again: repacked caches whose model is gone or changed, partial downloads,
+    compiled kernels of other edgeinfer versions and frontier variants whose source is gone or changed (with
+    --frontier, every frontier variant). Downloaded models are kept (see `edgeinfer rm`)."""
     from edgeinfer.backends.cpu_repack import stale_cache_files
     from kernels_cpu import stale_cache_dirs
     from models.fetch import stale_partials
 
-    found = (stale_cache_files() + [(p, "partial download of a finished process") for p in stale_partials()]
+    frontier = _frontier_files(all_frontier)
+    taken = {path for path, _ in frontier}
+    found = (frontier + [(p, why) for p, why in stale_cache_files() if p not in taken]
+             + [(p, "partial download of a finished process") for p in stale_partials()]
              + [(d, "kernels compiled from other sources") for d in stale_cache_dirs()])
     if not found:
         click.echo("nothing to prune")
         return
     _remove(found, dry_run)
+
+
+def _frontier_files(all_variants: bool) -> list[tuple[Path, str]]:
+    """(path, why) for each frontier source directory to remove (stale ones; all with all_variants), each preceded
+    by its variants' repacked caches (which would be stale once the variants are gone)."""
+    from edgeinfer.backends.cpu_repack import cache_files_of
+    from edgeinfer.frontier.variants import cached_variant_dirs, variant_files
+
+    out = []
+    for directory, stale in cached_variant_dirs():
+        if stale or all_variants:
+            why = stale or "frontier variants (--frontier)"
+            out += [(cache, "repacked cache of a frontier variant") for variant in variant_files(directory)
+                    for cache in cache_files_of(variant)]
+            out.append((directory, why))
+    return out
 
 
 def _remove(found: list[tuple[Path, str]], dry_run: bool) -> None:

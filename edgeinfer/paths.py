@@ -1,4 +1,5 @@
-"""Where edgeinfer keeps its files: models, the Numba compilation cache and repacked weights, all under home().
+"""Where edgeinfer keeps its files: models, the Numba compilation cache, repacked weights and the frontier's weight
+variants, all under home().
 
 Everything that writes there asks `writable_home()` first: a home that is a file, lies under a file or cannot be
 written is reported once per process as one `warning:` line on stderr, and the callers then keep their caches in
@@ -24,6 +25,11 @@ def home() -> Path:
 def models_dir() -> Path:
     """Directory holding downloaded, verified model files."""
     return home() / "models"
+
+
+def frontier_dir() -> Path:
+    """Directory holding `edgeinfer frontier`'s weight variants: <source digest>/<type>[-p<prune>]/model.gguf."""
+    return home() / "frontier"
 
 
 def home_problem(path: Path | None = None) -> str | None:

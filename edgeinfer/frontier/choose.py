@@ -124,7 +124,7 @@ def _lost_on_preference(row: dict, best: dict, prefer: str) -> str:
 
 def _show(key: str, value: float) -> str:
     shown = {"peak_rss_bytes": lambda v: f"{v / 1e6:.0f} MB", "decode_tok_s": lambda v: f"{v:.1f} tok/s",
-             "kl": lambda v: f"{v:.4f}", "energy_j_per_token": lambda v: f"{v:.3f} J"}
+             "kl": lambda v: f"{v:.4g}", "energy_j_per_token": lambda v: f"{v:.3f} J"}
     return shown[key](value)
 
 
