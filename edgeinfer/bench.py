@@ -201,8 +201,8 @@ print("PEAK_RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flu
 """
 
 _EDGEINFER_BODY = """
-import edgeinfer
-m = edgeinfer.load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]), device=sys.argv[5])
+from edgeinfer.api import load
+m = load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]), device=sys.argv[5])
 for i, piece in enumerate(m.stream("Once upon a time", max_tokens=int(sys.argv[4]), temperature=0)):
     if i == 0:
         print("FIRST_TOKEN", flush=True)
@@ -278,6 +278,8 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
     for kv_type in dict.fromkeys(DEFAULT_KV_TYPE if t is None else t for t in kv_types):
         with load(path, n_ctx=n_ctx, n_seq=max(batches), kv_type=kv_type, device=device) as model:
             chosen = {"name": model.device.name, "reason": model.device.reason}
+            if model.device.name != "cpu":  # host threads do not change a GPU's speed: one row each, not one a count
+                threads = (1,)
             loaded_types.append(model.kv_type)
             weight_bytes = model.engine.runner.weight_bytes_per_step()
             kv_bytes_per_position[model.kv_type] = KVCache.nbytes_for(model.config, 1, 1, model.kv_type)

@@ -31,11 +31,11 @@ INSTALL_HINT = "pip install 'edgeinfer[cuda]'"
 # a context), allocator rounding, and a display or another process taking some meanwhile.
 GPU_MARGIN_FRACTION = 0.05
 GPU_MARGIN_FLOOR = 512 << 20
-# ggml types the CUDA layout keeps as float16 (F32, F16, BF16); the quantized ones become int8 values with a float32
-# scale and offset per group of 16: 1 + 8/16 bytes per value at most
-FLOAT_GGML_TYPES = frozenset({0, 1, 30})
+# bytes per value of each float ggml type in the CUDA layout (kernels_cuda.layout): F32 and BF16 as float32, F16 as
+# float16; the quantized types become int8 values with a float32 scale and offset per group of 32 columns (16 for
+# Q2_K, Q3_K, Q6_K): 1 + 8/16 bytes per value at most, the bound used here
+FLOAT_BYTES_PER_VALUE = {0: 4, 1: 2, 30: 4}
 QUANT_BYTES_PER_VALUE = 1.5
-FLOAT_BYTES_PER_VALUE = 2
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,9 @@ def gpu_margin(total_bytes: int) -> int:
 
 
 def cuda_weight_bytes(weights: DecoderWeights) -> int:
-    """Bytes the CUDA backend's layout of these weights takes on the GPU (an upper bound: quantized matrices as int8
-    values with a scale and offset per 16, float ones as float16; norms and biases as float32). A tied LM head
-    (the embedding itself) counts once."""
+    """Bytes the CUDA backend's layout of these weights takes on the GPU (an upper bound for quantized matrices: int8
+    values with a scale and offset per 16 values; float ones as the layout keeps them; norms and biases as
+    float32). A tied LM head (the embedding itself) counts once."""
     seen, total = set(), 0
     matrices = [weights.token_embd, weights.output]
     vectors = [weights.output_norm]
@@ -144,7 +144,7 @@ def cuda_weight_bytes(weights: DecoderWeights) -> int:
         if m is None or id(m) in seen:
             continue
         seen.add(id(m))
-        per_value = FLOAT_BYTES_PER_VALUE if m.ggml_type in FLOAT_GGML_TYPES else QUANT_BYTES_PER_VALUE
+        per_value = FLOAT_BYTES_PER_VALUE.get(m.ggml_type, QUANT_BYTES_PER_VALUE)
         total += int(m.n_rows * m.n_cols * per_value)
     return total + sum(4 * int(v.size) for v in vectors if v is not None)
 
