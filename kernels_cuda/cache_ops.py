@@ -34,7 +34,12 @@ def _grid(n: int) -> int:
 
 
 def zeros(shape: tuple[int, ...], dtype) -> cuda.devicearray.DeviceNDArray:
-    """A zeroed device array (filled there: no host array of its size is made)."""
+    """A zeroed device array, filled there (no host array of a cache's size is made); in the simulator, where the
+    fill would be a Python loop over every element, uploaded from the host."""
+    from kernels_cuda.launch import simulated
+
+    if simulated():
+        return cuda.to_device(np.zeros(shape, dtype))
     a = cuda.device_array(shape, dtype=dtype)
     flat = a.reshape(a.size)
     _fill_zero[_grid(a.size), THREADS](flat)
