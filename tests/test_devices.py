@@ -70,6 +70,21 @@ def test_auto_takes_the_cpu_when_the_cuda_backend_cannot_load():
     assert choice.name == "cpu" and "cannot be loaded" in choice.reason
 
 
+def test_a_cuda_backend_that_fails_to_start_is_an_unsupported_error(monkeypatch):
+    fake = types.ModuleType("edgeinfer.backends.cuda")
+
+    class CUDABackend:
+        def __init__(self):
+            raise RuntimeError("CUDA_ERROR_NO_BINARY_FOR_GPU\nmore detail")
+
+    fake.CUDABackend = CUDABackend
+    monkeypatch.setitem(sys.modules, "edgeinfer.backends.cuda", fake)
+    with pytest.raises(UnsupportedError, match="could not start: CUDA_ERROR_NO_BINARY_FOR_GPU$"):
+        choose_device("cuda", 1, 1, probe=CudaProbe(**H200))
+    auto = choose_device("auto", 1, 1, probe=CudaProbe(**H200), cpu_backend=lambda: FakeBackend("cpu"))
+    assert auto.name == "cpu" and "could not start" in auto.reason
+
+
 def test_cuda_without_a_gpu_is_one_clear_error():
     with pytest.raises(UnsupportedError, match=r"no CUDA driver.*pip install 'edgeinfer\[cuda\]'"):
         choose_device("cuda", 1, 1, **fakes(available=False, reason="no CUDA GPU: no CUDA driver found"))

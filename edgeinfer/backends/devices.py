@@ -197,7 +197,12 @@ def _cuda_backend() -> Backend:
         from edgeinfer.backends.cuda import CUDABackend
     except ImportError as e:  # a release without it, or a dependency of it missing
         raise UnsupportedError(f"the CUDA backend cannot be loaded ({_first_line(e)}): {INSTALL_HINT}") from None
-    return CUDABackend()
+    try:
+        return CUDABackend()
+    except UnsupportedError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a driver or toolkit error of numba-cuda's: one line, not a traceback)
+        raise UnsupportedError(f"the CUDA backend could not start: {_first_line(e)}") from None
 
 
 def choose_device(requested: str, model_bytes: int, kv_bytes: int, *, probe: CudaProbe | None = None,
