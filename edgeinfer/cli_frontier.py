@@ -117,8 +117,10 @@ def _run_with_progress(spec) -> dict:
 
     from edgeinfer.frontier import run
 
+    console = Console(stderr=True)
     bar = Progress(TextColumn("{task.fields[variant]:<22}"), TextColumn("{task.description:<48}"), BarColumn(),
-                   MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                   MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+    plain = not console.is_terminal  # a log file gets one line per step instead of a bar it cannot redraw
 
     class RichProgress(run.Progress):
         task = None
@@ -128,6 +130,8 @@ def _run_with_progress(spec) -> dict:
             self.task = bar.add_task("starting", total=total, variant="")
 
         def step(self, variant, text):
+            if plain and not text.startswith(("converting: tensor", "perplexity chunk")):
+                click.echo(f"{variant}: {text}", err=True)
             bar.update(self.task, description=text[:48], variant=variant)
 
         def advance(self):
