@@ -57,8 +57,8 @@ def test_choice_takes_the_best_quality_that_meets_every_constraint_and_says_why_
     assert choice.best["label"] == "Q8_0"
     why = {r["label"]: reason for r, reason in choice.lost}
     assert "peak RSS 1100 MB > --max-memory 800 MB" in why["F16"]
-    assert "KL 0.1000 > --max-kl 0.0500" in why["Q4_0"]
-    assert "better than" not in why["Q5_bad"] and "KL 0.0200 is worse than Q8_0's 0.0100" in why["Q5_bad"]
+    assert "KL 0.1 > --max-kl 0.05" in why["Q4_0"]
+    assert "better than" not in why["Q5_bad"] and "KL 0.02 is worse than Q8_0's 0.01" in why["Q5_bad"]
     assert choice.commands == ['edgeinfer run /m.gguf "PROMPT" --kv-type f16 --threads 2',
                                "edgeinfer serve /m.gguf --kv-type f16 --threads 2"]
     assert choice.binding == []
@@ -76,7 +76,7 @@ def test_no_variant_meets_them_names_the_binding_constraint_and_its_relaxation()
     assert choice.best is None and choice.commands == []
     # Q4_0 and Q4_t1 fail only --max-kl; F16, Q8_0 and Q5_bad fail only --max-memory
     assert choice.binding == ["--max-memory 600 MB binds: --max-memory 700 MB would admit Q8_0",
-                              "--max-kl 0.0500 binds: --max-kl 0.1000 would admit Q4_0"]
+                              "--max-kl 0.05 binds: --max-kl 0.1 would admit Q4_0"]
     choice = choose(POINTS, Constraints(min_tok_s=100))
     assert choice.binding == ["--min-tok-s 100.0 tok/s binds: --min-tok-s 35.0 tok/s would admit Q4_0"]
 
