@@ -19,7 +19,7 @@ from edgeinfer.errors import BudgetError, InvalidArgument
 CONSTRAINTS = {
     "max_memory": ("peak_rss_bytes", "max", "--max-memory", lambda v: f"{v / 1e6:.0f} MB"),
     "min_tok_s": ("decode_tok_s", "min", "--min-tok-s", lambda v: f"{v:.1f} tok/s"),
-    "max_kl": ("kl", "max", "--max-kl", lambda v: f"{v:.4f}"),
+    "max_kl": ("kl", "max", "--max-kl", lambda v: f"{v:.4g}"),
 }
 FIELD_NAMES = {"peak_rss_bytes": "peak RSS", "decode_tok_s": "decode", "kl": "KL",
                "energy_j_per_token": "energy/token"}
@@ -211,5 +211,5 @@ def variant_for_machine(frontier: dict | str | os.PathLike, available_bytes: int
     memory = "any size" if available_bytes is None else f"{available_bytes / 1e6:.0f} MB usable"
     why = (f"{power_state}: {'least energy per token' if prefer == 'energy' else 'best quality'} of the "
            f"{len(fits)} of {len(rows)} stored variants that fit ({memory}); peaks at "
-           f"{best['peak_rss_bytes'] / 1e6:.0f} MB, KL {best['kl']:.4f}")
+           f"{best['peak_rss_bytes'] / 1e6:.0f} MB, KL {best['kl']:.4g}")
     return best, why
