@@ -30,7 +30,7 @@ EXIT_HINT = "press Ctrl-C again, Ctrl-D or /quit to exit"
 def run_chat_command(model_name: str | None, *, system: str | None = None, max_tokens: int = 1024,
                      single: bool = False, n_ctx: int | None = None, n_threads: int | None = None,
                      seed: int | None = None, power: str = "auto", kv_type: str | None = None,
-                     draft: str | None = None, **options) -> None:
+                     draft: str | None = None, device: str = "auto", **options) -> None:
     """The `edgeinfer chat` command: open the model (pulled if needed), then chat over stdin/stdout.
     options: the CLI's sampling options (temperature, top_k, top_p, min_p, repeat_penalty; others ignored)."""
     from rich.console import Console
@@ -39,7 +39,7 @@ def run_chat_command(model_name: str | None, *, system: str | None = None, max_t
     sampling = {k: v for k, v in options.items() if k in SETTINGS and k != "max_tokens"}
     session, line = open_session(model_name, system=system, max_tokens=max_tokens, n_ctx=n_ctx,
                                  n_threads=n_threads, seed=seed, power=power, kv_type=kv_type, console=console,
-                                 draft=draft, **sampling)
+                                 draft=draft, device=device, **sampling)
     interactive = sys.stdin.isatty()
     with session.model:
         if interactive:
@@ -55,7 +55,7 @@ def run_chat_command(model_name: str | None, *, system: str | None = None, max_t
 def open_session(model_name: str | None, *, system: str | None = None, max_tokens: int = 1024,
                  n_ctx: int | None = None, n_threads: int | None = None, seed: int | None = None,
                  power: str = "auto", kv_type: str | None = None, console=None, draft: str | None = None,
-                 **sampling) -> tuple[ChatSession, str]:
+                 device: str = "auto", **sampling) -> tuple[ChatSession, str]:
     """Resolve the model (a progress bar while a catalogue model is pulled), plan its context and threads with the
     budget manager, load it and compile or load the kernels (a spinner on stderr meanwhile).
     Returns the session and the start line."""
@@ -71,7 +71,7 @@ def open_session(model_name: str | None, *, system: str | None = None, max_token
         path = resolve_model(model_name, progress=progress)
     with console.status(f"loading {path.name}"):
         model = Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power,  # planned by the budget
-                      kv_type=kv_type)
+                      kv_type=kv_type, device=device)
     try:
         if draft is not None:
             with console.status(f"loading the draft model {draft}"):
@@ -110,7 +110,7 @@ def start_line(model, plan) -> str:
     mode, _, power_why = plan.reasons["power"].partition(": ")
     threads = f"{model.n_threads} thread" + ("" if model.n_threads == 1 else "s")
     return (f"{model.path.name} · {quant} · n_ctx {model.n_ctx} ({ctx_why}) · {threads} "
-            f"({_reason(plan.reasons['n_threads'])}) · power {mode} ({power_why})")
+            f"({_reason(plan.reasons['n_threads'])}) · power {mode} ({power_why}) · device {model.device.summary}")
 
 
 def _reason(text: str) -> str:

@@ -271,6 +271,7 @@ def run_cmd(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_
               help="Tokens per answer at most.")
 @click.option("--single", is_flag=True, help="Without a terminal: all of stdin is one message (default: one a line).")
 @_sampling_options(repeat_penalty=1.1)  # Ollama's default for chat; `run` keeps llama.cpp's 1.0
+@device_option()
 def chat_cmd(model, system, max_tokens, single, **options):
     """Chat with MODEL (default: the catalogue's default model, fetched on first use); /help lists the commands.
 
@@ -429,8 +430,9 @@ register_model_commands(cli)
 from edgeinfer.cli_serve import register_serve_commands  # noqa: E402  (serve, bench-serve)
 
 register_serve_commands(cli)
+from edgeinfer.cli_frontier import frontier_cmd  # noqa: E402  (frontier)
+
+cli.add_command(frontier_cmd)
 
 if __name__ == "__main__":
     main()
-from edgeinfer.cli_frontier import frontier_cmd  # noqa: E402
-cli.add_command(frontier_cmd)
