@@ -13,9 +13,12 @@ Flash attention (Dao et al.), as llama.cpp's CPU `flash_attn_ext` and the flash-
   absorb each tile (the online softmax), so no score row longer than a tile is ever held: memory does not grow with
   the context;
 - tiles that no row of the block can see (beyond the causal edge or before the window) are skipped whole;
-- when a batch has too few jobs to keep every thread busy (decoding one or a few sequences over a long cache), each
-  job's keys are split into chunks that run in parallel and whose partial (m, l, sum) are merged after
-  (flash-decoding): the second core helps at depth.
+- keys are summed in chunks of CHUNK on one fixed grid (multiples of CHUNK from position 0): each chunk starts a
+  fresh (m, l, sum) and the chunks are merged in order by one merge function. When a batch has too few jobs to keep
+  every thread busy (decoding one or a few sequences over a long cache), the chunks of a job run in parallel and are
+  merged after (flash-decoding: the second core helps at depth); otherwise one job merges them as it goes. Either
+  way a row meets the same chunks, tiles and merges, so its result does not depend on how it was batched or split
+  (speculative decoding and the prefix cache compare logits bit for bit).
 Scores, exponentials and the weighted values are float32, the softmax's normalizer float64, as llama.cpp's CPU
 softmax computes them (Gemma 3's parity at near-ties notices a float32 normalizer).
 """
@@ -28,16 +31,11 @@ from kernels_cpu._fp16 import bits_to_f32
 from kernels_cpu.kv_types import head_view, tile_rows
 
 TILE = 64  # keys per tile
+CHUNK = 256  # keys per chunk of the fixed grid every job sums on (a multiple of TILE; see the module docstring)
 QUERY_VECTORS = 64  # query vectors (rows x heads of a group) per job at most: a block's rows are 64 // group
-# batches of at most this many rows may split each job's keys across threads. 0: never, for now: a split job's
-# partials merge in another order than one job's running sums, so a row's logits at depth would depend on how it was
-# batched (prefill vs decode differed by up to 0.5 at 600 tokens once the int8 activations downstream amplified
-# it), which breaks speculative decoding's and the prefix cache's exactness. To be done: one fixed chunk grid that
-# unsplit jobs merge the same way.
-SPLIT_ROWS = 0
-PARTIAL_ROWS = 8  # rows the partials hold
-MAX_CHUNKS = 16  # key chunks per job at most
-MIN_CHUNK_KEYS = 256  # a chunk holds at least this many keys (merging costs a little)
+SPLIT_ROWS = 8  # batches of at most this many rows may run each job's chunks on several threads
+PARTIAL_ROWS = SPLIT_ROWS  # rows the partials hold
+MAX_CHUNKS = 64  # chunks a split job's partials hold (16384 keys); a longer job runs unsplit (the same result)
 JOBS_PER_THREAD = 8  # split until there are this many jobs per thread (even shares under static scheduling)
 # fast float math, but with infinities kept: -inf marks a vector that has seen no key yet
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -81,28 +79,13 @@ def _key_range(positions, r0, r1, window):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
-def _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, softcap, window, r0, r1, key_lo, key_hi,
-            acc, m, l):
-    """Absorb keys key_lo..key_hi-1 into (acc, m, l) of the query vectors of rows r0..r1-1 and the query heads of
-    KV head kv_head: vector v = (r - r0) * group + g. acc (nv, d_v), m, l (nv,) start at 0, -inf, 0.
+def _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, group, key_lo, key_hi, key_buf,
+            value_buf, scores, correction, acc, m, l):
+    """Absorb keys key_lo..key_hi-1 into (acc, m, l) of a block's query vectors (vector v = row * group + g, already
+    scaled); low/high: the first and last key each row sees. acc (nv, d_v), m, l (nv,) start at 0, -inf, 0.
 
     Each step works on a whole tile in a compiled loop of its own (scores, softmax, values): LLVM vectorizes those,
     where the same loops inlined into this nest came out scalar."""
-    n_heads, d_k = q.shape[1], q.shape[2]
-    group = n_heads // k_pair[0].shape[2]
-    nv = (r1 - r0) * group
-    keys, key_scales = head_view(k_pair[0], k_pair[1], layer, seqs[r0], kv_head)
-    values, value_scales = head_view(v_pair[0], v_pair[1], layer, seqs[r0], kv_head)
-    queries = np.empty((nv, d_k), np.float32)
-    for r in range(r0, r1):
-        for g in range(group):
-            for c in range(d_k):
-                queries[(r - r0) * group + g, c] = q[r, kv_head * group + g, c] * np.float32(scale)
-    key_buf = np.empty((TILE, d_k), np.float32)
-    value_buf = np.empty((TILE, acc.shape[1]), np.float32)
-    scores = np.empty((nv, TILE), np.float32)
-    correction = np.empty(nv, np.float32)
-    low, high = _row_limits(positions, r0, r1, window)
     # tiles on multiples of TILE: every row meets the same tiles (and sums) in a block as alone
     for t0 in range(key_lo - key_lo % TILE, key_hi, TILE):
         t1 = min(t0 + TILE, key_hi)
@@ -211,38 +194,96 @@ def _row_limits(positions, r0, r1, window):
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts, n_kv,
-         n_chunks, job):
-    """Job = (block, KV head, chunk): a whole result into out when n_chunks == 1, else a partial into the partials
-    (passed as arrays, not the Partials tuple: numba loses writes through a named tuple's fields inside prange)."""
-    chunk = job % n_chunks
-    kv_head = (job // n_chunks) % n_kv
-    block = _zigzag(job // (n_chunks * n_kv), starts.shape[0] - 1)
+         n_parts, chunks_per_part, job):
+    """Job = (block, KV head, part). n_parts == 0: all the block's chunks, each merged into the running result as it
+    is done, the result into out. Else part `part` of n_parts: chunks first + part * chunks_per_part onwards (at most
+    chunks_per_part of them), each chunk's (acc, m, l) into the partials at its slot (chunk - first), merged after
+    by _merge_partials (passed as arrays, not the Partials tuple: numba loses writes through a named tuple's fields
+    inside prange)."""
+    parts = max(n_parts, 1)
+    part = job % parts
+    kv_head = (job // parts) % n_kv
+    block = _zigzag(job // (parts * n_kv), starts.shape[0] - 1)
     r0, r1 = starts[block], starts[block + 1]
     key_lo, key_hi = _key_range(positions, r0, r1, window)
-    if n_chunks > 1:
-        base = key_lo - key_lo % TILE  # chunks of whole tiles, on the same tile grid as an unsplit job
-        size = ((key_hi - base + n_chunks - 1) // n_chunks + TILE - 1) // TILE * TILE
-        key_lo, key_hi = max(key_lo, base + chunk * size), min(base + (chunk + 1) * size, key_hi)
-    n_heads, d_v = q.shape[1], out.shape[2]
-    group = n_heads // k_pair[0].shape[2]
+    n_heads, d_k, d_v = q.shape[1], q.shape[2], out.shape[2]
+    group = n_heads // n_kv
     nv = (r1 - r0) * group
-    acc = np.zeros((nv, d_v), np.float32)
-    m = np.full(nv, -np.inf, np.float32)
-    l = np.zeros(nv, np.float64)
-    if key_lo < key_hi:
-        _attend(q, positions, seqs, k_pair, v_pair, layer, kv_head, scale, softcap, window, r0, r1, key_lo, key_hi,
-                acc, m, l)
+    keys, key_scales = head_view(k_pair[0], k_pair[1], layer, seqs[r0], kv_head)
+    values, value_scales = head_view(v_pair[0], v_pair[1], layer, seqs[r0], kv_head)
+    queries = np.empty((nv, d_k), np.float32)
+    for r in range(r0, r1):
+        for g in range(group):
+            for c in range(d_k):
+                queries[(r - r0) * group + g, c] = q[r, kv_head * group + g, c] * np.float32(scale)
+    low, high = _row_limits(positions, r0, r1, window)
+    key_buf = np.empty((TILE, d_k), np.float32)
+    value_buf = np.empty((TILE, d_v), np.float32)
+    scores = np.empty((nv, TILE), np.float32)
+    correction = np.empty(nv, np.float32)
+    acc = np.empty((nv, d_v), np.float32)  # one chunk's sums
+    m = np.empty(nv, np.float32)
+    l = np.empty(nv, np.float64)
+    first, end = key_lo // CHUNK, (key_hi + CHUNK - 1) // CHUNK  # the block's chunks: first..end-1
+    if n_parts > 0:
+        first_slot = part * chunks_per_part
+        for slot in range(first_slot, min(first_slot + chunks_per_part, part_m.shape[0])):
+            c = first + slot
+            _fresh(acc, m, l)
+            if c < end:
+                _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, group,
+                        max(key_lo, c * CHUNK), min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction,
+                        acc, m, l)
+            for v in range(nv):  # every slot is written (-inf: nothing), so no earlier call's partial survives
+                r, h = r0 + v // group, kv_head * group + v % group
+                part_m[slot, r, h] = m[v]
+                part_l[slot, r, h] = l[v]
+                for i in range(d_v):
+                    part_acc[slot, r, h, i] = acc[v, i]
+        return
+    total_acc = np.zeros((nv, d_v), np.float32)
+    total_m = np.full(nv, -np.inf, np.float32)
+    total_l = np.zeros(nv, np.float64)
+    for c in range(first, end):
+        _fresh(acc, m, l)
+        _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, group, max(key_lo, c * CHUNK),
+                min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction, acc, m, l)
+        for v in range(nv):
+            _merge_chunk(total_acc[v], total_m, total_l, v, acc[v], m[v], l[v])
     for v in range(nv):
-        r, h = r0 + v // group, kv_head * group + v % group
-        if n_chunks == 1:
-            inverse = np.float32(1.0 / l[v])
-            for c in range(d_v):
-                out[r, h, c] = acc[v, c] * inverse
-        else:
-            part_m[chunk, r, h] = m[v]
-            part_l[chunk, r, h] = l[v]
-            for c in range(d_v):
-                part_acc[chunk, r, h, c] = acc[v, c]
+        _finish(total_acc[v], total_l[v], out[r0 + v // group, kv_head * group + v % group])
+
+
+@njit(cache=True, inline="always")
+def _fresh(acc, m, l):
+    acc[:] = 0.0
+    m[:] = -np.inf
+    l[:] = 0.0
+
+
+# The merge and the final division are the only arithmetic that differs between one job and a split one: each is one
+# compiled function without fast-math (no contraction into fused multiply-adds, no reassociation), so it computes
+# the same bits wherever it is called from.
+@njit(cache=True, error_model="numpy")
+def _merge_chunk(total_acc, total_m, total_l, v, acc, m, l):
+    """Fold one chunk's (acc, m, l) of vector v into the running (total_acc (d_v,), total_m[v], total_l[v])."""
+    if m == -np.inf:  # the vector saw no key of this chunk
+        return
+    new_m = max(total_m[v], m)
+    old_weight = np.exp(np.float64(total_m[v]) - np.float64(new_m))  # 0 while nothing was merged yet
+    chunk_weight = np.exp(np.float64(m) - np.float64(new_m))
+    total_l[v] = total_l[v] * old_weight + l * chunk_weight
+    old32, chunk32 = np.float32(old_weight), np.float32(chunk_weight)
+    for i in range(total_acc.shape[0]):
+        total_acc[i] = total_acc[i] * old32 + acc[i] * chunk32
+    total_m[v] = new_m
+
+
+@njit(cache=True, error_model="numpy")
+def _finish(total_acc, total_l, out):
+    inverse = np.float32(1.0 / total_l)
+    for i in range(out.shape[0]):
+        out[i] = total_acc[i] * inverse
 
 
 @njit(cache=True, inline="always")
@@ -252,36 +293,29 @@ def _zigzag(i, n):
     return i // 2 if i % 2 == 0 else n - 1 - i // 2
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _merge(partials, n_chunks, out):
-    """out[r, h] = the softmax-weighted sum over all chunks of the partial results (flash-decoding's reduction)."""
+@njit(cache=True, error_model="numpy")
+def _merge_partials(part_acc, part_m, part_l, n_slots, out):
+    """out[r, h] = the chunks' partial results in the slots 0..n_slots-1, merged in order as one job merges them."""
+    total_m = np.empty(1, np.float32)
+    total_l = np.empty(1, np.float64)
+    total_acc = np.empty(out.shape[2], np.float32)
     for r in range(out.shape[0]):
         for h in range(out.shape[1]):
-            best = -np.inf
-            for c in range(n_chunks):
-                best = max(best, partials.m[c, r, h])
-            total = 0.0
-            for c in range(out.shape[2]):
-                out[r, h, c] = 0.0
-            for k in range(n_chunks):
-                if partials.m[k, r, h] == -np.inf:
-                    continue
-                w = np.exp(np.float64(partials.m[k, r, h]) - best)
-                total += w * partials.l[k, r, h]
-                w32 = np.float32(w)
-                for c in range(out.shape[2]):
-                    out[r, h, c] += w32 * partials.acc[k, r, h, c]
-            inverse = np.float32(1.0 / total)
-            for c in range(out.shape[2]):
-                out[r, h, c] *= inverse
+            total_acc[:] = 0.0
+            total_m[0] = -np.inf
+            total_l[0] = 0.0
+            for slot in range(n_slots):
+                _merge_chunk(total_acc, total_m, total_l, 0, part_acc[slot, r, h], part_m[slot, r, h],
+                             part_l[slot, r, h])
+            _finish(total_acc, total_l[0], out[r, h])
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts,
-                   n_kv, n_chunks):
-    for job in prange((starts.shape[0] - 1) * n_kv * n_chunks):
-        _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts, n_kv,
-             n_chunks, job)
+def _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l,
+                   starts, n_kv, n_parts, chunks_per_part):
+    for job in prange((starts.shape[0] - 1) * n_kv * max(n_parts, 1)):
+        _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts,
+             n_kv, n_parts, chunks_per_part, job)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -297,21 +331,22 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
     group = n_heads // n_kv
     starts = _blocks(seqs, max(1, QUERY_VECTORS // group))
     n_blocks = starts.shape[0] - 1
-    work, longest = 0, 0
+    work, most_chunks = 0, 0
     for b in range(n_blocks):
         lo, hi = _key_range(positions, starts[b], starts[b + 1], window)
         work += (hi - lo) * (starts[b + 1] - starts[b])
-        longest = max(longest, hi - lo)
+        most_chunks = max(most_chunks, (hi + CHUNK - 1) // CHUNK - lo // CHUNK)
     if work * n_heads * d_k < PARALLEL_ATTENTION_WORK or threads == 1:
         for job in range(n_blocks * n_kv):
-            _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials.acc, partials.m, partials.l,
-                 starts, n_kv, 1, job)
+            _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials.acc, partials.m,
+                 partials.l, starts, n_kv, 0, 0, job)
         return
-    n_chunks = 1
-    if n <= SPLIT_ROWS and n_blocks * n_kv < JOBS_PER_THREAD * threads:
+    n_parts, chunks_per_part = 0, 0
+    if (n <= SPLIT_ROWS and n_blocks * n_kv < JOBS_PER_THREAD * threads and 2 <= most_chunks <= MAX_CHUNKS):
         wanted = (JOBS_PER_THREAD * threads + n_blocks * n_kv - 1) // (n_blocks * n_kv)
-        n_chunks = max(1, min(wanted, MAX_CHUNKS, longest // MIN_CHUNK_KEYS))
+        chunks_per_part = (most_chunks + min(wanted, most_chunks) - 1) // min(wanted, most_chunks)
+        n_parts = (most_chunks + chunks_per_part - 1) // chunks_per_part
     _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials.acc, partials.m,
-                   partials.l, starts, n_kv, n_chunks)
-    if n_chunks > 1:
-        _merge(partials, n_chunks, out)
+                   partials.l, starts, n_kv, n_parts, chunks_per_part)
+    if n_parts > 0:
+        _merge_partials(partials.acc, partials.m, partials.l, min(n_parts * chunks_per_part, MAX_CHUNKS), out)

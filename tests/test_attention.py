@@ -120,3 +120,20 @@ def test_soft_capped_scores_match_reference(case):
     for threads in (1, 2):
         out = run_kernel("f32", q, positions, seqs, k, v, 0, threads, softcap=2.0)
         np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-5, err_msg=f"{threads} thread(s)")
+
+
+@pytest.mark.parametrize("n_heads,n_kv,window", [(9, 3, 0), (4, 1, 700)])
+def test_a_rows_result_does_not_depend_on_batching_or_splitting(n_heads, n_kv, window):
+    """Bit for bit: a row alone, in a block of draft rows, on one thread (no split) and on two (its keys split into
+    chunks that run in parallel and are merged after) gives the same result, because every path sums the same
+    fixed chunk grid and merges it with the same function (speculative decoding compares logits exactly)."""
+    rng = np.random.default_rng(5)
+    k, v = random_case(rng, 1, 3000, n_heads, n_kv)
+    q = rng.standard_normal((8, n_heads, 64)).astype(np.float32)
+    positions, seqs = np.arange(2992, 3000, dtype=np.int64), np.zeros(8, np.int64)
+    together = run_kernel("f16", q, positions, seqs, k, v, window, 1)
+    for threads in (1, 2):
+        assert np.array_equal(run_kernel("f16", q, positions, seqs, k, v, window, threads), together), threads
+        for i in (0, 7):
+            alone = run_kernel("f16", q[i:i + 1], positions[i:i + 1], seqs[i:i + 1], k, v, window, threads)
+            assert np.array_equal(alone[0], together[i]), (threads, i)
