@@ -23,12 +23,12 @@ __version__ = "0.1.0"
 
 
 def load(model, *, n_ctx=None, n_threads=None, seed=None, power="auto", n_seq=1, kv_type=None, draft=None,
-         device="auto"):
+         device="auto", frontier=None):
     """Open a model by catalogue name or GGUF path; see `edgeinfer.api.load` (the same keywords)."""
     from edgeinfer.api import load as _load
 
     return _load(model, n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power, n_seq=n_seq, kv_type=kv_type,
-                 draft=draft, device=device)
+                 draft=draft, device=device, frontier=frontier)
 
 
 def __getattr__(name):

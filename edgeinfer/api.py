@@ -32,7 +32,8 @@ from edgeinfer.tokenizer.vocab import Attr
 
 def load(model: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
          seed: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None,
-         draft: str | os.PathLike | None = None, device: str = "auto") -> "Model":
+         draft: str | os.PathLike | None = None, device: str = "auto",
+         frontier: str | os.PathLike | dict | None = None) -> "Model":
     """Open a model by catalogue name (fetched on first use) or path to a GGUF file.
 
     n_ctx: context positions to allocate (default: the largest that fits in memory, at most min(trained, 8192));
@@ -46,13 +47,22 @@ def load(model: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int |
     device: "auto" (a CUDA GPU when there is one and the model fits its free memory, else the CPU), "cpu" or
     "cuda" (UnsupportedError, naming what is missing, without a GPU, its driver or numba-cuda); `Model.device`
     says which was chosen and why.
+    frontier: a stored `edgeinfer frontier --json` file (or its dict) measured on `model`: the variant that fits this
+    machine's memory and power state is loaded instead (edgeinfer.frontier.choose), with its KV cache type and
+    threads unless kv_type / n_threads are given; `Model.frontier_choice` says which and why.
     Raises BudgetError, before allocating anything, if the model or the asked-for context does not fit;
     InvalidArgument / TypeError naming the argument for a bad value."""
     from models.fetch import resolve_model
 
     _check_options(n_ctx, n_threads, seed, power, n_seq, kv_type, device)
-    target = Model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power, n_seq=n_seq,
+    path, choice = resolve_model(model), None
+    if frontier is not None:
+        from edgeinfer.frontier.choose import frontier_variant_of
+
+        path, kv_type, n_threads, choice = frontier_variant_of(path, frontier, power, kv_type, n_threads)
+    target = Model(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, power=power, n_seq=n_seq,
                    kv_type=kv_type, device=device)
+    target.frontier_choice = choice
     if draft is not None:
         try:
             target.use_draft(draft)
@@ -242,6 +252,8 @@ class Model:
     raises ModelClosed at its next step. `last_stats` is the last generation started; with several threads,
     read each stream's own `stats`. `device` is where it runs (edgeinfer.backends.devices.DeviceChoice: name
     "cpu" or "cuda", the backend, and the reason it was chosen)."""
+
+    frontier_choice: str | None = None  # set by load(..., frontier=): which stored variant and why
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
                  seed: int | None = None, power: str = "auto", n_seq: int = 1, kv_type: str | None = None,

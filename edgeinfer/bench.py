@@ -80,7 +80,7 @@ def fill_depth(model, depth: int, tokens: list[int]) -> None:
         engine.prefill(tokens[held:depth])
 
 
-def _time_edgeinfer(model, kind: str, n: int, n_threads: int, reps: int, batch: int = 1,
+def time_edgeinfer(model, kind: str, n: int, n_threads: int, reps: int, batch: int = 1,
                     depth: int = 0) -> BenchRow:
     """One test on sequence 0 (and batch - 1 more sequences for tg) after the `depth` tokens sequence 0 holds."""
     engine = model.engine
@@ -312,8 +312,8 @@ def _edgeinfer_rows(model, prompt_tokens, gen_tokens, threads, reps, batches, de
         model.engine.n_threads = max(threads)
         fill_depth(model, depth, depth_tokens)
         for n_threads in threads:
-            timed = [_time_edgeinfer(model, "pp", prompt_tokens, n_threads, reps, depth=depth)] if prompt_tokens else []
-            timed += [_time_edgeinfer(model, "tg", gen_tokens, n_threads, reps, batch, depth)
+            timed = [time_edgeinfer(model, "pp", prompt_tokens, n_threads, reps, depth=depth)] if prompt_tokens else []
+            timed += [time_edgeinfer(model, "tg", gen_tokens, n_threads, reps, batch, depth)
                       for batch in (batches if gen_tokens else ())]
             for r in timed:
                 row = dict(asdict(r), mean=r.mean, sd=r.sd)

@@ -170,15 +170,28 @@ def info_cmd(model: str, as_json: bool) -> None:
               show_default=True, help="Power mode; auto is saver on battery below 30%.")
 @_kv_type_option()
 @device_option()
+@click.option("--frontier", "frontier", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
+              help="A stored `edgeinfer frontier --json` of MODEL: plan the variant that fits this machine's memory "
+              "and power state.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_cmd(model: str, n_ctx, n_threads, power: str, kv_type, device: str, as_json: bool) -> None:
+def plan_cmd(model: str, n_ctx, n_threads, power: str, kv_type, device: str, frontier, as_json: bool) -> None:
     """Show the device, context length, threads, KV cache type and memory MODEL would get on this machine, and why."""
     from edgeinfer.budget import format_plan, plan_for_model
     from models.fetch import resolve_model
 
-    plan = plan_for_model(resolve_model(model), n_ctx=n_ctx, n_threads=n_threads, power=power, kv_type=kv_type,
-                          device=device)
-    click.echo(json.dumps(plan.to_json(), indent=2) if as_json else format_plan(plan))
+    path, choice = resolve_model(model), None
+    if frontier is not None:
+        from edgeinfer.frontier.choose import frontier_variant_of
+
+        path, kv_type, n_threads, choice = frontier_variant_of(path, frontier, power, kv_type, n_threads)
+    plan = plan_for_model(path, n_ctx=n_ctx, n_threads=n_threads, power=power, kv_type=kv_type, device=device)
+    if as_json:
+        summary = plan.to_json()
+        if choice is not None:
+            summary["frontier"] = {"path": str(path), "why": choice}
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo((f"{choice}\nvariant: {path}\n" if choice else "") + format_plan(plan))
 
 
 def _sampling_options(repeat_penalty: float):

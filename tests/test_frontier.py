@@ -186,3 +186,29 @@ def test_miniature_frontier_writes_json_csv_and_png(mini_run, tiny):
     width, height = struct.unpack(">II", png[16:24])
     assert (width, height) == (1080, 720)  # 9 x 6 inches at 120 dpi
     assert "F16/f16/t1" in result.stdout and "best:" in result.stdout and "edgeinfer serve" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_stored_frontier_picks_what_plan_and_load_run(mini_run, tiny, tmp_path):
+    """Item 4: `plan MODEL --frontier FILE.json` and `load(MODEL, frontier=FILE)` take the stored variant that fits
+    this machine (the tiny variants all fit: the best quality, F16, under the default power state), with its KV type
+    and threads; a frontier of another model is refused by name."""
+    import edgeinfer
+    from edgeinfer.frontier.choose import frontier_variant_of
+
+    out, _ = mini_run
+    stored = out / "f.json"
+    path, kv_type, n_threads, why = frontier_variant_of(tiny, stored, "performance", None, None)
+    assert "F16" in Path(path).parent.name and kv_type == "f16" and n_threads == 1 and "frontier variant" in why
+    plan = run_edgeinfer("plan", str(tiny), "--frontier", str(stored), "--power", "performance", "--json")
+    assert plan.returncode == 0, plan.stderr
+    summary = json.loads(plan.stdout)
+    assert summary["frontier"]["path"] == path and summary["kv_type"] == "f16"
+    with edgeinfer.load(tiny, frontier=stored, power="performance", n_ctx=64) as model:
+        assert str(model.gguf.path) == path and model.frontier_choice.split(":")[0] == why.split(":")[0]
+        assert model.plan.kv_type == "f16" and model.engine.n_threads == 1
+    other = tmp_path / "other.gguf"
+    write_tiny_llama(other)
+    with pytest.raises(InvalidArgument, match="measured on tiny.gguf"):
+        edgeinfer.load(other, frontier=stored)
+    assert_one_error_line(run_edgeinfer("plan", str(other), "--frontier", str(stored)), "measured on tiny.gguf")

@@ -213,3 +213,29 @@ def variant_for_machine(frontier: dict | str | os.PathLike, available_bytes: int
            f"{len(fits)} of {len(rows)} stored variants that fit ({memory}); peaks at "
            f"{best['peak_rss_bytes'] / 1e6:.0f} MB, KL {best['kl']:.4g}")
     return best, why
+
+
+def stored_variant_for_this_machine(frontier: dict | str | os.PathLike, power: str = "auto") -> tuple[dict, str]:
+    """variant_for_machine with this machine's usable memory, power state and compute threads (what `plan
+    --frontier` and `load(..., frontier=)` use): (row, why); BudgetError when no stored variant fits."""
+    import numba
+
+    from edgeinfer.budget import read_system_state, resolve_power, usable_memory
+
+    state = read_system_state()
+    mode, _ = resolve_power(power, state)
+    available, _ = usable_memory(state)
+    return variant_for_machine(frontier, available, mode, max_threads=numba.config.NUMBA_NUM_THREADS)
+
+
+def frontier_variant_of(source, frontier, power, kv_type, n_threads):
+    """What `load(source, frontier=)` and `plan --frontier` run: (path, kv_type, n_threads, why) of the stored
+    frontier's variant for this machine (kv_type / n_threads: the caller's when given); InvalidArgument if the
+    frontier was measured on another model than `source`."""
+    data = read_frontier(frontier)
+    measured = Path(data.get("source", "")).resolve()
+    if measured != Path(source).resolve():
+        raise InvalidArgument(f"frontier: it was measured on {measured.name}, not on {Path(source).name}")
+    row, why = stored_variant_for_this_machine(data, power)
+    return (row["path"], kv_type or row["kv_type"], n_threads or row["n_threads"],
+            f"frontier variant {row['label']}: {why}")

@@ -3,7 +3,7 @@
 A child per (weight variant, KV type) makes the peak RSS that variant's own (nothing of the parent's or another
 variant's pages), and an interrupted or crashed measurement costs only that child. In the child, in this order:
 load (with the context `n_ctx` whose RSS is reported) and warm up; for each thread count, prefill and decode
-tokens/s with `edgeinfer bench`'s own timing (`bench._time_edgeinfer`, so the figures agree with `edgeinfer bench`),
+tokens/s with `edgeinfer bench`'s own timing (`bench.time_edgeinfer`, so the figures agree with `edgeinfer bench`),
 the energy of the decode test, and the time to first token of a `ttft_tokens`-token prompt through the API; then the
 peak RSS, with every page of the KV cache of n_ctx positions touched first (a cache is allocated zeroed and only
 the written positions would be resident otherwise); then, with the model closed, perplexity and KL divergence
@@ -62,6 +62,8 @@ def measure_group(path: str, kv_type: str, threads: list[int], settings: Measure
     stopped and the interruption propagates, with the figures so far on the exception (`partial`)."""
     job = {"path": path, "kv_type": kv_type, "threads": list(threads), "reference": reference,
            "settings": asdict(settings)}
+    on_step("preparing the CPU layout (made once per file)")
+    prepare_cpu_layout(path)
     errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty stderr cannot fill it and stall the child
     proc = subprocess.Popen([sys.executable, "-c", "from edgeinfer.frontier.measure import child_main; child_main()"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
@@ -92,6 +94,15 @@ def measure_group(path: str, kv_type: str, threads: list[int], settings: Measure
     finally:
         errors.close()
     return result
+
+
+def prepare_cpu_layout(path: str) -> None:
+    """Load the variant once in a throwaway process, so its repacked cache exists before any measuring child runs:
+    otherwise the first child's peak RSS would hold the repacking's copies too (the first KV type of a weight type
+    measured hundreds of MB more than the next). A failure here is left for the measuring child to report."""
+    code = "import sys, edgeinfer; edgeinfer.load(sys.argv[1], n_ctx=16, n_threads=1).close()"
+    subprocess.run([sys.executable, "-c", code, path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, start_new_session=True, check=False)
 
 
 # ---------------------------------------------------------------- the child's side
@@ -144,7 +155,7 @@ def _measure(path: str, kv_type: str, threads: list[int], s: MeasureSettings, re
     import numpy as np
 
     import edgeinfer
-    from edgeinfer.bench import _time_edgeinfer
+    from edgeinfer.bench import time_edgeinfer
     from edgeinfer.frontier.energy import pick_meter
 
     _say("STEP", "loading")
@@ -156,12 +167,12 @@ def _measure(path: str, kv_type: str, threads: list[int], s: MeasureSettings, re
         for n_threads in threads:
             if s.prompt_tokens:
                 _say("STEP", f"prefill {s.prompt_tokens} tokens, {n_threads} threads")
-                pp = _time_edgeinfer(model, "pp", s.prompt_tokens, n_threads, s.reps)
+                pp = time_edgeinfer(model, "pp", s.prompt_tokens, n_threads, s.reps)
                 _say("FIG", {"n_threads": n_threads, "prefill_tok_s": pp.mean, "prefill_tok_s_sd": pp.sd})
             if s.gen_tokens:
                 _say("STEP", f"decode {s.gen_tokens} tokens, {n_threads} threads")
                 start = meter.start()
-                tg = _time_edgeinfer(model, "tg", s.gen_tokens, n_threads, s.reps)
+                tg = time_edgeinfer(model, "tg", s.gen_tokens, n_threads, s.reps)
                 joules = meter.joules(start)
                 decoded = s.gen_tokens * (s.reps + 1)  # the timed repetitions and the warm-up all decode
                 _say("FIG", {"n_threads": n_threads, "decode_tok_s": tg.mean, "decode_tok_s_sd": tg.sd,
