@@ -147,10 +147,22 @@ class KVCache:
         """Make sequence dst hold the first n positions of sequence src (all of them if n is None)."""
         n = self.length(src) if n is None else min(int(n), self.length(src))
         self._check(dst)
-        if src != dst:
+        if src != dst and n > 0:
             for a in self._stored_arrays():
-                a[:, dst, :, :n] = a[:, src, :, :n]
+                self._copy_positions(a, src, dst, n)
         self._tokens[dst] = self._tokens[src][:n]
+
+    # -- where the arrays live: host memory here; a backend's cache (edgeinfer.backends.cuda_cache) overrides these
+    def _copy_positions(self, a, src: int, dst: int, n: int) -> None:
+        a[:, dst, :, :n] = a[:, src, :, :n]
+
+    def _write_positions(self, a, seq: int, host: np.ndarray) -> None:
+        """a[:, seq, :, :n] = host (n_layers, n_kv_heads, n, dim), as the host cache stores it (f16: half bits)."""
+        a[:, seq, :, :host.shape[2]] = host
+
+    def _host_arrays(self, pair) -> tuple[np.ndarray, np.ndarray]:
+        """(values, scales) of a K or V pair as host arrays the host cache's types (f16: half bits in uint16)."""
+        return pair
 
     def _stored_arrays(self) -> tuple[np.ndarray, ...]:
         """The arrays that hold the cache's data: values, and scales for q8_0 (the others' are stand-ins)."""
@@ -169,7 +181,7 @@ class KVCache:
         return self.tokens(seq), self._read(self.k, seq, n), self._read(self.v, seq, n)
 
     def _read(self, pair, seq: int, n: int) -> np.ndarray:
-        values, scales = pair
+        values, scales = self._host_arrays(pair)
         x = decode(self.kv_type, values[:, seq, :, :n], scales[:, seq, :, :n] if self.kv_type == "q8_0" else scales)
         return np.ascontiguousarray(x.transpose(0, 2, 1, 3))  # (n_layers, length, n_kv_heads, dim)
 
@@ -183,8 +195,8 @@ class KVCache:
         self._check(seq)
         for pair, x in ((self.k, k), (self.v, v)):
             values, scales = encode(self.kv_type, x.transpose(0, 2, 1, 3))
-            pair[0][:, seq, :, :n] = values
+            self._write_positions(pair[0], seq, values)
             if self.kv_type == "q8_0":
-                pair[1][:, seq, :, :n] = scales
+                self._write_positions(pair[1], seq, scales)
         self._tokens[seq] = [int(t) for t in tokens]
         return True

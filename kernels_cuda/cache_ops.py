@@ -16,9 +16,9 @@ def _fill_zero(flat):
 
 
 @cuda.jit
-def _copy_positions(a, src, dst, n):
-    """a[:, dst, :, :n] = a[:, src, :, :n]; one thread per element."""
-    n_layers, n_heads, dim = a.shape[0], a.shape[2], a.shape[4]
+def _copy_positions(dst, dst_seq, src, src_seq, n):
+    """dst[:, dst_seq, :, :n] = src[:, src_seq, :, :n]; one thread per element."""
+    n_layers, n_heads, dim = dst.shape[0], dst.shape[2], dst.shape[4]
     i = cuda.grid(1)
     if i >= n_layers * n_heads * n * dim:
         return
@@ -26,7 +26,7 @@ def _copy_positions(a, src, dst, n):
     p = (i // dim) % n
     h = (i // (dim * n)) % n_heads
     layer = i // (dim * n * n_heads)
-    a[layer, dst, h, p, c] = a[layer, src, h, p, c]
+    dst[layer, dst_seq, h, p, c] = src[layer, src_seq, h, p, c]
 
 
 def _grid(n: int) -> int:
@@ -48,7 +48,7 @@ def zeros(shape: tuple[int, ...], dtype) -> cuda.devicearray.DeviceNDArray:
 
 def copy_positions(a, src: int, dst: int, n: int) -> None:
     size = a.shape[0] * a.shape[2] * n * a.shape[4]
-    _copy_positions[_grid(size), THREADS](a, src, dst, n)
+    _copy_positions[_grid(size), THREADS](a, dst, a, src, n)
 
 
 def write_positions(a, seq: int, host: np.ndarray) -> None:
@@ -59,17 +59,4 @@ def write_positions(a, seq: int, host: np.ndarray) -> None:
         return
     staging = cuda.to_device(host.reshape(host.shape[0], 1, host.shape[1], n, host.shape[3]))
     size = host.size
-    _write_positions[_grid(size), THREADS](a, staging, seq, n)
-
-
-@cuda.jit
-def _write_positions(a, staging, seq, n):
-    n_layers, n_heads, dim = a.shape[0], a.shape[2], a.shape[4]
-    i = cuda.grid(1)
-    if i >= n_layers * n_heads * n * dim:
-        return
-    c = i % dim
-    p = (i // dim) % n
-    h = (i // (dim * n)) % n_heads
-    layer = i // (dim * n * n_heads)
-    a[layer, seq, h, p, c] = staging[layer, 0, h, p, c]
+    _copy_positions[_grid(size), THREADS](a, seq, staging, 0, n)

@@ -2,14 +2,15 @@
 
 The arrays have the host cache's shape and element types (f32; f16 as the device's float16; q8_0 as int8 values and
 float32 scales per 32), so what the record keeping does (length, record, truncate, allocate, free) is KVCache's own;
-only what touches storage is here: allocation, copy_prefix (a device copy), export and restore (through the host).
+only where the arrays live is here: allocation and the three storage hooks KVCache calls (copy positions on the
+device, write them from the host, read them to the host), which copy_prefix, export and restore go through.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from edgeinfer.arch.decoder import DecoderConfig
-from edgeinfer.kv_cache import DEFAULT_KV_TYPE, QK, KVCache, decode, encode
+from edgeinfer.kv_cache import DEFAULT_KV_TYPE, QK, KVCache
 
 # the device dtype of each cache type's values (f16: float16 there, where the host cache keeps half bits in uint16)
 DEVICE_DTYPES = {"f32": np.float32, "f16": np.float16, "q8_0": np.int8}
@@ -30,36 +31,16 @@ class CUDAKVCache(KVCache):
         scale_shape = shape[:-1] + (shape[-1] // QK,) if self.kv_type == "q8_0" else (1,) * len(shape)
         return values, self._ops.zeros(scale_shape, np.float32)
 
-    def copy_prefix(self, src: int, dst: int, n: int | None = None) -> None:
-        """Make sequence dst hold the first n positions of sequence src (all of them if n is None)."""
-        n = self.length(src) if n is None else min(int(n), self.length(src))
-        self._check(dst)
-        if src != dst and n > 0:
-            for a in self._stored_arrays():
-                self._ops.copy_positions(a, src, dst, n)
-        self._tokens[dst] = self._tokens[src][:n]
+    def _copy_positions(self, a, src: int, dst: int, n: int) -> None:
+        self._ops.copy_positions(a, src, dst, n)
 
-    def _read(self, pair, seq: int, n: int) -> np.ndarray:
+    def _write_positions(self, a, seq: int, host: np.ndarray) -> None:
+        if host.dtype == np.uint16:  # half bits, as the host cache holds them: the device array is float16
+            host = host.view(np.float16)
+        self._ops.write_positions(a, seq, np.ascontiguousarray(host))
+
+    def _host_arrays(self, pair) -> tuple[np.ndarray, np.ndarray]:
         values, scales = (a.copy_to_host() for a in pair)
         if self.kv_type == "f16":
             values = values.view(np.uint16)  # decode() reads half bits, as the host cache holds them
-        x = decode(self.kv_type, values[:, seq, :, :n], scales[:, seq, :, :n] if self.kv_type == "q8_0" else scales)
-        return np.ascontiguousarray(x.transpose(0, 2, 1, 3))
-
-    def restore(self, seq: int, tokens, k: np.ndarray, v: np.ndarray) -> bool:
-        """Make sequence seq hold what `export` gave; False (nothing changed) if the arrays do not fit this cache."""
-        n = len(tokens)
-        shape_k = (self.k[0].shape[0], n, self.k[0].shape[2], self.k[0].shape[4])
-        shape_v = (self.v[0].shape[0], n, self.v[0].shape[2], self.v[0].shape[4])
-        if n > self.n_ctx or k.shape != shape_k or v.shape != shape_v:
-            return False
-        self._check(seq)
-        for pair, x in ((self.k, k), (self.v, v)):
-            values, scales = encode(self.kv_type, x.transpose(0, 2, 1, 3))
-            if self.kv_type == "f16":
-                values = values.view(np.float16)
-            self._ops.write_positions(pair[0], seq, np.ascontiguousarray(values))
-            if self.kv_type == "q8_0":
-                self._ops.write_positions(pair[1], seq, np.ascontiguousarray(scales))
-        self._tokens[seq] = [int(t) for t in tokens]
-        return True
+        return values, scales
