@@ -1,4 +1,5 @@
-"""The server's Prometheus metrics (`GET /metrics`): requests, tokens, queue depth, latency histograms, KV usage.
+"""The server's Prometheus metrics (`GET /metrics`): requests, tokens, queue depth, latency histograms, KV usage,
+speculative decoding (guesses checked and accepted, verify passes).
 
 Each `ServeMetrics` has its own registry (not prometheus-client's global one), so several servers or tests in one
 process never share counters. The scheduler thread and the HTTP handlers both record here; prometheus-client's
@@ -39,6 +40,26 @@ class ServeMetrics:
                                      buckets=_ITL_BUCKETS, registry=r)
         self.step_rows = Histogram("edgeinfer_step_rows", "Rows (tokens) in one forward pass",
                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+
+        self.draft_tokens = Counter("edgeinfer_draft_tokens", "Guessed tokens checked by speculative decoding",
+                                    registry=r)
+        self.draft_tokens_accepted = Counter("edgeinfer_draft_tokens_accepted", "Guessed tokens the model agreed "
+                                             "with (kept)", registry=r)
+        self.verify_passes = Counter("edgeinfer_verify_passes", "Request steps that checked guesses (each yields "
+                                     "its accepted guesses plus one token)", registry=r)
+        self.draft_acceptance = Gauge("edgeinfer_draft_acceptance_ratio", "Accepted over checked guesses since "
+                                      "the start", registry=r)
+        self.tokens_per_verify_pass = Gauge("edgeinfer_tokens_per_verify_pass", "Tokens a request's verify pass "
+                                            "yields on average since the start (1 is plain decoding)", registry=r)
+
+    def observe_speculation(self, drafted: int, accepted: int, totals) -> None:
+        """One verify pass checked `drafted` guesses and kept `accepted`; totals: the scheduler's
+        edgeinfer.speculative.SpeculationStats after it."""
+        self.draft_tokens.inc(drafted)
+        self.draft_tokens_accepted.inc(accepted)
+        self.verify_passes.inc()
+        self.draft_acceptance.set(totals.acceptance_rate)
+        self.tokens_per_verify_pass.set((totals.accepted + totals.verify_steps) / totals.verify_steps)
 
     def render(self) -> bytes:
         """The text exposition format of every metric."""

@@ -13,6 +13,14 @@ Each request's sampling and stop rules are `edgeinfer.batch_generation.BatchRequ
 `Model.generate_batch`, and a row's logits do not depend on the batch it is in: greedy answers equal
 `Model.generate` alone. Output goes to each request's `sink` (called on this thread; the HTTP layer hands it to
 its event loop): `TokenEvent`s, then one `DoneEvent` or `ErrorEvent`.
+
+Speculative decoding (edgeinfer.speculative), per request: a decoding request that speculates puts its guesses
+(prompt lookup over its own history, or the draft model's continuation) in rows after its last sampled token, at
+the next positions of its own sequence, in the same forward pass as everyone else's rows; `accept_draft` keeps
+the guesses the model agrees with (exactly: greedy answers are unchanged, sampled ones follow the same
+distribution), the sequence is cut back past the rejected rows, and each kept token goes through the request's
+stop rules and sink like a plainly sampled one. Each request has its own `DraftLength` (auto tunes it from that
+request's acceptance). The draft model, if any, has its own cache with one sequence per slot (`SlotDrafter`).
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ from edgeinfer.engine import Engine
 from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import common_prefix_length, non_finite_logits
 from edgeinfer.serve.metrics import ServeMetrics
+from edgeinfer.speculative import (DraftLength, DraftModelDrafter, SpeculationStats, accept_draft, check_speculation,
+                                   drafting_for)
 from edgeinfer.tokenizer import Tokenizer
 
 log = logging.getLogger("edgeinfer.serve")
@@ -83,6 +93,7 @@ class ServeRequest(BatchRequest):
     top_logprobs: int | None = None
     constraint: Any = None  # edgeinfer.serve.structured.Constraint: a grammar the output must follow
     ignore_eos: bool = False  # llama-server's: never end at an end-of-generation token (benchmarks)
+    speculative: str | None = None  # "auto", "ngram", "draft" or "off" (edgeinfer.speculative); None: the server's
     cancelled: bool = False
     # kept by the scheduler
     prefilled: int = 0  # prompt tokens the sequence holds
@@ -90,6 +101,9 @@ class ServeRequest(BatchRequest):
     next_token: int | None = None  # sampled, to evaluate in the next step
     submitted_at: float = 0.0
     last_token_at: float = 0.0
+    drafter: Any = None  # NgramDrafter or SlotDrafter while it speculates, else None
+    draft_length: DraftLength | None = None
+    free_guess: int | None = None  # the lookup's first guess on a plain step: was it right? (a free estimate)
 
     def cancel(self) -> None:
         """Stop this request (the client went away): it leaves the batch at the next step. Thread-safe."""
@@ -108,13 +122,25 @@ class Scheduler:
     API's) from its own thread; `close` gives them back."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, name: str = "model", n_slots: int | None = None,
-                 max_queue: int = 64, chunk: int = DEFAULT_CHUNK, metrics: ServeMetrics | None = None):
+                 max_queue: int = 64, chunk: int = DEFAULT_CHUNK, metrics: ServeMetrics | None = None,
+                 speculative: str = "off", draft_engine: Engine | None = None):
+        """speculative: each request's speculation mode unless it names its own (ServeRequest.speculative);
+        draft_engine: the draft model's engine (same vocabulary, checked by the caller) with a cache of at least
+        as many sequences as this one's, of at least its positions."""
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self.speculative = check_speculation(speculative, draft_engine is not None)
+        self.draft_engine = draft_engine
         cache = engine.cache
         n_slots = cache.n_seq - 1 if n_slots is None else int(n_slots)
         if n_slots < 1:
             raise EdgeInferError("the scheduler needs at least one sequence besides sequence 0 (n_seq >= 2)")
+        if draft_engine is not None and (draft_engine.cache.n_seq < cache.n_seq or draft_engine.n_ctx < engine.n_ctx):
+            raise EdgeInferError(f"the draft model's cache has {draft_engine.cache.n_seq} sequences of "
+                                 f"{draft_engine.n_ctx} positions; the scheduler needs {cache.n_seq} of {engine.n_ctx}")
         self.slots = [Slot(cache.allocate()) for _ in range(n_slots)]
+        # the draft cache's sequence of each slot: the same number, so a slot's draft follows its own tokens
+        self._draft_seqs = [draft_engine.cache.allocate() for _ in self.slots] if draft_engine is not None else []
+        self.speculation = SpeculationStats()  # every request's guesses since the start
         self.max_queue, self.chunk = int(max_queue), max(1, int(chunk))
         self.metrics = metrics or ServeMetrics()
         self.eog = frozenset(tokenizer.eog_ids)
@@ -141,6 +167,8 @@ class Scheduler:
         """Queue a request; QueueFull when the queue is full, InvalidArgument if its prompt cannot fit a slot."""
         if not 1 <= len(request.prompt) <= self.n_ctx:
             raise InvalidArgument(f"the prompt has {len(request.prompt)} tokens: a slot holds 1 to {self.n_ctx}")
+        if request.speculative is not None:
+            check_speculation(request.speculative, self.draft_engine is not None)
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -165,6 +193,8 @@ class Scheduler:
         if not self._thread.is_alive():
             for slot in self.slots:
                 self.engine.cache.free(slot.seq)
+            for seq in self._draft_seqs:
+                self.draft_engine.cache.free(seq)
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -213,6 +243,7 @@ class Scheduler:
         r.seq, r.prefilled, r.cached_tokens = target.seq, keep, keep
         r.stats.prompt_tokens, r.stats.prompt_tokens_evaluated = len(r.prompt), len(r.prompt) - keep
         r.begin(self.tokenizer)
+        self._start_drafting(r, self.slots.index(target))
         target.request = r
         self.metrics.prompt_tokens.inc(len(r.prompt))
         self.metrics.cached_tokens.inc(keep)
@@ -221,17 +252,50 @@ class Scheduler:
             r.sink(DoneEvent("length", "", len(r.prompt), 0, keep))
             self._release(target, "length")
 
+    def _start_drafting(self, r: ServeRequest, slot_index: int) -> None:
+        """Give r its drafter and draft length for its speculation mode (none when off)."""
+        mode = r.speculative if r.speculative is not None else self.speculative
+        if r.constraint is not None:
+            mode = "off"  # the grammar would have to follow each guess and be rolled back with the rejected ones
+        drafter, r.draft_length = drafting_for(mode, self.draft_engine)
+        if isinstance(drafter, DraftModelDrafter):  # that one drafts on the draft model's sequence 0: use the slot's
+            drafter = SlotDrafter(self.draft_engine, self._draft_seqs[slot_index])
+        r.drafter, r.free_guess = drafter, None
+
+    def _draft(self, r: ServeRequest, rows_left: int) -> list[int]:
+        """The guesses r checks in this step (at most rows_left); on a plain step of prompt lookup, notes its free
+        first guess instead."""
+        r.free_guess = None
+        if r.drafter is None:
+            return []
+        room = min(self.engine.cache.room(r.seq) - 1,  # the last guess's row needs a position
+                   r.max_tokens - r.stats.generated_tokens - 1, rows_left)  # more would be thrown away
+        k = min(r.draft_length.choose(), room)
+        if k > 0:
+            return r.drafter.propose(r.history, k)
+        if r.drafter.cheap:
+            guess = r.drafter.propose(r.history, 1)
+            r.free_guess = guess[0] if guess else None
+        return []
+
     def _step(self) -> None:
-        """One forward pass: the decode rows, then prompt chunks in the rows left; then sample and emit."""
+        """One forward pass: the decode rows (each with its guesses), then prompt chunks in the rows left; then
+        sample (or accept guesses) and emit."""
         cache = self.engine.cache
-        tokens, seqs, positions, logit_rows, owners = [], [], [], [], []
+        started = time.perf_counter()  # a pass's cost includes drafting its guesses
+        tokens, seqs, positions, logit_rows, owners = [], [], [], [], []  # owners: (slot, its guesses or None)
         decoding = [s for s in self.slots if s.request is not None and s.request.next_token is not None]
+        rows_left = self.engine.max_rows - len(decoding)
         for slot in decoding:
-            tokens.append(slot.request.next_token)
-            seqs.append(slot.seq)
-            positions.append(cache.length(slot.seq))
-            logit_rows.append(len(tokens) - 1)
-            owners.append(slot)
+            r = slot.request
+            draft = self._draft(r, rows_left)
+            rows_left -= len(draft)
+            n, start = 1 + len(draft), cache.length(slot.seq)
+            tokens += [r.next_token, *draft]
+            seqs += [slot.seq] * n
+            positions += range(start, start + n)
+            logit_rows += range(len(tokens) - n, len(tokens))
+            owners.append((slot, draft))
         budget = self.engine.max_rows - len(tokens)
         if decoding:
             budget = min(budget, self.chunk)
@@ -249,7 +313,7 @@ class Scheduler:
             chunks.append((slot, r.prefilled, n))
             if r.prefilled + n == len(r.prompt):  # its last prompt token: its logits give the first token
                 logit_rows.append(len(tokens) - 1)
-                owners.append(slot)
+                owners.append((slot, None))
         self.metrics.step_rows.observe(len(tokens))
         try:
             logits = self.engine.forward(tokens, seqs, positions, logit_rows)
@@ -259,37 +323,77 @@ class Scheduler:
                 cache.truncate(slot.seq, 0)  # what it stored is unknown
                 self._fail(slot, f"internal error in the forward pass: {type(e).__name__}")
             return
-        for slot in decoding:
-            cache.record(slot.seq, [slot.request.next_token])
+        seconds = time.perf_counter() - started
+        for slot, draft in owners[:len(decoding)]:
+            cache.record(slot.seq, [slot.request.next_token, *draft])
         for slot, first, n in chunks:
             cache.record(slot.seq, slot.request.prompt[first:first + n])
             slot.request.prefilled += n
         now = time.perf_counter()
-        for slot, row in zip(owners, logits):
-            r = slot.request
+        row = 0
+        for slot, draft in owners:
+            r, rows = slot.request, logits[row:row + 1 + len(draft or ())]
+            row += len(rows)
+            if draft is not None and r.drafter is not None and not chunks:
+                # a step with prompt chunks costs far more than its decode rows: it would mislead the tuning
+                r.draft_length.observe_pass(len(rows), seconds)
             if r.cancelled:
                 self._release(slot, "cancelled")
-            elif not np.isfinite(row).all():
-                error = non_finite_logits(self.name, cache.length(slot.seq) - 1)
+            elif not np.isfinite(rows).all():
+                error = non_finite_logits(self.name, cache.length(slot.seq) - len(rows))
                 cache.truncate(slot.seq, 0)  # its keys and values may be NaN too: never reuse them
                 self._fail(slot, str(error))
             else:
                 try:
-                    self._emit(slot, row, now)
+                    if draft:
+                        self._accept(slot, rows, draft, now)
+                    else:
+                        token = self._emit(slot, rows[0], now)
+                        if r.free_guess is not None:
+                            r.draft_length.observe_guesses(1, int(token == r.free_guess))
                 except Exception as e:  # a sampler or grammar failure ends this request only
                     log.exception("sampling failed")
                     self._fail(slot, f"sampling failed: {e}")
         slot_tokens = sum(cache.length(s.seq) for s in self.slots)
         self.metrics.kv_usage.set(slot_tokens / (self.n_slots * self.n_ctx))
 
-    def _emit(self, slot: Slot, logits: np.ndarray, now: float) -> None:
-        """Sample the request's next token from logits and send it (and the end, if it ended)."""
+    def _accept(self, slot: Slot, rows: np.ndarray, draft: list[int], now: float) -> None:
+        """A verify pass's result: the guesses the model agrees with and its own token after them, each emitted;
+        the sequence cut back past the rejected guesses."""
+        r, cache = slot.request, self.engine.cache
+        ready = accept_draft(r.sampler, self._without_eog(r, rows), r.history, draft)
+        right = len(ready) - 1
+        cache.truncate(slot.seq, cache.length(slot.seq) - len(draft) + right)  # keeps the accepted guesses
+        r.draft_length.observe_guesses(min(right + 1, len(draft)), right)
+        for stats in (r.stats.speculation, self.speculation):
+            stats.drafted, stats.accepted, stats.verify_steps = (stats.drafted + len(draft), stats.accepted + right,
+                                                                 stats.verify_steps + 1)
+        self.metrics.observe_speculation(len(draft), right, self.speculation)
+        for i, token in enumerate(ready):
+            # token i goes at the position after the cached ones less the accepted guesses still to come after it
+            self._emit(slot, rows[i], now, chosen=token, room=cache.room(slot.seq) + right - i)
+            if r.done:
+                break
+
+    def _without_eog(self, r: ServeRequest, logits: np.ndarray) -> np.ndarray:
+        """The logits r samples from: with end-of-generation tokens ruled out when it ignores them."""
+        if not r.ignore_eos:
+            return logits
+        masked = logits.copy()
+        masked[..., self._eog_ids] = -np.inf
+        return masked
+
+    def _emit(self, slot: Slot, logits: np.ndarray, now: float, chosen: int | None = None,
+              room: int | None = None) -> int | None:
+        """Sample the request's next token from logits (or take `chosen`, a token accept_draft picked from them)
+        and send it (and the end, if it ended); the token, None for an end-of-generation one."""
         r = slot.request
-        masked = logits if r.constraint is None else r.constraint.mask(logits)
-        if r.ignore_eos:
-            masked = masked.copy()
-            masked[self._eog_ids] = -np.inf
-        token, text = r.sample_next(masked, self.eog, self.engine.cache.room(slot.seq))
+        room = self.engine.cache.room(slot.seq) if room is None else room
+        if chosen is None:
+            masked = self._without_eog(r, logits if r.constraint is None else r.constraint.mask(logits))
+            token, text = r.sample_next(masked, self.eog, room)
+        else:
+            token, text = take_token(r, chosen, self.eog, room)
         if token is not None and r.constraint is not None:
             r.constraint.accept(token)
             if r.constraint.complete and not r.done:  # only an end-of-generation token could follow
@@ -303,7 +407,7 @@ class Scheduler:
             r.last_token_at = now
             self.metrics.generated_tokens.inc()
             event = TokenEvent(token, text)
-            if r.top_logprobs is not None:
+            if r.top_logprobs is not None:  # of the raw logits at the token's position, guessed or sampled
                 event.logprob, event.top_logprobs = token_logprobs(logits, token, r.top_logprobs)
             r.sink(event)
             text = ""
@@ -312,6 +416,7 @@ class Scheduler:
             r.sink(DoneEvent(FINISH_REASONS[r.stats.stop_reason], text, len(r.prompt), r.stats.generated_tokens,
                              r.cached_tokens))
             self._release(slot, FINISH_REASONS[r.stats.stop_reason])
+        return token
 
     def _release(self, slot: Slot, reason: str) -> None:
         """The slot is free for the next request; its tokens stay for prefix reuse."""
@@ -345,3 +450,46 @@ def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, lis
         ids = ids[np.lexsort((ids, -x[ids]))]
         best = [(int(i), float(x[i] - log_z)) for i in ids]
     return float(x[token] - log_z), best
+
+
+class _Chosen:
+    """A stand-in sampler that gives back one token already chosen (by accept_draft)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def sample(self, logits, recent_tokens=()) -> int:
+        return self.token
+
+
+def take_token(r: BatchRequest, token: int, eog: frozenset[int], room: int) -> tuple[int | None, str]:
+    """BatchRequest.sample_next for a token chosen already: the same stop rules, history and text."""
+    sampler, r.sampler = r.sampler, _Chosen(token)
+    try:
+        return r.sample_next(None, eog, room)
+    finally:
+        r.sampler = sampler
+
+
+class SlotDrafter:
+    """The draft model's greedy continuation of a slot's context, on the draft cache's sequence for that slot:
+    each proposal first evaluates what the context gained since the last one (after cutting the sequence back to
+    what it shares with the context: the rejected guesses go), then drafts k tokens, one decode step each."""
+
+    cheap = False  # proposing costs decode steps of the draft model: no free guesses on plain passes
+
+    def __init__(self, engine: Engine, seq: int):
+        self.engine, self.seq = engine, seq
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        cache, seq = self.engine.cache, self.seq
+        k = min(k, self.engine.n_ctx - len(context))
+        if k <= 0:
+            return []
+        keep = min(common_prefix_length(cache.tokens(seq), context), len(context) - 1)  # the last: for its logits
+        cache.truncate(seq, keep)
+        logits = self.engine.prefill(context[keep:], seq=seq)
+        out = [int(np.argmax(logits))]
+        while len(out) < k:
+            out.append(int(np.argmax(self.engine.decode(out[-1], seq=seq))))
+        return out

@@ -1,0 +1,94 @@
+"""Speculative decoding inside the server's scheduler: per request, exact (greedy answers with guesses equal those
+without), counted in the metrics, a per-request choice over the server's, and a draft model kept per slot."""
+import queue
+
+import pytest
+
+from conftest import model_path
+from edgeinfer.engine import Engine
+from edgeinfer.errors import InvalidArgument
+from edgeinfer.sampling import Sampler, SamplingParams
+from edgeinfer.serve.scheduler import DoneEvent, Scheduler, ServeRequest, TokenEvent
+
+# text the answer repeats: prompt lookup finds its continuation (an answer that quotes its input)
+QUOTE = ("Copy the text exactly.\n"
+         "Text: The quick brown fox jumps over the lazy dog near the river bank every morning.\n"
+         "Copy: The quick brown fox jumps over the lazy dog near the river bank every morning.\n"
+         "Text: A red apple fell from the old tree onto the green grass below.\nCopy:")
+PROMPTS = [QUOTE, "<ul>\n<li>one</li>\n<li>two</li>\n<li>three</li>\n</ul>\n<ul>\n<li>one</li>\n",
+           "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8,"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    import edgeinfer
+
+    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=256, n_threads=1, n_seq=4) as m:
+        yield m
+
+
+def run_requests(model, prompts, max_tokens, *, server_mode="off", modes=None, temperature=0.0, draft_engine=None,
+                 top_logprobs=None):
+    """Every prompt submitted at once to a fresh scheduler; [(token ids, final event, request)]."""
+    scheduler = Scheduler(model.engine, model.tokenizer, n_slots=3, speculative=server_mode,
+                          draft_engine=draft_engine).start()
+    try:
+        pending = []
+        for i, prompt in enumerate(prompts):
+            events = queue.Queue()
+            r = ServeRequest(model.tokenize(prompt), Sampler(SamplingParams(temperature=temperature, seed=i),
+                                                             model.n_vocab), max_tokens, sink=events.put,
+                             speculative=None if modes is None else modes[i], top_logprobs=top_logprobs)
+            scheduler.submit(r)
+            pending.append((r, events))
+        results = []
+        for r, events in pending:
+            tokens = []
+            while isinstance(event := events.get(timeout=60), TokenEvent):
+                tokens.append(event)
+            results.append((tokens, event, r))
+    finally:
+        scheduler.close()
+    return results, scheduler
+
+
+def test_greedy_answers_with_prompt_lookup_equal_plain_ones(model):
+    plain, _ = run_requests(model, PROMPTS, 24, top_logprobs=2)
+    spec, scheduler = run_requests(model, PROMPTS, 24, server_mode="ngram", top_logprobs=2)
+    assert [[t.token for t in tokens] for tokens, _, _ in spec] == [[t.token for t in tokens] for tokens, _, _ in plain]
+    assert [done.finish_reason for _, done, _ in spec] == [done.finish_reason for _, done, _ in plain]
+    assert all(isinstance(done, DoneEvent) for _, done, _ in spec)
+    # guessed tokens carry the log-probabilities of the model's own rows
+    assert [t.logprob for t in spec[0][0]] == pytest.approx([t.logprob for t in plain[0][0]], abs=1e-5)
+    quote = spec[0][2].stats.speculation
+    assert quote.drafted > 0 and quote.accepted >= 10  # the repeated sentence was guessed, not decoded
+    totals = scheduler.speculation
+    assert totals.drafted == sum(r.stats.speculation.drafted for _, _, r in spec)
+    metrics = scheduler.metrics
+    assert metrics.draft_tokens._value.get() == totals.drafted
+    assert metrics.draft_tokens_accepted._value.get() == totals.accepted
+    assert metrics.tokens_per_verify_pass._value.get() > 1.5
+    assert b"edgeinfer_draft_tokens_accepted_total" in metrics.render()
+
+
+def test_a_request_chooses_its_own_mode_and_sampling_still_runs(model):
+    results, scheduler = run_requests(model, PROMPTS, 16, server_mode="ngram", modes=["off", "auto", None],
+                                      temperature=0.7)
+    off, _, default = (r.stats.speculation for _, _, r in results)
+    assert off.drafted == 0 and default.drafted > 0
+    assert all(len(tokens) == 16 or done.finish_reason == "stop" for tokens, done, _ in results)
+    with pytest.raises(InvalidArgument, match="needs a draft model"):
+        scheduler.submit(ServeRequest([1, 2], Sampler(SamplingParams(), model.n_vocab), 4, speculative="draft"))
+    with pytest.raises(InvalidArgument, match="expected one of auto, ngram, draft, off"):
+        scheduler.submit(ServeRequest([1, 2], Sampler(SamplingParams(), model.n_vocab), 4, speculative="fast"))
+
+
+def test_draft_model_per_slot_follows_each_request(model):
+    """The model as its own draft (an engine over the same weights with its own cache): every greedy guess is
+    right, so each verify pass keeps all of them, and the answers are the plain ones."""
+    draft = Engine(model.config, model.runner, n_ctx=model.n_ctx, n_seq=4, n_threads=1)
+    plain, _ = run_requests(model, PROMPTS[1:], 12)
+    spec, scheduler = run_requests(model, PROMPTS[1:], 12, server_mode="draft", draft_engine=draft)
+    assert [[t.token for t in tokens] for tokens, _, _ in spec] == [[t.token for t in tokens] for tokens, _, _ in plain]
+    totals = scheduler.speculation
+    assert totals.drafted > 0 and totals.accepted == totals.drafted
