@@ -20,6 +20,7 @@ from edgeinfer.errors import EdgeInferError
 from edgeinfer.serve import structured
 from edgeinfer.serve.app import Served, ServerState, create_app
 from edgeinfer.serve.scheduler import Scheduler
+from edgeinfer.speculative import check_speculation
 
 log = logging.getLogger("edgeinfer.serve")
 
@@ -35,6 +36,8 @@ class ServeOptions:
     n_threads: int | None = None
     kv_type: str | None = None
     device: str = "auto"  # "auto", "cpu" or "cuda" (edgeinfer.backends.devices)
+    speculative: str = "off"  # each request's speculation mode unless it names one (edgeinfer.speculative)
+    draft: Path | None = None  # a draft model of the same vocabulary (for speculative "draft" or "auto")
     api_key: str | None = None
     max_queue: int = 64
     drain_seconds: float = 5.0
@@ -82,6 +85,7 @@ def serve(path: Path, options: ServeOptions, say: Callable[[str], None] = print)
     Raises EdgeInferError if the socket cannot be bound or the model cannot be loaded (the server stops)."""
     import uvicorn
 
+    check_speculation(options.speculative, options.draft is not None)  # before anything is bound or loaded
     sock = bind(options.host, options.port)
     bound_malloc_growth()
     state = ServerState(api_key=options.api_key)
@@ -95,8 +99,10 @@ def serve(path: Path, options: ServeOptions, say: Callable[[str], None] = print)
     def load() -> None:
         try:
             state.served = _load(path, options, state, model_id, say)
+            draft = state.served.model.draft
             say(f"ready: {url}/v1 (model {model_id!r}, {options.parallel} slots, device: "
-                f"{state.served.model.device.summary})")
+                f"{state.served.model.device.summary}, speculation: {options.speculative}"
+                f"{f' with draft {draft.path.name}' if draft is not None else ''})")
         except BaseException as e:  # noqa: BLE001 (reported by serve, after uvicorn stops)
             failure.append(e)
             server.should_exit = True
@@ -127,7 +133,7 @@ def serve(path: Path, options: ServeOptions, say: Callable[[str], None] = print)
 
 def _load(path: Path, options: ServeOptions, state: ServerState, model_id: str, say) -> Served:
     """The model with parallel + 1 sequences (sequence 0 stays the single-stream API's), warmed up, and its
-    scheduler running."""
+    scheduler running; the draft model, if any, with as many sequences of as many positions (one per slot)."""
     from edgeinfer.api import Model
     from edgeinfer.budget import format_plan
 
@@ -136,8 +142,14 @@ def _load(path: Path, options: ServeOptions, state: ServerState, model_id: str, 
     try:
         say(format_plan(model.plan))
         model.engine.warm_up()  # compiles on a first run (a minute or two), else loads the compiled kernels
+        if options.draft is not None:
+            # closed with the model; InvalidArgument if its vocabulary is not the model's
+            model.use_draft(Model(options.draft, n_ctx=model.n_ctx, n_threads=model.n_threads,
+                                  n_seq=options.parallel + 1, kv_type=model.kv_type, device=model.device.name))
+            model.draft.engine.warm_up()
         scheduler = Scheduler(model.engine, model.tokenizer, name=str(path), max_queue=options.max_queue,
-                              metrics=state.metrics).start()
+                              metrics=state.metrics, speculative=options.speculative,
+                              draft_engine=model.draft.engine if model.draft is not None else None).start()
     except BaseException:
         model.close()
         raise
