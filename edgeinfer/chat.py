@@ -246,11 +246,24 @@ def _load(session, arg, out):
         out.error(str(e))
 
 
+def format_speculation(s) -> str:
+    """What speculative decoding did in a generation (GenerationStats s): guesses accepted, and tokens per decode
+    pass (plain decoding's 1: the speed-up before the cost of checking the guesses); '' when nothing was guessed."""
+    spec = s.speculation
+    if not spec.drafted:
+        return ""
+    passes = max(s.generated_tokens - 1 - spec.accepted, 1)  # the first token comes from the prompt's pass
+    return (f"speculation: {spec.accepted}/{spec.drafted} guesses accepted ({spec.acceptance_rate:.0%}), "
+            f"{(s.generated_tokens - 1) / passes:.2f} tokens per decode pass")
+
+
 def _stats(session, arg, out):
     s = session.stats()
+    speculation = format_speculation(session.last_stats) if s["turns"] else ""
     last = "none yet" if not s["turns"] else (
         f"{format_turn_stats(session.last_stats)} · stop: "
-        f"{'interrupted' if session.last_interrupted else s['last_stop_reason']}")
+        f"{'interrupted' if session.last_interrupted else s['last_stop_reason']}"
+        f"{' · ' + speculation if speculation else ''}")
     out.info(f"conversation: {s['messages']} messages, {s['messages_in_context']} in the context · "
              f"KV cache: {s['cached_tokens']} of {s['n_ctx']} positions · threads: {s['n_threads']}\n"
              f"last turn: {last}\n"
