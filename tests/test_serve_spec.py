@@ -28,8 +28,8 @@ def model():
 
 
 def run_requests(model, prompts, max_tokens, *, server_mode="off", modes=None, temperature=0.0, draft_engine=None,
-                 top_logprobs=None):
-    """Every prompt submitted at once to a fresh scheduler; [(token ids, final event, request)]."""
+                 top_logprobs=None, stop=()):
+    """Every prompt submitted at once to a fresh scheduler; [(token events, final event, request)]."""
     scheduler = Scheduler(model.engine, model.tokenizer, n_slots=3, speculative=server_mode,
                           draft_engine=draft_engine).start()
     try:
@@ -37,7 +37,7 @@ def run_requests(model, prompts, max_tokens, *, server_mode="off", modes=None, t
         for i, prompt in enumerate(prompts):
             events = queue.Queue()
             r = ServeRequest(model.tokenize(prompt), Sampler(SamplingParams(temperature=temperature, seed=i),
-                                                             model.n_vocab), max_tokens, sink=events.put,
+                                                             model.n_vocab), max_tokens, list(stop), sink=events.put,
                              speculative=None if modes is None else modes[i], top_logprobs=top_logprobs)
             scheduler.submit(r)
             pending.append((r, events))
@@ -53,10 +53,13 @@ def run_requests(model, prompts, max_tokens, *, server_mode="off", modes=None, t
 
 
 def test_greedy_answers_with_prompt_lookup_equal_plain_ones(model):
-    plain, _ = run_requests(model, PROMPTS, 24, top_logprobs=2)
-    spec, scheduler = run_requests(model, PROMPTS, 24, server_mode="ngram", top_logprobs=2)
+    """Three concurrent requests; a stop string ends the list's answer inside a run of accepted guesses."""
+    plain, _ = run_requests(model, PROMPTS, 24, top_logprobs=2, stop=["</ul>"])
+    spec, scheduler = run_requests(model, PROMPTS, 24, server_mode="ngram", top_logprobs=2, stop=["</ul>"])
     assert [[t.token for t in tokens] for tokens, _, _ in spec] == [[t.token for t in tokens] for tokens, _, _ in plain]
+    assert [r.text for _, _, r in spec] == [r.text for _, _, r in plain]
     assert [done.finish_reason for _, done, _ in spec] == [done.finish_reason for _, done, _ in plain]
+    assert spec[1][1].finish_reason == "stop" and spec[1][2].text == "<li>two</li>\n<li>three</li>\n"
     assert all(isinstance(done, DoneEvent) for _, done, _ in spec)
     # guessed tokens carry the log-probabilities of the model's own rows
     assert [t.logprob for t in spec[0][0]] == pytest.approx([t.logprob for t in plain[0][0]], abs=1e-5)
@@ -92,3 +95,13 @@ def test_draft_model_per_slot_follows_each_request(model):
     assert [[t.token for t in tokens] for tokens, _, _ in spec] == [[t.token for t in tokens] for tokens, _, _ in plain]
     totals = scheduler.speculation
     assert totals.drafted > 0 and totals.accepted == totals.drafted
+
+
+def test_serve_refuses_spec_draft_without_a_draft_model_before_loading(capsys):
+    from edgeinfer.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "no-such-model", "--spec", "draft"])  # the model is not even looked up
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == ("error: speculative='draft' needs a draft model: load(..., draft=MODEL) or "
+                                       "--draft MODEL\n")
