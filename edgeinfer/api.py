@@ -379,12 +379,17 @@ class Model:
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, speculative: str = "off") -> Completion:
+               stop: str | Sequence[str] | None = None, speculative: str = "off", json_schema: dict | None = None,
+               response_format: dict | None = None) -> Completion:
         """Yield the continuation of `prompt` (text, or token ids in [0, n_vocab)) as text pieces while it is
         generated. Defaults are llama.cpp's (repeat_penalty 1.0: off); seed None takes the model's, -1 is random.
         speculative: "off", "ngram" (check prompt-lookup guesses every pass) or "auto" (where they pay), see
         edgeinfer.speculative: greedy output is the same token for token; a sampled one is a sample of the same
         distribution, but not the same sample for a seed as without speculation.
+
+        json_schema (a JSON schema dict) or response_format (OpenAI's {"type": "json_object"} / {"type":
+        "json_schema", ...}): the output is JSON that follows it, by the grammar `edgeinfer serve` uses (llguidance;
+        not with speculation), unless max_tokens cuts it.
 
         Stops at an end-of-generation token, at max_tokens (>= 0), when the context is full, or before a stop string
         (which is not emitted). The iterator's `stats` (and `last_stats`) hold the figures. Arguments are checked
@@ -392,20 +397,29 @@ class Model:
         tokens, sampler, stops = self._request(prompt, "prompt", max_tokens=max_tokens, temperature=temperature,
                                                top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                                                presence_penalty=presence_penalty,
-                                               frequency_penalty=frequency_penalty, seed=seed, stop=stop)
+                                               frequency_penalty=frequency_penalty, seed=seed, stop=stop,
+                                               json_schema=json_schema, response_format=response_format)
         check_speculation(speculative, self.draft is not None)
+        if speculative != "off" and (json_schema, response_format) != (None, None):
+            raise InvalidArgument("json_schema and response_format need speculative=\"off\"")
         self.last_stats = stats = GenerationStats()
         return Completion(self._pieces(tokens, sampler, max_tokens, stops, stats, speculative), stats, sampler)
 
-    def _request(self, prompt, name: str, *, max_tokens, stop, seed, **sampling) -> tuple:
-        """A generation's checked parts: (prompt token ids, sampler, stop strings)."""
+    def _request(self, prompt, name: str, *, max_tokens, stop, seed, json_schema=None, response_format=None,
+                 **sampling) -> tuple:
+        """A generation's checked parts: (prompt token ids, sampler (constrained by a JSON schema), stop strings)."""
         tokens = self._prompt_ids(prompt, name)
         _check_int("max_tokens", max_tokens, 0)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         for i, s in enumerate(stops):
             _check_text(f"stop[{i}]", s)
         params = SamplingParams(**sampling, seed=self.seed if seed is None else seed)
-        return tokens, Sampler(params, self.n_vocab), stops
+        sampler = Sampler(params, self.n_vocab)
+        if json_schema is not None or response_format is not None:
+            from edgeinfer.serve.in_process import constrained_sampler
+
+            sampler = constrained_sampler(self, sampler, json_schema, response_format)
+        return tokens, sampler, stops
 
     def _pieces(self, tokens: list[int], sampler: Sampler, max_tokens: int, stop: list[str],
                 stats: GenerationStats, speculative: str = "off") -> Iterator[str]:
@@ -495,6 +509,24 @@ class Model:
         tokens = self.chat_tokens(messages, parse_special=parse_special)
         pieces = self.stream(tokens, **{"repeat_penalty": CHAT_REPEAT_PENALTY, **sampling})
         return pieces if stream else "".join(pieces)
+
+    def create_chat_completion(self, messages: list[dict], **fields):
+        """OpenAI's chat completion in-process: fields as the body of `edgeinfer serve`'s POST /v1/chat/completions
+        (stream, max_tokens, temperature, top_p, seed, stop, response_format, tools, tool_choice, logprobs, ...;
+        unknown ones ignored, as there), answered with the dict the server answers, or with stream=True an iterator
+        of the chunk dicts its events carry. InvalidRequest (an InvalidArgument) naming a bad field. See
+        edgeinfer.serve.in_process."""
+        from edgeinfer.serve.in_process import chat_completion
+
+        self._check_open()
+        return chat_completion(self, {**fields, "messages": messages})
+
+    def create_completion(self, prompt: str | Sequence[int], **fields):
+        """OpenAI's (legacy) completion in-process, as POST /v1/completions: see `create_chat_completion`."""
+        from edgeinfer.serve.in_process import completion
+
+        self._check_open()
+        return completion(self, {**fields, "prompt": prompt})
 
     def session(self, system: str | None = None, **settings):
         """A new conversation that keeps the KV cache across turns (see `edgeinfer.session.ChatSession`);

@@ -1,7 +1,9 @@
-"""OpenAI request parsing (no model): what is accepted, what is refused with which parameter named."""
+"""OpenAI request parsing (no model): what is accepted, what is refused with which parameter named (InvalidRequest,
+an InvalidArgument; the server's 400 body names the same parameter)."""
 import pytest
 
-from edgeinfer.serve.openai_schema import APIError, parse_chat_request, parse_completion_request
+from edgeinfer.errors import InvalidArgument
+from edgeinfer.serve.openai_schema import APIError, InvalidRequest, parse_chat_request, parse_completion_request
 from edgeinfer.serve.tools import parse_tool_calls, parse_tools
 
 
@@ -54,10 +56,12 @@ def test_message_contents_text_parts_and_roles():
     ({"model": 3}, "model", "a string"),
 ])
 def test_bad_chat_fields_name_the_parameter(fields, param, fragment):
-    with pytest.raises(APIError) as info:
+    with pytest.raises(InvalidRequest) as info:
         parse_chat_request(chat_body(**fields))
-    assert info.value.status == 400 and info.value.param == param and fragment in info.value.message
-    assert set(info.value.body()["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(info.value, InvalidArgument) and info.value.param == param and fragment in str(info.value)
+    answer = APIError.invalid(info.value)
+    assert answer.status == 400 and answer.body()["error"]["param"] == param
+    assert answer.body()["error"]["type"] == "invalid_request_error" and fragment in answer.body()["error"]["message"]
 
 
 def test_completion_prompts():
@@ -66,7 +70,7 @@ def test_completion_prompts():
     assert parse_completion_request({"prompt": [1, 2, 3], "logprobs": 2}).top_logprobs == 2
     for bad in ({"prompt": ["a", "b"]}, {"prompt": ""}, {"prompt": None}, {"prompt": "a", "logprobs": 6},
                 {"prompt": "a", "echo": True}, "just a string"):
-        with pytest.raises(APIError):
+        with pytest.raises(InvalidRequest):
             parse_completion_request(bad)
 
 
@@ -80,7 +84,7 @@ def test_tools_and_tool_choice():
                        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
                        ({"tools": [weather, weather]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
                        ({"tools": "x"}, "tools")):
-        with pytest.raises(APIError) as info:
+        with pytest.raises(InvalidRequest) as info:
             parse_tools(bad)
         assert info.value.param == param
 

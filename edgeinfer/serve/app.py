@@ -6,15 +6,17 @@ success is OpenAI's error shape ({"error": {message, type, param, code}}) with i
 wrong API key, 404 unknown path, 405 wrong method, 413 body over the limit, 429 queue full (with Retry-After),
 503 still loading; an unexpected exception is logged and answered 500 without a traceback. A client that goes
 away (mid-stream or while waiting) cancels its request, which leaves the batch at the scheduler's next step. How
-events become responses and server-sent events: `edgeinfer.serve.responses`.
+bodies become requests: `edgeinfer.serve.openai_requests`; how events become responses and chunks:
+`edgeinfer.serve.responses` (both shared with the Python API, edgeinfer.serve.in_process).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -23,14 +25,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edgeinfer.errors import EdgeInferError, InvalidArgument
-from edgeinfer.sampling import Sampler
+from edgeinfer.errors import EdgeInferError
 from edgeinfer.serve import openai_schema as schema
-from edgeinfer.serve import structured, tools
 from edgeinfer.serve.metrics import ServeMetrics
-from edgeinfer.serve.openai_schema import APIError, Generation, ResponseHead
-from edgeinfer.serve.responses import ChatShape, CompletionShape, EventQueue, Shape, collect, sse
-from edgeinfer.serve.scheduler import QueueFull, Scheduler, ServeRequest
+from edgeinfer.serve.openai_requests import OpenAIModel, Prepared
+from edgeinfer.serve.openai_schema import APIError, InvalidRequest
+from edgeinfer.serve.responses import StreamChunks, whole_response
+from edgeinfer.serve.scheduler import DoneEvent, ErrorEvent, QueueFull, Scheduler, ServeRequest
 from edgeinfer.serve.structured import GrammarVocabulary
 
 log = logging.getLogger("edgeinfer.serve")
@@ -41,41 +42,23 @@ RETRY_AFTER_SECONDS = 1
 
 @dataclass
 class Served:
-    """A loaded model and the scheduler that runs its requests; model_id is what /v1/models lists."""
+    """A loaded model and the scheduler that runs its requests; model_id is what /v1/models lists. How request
+    bodies become requests: `api` (edgeinfer.serve.openai_requests, shared with the Python API)."""
 
     model: Any  # edgeinfer.api.Model
     scheduler: Scheduler
     model_id: str
     aliases: frozenset[str] = frozenset()
     created: int = field(default_factory=lambda: int(time.time()))
-    vocabulary: GrammarVocabulary | None = None  # for response_format: built on first use
-
-    _supports_tools: bool | None = None
-    _controls: Any = None
+    api: OpenAIModel = field(init=False)
 
     def __post_init__(self):
-        self.vocabulary = GrammarVocabulary(self.model.tokenizer, self.model.n_vocab)
+        self.api = OpenAIModel(self.model, self.model_id, self.aliases)
 
-    def supports_tools(self) -> bool:
-        if self._supports_tools is None:
-            self._supports_tools = tools.template_supports_tools(self.model.chat_template)
-        return self._supports_tools
-
-    def chat_tokens(self, messages: list[dict], tool_list: list[dict] | None) -> list[int]:
-        """The prompt of a conversation, rendered with the tools when there are any (control-token texts in
-        contents stay text either way)."""
-        if tool_list is None:
-            return self.model.chat_tokens(messages)
-        from edgeinfer.api import ControlTexts, check_messages, tokenize_chat
-
-        check_messages(messages)
-        if self._controls is None:
-            self._controls = ControlTexts(self.model.tokenizer)
-        return tokenize_chat(self.model.tokenizer, tools.TemplateWithTools(self.model.chat_template, tool_list),
-                             messages, self._controls)
-
-    def knows(self, name: str | None) -> bool:
-        return name is None or name == self.model_id or name in self.aliases
+    @property
+    def vocabulary(self) -> GrammarVocabulary:
+        """The model's vocabulary for response_format and tools (built on first use)."""
+        return self.api.vocabulary
 
 
 @dataclass
@@ -133,6 +116,8 @@ class _Handlers:
                 response = await handler(request)
             except APIError as e:
                 response = _error_response(e)
+            except InvalidRequest as e:
+                response = _error_response(APIError.invalid(e))
             except Exception:  # noqa: BLE001 (nothing a client sends may leak a traceback)
                 log.exception("unexpected error on %s", request.url.path)
                 response = _error_response(APIError("internal server error", 500, type="server_error"))
@@ -191,7 +176,7 @@ class _Handlers:
 
     async def model(self, request: Request) -> Response:
         served = self._served()
-        if not served.knows(request.path_params["model_id"]):
+        if not served.api.knows(request.path_params["model_id"]):
             raise APIError(f"the model {request.path_params['model_id']!r} does not exist: this server has "
                            f"{served.model_id!r}", 404, param="model", code="model_not_found")
         return JSONResponse(schema.model_card(served.model_id, served.created))
@@ -220,90 +205,15 @@ class _Handlers:
     async def chat(self, request: Request) -> Response:
         served = self._served()
         body = await self._json(request)
-        gen = schema.parse_chat_request(body)
-        gen.tools = tools.parse_tools(body)
-        self._check_model(served, gen)
-        if gen.tools is not None:
-            if gen.response_format is not None:
-                raise APIError("'tools' and a JSON 'response_format' cannot be combined", param="response_format")
-            if not await run_in_threadpool(served.supports_tools):
-                raise APIError("this model's chat template has no tool support: send the request without 'tools'",
-                               param="tools", code="unsupported_parameter")
-        messages = tools.template_messages(gen.messages)
-        try:
-            prompt = await run_in_threadpool(served.chat_tokens, messages, gen.tools and gen.tools.tools)
-        except (EdgeInferError, TypeError, ValueError) as e:
-            raise APIError(f"the messages cannot be rendered with this model's chat template: {e}",
-                           param="messages") from None
-        head = ResponseHead(schema.new_id("chatcmpl"), "chat.completion", served.model_id)
-        return await self._respond(request, served, gen, prompt, head, ChatShape(served.model.tokenizer, gen.tools))
+        return await self._respond(request, served, await run_in_threadpool(served.api.prepare_chat, body))
 
     async def completions(self, request: Request) -> Response:
         served = self._served()
-        gen = schema.parse_completion_request(await self._json(request))
-        self._check_model(served, gen)
-        if isinstance(gen.prompt, str):
-            prompt = await run_in_threadpool(served.model.tokenize, gen.prompt)
-        else:
-            n_vocab = served.model.n_vocab
-            bad = next((t for t in gen.prompt if not 0 <= t < n_vocab), None)
-            if bad is not None:
-                raise APIError(f"'prompt' has token id {bad}: token ids are in [0, {n_vocab})", param="prompt")
-            prompt = list(gen.prompt)
-        head = ResponseHead(schema.new_id("cmpl"), "text_completion", served.model_id)
-        return await self._respond(request, served, gen, prompt, head, CompletionShape(served.model.tokenizer))
+        body = await self._json(request)
+        return await self._respond(request, served, await run_in_threadpool(served.api.prepare_completion, body))
 
-    @staticmethod
-    async def _constraint(served: Served, gen: Generation):
-        """The grammar a response_format asks for (None for text), compiled off the event loop."""
-        if gen.response_format is None and gen.tools is None:
-            return None
-        param = "tools" if gen.tools is not None else "response_format"
-        if not structured.available():
-            raise APIError(f"'{param}' needs llguidance (pip install llguidance)", param=param,
-                           code="unsupported_parameter")
-
-        def build():
-            grammar = (tools.tool_call_grammar(gen.tools) if gen.tools is not None
-                       else structured.grammar_for(gen.response_format))
-            return structured.Constraint(served.vocabulary, grammar)
-
-        try:
-            return await run_in_threadpool(build)
-        except (InvalidArgument, ValueError) as e:
-            raise APIError(str(e), param=param) from None
-
-    @staticmethod
-    def _check_model(served: Served, gen: Generation) -> None:
-        if not served.knows(gen.model):
-            raise APIError(f"the model {gen.model!r} does not exist: this server has {served.model_id!r}",
-                           param="model", code="model_not_found")
-
-    async def _respond(self, request: Request, served: Served, gen: Generation, prompt: list[int],
-                       head: ResponseHead, shape: Shape) -> Response:
-        constraint = await self._constraint(served, gen)
-        events = self._submit(request, served, gen, prompt, constraint)
-        if gen.stream:
-            return StreamingResponse(sse(events, head, shape, gen.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            body = await collect(events, head, shape)
-        finally:
-            events.close()
-        return JSONResponse(body)
-
-    def _submit(self, request: Request, served: Served, gen: Generation, prompt: list[int],
-                constraint) -> EventQueue:
-        """Check that the request fits a slot and queue it; its events come through the returned queue."""
-        n_ctx = served.scheduler.n_ctx
-        max_tokens = n_ctx - len(prompt) if gen.max_tokens is None else gen.max_tokens
-        if len(prompt) + max(max_tokens, 1) > n_ctx:
-            asked = f"{len(prompt)} in the prompt" + ("" if gen.max_tokens is None else f", {max_tokens} to generate")
-            raise APIError(f"this server's context is {n_ctx} tokens per request; the request needs "
-                           f"{len(prompt) + max_tokens} ({asked}): shorten the prompt or lower max_tokens",
-                           param="messages" if gen.messages else "prompt", code="context_length_exceeded")
-        r = ServeRequest(prompt, Sampler(gen.sampling, served.model.n_vocab), max_tokens, gen.stop,
-                         top_logprobs=gen.top_logprobs, constraint=constraint, ignore_eos=gen.ignore_eos)
+    async def _respond(self, request: Request, served: Served, prepared: Prepared) -> Response:
+        r = prepared.serve_request(served.scheduler.n_ctx, served.model.n_vocab)
         events = EventQueue(request, r)
         try:
             served.scheduler.submit(r)
@@ -314,4 +224,90 @@ class _Handlers:
         except EdgeInferError as e:
             events.close()
             raise APIError(str(e), param="prompt") from None
-        return events
+        if prepared.gen.stream:
+            chunks = StreamChunks(prepared.head, prepared.shape, r, prepared.gen.include_usage)
+            return StreamingResponse(_sse(events, chunks), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            received = await _collect(events)
+        finally:
+            events.close()
+        return JSONResponse(whole_response(received, prepared.head, prepared.shape, r))
+
+
+# ================================================================ a request's events on the event loop
+
+_DISCONNECTED = object()  # put into a request's event queue when its client goes away
+
+
+class EventQueue:
+    """A request's events on the event loop, and the end of its client: `get` returns an event, or None once the
+    client disconnected (the request is then cancelled)."""
+
+    def __init__(self, request: Request, r: ServeRequest):
+        """Give r a sink that hands its events (from the scheduler thread) to this event loop's queue."""
+        loop = asyncio.get_running_loop()
+        self.r, self.queue = r, asyncio.Queue()
+
+        def sink(event) -> None:
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                r.cancel()
+
+        r.sink = sink
+        self.watcher = asyncio.ensure_future(self._watch(request.receive))
+
+    async def _watch(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.queue.put_nowait(_DISCONNECTED)
+
+    async def get(self):
+        event = await self.queue.get()
+        if event is _DISCONNECTED:
+            self.r.cancel()
+            return None
+        return event
+
+    def close(self) -> None:
+        """The response is over (or abandoned): stop watching; cancel the request if it still runs."""
+        self.watcher.cancel()
+        self.r.cancel()
+
+
+async def _collect(events: EventQueue) -> list:
+    """Every event of the request, up to its DoneEvent (for a whole response)."""
+    received = []
+    while not received or not isinstance(received[-1], DoneEvent):
+        event = await events.get()
+        if event is None:
+            raise APIError("the client went away", 499)
+        if isinstance(event, ErrorEvent):
+            raise APIError(event.message, 500, type="server_error")
+        received.append(event)
+    return received
+
+
+async def _sse(events: EventQueue, chunks: StreamChunks) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: `data: {chunk}` lines, `data: [DONE]` last."""
+    def data(chunk: dict) -> str:
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    try:
+        for chunk in chunks.opening():
+            yield data(chunk)
+        while True:
+            event = await events.get()
+            if event is None:
+                return
+            if isinstance(event, ErrorEvent):  # headers are sent: the error goes in the stream, as OpenAI's
+                yield data(APIError(event.message, 500, type="server_error").body())
+                return
+            for chunk in chunks.of(event):
+                yield data(chunk)
+            if isinstance(event, DoneEvent):
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        events.close()

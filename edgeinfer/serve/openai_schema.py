@@ -1,8 +1,9 @@
 """OpenAI's request and response shapes: parsing and checking request bodies, building responses and chunks.
 
-Parsing is strict about the fields we use (a wrong type or a value out of range is an `APIError` naming the
-parameter, answered with status 400 in OpenAI's error shape) and ignores unknown fields, as OpenAI's clients
-expect. Nothing here touches the model: the handlers (`edgeinfer.serve.app`) tokenize and submit.
+Parsing is strict about the fields we use (a wrong type or a value out of range is an `InvalidRequest` naming the
+parameter: the server answers it with status 400 in OpenAI's error shape, the Python API raises it) and ignores
+unknown fields, as OpenAI's clients expect. Nothing here touches the model: `edgeinfer.serve.openai_requests`
+tokenizes and builds the request.
 """
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeinfer.errors import InvalidArgument
 from edgeinfer.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # the completions endpoint's logprobs, as OpenAI
+
+
+class InvalidRequest(InvalidArgument):
+    """A request field is missing, of the wrong type or out of range; `param` names it ("messages[0].role"), `code`
+    is OpenAI's error code. The server answers it with a 400; `Model.create_chat_completion` raises it."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
 
 
 class APIError(Exception):
@@ -29,6 +40,11 @@ class APIError(Exception):
         self.type = type or _ERROR_TYPES.get(status, "server_error")
         self.headers = headers or {}
 
+    @classmethod
+    def invalid(cls, e: InvalidRequest) -> "APIError":
+        """The server's answer to an invalid request: a 400 naming the parameter."""
+        return cls(e.message, 400, param=e.param, code=e.code)
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
@@ -40,8 +56,8 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 
 # ================================================================ field checks
 
-def _type_error(name: str, expected: str, value: Any) -> APIError:
-    return APIError(f"'{name}' must be {expected}, not {_json_type(value)}", param=name, code="invalid_type")
+def _type_error(name: str, expected: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(f"'{name}' must be {expected}, not {_json_type(value)}", param=name, code="invalid_type")
 
 
 def _json_type(value: Any) -> str:
@@ -56,8 +72,8 @@ def _number(body: dict, name: str, default, low: float, high: float):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _type_error(name, "a number", value)
     if not low <= value <= high:
-        raise APIError(f"'{name}' must be between {low:g} and {high:g}, got {value}", param=name,
-                       code="invalid_value")
+        raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g}, got {value}", param=name,
+                             code="invalid_value")
     return float(value)
 
 
@@ -69,7 +85,7 @@ def _integer(body: dict, name: str, default, low: int, high: int | None = None):
         raise _type_error(name, "an integer", value)
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise APIError(f"'{name}' must be {bound}, got {value}", param=name, code="invalid_value")
+        raise InvalidRequest(f"'{name}' must be {bound}, got {value}", param=name, code="invalid_value")
     return value
 
 
@@ -90,7 +106,7 @@ def _stops(body: dict) -> list[str]:
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise _type_error("stop", "a string or an array of strings", value)
     if len(stops) > MAX_STOP_STRINGS:
-        raise APIError(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
+        raise InvalidRequest(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
     return [s for s in stops if s]
 
 
@@ -107,7 +123,7 @@ class Generation:
     stream: bool
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs
-    response_format: dict | None = None  # json_object / json_schema (see _response_format); None: text
+    response_format: dict | None = None  # json_object / json_schema (parse_response_format); None: text
     ignore_eos: bool = False  # llama-server's extension: decode max_tokens whatever the model says
     tools: Any = None  # chat: edgeinfer.serve.tools.ToolRequest, set by the handler
     prompt: Any = None  # completions: a string or token ids
@@ -117,14 +133,14 @@ class Generation:
 def _generation(body: Any, *, max_tokens_names: tuple[str, ...]) -> dict:
     """The fields both endpoints share."""
     if not isinstance(body, dict):
-        raise APIError(f"the request body must be a JSON object, not {_json_type(body)}")
+        raise InvalidRequest(f"the request body must be a JSON object, not {_json_type(body)}")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _type_error("model", "a string", model)
     n = _integer(body, "n", 1, 1)
     if n != 1:
-        raise APIError(f"'n' must be 1: this server generates one choice per request (got {n})", param="n",
-                       code="unsupported_value")
+        raise InvalidRequest(f"'n' must be 1: this server generates one choice per request (got {n})", param="n",
+                             code="unsupported_value")
     max_tokens = None
     for name in max_tokens_names:  # max_completion_tokens wins over the deprecated max_tokens
         max_tokens = _integer(body, name, max_tokens, 0)
@@ -144,14 +160,14 @@ def _generation(body: Any, *, max_tokens_names: tuple[str, ...]) -> dict:
         raise _type_error("stream_options", "an object", options)
     include_usage = _boolean(options or {}, "include_usage") if stream else False
     if body.get("functions"):
-        raise APIError("'functions' (deprecated) is not supported: use 'tools'", param="functions",
-                       code="unsupported_parameter")
+        raise InvalidRequest("'functions' (deprecated) is not supported: use 'tools'", param="functions",
+                             code="unsupported_parameter")
     return dict(model=model, sampling=sampling, max_tokens=max_tokens, stop=_stops(body), stream=stream,
-                include_usage=include_usage, response_format=_response_format(body.get("response_format")),
+                include_usage=include_usage, response_format=parse_response_format(body.get("response_format")),
                 ignore_eos=_boolean(body, "ignore_eos"))
 
 
-def _response_format(value: Any) -> dict | None:
+def parse_response_format(value: Any) -> dict | None:
     """None for plain text, else {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema"...}}."""
     if value is None:
         return None
@@ -163,11 +179,11 @@ def _response_format(value: Any) -> dict | None:
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise APIError("'response_format.json_schema' must be an object with a 'schema' object",
-                           param="response_format.json_schema")
+            raise InvalidRequest("'response_format.json_schema' must be an object with a 'schema' object",
+                                 param="response_format.json_schema")
         return value
-    raise APIError("'response_format.type' must be 'text', 'json_object' or 'json_schema'",
-                   param="response_format", code="invalid_value")
+    raise InvalidRequest("'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+                         param="response_format", code="invalid_value")
 
 
 def parse_chat_request(body: Any) -> Generation:
@@ -177,15 +193,15 @@ def parse_chat_request(body: Any) -> Generation:
     if _boolean(body, "logprobs"):
         top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     elif body.get("top_logprobs") is not None:
-        raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return Generation(**fields, top_logprobs=top, messages=_messages(body.get("messages")))
 
 
 def _messages(messages: Any) -> list[dict]:
     """Messages as the chat template takes them: role and string content (text parts joined)."""
     if not isinstance(messages, list) or not messages:
-        raise APIError("'messages' must be a non-empty array of messages", param="messages",
-                       code="invalid_type" if not isinstance(messages, list) else "invalid_value")
+        raise InvalidRequest("'messages' must be a non-empty array of messages", param="messages",
+                             code="invalid_type" if not isinstance(messages, list) else "invalid_value")
     out = []
     for i, m in enumerate(messages):
         name = f"messages[{i}]"
@@ -193,8 +209,8 @@ def _messages(messages: Any) -> list[dict]:
             raise _type_error(name, "an object", m)
         role = m.get("role")
         if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant", "tool"):
-            raise APIError(f"'{name}.role' must be one of system, developer, user, assistant, tool; got "
-                           f"{role!r}"[:300], param=f"{name}.role")
+            raise InvalidRequest(f"'{name}.role' must be one of system, developer, user, assistant, tool; got "
+                                 f"{role!r}"[:300], param=f"{name}.role")
         content = m.get("content")
         calls = m.get("tool_calls") if role == "assistant" else None
         if content is None and role == "assistant":
@@ -222,8 +238,8 @@ def _tool_calls(calls: Any, name: str) -> list[dict]:
         function = c.get("function") if isinstance(c, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not isinstance(
                 function.get("arguments", ""), (str, dict)):
-            raise APIError(f"'{name}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
-                           f"\"arguments\": \"...\"}}}}", param=f"{name}[{i}]")
+            raise InvalidRequest(f"'{name}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                 f"\"arguments\": \"...\"}}}}", param=f"{name}[{i}]")
     return calls
 
 
@@ -231,9 +247,9 @@ def _text_part(part: Any, name: str) -> str:
     if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
         kind = part.get("type") if isinstance(part, dict) else None
         if isinstance(kind, str) and kind != "text":
-            raise APIError(f"'{name}' is a {kind!r} part: this model reads only text", param=name,
-                           code="unsupported_value")
-        raise APIError(f"'{name}' must be {{\"type\": \"text\", \"text\": \"...\"}}", param=name)
+            raise InvalidRequest(f"'{name}' is a {kind!r} part: this model reads only text", param=name,
+                                 code="unsupported_value")
+        raise InvalidRequest(f"'{name}' must be {{\"type\": \"text\", \"text\": \"...\"}}", param=name)
     return part["text"]
 
 
@@ -241,25 +257,25 @@ def parse_completion_request(body: Any) -> Generation:
     """A /v1/completions body, checked; `prompt` is a string or a list of token ids."""
     fields = _generation(body, max_tokens_names=("max_tokens",))
     if body.get("tools"):
-        raise APIError("'tools' belong to /v1/chat/completions", param="tools", code="unsupported_parameter")
+        raise InvalidRequest("'tools' belong to /v1/chat/completions", param="tools", code="unsupported_parameter")
     if fields["max_tokens"] is None:
         fields["max_tokens"] = 16  # OpenAI's default for completions
     top = _integer(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
     if _boolean(body, "echo"):
-        raise APIError("'echo' is not supported by this server", param="echo", code="unsupported_parameter")
+        raise InvalidRequest("'echo' is not supported by this server", param="echo", code="unsupported_parameter")
     if body.get("suffix"):
-        raise APIError("'suffix' is not supported by this server", param="suffix", code="unsupported_parameter")
+        raise InvalidRequest("'suffix' is not supported by this server", param="suffix", code="unsupported_parameter")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # one prompt in a batch of one
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         pass
     elif isinstance(prompt, list):
-        raise APIError("'prompt' must be one string or one array of token ids: this server answers one prompt "
-                       "per request", param="prompt")
+        raise InvalidRequest("'prompt' must be one string or one array of token ids: this server answers one prompt "
+                             "per request", param="prompt")
     elif not isinstance(prompt, str) or not prompt:
-        raise APIError("'prompt' must be a non-empty string or an array of token ids", param="prompt",
-                       code="invalid_type" if not isinstance(prompt, str) else "invalid_value")
+        raise InvalidRequest("'prompt' must be a non-empty string or an array of token ids", param="prompt",
+                             code="invalid_type" if not isinstance(prompt, str) else "invalid_value")
     return Generation(**fields, top_logprobs=top, prompt=prompt)
 
 

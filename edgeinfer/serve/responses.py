@@ -1,119 +1,68 @@
-"""How a request's events become OpenAI's answers: the whole response, or server-sent events as OpenAI streams them
-(the same id on every chunk, the role in the first delta, `usage` last when asked for, `data: [DONE]`).
+"""How a request's events become OpenAI's answers, without a transport: the whole response (`whole_response`), or the
+chunks of a stream as OpenAI sends them (`StreamChunks`: the same id on every chunk, the role in the first delta,
+`usage` last when asked for). The server writes the chunks as server-sent events (`edgeinfer.serve.app`); the
+Python API yields them (`edgeinfer.serve.in_process`).
 
-`EventQueue` carries one request's events from the scheduler thread to the event loop and notices the client going
-away; a `Shape` says how one endpoint's choices look (chat: message and delta, tool calls parsed out; completions:
-text, the legacy logprobs).
+A `Shape` says how one endpoint's choices look (chat: message and delta, tool calls parsed out; completions: text,
+the legacy logprobs).
 """
 from __future__ import annotations
 
-import asyncio
-import json
-from typing import AsyncIterator
-
-from starlette.requests import Request
+from dataclasses import replace
+from typing import Sequence
 
 from edgeinfer.serve import openai_schema as schema
 from edgeinfer.serve import tools
-from edgeinfer.serve.openai_schema import APIError, ResponseHead
-from edgeinfer.serve.scheduler import DoneEvent, ErrorEvent, ServeRequest, TokenEvent
-
-_DISCONNECTED = object()  # put into a request's event queue when its client goes away
+from edgeinfer.serve.openai_schema import ResponseHead
+from edgeinfer.serve.scheduler import DoneEvent, ServeRequest, TokenEvent
 
 
-class EventQueue:
-    """A request's events on the event loop, and the end of its client: `get` returns an event, or None once the
-    client disconnected (the request is then cancelled)."""
-
-    def __init__(self, request: Request, r: ServeRequest):
-        """Give r a sink that hands its events (from the scheduler thread) to this event loop's queue."""
-        loop = asyncio.get_running_loop()
-        self.r, self.queue = r, asyncio.Queue()
-
-        def sink(event) -> None:
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                r.cancel()
-
-        r.sink = sink
-        self.watcher = asyncio.ensure_future(self._watch(request.receive))
-
-    async def _watch(self, receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.queue.put_nowait(_DISCONNECTED)
-
-    async def get(self):
-        event = await self.queue.get()
-        if event is _DISCONNECTED:
-            self.r.cancel()
-            return None
-        return event
-
-    def close(self) -> None:
-        """The response is over (or abandoned): stop watching; cancel the request if it still runs."""
-        self.watcher.cancel()
-        self.r.cancel()
+def whole_response(events: Sequence[TokenEvent | DoneEvent], head: ResponseHead, shape: "Shape",
+                   r: ServeRequest) -> dict:
+    """The (non-streaming) response of a request's events, the last one its DoneEvent."""
+    done = events[-1]
+    text = "".join(e.text for e in events)
+    entries = [e for e in events[:-1] if e.logprob is not None]
+    usage = schema.usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
+    return head.wrap([shape.choice(text, entries, done.finish_reason, r)], usage=usage)
 
 
-async def collect(events: EventQueue, head: ResponseHead, shape: Shape) -> dict:
-    """The whole (non-streaming) response."""
-    text, entries = [], []
-    while True:
-        event = await events.get()
-        if event is None:
-            raise APIError("the client went away", 499)
-        if isinstance(event, ErrorEvent):
-            raise APIError(event.message, 500, type="server_error")
-        text.append(event.text)
-        if isinstance(event, DoneEvent):
-            usage = schema.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-            return head.wrap([shape.choice("".join(text), entries, event.finish_reason, events.r)], usage=usage)
-        if event.logprob is not None:
-            entries.append(event)
+class StreamChunks:
+    """The chunks (dicts) of a streamed response: `opening()` before the first event, then `of(event)` for each."""
 
+    def __init__(self, head: ResponseHead, shape: "Shape", r: ServeRequest, include_usage: bool):
+        chunk_object = head.object + ".chunk" if head.object == "chat.completion" else head.object
+        self.head, self.shape, self.r = replace(head, object=chunk_object), shape, r
+        self.include_usage = include_usage
+        self._held: list[str] = []  # a buffered shape's text until the end
 
-async def sse(events: EventQueue, head: ResponseHead, shape: Shape, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI streams them: chunks with the same id, the role first, [DONE] last."""
-    extra = {"usage": None} if include_usage else {}
+    def _chunk(self, choices: list[dict], **fields) -> dict:
+        extra = {"usage": None} if self.include_usage else {}
+        return self.head.wrap(choices, **{**extra, **fields})
 
-    def chunk(choices: list[dict], **fields) -> str:
-        return f"data: {json.dumps(head.wrap(choices, **{**extra, **fields}), ensure_ascii=False)}\n\n"
+    def opening(self) -> list[dict]:
+        first = self.shape.first_delta()
+        return [] if first is None else [self._chunk([first])]
 
-    head.object += ".chunk" if head.object == "chat.completion" else ""
-    held: list[str] = []  # a buffered shape's text until the end
-    try:
-        first = shape.first_delta()
-        if first is not None:
-            yield chunk([first])
-        while True:
-            event = await events.get()
-            if event is None:
-                return
-            if isinstance(event, ErrorEvent):  # headers are sent: the error goes in the stream, as OpenAI's
-                yield f"data: {json.dumps(APIError(event.message, 500, type='server_error').body())}\n\n"
-                return
-            if isinstance(event, TokenEvent):
-                if shape.buffered:
-                    held.append(event.text)
-                elif event.text or event.logprob is not None:
-                    yield chunk([shape.delta(event.text, [event] if event.logprob is not None else [], None,
-                                             events.r)])
-                continue
+    def of(self, event: TokenEvent | DoneEvent) -> list[dict]:
+        """The chunks an event gives (none for a token whose text is held back); the last ones for its DoneEvent."""
+        shape = self.shape
+        if isinstance(event, TokenEvent):
             if shape.buffered:
-                finals = shape.final_deltas("".join(held) + event.text, event.finish_reason)
-            else:
-                finals = [shape.delta(event.text, [], event.finish_reason, events.r)]
-            for choice in finals:
-                yield chunk([choice])
-            if include_usage:
-                yield chunk([], usage=schema.usage(event.prompt_tokens, event.completion_tokens,
-                                                   event.cached_tokens))
-            yield "data: [DONE]\n\n"
-            return
-    finally:
-        events.close()
+                self._held.append(event.text)
+            elif event.text or event.logprob is not None:
+                entries = [event] if event.logprob is not None else []
+                return [self._chunk([shape.delta(event.text, entries, None, self.r)])]
+            return []
+        if shape.buffered:
+            finals = shape.final_deltas("".join(self._held) + event.text, event.finish_reason)
+        else:
+            finals = [shape.delta(event.text, [], event.finish_reason, self.r)]
+        chunks = [self._chunk([choice]) for choice in finals]
+        if self.include_usage:
+            chunks.append(self._chunk([], usage=schema.usage(event.prompt_tokens, event.completion_tokens,
+                                                              event.cached_tokens)))
+        return chunks
 
 
 class Shape:

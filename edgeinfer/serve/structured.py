@@ -109,3 +109,19 @@ class Constraint:
     def complete(self) -> bool:
         """The output is a whole match: only an end-of-generation token could follow."""
         return self.matcher.is_stopped()
+
+
+class ConstrainedSampler:
+    """A Sampler whose tokens follow a Constraint, for loops that sample inside (Model.stream, generate_batch): the
+    logits are masked before each sample and the token sampled is given to the constraint. Once the output is
+    complete only an end-of-generation token is allowed, which ends the generation."""
+
+    def __init__(self, sampler, constraint: Constraint, eog_ids):
+        self.sampler, self.constraint, self.eog = sampler, constraint, frozenset(eog_ids)
+        self.params, self.seed = sampler.params, sampler.seed
+
+    def sample(self, logits: np.ndarray, recent_tokens=()) -> int:
+        token = self.sampler.sample(self.constraint.mask(logits), recent_tokens)
+        if token not in self.eog:
+            self.constraint.accept(token)
+        return token

@@ -3,9 +3,9 @@ OpenAI's `tool_calls`, and each call's arguments constrained to its tool's param
 
 The markup is the one Qwen2.5's template (and Hermes-style templates) asks for: `<tool_call>\\n{"name": ...,
 "arguments": {...}}\\n</tool_call>`. A template supports tools when rendering a probe tool shows both the tool and
-that markup; otherwise tools are refused with a 400. The output is constrained with an llguidance grammar: with
-tool_choice "auto" either plain text (which never starts a `<tool_call>`) or tool calls; with "required" or a
-named function only calls (of that function).
+that markup; otherwise tools are refused (InvalidRequest: a 400 from the server). The output is constrained with an
+llguidance grammar: with tool_choice "auto" either plain text (which never starts a `<tool_call>`) or tool calls;
+with "required" or a named function only calls (of that function).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from edgeinfer.serve.openai_schema import APIError
+from edgeinfer.serve.openai_schema import InvalidRequest
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -42,25 +42,25 @@ def parse_tools(body: dict) -> ToolRequest | None:
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None or tools == []:
         if choice not in (None, "none", "auto"):
-            raise APIError("'tool_choice' needs 'tools'", param="tool_choice")
+            raise InvalidRequest("'tool_choice' needs 'tools'", param="tool_choice")
         return None
     if not isinstance(tools, list):
-        raise APIError("'tools' must be an array of {\"type\": \"function\", \"function\": {...}}", param="tools")
+        raise InvalidRequest("'tools' must be an array of {\"type\": \"function\", \"function\": {...}}", param="tools")
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function,
                                                                                                      dict):
-            raise APIError(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
-                           param=f"tools[{i}]")
+            raise InvalidRequest(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                                 param=f"tools[{i}]")
         if not isinstance(function.get("name"), str) or not _NAME.match(function["name"]):
-            raise APIError(f"'tools[{i}].function.name' must be 1 to 64 letters, digits, '_', '.' or '-'",
-                           param=f"tools[{i}].function.name")
+            raise InvalidRequest(f"'tools[{i}].function.name' must be 1 to 64 letters, digits, '_', '.' or '-'",
+                                 param=f"tools[{i}].function.name")
         if not isinstance(function.get("parameters", {}), dict):
-            raise APIError(f"'tools[{i}].function.parameters' must be a JSON schema object",
-                           param=f"tools[{i}].function.parameters")
+            raise InvalidRequest(f"'tools[{i}].function.parameters' must be a JSON schema object",
+                                 param=f"tools[{i}].function.parameters")
     names = [t["function"]["name"] for t in tools]
     if len(set(names)) != len(names):
-        raise APIError("'tools' has two functions of the same name", param="tools")
+        raise InvalidRequest("'tools' has two functions of the same name", param="tools")
     if choice is None or choice == "auto":
         return ToolRequest(tools, "auto")
     if choice == "none":
@@ -69,8 +69,8 @@ def parse_tools(body: dict) -> ToolRequest | None:
         return ToolRequest(tools, "required")
     forced = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(forced, str) or forced not in names:
-        raise APIError("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
-                       "{\"name\": NAME}} naming one of 'tools'", param="tool_choice")
+        raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                             "\"function\": {\"name\": NAME}} naming one of 'tools'", param="tool_choice")
     return ToolRequest(tools, "required", forced)
 
 
