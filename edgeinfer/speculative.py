@@ -75,30 +75,75 @@ class NgramDrafter:
     """Prompt lookup: the tokens that followed the most recent earlier occurrence of the context's last n tokens,
     trying n = max_ngram down to min_ngram (a longer match predicts better).
 
+    Where no n-gram recurs it resumes the copy it was following (`_resume`): an edit that renames a variable puts a
+    new token where the source had another, after which the last tokens occur nowhere, but the source goes on just
+    past the replaced token (a substitution), or, while the new name takes more tokens than the old, at the same
+    place (an insertion). Each source's first guesses are scored against what the model then said, and a source
+    that is seldom right (resuming in free text) is kept to itself: proposing costs a verify pass's extra rows.
+
     Keeps an index of every n-gram's latest end position, extended as the context grows (a context that does not
     extend the indexed one, e.g. another generation, rebuilds it), so a proposal costs a few dictionary lookups
     whatever the context length."""
 
     cheap = True  # a proposal is a few dictionary lookups: plain passes check a free first guess
+    MIN_PRECISION = 0.25  # a source whose first guesses are right less often than this proposes nothing
+    MAX_INSERTIONS = 4  # tokens the model may add in place of the source's one before the copy is given up
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._tokens: list[int] = []
         # n -> {n-gram: end index (exclusive) of its latest occurrence before the context's end}
         self._latest: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
+        self._resume: int | None = None  # where the copy being followed goes on
+        self._insertions = 0
+        self._last: tuple[int, int, str] | None = None  # (context length, start, source) of the last proposal
+        self._scores = {"ngram": [1.0, 0.0], "resume": [1.0, 1.0]}  # decayed [right, wrong] first guesses
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         """Up to k guessed tokens after `context` (fewer, or none, where no n-gram of it recurs)."""
         if k <= 0:
             return []
         self._index(context)
+        self._learn()
         tokens = self._tokens
         end = len(tokens)
+        start, source = None, ""
         for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
             start = self._latest[n].get(tuple(tokens[end - n:]))
             if start is not None:  # tokens[start - n:start] == the last n tokens, start < end
-                return tokens[start:start + k]
-        return []
+                source = "ngram"
+                break
+        if start is None and self._resume is not None and self._resume < end:
+            start, source = self._resume, "resume"
+        if start is None:
+            self._last = None
+            return []
+        self._last = (end, start, source)
+        right, wrong = self._scores[source]
+        if right < self.MIN_PRECISION * (right + wrong):
+            return []
+        return tokens[start:start + k]
+
+    def _learn(self) -> None:
+        """Score the last proposal's first guess against the tokens that came after it, and move the copy being
+        followed along: in step, past a substituted token, or held while the model inserts tokens."""
+        if self._last is None:
+            return
+        then, start, source = self._last
+        grown = len(self._tokens) - then
+        if grown <= 0 or then > len(self._tokens):
+            return
+        score = self._scores[source]
+        score[0], score[1] = 0.9 * score[0], 0.9 * score[1]
+        first_right = self._tokens[then] == self._tokens[start]
+        score[0 if first_right else 1] += 1.0
+        if first_right or source == "ngram":
+            self._resume, self._insertions = start + grown, 0  # in step, or past the token the model replaced
+        elif self._insertions < self.MAX_INSERTIONS:
+            self._insertions += grown  # the model is still writing its replacement: the source waits
+        else:
+            self._resume = None
+        self._last = None
 
     def _index(self, context: Sequence[int]) -> None:
         tokens = self._tokens
@@ -106,6 +151,7 @@ class NgramDrafter:
             tokens.clear()
             for table in self._latest.values():
                 table.clear()
+            self._resume, self._last, self._insertions = None, None, 0
         # the n-grams ending before the last position: the last one's own would match itself
         for i in range(len(tokens), len(context)):
             for n, table in self._latest.items():
@@ -157,21 +203,48 @@ class DraftLength:
     """How many guesses to check next, from what drafting has given so far.
 
     Model: each guess is right with probability a (estimated from every guess checked, and from what the first
-    guess would have been on plain steps, which costs nothing to check), and a pass over 1 + k rows costs
-    t1 + k * t_row seconds (both measured). k maximizes the expected tokens per second,
-    (1 - a^(k+1)) / (1 - a) / (t1 + k t_row); 0 (plain decoding) where nothing beats one token per t1. t_row
-    includes what drafting a guess costs (a draft model's decode step). `fixed` (the explicit modes) skips all
-    this and asks for that many guesses every pass."""
+    guess would have been on plain steps, which costs nothing to check), and a pass over n rows costs t(n) seconds,
+    measured for each n used (a running mean) and read off the line through the nearest measured n's elsewhere: a
+    pass of 2 rows can cost far more than one row plus a per-row share of a 13-row pass (the kernels switch from
+    one-row to tiled), so one slope would misjudge short drafts. k maximizes the expected tokens per second,
+    (1 - a^(k+1)) / (1 - a) / t(1 + k); 0 (plain decoding) where nothing beats one token per t(1). t(n) includes
+    what drafting costs (a draft model's decode steps). `fixed` (the explicit modes) skips all this and asks for
+    that many guesses every pass."""
+
+    PRIOR_ROW_SHARE = 0.25  # an extra row's cost, as a share of a one-row pass, before any verify pass is measured
 
     def __init__(self, max_draft: int = 12, fixed: int | None = None):
         self.max_draft, self.fixed = max_draft, fixed
         self.right, self.wrong = 1.0, 1.0  # a weak prior: a = 0.5 before anything is seen
-        self.t1: float | None = None  # seconds of a one-row pass
-        self.t_row: float | None = None  # seconds per extra row of a verify pass
+        self.pass_seconds: dict[int, float] = {}  # rows -> running mean of a pass's seconds
 
     @property
     def acceptance(self) -> float:
         return self.right / (self.right + self.wrong)
+
+    @property
+    def t1(self) -> float | None:
+        """Seconds of a one-row pass (None before one is measured)."""
+        return self.pass_seconds.get(1)
+
+    def pass_cost(self, rows: int) -> float:
+        """Expected seconds of a pass of `rows` rows (needs t1): measured, else on the line through the nearest
+        measured row counts below and above, else extended from the two largest below."""
+        measured = self.pass_seconds
+        if rows in measured:
+            return measured[rows]
+        below = [n for n in measured if n < rows]
+        above = [n for n in measured if n > rows]
+        lo = max(below)
+        if above:
+            hi = min(above)
+        else:
+            lower = [n for n in below if n != lo]
+            if not lower:
+                return measured[1] * (1.0 + self.PRIOR_ROW_SHARE * (rows - 1))
+            lo, hi = max(lower), lo
+        slope = max(measured[hi] - measured[lo], 0.0) / (hi - lo)
+        return measured[lo] + slope * (rows - lo)
 
     def choose(self) -> int:
         if self.fixed is not None:
@@ -179,10 +252,9 @@ class DraftLength:
         if self.t1 is None:
             return 0  # measure a plain step first
         a = min(self.acceptance, 0.999)
-        t_row = self.t_row if self.t_row is not None else 0.25 * self.t1  # a guess before any verify pass
         best_k, best_rate = 0, 1.0 / self.t1
         for k in range(1, self.max_draft + 1):
-            rate = (1.0 - a ** (k + 1)) / (1.0 - a) / (self.t1 + k * t_row)
+            rate = (1.0 - a ** (k + 1)) / (1.0 - a) / self.pass_cost(1 + k)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -195,11 +267,8 @@ class DraftLength:
 
     def observe_pass(self, rows: int, seconds: float) -> None:
         """A forward pass of `rows` rows took `seconds`."""
-        if rows == 1:
-            self.t1 = seconds if self.t1 is None else 0.8 * self.t1 + 0.2 * seconds
-        elif self.t1 is not None:
-            per_row = max(seconds - self.t1, 0.0) / (rows - 1)
-            self.t_row = per_row if self.t_row is None else 0.8 * self.t_row + 0.2 * per_row
+        old = self.pass_seconds.get(rows)
+        self.pass_seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
 
 def accept_draft(sampler: Sampler, rows: np.ndarray, context: Sequence[int], draft: Sequence[int],

@@ -41,6 +41,33 @@ def test_the_index_follows_a_growing_context_and_rebuilds_for_another():
     assert drafter.propose([9, 8, 7, 9, 8], 1) == [7]  # not an extension: indexed afresh
 
 
+def test_a_copy_resumes_past_a_renamed_token():
+    """Rewriting with x renamed: after the new name the last tokens occur nowhere, and the copy goes on just past
+    the source's x (a substitution), or at it while the new name takes more tokens than the old (insertions)."""
+    X, Y1, Y2 = 90, 91, 92
+    source = [10, 11, X, 12, 13, 14, X, 15, 16, 17]
+    drafter = NgramDrafter(max_ngram=3, min_ngram=2)
+    context = source + [10, 11]
+    assert drafter.propose(context, 3) == [X, 12, 13]  # (10, 11) recurs
+    context.append(Y1)  # the model renames: its first guess was wrong
+    assert drafter.propose(context, 3) == [12, 13, 14]  # substitution: past the source's X
+    context.append(Y2)  # the new name takes a second token
+    assert drafter.propose(context, 3) == [12, 13, 14]  # insertion: the source waits
+    context += [12, 13, 14]
+    assert drafter.propose(context, 2) == [X, 15]  # in step again: the n-gram finds it
+
+
+def test_a_source_that_is_seldom_right_keeps_its_guesses_to_itself():
+    drafter = NgramDrafter(max_ngram=2, min_ngram=2)
+    context = [1, 2, 3, 4, 1, 2]
+    proposals = []
+    for token in range(100, 140):  # free text: every guess is wrong, nothing recurs
+        proposals.append(drafter.propose(context, 2))
+        context.append(token)
+    assert proposals[0] == [3, 4]
+    assert all(p == [] for p in proposals[-10:])  # the copy is given up or its guesses withheld
+
+
 def test_draft_length_drafts_when_guesses_are_right_and_stops_when_they_are_not():
     length = DraftLength(max_draft=8)
     assert length.choose() == 0  # nothing measured yet
@@ -49,10 +76,25 @@ def test_draft_length_drafts_when_guesses_are_right_and_stops_when_they_are_not(
     for _ in range(20):
         length.observe_guesses(4, 4)
     assert length.choose() >= 6
+    assert length.pass_cost(9) == pytest.approx(0.030)  # extended along the measured line
     for _ in range(40):
         length.observe_guesses(1, 0)
     assert length.choose() == 0
     assert DraftLength(max_draft=5, fixed=3).choose() == 3
+
+
+def test_draft_length_sees_that_a_short_draft_costs_more_than_its_share_of_a_long_one():
+    """Two rows can cost far more than one row plus a per-row share of a long pass (the kernels switch from one
+    row to tiles): a measured 2-row pass is used as it is, not read off the long pass's slope."""
+    length = DraftLength(max_draft=12)
+    length.observe_pass(1, 0.010)
+    length.observe_pass(13, 0.040)  # 2.5 ms per extra row on average
+    length.right, length.wrong = 5.0, 5.0  # a = 0.5
+    assert length.pass_cost(2) == pytest.approx(0.0125)
+    assert length.choose() > 0  # 1.5 tokens for 12.5 ms beats 1 for 10
+    length.observe_pass(2, 0.017)  # measured: the jump to tiles
+    assert length.pass_cost(3) == pytest.approx(0.017 + 0.023 / 11)
+    assert length.choose() == 0  # 1.5 tokens for 17 ms, 1.75 for 19 ms: plain decoding is faster
 
 
 # ---------------------------------------------------------------- the acceptance rule is exact
