@@ -212,3 +212,20 @@ def test_a_stored_frontier_picks_what_plan_and_load_run(mini_run, tiny, tmp_path
     with pytest.raises(InvalidArgument, match="measured on tiny.gguf"):
         edgeinfer.load(other, frontier=stored)
     assert_one_error_line(run_edgeinfer("plan", str(other), "--frontier", str(stored)), "measured on tiny.gguf")
+
+
+def test_a_childs_peak_rss_is_its_own_not_its_parents():
+    """getrusage's ru_maxrss survives fork + exec on Linux: every measuring child reported the 1.3 GB its parent
+    had reached converting variants. The child's figure must not hold the parent's peak."""
+    import resource
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    held = np.ones(400 << 20, np.uint8)  # the parent's peak: at least 400 MB (pages touched)
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    code = "from edgeinfer.frontier.measure import peak_rss_bytes; print(peak_rss_bytes())"
+    child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del held
+    assert 0 < child_peak < parent_peak - (300 << 20)
