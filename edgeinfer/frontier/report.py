@@ -101,6 +101,40 @@ def check_plot_path(path: str | os.PathLike) -> None:
         raise InvalidArgument(f"--plot needs matplotlib: {INSTALL_PLOT}") from None
 
 
+LABEL_OFFSETS = [(8, 8), (24, -40), (-24, 24), (-24, -40), (24, 40), (24, -64), (-24, 48), (-24, -64)]  # points
+
+
+def _label_without_overlap(fig, ax, rows: list[dict], y, size) -> None:
+    """Label each Pareto-optimal point (variant, peak RSS) at the first of LABEL_OFFSETS where its text overlaps no
+    label placed before it and no other point's marker (variants close in speed and KL, e.g. one weight type with
+    two KV types, would otherwise print over each other, or a label would sit on its neighbour); the last offset
+    tried is kept if none is free. A label moved off its point gets a leader line to it."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    pixels_per_point = fig.dpi / 72
+
+    def marker_box(r):
+        cx, cy = ax.transData.transform((r["decode_tok_s"], y(r)))
+        radius = size(r) ** 0.5 / 2 * pixels_per_point  # scatter's s is the marker's area in points^2
+        return Bbox.from_extents(cx - radius, cy - radius, cx + radius, cy + radius)
+
+    markers = [(r, marker_box(r)) for r in rows]
+    placed = []
+    for r in (r for r in rows if r.get("pareto")):
+        rss = f"\n{r['peak_rss_bytes'] / 1e6:.0f} MB" if r.get("peak_rss_bytes") else ""
+        others = placed + [box for other, box in markers if other is not r]
+        for dx, dy in LABEL_OFFSETS:
+            leader = None if (dx, dy) == LABEL_OFFSETS[0] else dict(arrowstyle="-", color="grey", lw=0.7)
+            label = ax.annotate(r["label"] + rss, (r["decode_tok_s"], y(r)), textcoords="offset points",
+                                xytext=(dx, dy), fontsize=8, ha="left" if dx > 0 else "right", arrowprops=leader)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in others) or (dx, dy) == LABEL_OFFSETS[-1]:
+                placed.append(box)
+                break
+            label.remove()
+
+
 def plot(result: dict, path: str | os.PathLike) -> None:
     """Quality loss (KL against the reference) against decode speed; marker area proportional to peak RSS; the
     Pareto-optimal variants filled and labelled, the others hollow; the speed-quality frontier as a step line."""
@@ -116,15 +150,11 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     floor = min((r["kl"] for r in rows if r["kl"] > 0), default=1e-6) / 2
     y = lambda r: max(r["kl"], floor)  # noqa: E731  (a log axis cannot show 0: zero KL sits on the floor)
     colours = {kv: plt.cm.tab10(i) for i, kv in enumerate(dict.fromkeys(r["kv_type"] for r in rows))}
+    size = lambda r: 60 + 900 * (r.get("peak_rss_bytes") or 0) / biggest  # noqa: E731  (marker area, points^2)
     for r in rows:
-        size = 60 + 900 * (r.get("peak_rss_bytes") or 0) / biggest
         colour = colours[r["kv_type"]]
-        ax.scatter(r["decode_tok_s"], y(r), s=size, alpha=0.75 if r.get("pareto") else 0.35,
+        ax.scatter(r["decode_tok_s"], y(r), s=size(r), alpha=0.75 if r.get("pareto") else 0.35,
                    facecolors=colour if r.get("pareto") else "none", edgecolors=colour, linewidths=1.5)
-        if r.get("pareto"):
-            rss = f"\n{r['peak_rss_bytes'] / 1e6:.0f} MB" if r.get("peak_rss_bytes") else ""
-            ax.annotate(r["label"] + rss, (r["decode_tok_s"], y(r)), textcoords="offset points", xytext=(8, 8),
-                        fontsize=8)
     front = staircase(rows)
     if len(front) > 1:
         ax.step([r["decode_tok_s"] for r in front], [y(r) for r in front], where="pre", color="grey",
@@ -142,6 +172,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
+    _label_without_overlap(fig, ax, rows, y, size)
     out = io.BytesIO()
     fig.savefig(out, format=Path(path).suffix.lower()[1:])
     plt.close(fig)
