@@ -78,7 +78,9 @@ def run_spec_bench(model, modes, threads, reps: int = 2, max_tokens: int = 192, 
     modes = ["off"] + [m for m in dict.fromkeys(modes) if m != "off"]
     rows = []
     for n_threads in threads:
-        model.engine.n_threads = n_threads
+        for m in (model, model.draft):
+            if m is not None:
+                m.engine.n_threads = n_threads
         for task in tasks:
             prompt = task_prompt(model, task)
             here = {mode: SpecRow(task, mode, n_threads) for mode in modes}

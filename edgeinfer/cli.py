@@ -319,12 +319,14 @@ def chat_cmd(model, system, max_tokens, single, **options):
 @click.option("--spec", "spec_modes", type=ChoiceList(SPECULATION_MODES), default=None,
               help="Instead of pp/tg: speculative decoding on real tasks (rewrite, quote, summarize, story), greedy, "
                    "in each comma-separated mode against 'off' (edgeinfer.bench_spec).")
+@click.option("--draft", default=None, metavar="MODEL",
+              help="With --spec draft or auto: a smaller model of the same vocabulary whose guesses are checked.")
 @device_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--compare-llama-cpp", is_flag=True, help="Run llama.cpp (llama-cpp-python) on the same file too.")
 @click.option("--no-process", is_flag=True, help="Skip the time-to-first-token and peak-RSS subprocess runs.")
-def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, batches, kv_types, spec_modes, device,
-              as_json, compare_llama_cpp, no_process):
+def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, batches, kv_types, spec_modes, draft,
+              device, as_json, compare_llama_cpp, no_process):
     """Measure prompt processing and generation speed, like llama-bench.
 
     Beside each tg row: the bytes a decode step reads (the weights, and the KV cache of the positions it attends
@@ -337,11 +339,16 @@ def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, ba
     except BenchError as e:
         raise click.UsageError(str(e)) from None
     thread_counts = threads or tuple(sorted({1, min(2, compute_threads_available())}))
+    if draft is not None and not spec_modes:
+        raise click.UsageError("--draft is the draft model of --spec draft/auto; give --spec too")
+    if spec_modes and "draft" in spec_modes and draft is None:
+        raise click.UsageError("--spec draft needs --draft MODEL (a smaller model of the same vocabulary)")
     if spec_modes:
         from edgeinfer.api import load
         from edgeinfer.bench_spec import format_spec_bench, run_spec_bench
 
-        with load(resolve_model(model), n_ctx=2048, kv_type=(kv_types or (None,))[0], device=device) as m:
+        with load(resolve_model(model), n_ctx=2048, kv_type=(kv_types or (None,))[0], device=device,
+                  draft=draft) as m:
             rows = run_spec_bench(m, spec_modes, thread_counts, reps=reps)
         click.echo(json.dumps(rows, indent=2) if as_json else format_spec_bench(rows))
         return

@@ -46,6 +46,8 @@ MISTAKES = [
     ("bench-gen-beyond-ctx", ["bench", MODEL, "-n", "600", "--ctx", "512"], 2, ["-n 600", "context of 512"]),
     ("bench-nothing-to-measure", ["bench", MODEL, "-p", "0", "-n", "0"], 2, ["nothing to measure"]),
     ("bench-depth-negative", ["bench", MODEL, "-d", "0,-1"], 2, ["--depth", "'0,-1'", ">= 0"]),
+    ("bench-draft-without-spec", ["bench", MODEL, "--draft", MODEL], 2, ["--draft", "--spec"]),
+    ("bench-spec-draft-without-draft", ["bench", MODEL, "--spec", "draft"], 2, ["--spec draft", "--draft MODEL"]),
     ("bench-depth-not-numbers", ["bench", MODEL, "-d", "4k"], 2, ["--depth", "'4k'", "comma-separated"]),
     ("bench-depth-beyond-ctx", ["bench", MODEL, "-d", "0,500", "-p", "0", "-n", "16", "--ctx", "512"], 2,
      ["-n 16 at -d 500 (516 positions)", "context of 512"]),
