@@ -134,3 +134,29 @@ def test_bad_fields_raise_invalid_request_naming_them_as_the_server_does(model, 
         model.create_chat_completion([], stream=True)  # checked at the call, before the first chunk
     with pytest.raises(InvalidRequest, match="token id 999999"):
         model.create_completion([1, 999999])
+
+
+def test_tool_call_on_qwen():
+    """One request with tools (Qwen2.5's template supports them): the call parsed out, arguments per the schema."""
+    pytest.importorskip("llguidance")
+    import edgeinfer
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+        "additionalProperties": False}}}
+    with edgeinfer.load(model_path("qwen2.5-coder-0.5b-instruct"), n_ctx=512, n_threads=1) as qwen:
+        answer = qwen.create_chat_completion([{"role": "user", "content": "What is the weather in Paris?"}],
+                                             tools=[weather], temperature=0, max_tokens=40)
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_the_in_process_api_does_not_load_the_http_stack():
+    import subprocess
+    import sys
+
+    check = ("import sys, edgeinfer.serve.in_process; "
+             "sys.exit('starlette' in sys.modules or 'uvicorn' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", check]).returncode == 0
