@@ -105,3 +105,23 @@ def test_serve_refuses_spec_draft_without_a_draft_model_before_loading(capsys):
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == ("error: speculative='draft' needs a draft model: load(..., draft=MODEL) or "
                                        "--draft MODEL\n")
+
+
+def test_in_a_batch_guesses_go_where_they_pay():
+    """Rows slow every request of the step: the likely guesses go in, unlikely ones not even where a lone
+    request would check them; a fixed mode gets its length; rows and room bound it all."""
+    from edgeinfer.serve.batch_speculation import StepCost, plan_guesses
+
+    cost = StepCost()
+    for rows, seconds in [(4, 0.070), (12, 0.134), (4, 0.070), (20, 0.198)]:
+        cost.observe(rows, seconds)
+    base, per_row = cost.fitted()
+    assert base == pytest.approx(0.038) and per_row == pytest.approx(0.008)
+    assert plan_guesses([0.35], [12], [0.0], [None], 255, (base, per_row)) != [0]  # alone it would guess
+    assert plan_guesses([0.98, 0.35, 0.6, 0.1], [12, 12, 3, 12], [0.0] * 4, [None] * 4, 255, (base, per_row)) == \
+        [12, 0, 0, 0]
+    assert plan_guesses([0.9, 0.7, 0.1], [2, 12, 12], [0.0] * 3, [None] * 3, 255, (base, per_row)) == [2, 1, 0]
+    # a draft model's decode steps make its guesses dearer
+    assert plan_guesses([0.9, 0.7, 0.1], [2, 12, 12], [0.0, 0.02, 0.0], [None] * 3, 255, (base, per_row)) == [2, 0, 0]
+    assert plan_guesses([0.1, 0.9], [12, 12], [0.0, 0.0], [6, None], 8, (base, per_row)) == [6, 2]
+    assert plan_guesses([0.9], [12], [0.0], [None], 255, None) == [0]  # nothing measured yet: a plain step first

@@ -20,7 +20,8 @@ the next positions of its own sequence, in the same forward pass as everyone els
 the guesses the model agrees with (exactly: greedy answers are unchanged, sampled ones follow the same
 distribution), the sequence is cut back past the rejected rows, and each kept token goes through the request's
 stop rules and sink like a plainly sampled one. Each request has its own `DraftLength` (auto tunes it from that
-request's acceptance). The draft model, if any, has its own cache with one sequence per slot (`SlotDrafter`).
+request's acceptance); in auto, the guesses are planned for the whole step, since each row slows every request
+in it (edgeinfer.serve.batch_speculation). The draft model, if any, has its own cache with one sequence per slot.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from edgeinfer.batch_generation import BatchRequest
 from edgeinfer.engine import Engine
 from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import common_prefix_length, non_finite_logits
+from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses, take_token
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.speculative import (DraftLength, DraftModelDrafter, SpeculationStats, accept_draft, check_speculation,
                                    drafting_for)
@@ -141,6 +143,7 @@ class Scheduler:
         # the draft cache's sequence of each slot: the same number, so a slot's draft follows its own tokens
         self._draft_seqs = [draft_engine.cache.allocate() for _ in self.slots] if draft_engine is not None else []
         self.speculation = SpeculationStats()  # every request's guesses since the start
+        self.step_cost = StepCost()
         self.max_queue, self.chunk = int(max_queue), max(1, int(chunk))
         self.metrics = metrics or ServeMetrics()
         self.eog = frozenset(tokenizer.eog_ids)
@@ -262,15 +265,29 @@ class Scheduler:
             drafter = SlotDrafter(self.draft_engine, self._draft_seqs[slot_index])
         r.drafter, r.free_guess = drafter, None
 
-    def _draft(self, r: ServeRequest, rows_left: int) -> list[int]:
-        """The guesses r checks in this step (at most rows_left); on a plain step of prompt lookup, notes its free
-        first guess instead."""
+    def _plan(self, decoding: list[Slot]) -> list[int]:
+        """How many guesses each decoding request checks in this step: alone, its DraftLength's choice (which knows
+        the cost of each pass size it used); among others, batch_speculation.plan_guesses."""
+        requests = [s.request for s in decoding]
+        if len(requests) == 1 and requests[0].drafter is not None:
+            r = requests[0]
+            return [min(r.draft_length.choose(), self.engine.cache.room(r.seq) - 1,
+                        r.max_tokens - r.stats.generated_tokens - 1, self.engine.max_rows - 1)]
+        most = [0 if r.drafter is None else
+                min(r.draft_length.max_draft, self.engine.cache.room(r.seq) - 1,  # the last guess needs a position
+                    r.max_tokens - r.stats.generated_tokens - 1)  # more would be thrown away
+                for r in requests]
+        return plan_guesses([r.draft_length.acceptance if r.drafter else 0.0 for r in requests], most,
+                            [getattr(r.drafter, "seconds_per_guess", 0.0) for r in requests],
+                            [r.draft_length.fixed if r.drafter else 0 for r in requests],
+                            self.engine.max_rows - len(decoding), self.step_cost.fitted())
+
+    def _draft(self, r: ServeRequest, k: int) -> list[int]:
+        """The guesses r checks in this step (k asked for; fewer where the lookup finds less); on a plain step of
+        prompt lookup, notes its free first guess instead."""
         r.free_guess = None
         if r.drafter is None:
             return []
-        room = min(self.engine.cache.room(r.seq) - 1,  # the last guess's row needs a position
-                   r.max_tokens - r.stats.generated_tokens - 1, rows_left)  # more would be thrown away
-        k = min(r.draft_length.choose(), room)
         if k > 0:
             return r.drafter.propose(r.history, k)
         if r.drafter.cheap:
@@ -282,14 +299,11 @@ class Scheduler:
         """One forward pass: the decode rows (each with its guesses), then prompt chunks in the rows left; then
         sample (or accept guesses) and emit."""
         cache = self.engine.cache
-        started = time.perf_counter()  # a pass's cost includes drafting its guesses
         tokens, seqs, positions, logit_rows, owners = [], [], [], [], []  # owners: (slot, its guesses or None)
         decoding = [s for s in self.slots if s.request is not None and s.request.next_token is not None]
-        rows_left = self.engine.max_rows - len(decoding)
-        for slot in decoding:
+        for slot, k in zip(decoding, self._plan(decoding)):
             r = slot.request
-            draft = self._draft(r, rows_left)
-            rows_left -= len(draft)
+            draft = self._draft(r, k)
             n, start = 1 + len(draft), cache.length(slot.seq)
             tokens += [r.next_token, *draft]
             seqs += [slot.seq] * n
@@ -315,6 +329,7 @@ class Scheduler:
                 logit_rows.append(len(tokens) - 1)
                 owners.append((slot, None))
         self.metrics.step_rows.observe(len(tokens))
+        started = time.perf_counter()
         try:
             logits = self.engine.forward(tokens, seqs, positions, logit_rows)
         except Exception as e:  # a bug or a broken engine: fail this batch, keep serving the others
@@ -324,6 +339,10 @@ class Scheduler:
                 self._fail(slot, f"internal error in the forward pass: {type(e).__name__}")
             return
         seconds = time.perf_counter() - started
+        if not chunks and len(decoding) > 1:  # (a step with prompt chunks is no decode step: it would mislead)
+            self.step_cost.observe(len(tokens), seconds)
+        elif not chunks and decoding and decoding[0].request.drafter is not None:
+            decoding[0].request.draft_length.observe_pass(len(tokens), seconds)
         for slot, draft in owners[:len(decoding)]:
             cache.record(slot.seq, [slot.request.next_token, *draft])
         for slot, first, n in chunks:
@@ -334,9 +353,6 @@ class Scheduler:
         for slot, draft in owners:
             r, rows = slot.request, logits[row:row + 1 + len(draft or ())]
             row += len(rows)
-            if draft is not None and r.drafter is not None and not chunks:
-                # a step with prompt chunks costs far more than its decode rows: it would mislead the tuning
-                r.draft_length.observe_pass(len(rows), seconds)
             if r.cancelled:
                 self._release(slot, "cancelled")
             elif not np.isfinite(rows).all():
@@ -451,45 +467,3 @@ def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, lis
         best = [(int(i), float(x[i] - log_z)) for i in ids]
     return float(x[token] - log_z), best
 
-
-class _Chosen:
-    """A stand-in sampler that gives back one token already chosen (by accept_draft)."""
-
-    def __init__(self, token: int):
-        self.token = token
-
-    def sample(self, logits, recent_tokens=()) -> int:
-        return self.token
-
-
-def take_token(r: BatchRequest, token: int, eog: frozenset[int], room: int) -> tuple[int | None, str]:
-    """BatchRequest.sample_next for a token chosen already: the same stop rules, history and text."""
-    sampler, r.sampler = r.sampler, _Chosen(token)
-    try:
-        return r.sample_next(None, eog, room)
-    finally:
-        r.sampler = sampler
-
-
-class SlotDrafter:
-    """The draft model's greedy continuation of a slot's context, on the draft cache's sequence for that slot:
-    each proposal first evaluates what the context gained since the last one (after cutting the sequence back to
-    what it shares with the context: the rejected guesses go), then drafts k tokens, one decode step each."""
-
-    cheap = False  # proposing costs decode steps of the draft model: no free guesses on plain passes
-
-    def __init__(self, engine: Engine, seq: int):
-        self.engine, self.seq = engine, seq
-
-    def propose(self, context: list[int], k: int) -> list[int]:
-        cache, seq = self.engine.cache, self.seq
-        k = min(k, self.engine.n_ctx - len(context))
-        if k <= 0:
-            return []
-        keep = min(common_prefix_length(cache.tokens(seq), context), len(context) - 1)  # the last: for its logits
-        cache.truncate(seq, keep)
-        logits = self.engine.prefill(context[keep:], seq=seq)
-        out = [int(np.argmax(logits))]
-        while len(out) < k:
-            out.append(int(np.argmax(self.engine.decode(out[-1], seq=seq))))
-        return out
