@@ -160,3 +160,16 @@ def test_the_in_process_api_does_not_load_the_http_stack():
     check = ("import sys, edgeinfer.serve.in_process; "
              "sys.exit('starlette' in sys.modules or 'uvicorn' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0
+
+
+def test_a_request_names_its_own_speculation_over_http(http):
+    """`speculative` in the body (our extension) is that request's mode: greedy prompt lookup answers as plain
+    decoding does; "draft" with no draft model loaded is a 400 naming the field."""
+    body = {"messages": [{"role": "user", "content": "Repeat exactly: one two three four five six seven."}],
+            "max_tokens": 24, "temperature": 0}
+    plain = http.post("/v1/chat/completions", json={**body, "speculative": "off"}).json()
+    guessed = http.post("/v1/chat/completions", json={**body, "speculative": "ngram"}).json()
+    assert guessed["choices"] == plain["choices"]
+    refused = http.post("/v1/chat/completions", json={**body, "speculative": "draft"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "speculative"
+    assert "draft model" in refused.json()["error"]["message"]

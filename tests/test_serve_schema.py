@@ -54,6 +54,7 @@ def test_message_contents_text_parts_and_roles():
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "one of"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]", "only text"),
     ({"model": 3}, "model", "a string"),
+    ({"speculative": "fast"}, "speculative", "one of auto, ngram, draft, off"),
 ])
 def test_bad_chat_fields_name_the_parameter(fields, param, fragment):
     with pytest.raises(InvalidRequest) as info:

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edgeinfer.errors import EdgeInferError
+from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.serve import openai_schema as schema
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.serve.openai_requests import OpenAIModel, Prepared
@@ -221,6 +221,9 @@ class _Handlers:
             events.close()
             raise APIError(f"the server is busy: {e}; retry shortly", 429, code="server_busy",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except InvalidArgument as e:  # the request's speculation: "draft" with no draft model loaded
+            events.close()
+            raise APIError(str(e), param="speculative") from None
         except EdgeInferError as e:
             events.close()
             raise APIError(str(e), param="prompt") from None

@@ -54,7 +54,8 @@ class Prepared:
                                  f"{len(prompt) + max_tokens} ({asked}): shorten the prompt or lower max_tokens",
                                  param="messages" if gen.messages else "prompt", code="context_length_exceeded")
         return ServeRequest(prompt, Sampler(gen.sampling, n_vocab), max_tokens, gen.stop,
-                            top_logprobs=gen.top_logprobs, constraint=self.constraint, ignore_eos=gen.ignore_eos)
+                            top_logprobs=gen.top_logprobs, constraint=self.constraint, ignore_eos=gen.ignore_eos,
+                            speculative=gen.speculative)
 
 
 class OpenAIModel:

@@ -15,6 +15,7 @@ from typing import Any
 
 from edgeinfer.errors import InvalidArgument
 from edgeinfer.sampling import SamplingParams
+from edgeinfer.speculative import SPECULATION_MODES
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
@@ -125,6 +126,7 @@ class Generation:
     top_logprobs: int | None  # None: no logprobs
     response_format: dict | None = None  # json_object / json_schema (parse_response_format); None: text
     ignore_eos: bool = False  # llama-server's extension: decode max_tokens whatever the model says
+    speculative: str | None = None  # ours: auto/ngram/draft/off for this request; None: the server's --spec
     tools: Any = None  # chat: edgeinfer.serve.tools.ToolRequest, set by the handler
     prompt: Any = None  # completions: a string or token ids
     messages: list[dict] = field(default_factory=list)  # chat
@@ -164,7 +166,19 @@ def _generation(body: Any, *, max_tokens_names: tuple[str, ...]) -> dict:
                              code="unsupported_parameter")
     return dict(model=model, sampling=sampling, max_tokens=max_tokens, stop=_stops(body), stream=stream,
                 include_usage=include_usage, response_format=parse_response_format(body.get("response_format")),
-                ignore_eos=_boolean(body, "ignore_eos"))
+                ignore_eos=_boolean(body, "ignore_eos"), speculative=_speculative(body))
+
+
+def _speculative(body: dict) -> str | None:
+    """Our extension `speculative`: this request's speculation mode (edgeinfer.speculative), None for the
+    server's. Whether "draft" has a draft model to use is the scheduler's to say."""
+    value = body.get("speculative")
+    if value is None:
+        return None
+    if value not in SPECULATION_MODES:
+        raise InvalidRequest(f"'speculative' must be one of {', '.join(SPECULATION_MODES)}, got {value!r}"[:300],
+                             param="speculative", code="invalid_value")
+    return value
 
 
 def parse_response_format(value: Any) -> dict | None:
