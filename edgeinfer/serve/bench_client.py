@@ -6,7 +6,8 @@ time to first token (TTFT) is from sending it to its first content chunk, its in
 between content chunks, its tokens the usage the server reports (include_usage; else one per content chunk).
 Aggregate tokens/s is all completion tokens over the wall time of the round. The agent round sends 1-token
 completions whose prompt is a shared ~500-token prefix plus ~20 new tokens (the prefix cached after the first).
-Only the HTTP API is used, so the same command measures any server on the same model.
+One unmeasured request warms the server up first. Only the HTTP API is used, so the same command measures any
+server on the same model.
 """
 from __future__ import annotations
 
@@ -138,6 +139,9 @@ def run_bench_serve(url: str, *, model: str | None = None, concurrency: tuple[in
     if listed.status_code != 200:
         raise EdgeInferError(f"{base}/v1/models answered HTTP {listed.status_code}: {listed.text[:200]}")
     model = model or listed.json()["data"][0]["id"]
+    # One request first, not measured: a server's first one may compile kernels or fill caches (ours took ~2 s
+    # on Gemma 3), which would otherwise count as the one-client round's time to first token and throughput.
+    asyncio.run(_round(base, model, 1, 1, 4, api_key, agent=False))
     rounds = [asyncio.run(_round(base, model, c, requests, max_tokens, api_key, agent=False)).summary()
               for c in concurrency]
     out = {"url": base, "model": model, "max_tokens": max_tokens, "rounds": rounds}
@@ -161,8 +165,8 @@ def format_bench_serve(result: dict) -> str:
         lines += [f"        error: {e}" for e in r["error_samples"]]
     if "agent" in result:
         a = result["agent"]
-        lines.append(f"agent: 1-token answers after a cached ~500-token prefix: p50 {_cell(a['p50_ms'])} ms, "
-                     f"p99 {_cell(a['p99_ms'])} ms ({a['requests']} requests, {a['errors']} errors)")
+        lines.append(f"agent: 1-token answers after a cached ~500-token prefix: p50 {_cell(a['p50_ms'])}, "
+                     f"p99 {_cell(a['p99_ms'])} ({a['requests']} requests, {a['errors']} errors)")
     return "\n".join(lines)
 
 
