@@ -155,11 +155,13 @@ def run_bench_serve(url: str, *, model: str | None = None, concurrency: tuple[in
 
 
 def format_bench_serve(result: dict) -> str:
-    lines = [f"bench-serve {result['url']} model {result['model']}, {result['max_tokens']} tokens per request",
-             f"{'clients':>7} {'reqs':>5} {'errors':>6} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
+    lines = [f"bench-serve {result['url']} model {result['model']}, {result['max_tokens']} tokens per request "
+             f"('no end': streams that ended without a finish_reason)",
+             f"{'clients':>7} {'reqs':>5} {'errors':>6} {'no end':>6} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
              f"{'itl p50':>8} {'itl p99':>8}"]
     for r in result["rounds"]:
-        lines.append(f"{r['concurrency']:>7} {r['requests']:>5} {r['errors']:>6} {r['tokens_per_s']:>8} "
+        lines.append(f"{r['concurrency']:>7} {r['requests']:>5} {r['errors']:>6} {r['unfinished']:>6} "
+                     f"{r['tokens_per_s']:>8} "
                      f"{_cell(r['ttft_p50_ms']):>9} {_cell(r['ttft_p99_ms']):>9} {_cell(r['itl_p50_ms']):>8} "
                      f"{_cell(r['itl_p99_ms']):>8}")
         lines += [f"        error: {e}" for e in r["error_samples"]]
