@@ -55,7 +55,11 @@ class BatchRequest:
         room: positions left in the request's sequence. Returns (the token sampled, None for an end-of-generation
         token; the text it released, also added to `text`). Afterwards either `done` (stats.stop_reason says why)
         or the token must be evaluated next."""
-        token = self.sampler.sample(logits, self.history)
+        return self.take(self.sampler.sample(logits, self.history), eog, room)
+
+    def take(self, token: int, eog: frozenset[int], room: int) -> tuple[int | None, str]:
+        """sample_next for a token chosen already (by the speculative acceptance rule): the same stop rules,
+        history and text."""
         if token in eog:
             text = self._finish("eog")
             self.text += text

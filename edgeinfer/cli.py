@@ -212,19 +212,25 @@ def _sampling_options(repeat_penalty: float):
         click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, callback=_compute_threads,
                      help=THREADS_HELP),
         _kv_type_option(),
-        click.option("--spec", "speculative", type=click.Choice(SPECULATION_MODES), default="off",
-                     show_default=True, help="Speculative decoding: 'ngram' checks prompt lookup's guesses every "
-                     "step, 'draft' those of --draft MODEL, 'auto' either where they pay; greedy output is unchanged."),
-        click.option("--draft", default=None, metavar="MODEL",
-                     help="A smaller model of the same vocabulary whose guesses --spec draft (or auto) checks."),
     ]
 
     def decorate(f):
+        f = speculation_options(f)  # applied first: listed last in --help
         for option in reversed(options):
             f = option(f)
         return f
 
     return decorate
+
+
+def speculation_options(f):
+    """--spec and --draft, as run, chat and serve declare them."""
+    f = click.option("--draft", default=None, metavar="MODEL",
+                     help="A smaller model of the same vocabulary whose guesses --spec draft (or auto) checks.")(f)
+    return click.option("--spec", "speculative", type=click.Choice(SPECULATION_MODES), default="off",
+                        show_default=True, help="Speculative decoding: 'ngram' checks prompt lookup's guesses every "
+                        "step, 'draft' those of --draft MODEL, 'auto' either where they pay; greedy output is "
+                        "unchanged.")(f)
 
 
 def _load_model(model: str | None, n_ctx, n_threads, seed, kv_type=None, draft=None, device="auto"):

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import click
 
-from edgeinfer.cli import (KV_TYPE_CHOICES, KV_TYPE_HELP, THREADS_HELP, CountList, _compute_threads, _sampling_options,
-                           device_option)
-
-
-def speculation_options(f):
-    """--spec and --draft, the very declarations of run, chat and bench (edgeinfer.cli._sampling_options, which
-    declares them among the sampling options: the two are picked out of a throw-away use of it by name)."""
-    declared = _sampling_options(repeat_penalty=1.0)(lambda: None).__click_params__
-    f.__dict__.setdefault("__click_params__", []).extend(p for p in declared if p.name in ("speculative", "draft"))
-    return f
+from edgeinfer.cli import (KV_TYPE_CHOICES, KV_TYPE_HELP, THREADS_HELP, CountList, _compute_threads, device_option,
+                           speculation_options)
 
 
 @click.command("serve")
@@ -42,9 +34,9 @@ def serve_cmd(model, host, port, parallel, n_ctx, n_threads, kv_type, device, sp
     """Serve MODEL (default: the catalogue's default model, fetched on first use) over OpenAI's HTTP API:
     /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, /tokenize, /detokenize.
     --spec is each request's speculative decoding (checked per request inside the batch; answers unchanged)."""
+    from edgeinfer.serve.openai_requests import model_names
     from edgeinfer.serve.server import ServeOptions, serve
     from edgeinfer.speculative import check_speculation
-    from models.catalogue import catalogue_entry_for
     from models.fetch import default_model_name, resolve_model, rich_progress
 
     check_speculation(speculative, draft is not None)  # before fetching anything
@@ -52,8 +44,7 @@ def serve_cmd(model, host, port, parallel, n_ctx, n_threads, kv_type, device, sp
     with rich_progress() as progress:
         path = resolve_model(name, progress=progress)
         draft_path = resolve_model(draft, progress=progress) if draft is not None else None
-    entry = catalogue_entry_for(path)
-    model_id = entry.name if entry is not None else path.stem  # what /v1/models lists; the file name works too
+    model_id, _ = model_names(path)  # what /v1/models lists; the file name works too
     options = ServeOptions(host=host, port=port, parallel=parallel, n_ctx=n_ctx, n_threads=n_threads,
                            kv_type=kv_type, device=device, speculative=speculative, draft=draft_path,
                            api_key=api_key or None, max_queue=max_queue,

@@ -1,5 +1,5 @@
-"""Speculative decoding inside the scheduler's batch: how many guesses each request checks in a step, the draft
-model's sequence per slot, and the stop rules for a token accept_draft chose.
+"""Speculative decoding inside the scheduler's batch: how many guesses each request checks in a step, and the
+draft model's sequence per slot.
 
 Alone, a request's best draft length trades its own tokens per pass against the pass's cost
 (edgeinfer.speculative.DraftLength). In a batch, every row a request adds slows the step for every request in it,
@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeinfer.batch_generation import BatchRequest
 from edgeinfer.engine import Engine
 from edgeinfer.generation import common_prefix_length
 
@@ -116,22 +115,3 @@ class SlotDrafter:
         self.seconds_per_guess = per_guess if not self.seconds_per_guess else \
             0.8 * self.seconds_per_guess + 0.2 * per_guess
         return out
-
-
-class _Chosen:
-    """A stand-in sampler that gives back one token already chosen (by accept_draft)."""
-
-    def __init__(self, token: int):
-        self.token = token
-
-    def sample(self, logits, recent_tokens=()) -> int:
-        return self.token
-
-
-def take_token(r: BatchRequest, token: int, eog: frozenset[int], room: int) -> tuple[int | None, str]:
-    """BatchRequest.sample_next for a token chosen already: the same stop rules, history and text."""
-    sampler, r.sampler = r.sampler, _Chosen(token)
-    try:
-        return r.sample_next(None, eog, room)
-    finally:
-        r.sampler = sampler

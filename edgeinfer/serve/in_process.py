@@ -8,7 +8,7 @@ A body is checked and rendered by `edgeinfer.serve.openai_requests` and its even
 The request runs on the model's own stream (sequence 0 of its KV cache, so a later call reuses the prefix it
 shares, as `Model.chat` does), taking the model's lock for each evaluation only, as `Model.stream` does: other
 generations may run in between, and the model stays usable for anything else. Each token is sampled by
-`sample_step`, the step the server's scheduler takes, so a greedy answer (or one with a seed) is the server's.
+`ServeRequest.step`, the step the server's scheduler takes, so a greedy answer (or one with a seed) is the server's.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from edgeinfer.serve import structured
 from edgeinfer.serve.openai_requests import OpenAIModel, Prepared, model_names
 from edgeinfer.serve.openai_schema import InvalidRequest, parse_response_format
 from edgeinfer.serve.responses import StreamChunks, whole_response
-from edgeinfer.serve.scheduler import FINISH_REASONS, DoneEvent, ServeRequest, TokenEvent, token_logprobs
+from edgeinfer.serve.scheduler import DoneEvent, ServeRequest, TokenEvent
 
 
 def openai_model(model: Any) -> OpenAIModel:
@@ -72,39 +72,11 @@ def run(model: Any, r: ServeRequest) -> Iterator[TokenEvent | DoneEvent]:
     r.begin(tokenizer)
     r.cached_tokens, r.stats.prompt_tokens_evaluated = len(r.prompt) - evaluated, evaluated
     while True:
-        yield from sample_step(r, logits, eog, eog_ids, model.n_ctx - len(r.history))
+        yield from r.step(logits, eog, eog_ids, model.n_ctx - len(r.history))[1]
         if r.done:
             return
         with model._use() as cached:
             logits = cached.extend_to(r.history)
-
-
-def sample_step(r: ServeRequest, logits: np.ndarray, eog: frozenset[int], eog_ids: np.ndarray,
-                room: int) -> list[TokenEvent | DoneEvent]:
-    """One token of r from the logits after its history, as the server's scheduler samples it: masked by r's
-    grammar (and its end-of-generation tokens with ignore_eos), the stop rules of `BatchRequest.sample_next`, the
-    output ended once the grammar is complete, log-probabilities of the raw logits when asked for. room: positions
-    left in r's sequence. Returns r's events: a TokenEvent for a token, then a DoneEvent if r ended."""
-    masked = logits if r.constraint is None else r.constraint.mask(logits)
-    if r.ignore_eos:
-        masked = masked.copy()
-        masked[eog_ids] = -np.inf
-    token, text = r.sample_next(masked, eog, room)
-    events = []
-    if token is not None:
-        if r.constraint is not None:
-            r.constraint.accept(token)
-            if r.constraint.complete and not r.done:  # only an end-of-generation token could follow
-                text += r.end("eog")
-        event = TokenEvent(token, text)
-        if r.top_logprobs is not None:
-            event.logprob, event.top_logprobs = token_logprobs(logits, token, r.top_logprobs)
-        events.append(event)
-        text = ""
-    if r.done:
-        events.append(DoneEvent(FINISH_REASONS[r.stats.stop_reason], text, len(r.prompt), r.stats.generated_tokens,
-                                r.cached_tokens))
-    return events
 
 
 def constrained_sampler(model: Any, sampler, json_schema: dict | None, response_format: dict | None):

@@ -38,7 +38,7 @@ from edgeinfer.batch_generation import BatchRequest
 from edgeinfer.engine import Engine
 from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import common_prefix_length, non_finite_logits
-from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses, take_token
+from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.speculative import (DraftLength, DraftModelDrafter, SpeculationStats, accept_draft, check_speculation,
                                    drafting_for)
@@ -110,6 +110,42 @@ class ServeRequest(BatchRequest):
     def cancel(self) -> None:
         """Stop this request (the client went away): it leaves the batch at the next step. Thread-safe."""
         self.cancelled = True
+
+    def step(self, logits: np.ndarray, eog: frozenset[int], eog_ids: np.ndarray, room: int,
+             chosen: int | None = None) -> tuple[int | None, list[TokenEvent | DoneEvent]]:
+        """One token from the logits after the history, as the scheduler and the in-process API both take it:
+        sampled from the logits masked by the grammar (and the end-of-generation tokens with ignore_eos), or
+        `chosen` (a token accept_draft picked from them); the stop rules of BatchRequest.sample_next; the output
+        ended once the grammar is complete; log-probabilities of the raw logits when asked for. room: positions
+        left in the sequence. Returns (the token, None for an end-of-generation one; the events: a TokenEvent for
+        a token, then a DoneEvent if the request ended)."""
+        if chosen is None:
+            masked = logits if self.constraint is None else self.constraint.mask(logits)
+            token, text = self.sample_next(without_eog(masked, eog_ids) if self.ignore_eos else masked, eog, room)
+        else:
+            token, text = self.take(chosen, eog, room)
+        events: list[TokenEvent | DoneEvent] = []
+        if token is not None:
+            if self.constraint is not None:
+                self.constraint.accept(token)
+                if self.constraint.complete and not self.done:  # only an end-of-generation token could follow
+                    text += self.end("eog")
+            event = TokenEvent(token, text)
+            if self.top_logprobs is not None:  # of the raw logits at the token's position, guessed or sampled
+                event.logprob, event.top_logprobs = token_logprobs(logits, token, self.top_logprobs)
+            events.append(event)
+            text = ""
+        if self.done:
+            events.append(DoneEvent(FINISH_REASONS[self.stats.stop_reason], text, len(self.prompt),
+                                    self.stats.generated_tokens, self.cached_tokens))
+        return token, events
+
+
+def without_eog(logits: np.ndarray, eog_ids: np.ndarray) -> np.ndarray:
+    """A copy of logits (one row or several) with the end-of-generation tokens ruled out (ignore_eos)."""
+    masked = logits.copy()
+    masked[..., eog_ids] = -np.inf
+    return masked
 
 
 @dataclass
@@ -377,7 +413,8 @@ class Scheduler:
         """A verify pass's result: the guesses the model agrees with and its own token after them, each emitted;
         the sequence cut back past the rejected guesses."""
         r, cache = slot.request, self.engine.cache
-        ready = accept_draft(r.sampler, self._without_eog(r, rows), r.history, draft)
+        ready = accept_draft(r.sampler, without_eog(rows, self._eog_ids) if r.ignore_eos else rows, r.history,
+                             draft)
         right = len(ready) - 1
         cache.truncate(slot.seq, cache.length(slot.seq) - len(draft) + right)  # keeps the accepted guesses
         r.draft_length.observe_guesses(min(right + 1, len(draft)), right)
@@ -391,29 +428,13 @@ class Scheduler:
             if r.done:
                 break
 
-    def _without_eog(self, r: ServeRequest, logits: np.ndarray) -> np.ndarray:
-        """The logits r samples from: with end-of-generation tokens ruled out when it ignores them."""
-        if not r.ignore_eos:
-            return logits
-        masked = logits.copy()
-        masked[..., self._eog_ids] = -np.inf
-        return masked
-
     def _emit(self, slot: Slot, logits: np.ndarray, now: float, chosen: int | None = None,
               room: int | None = None) -> int | None:
         """Sample the request's next token from logits (or take `chosen`, a token accept_draft picked from them)
         and send it (and the end, if it ended); the token, None for an end-of-generation one."""
         r = slot.request
         room = self.engine.cache.room(slot.seq) if room is None else room
-        if chosen is None:
-            masked = self._without_eog(r, logits if r.constraint is None else r.constraint.mask(logits))
-            token, text = r.sample_next(masked, self.eog, room)
-        else:
-            token, text = take_token(r, chosen, self.eog, room)
-        if token is not None and r.constraint is not None:
-            r.constraint.accept(token)
-            if r.constraint.complete and not r.done:  # only an end-of-generation token could follow
-                text += r.end("eog")
+        token, events = r.step(logits, self.eog, self._eog_ids, room, chosen)
         if token is not None:
             if r.next_token is None and r.stats.generated_tokens == 1:
                 r.stats.time_to_first_token = now - r.submitted_at
@@ -422,15 +443,10 @@ class Scheduler:
                 self.metrics.inter_token.observe(now - r.last_token_at)
             r.last_token_at = now
             self.metrics.generated_tokens.inc()
-            event = TokenEvent(token, text)
-            if r.top_logprobs is not None:  # of the raw logits at the token's position, guessed or sampled
-                event.logprob, event.top_logprobs = token_logprobs(logits, token, r.top_logprobs)
-            r.sink(event)
-            text = ""
         r.next_token = None if r.done else token
+        for event in events:
+            r.sink(event)
         if r.done:
-            r.sink(DoneEvent(FINISH_REASONS[r.stats.stop_reason], text, len(r.prompt), r.stats.generated_tokens,
-                             r.cached_tokens))
             self._release(slot, FINISH_REASONS[r.stats.stop_reason])
         return token
 

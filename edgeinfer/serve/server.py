@@ -19,6 +19,7 @@ from typing import Callable
 from edgeinfer.errors import EdgeInferError
 from edgeinfer.serve import structured
 from edgeinfer.serve.app import Served, ServerState, create_app
+from edgeinfer.serve.openai_requests import model_names
 from edgeinfer.serve.scheduler import Scheduler
 from edgeinfer.speculative import check_speculation
 
@@ -41,7 +42,7 @@ class ServeOptions:
     api_key: str | None = None
     max_queue: int = 64
     drain_seconds: float = 5.0
-    model_id: str | None = None  # the name /v1/models lists (default: the catalogue name or the file's stem)
+    model_id: str | None = None  # the name /v1/models lists (default: openai_requests.model_names)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -93,7 +94,7 @@ def serve(path: Path, options: ServeOptions, say: Callable[[str], None] = print)
                             timeout_graceful_shutdown=max(0.1, options.drain_seconds))
     server = uvicorn.Server(config)
     url = url_of(sock)
-    model_id = options.model_id or path.stem
+    model_id = options.model_id or model_names(path)[0]
     failure: list[BaseException] = []
 
     def load() -> None:
@@ -153,7 +154,7 @@ def _load(path: Path, options: ServeOptions, state: ServerState, model_id: str, 
     except BaseException:
         model.close()
         raise
-    aliases = frozenset({path.name, path.stem, str(path)})
+    aliases = model_names(path)[1]
     served = Served(model, scheduler, model_id, aliases)
     if structured.available():  # the vocabulary for response_format and tools: seconds, so before it is asked for
         threading.Thread(target=served.vocabulary.get, name="edgeinfer-grammar-vocabulary", daemon=True).start()
