@@ -16,7 +16,8 @@ import numpy as np
 from edgeinfer.engine import Engine
 from edgeinfer.errors import ModelError
 from edgeinfer.sampling import Sampler
-from edgeinfer.speculative import SpeculationStats, accept_draft, check_speculation, drafting_for
+from edgeinfer.speculative import (SpeculationStats, accept_draft, check_speculation, draft_or_free_guess,
+                                   drafting_for)
 from edgeinfer.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -191,11 +192,7 @@ def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler
         room = min(n_ctx - len(history), max_tokens - stats.generated_tokens - 1)
         k = min(length.choose(), room) if drafter else 0
         started = time.perf_counter()  # a pass's cost includes drafting its guesses
-        draft = drafter.propose(history, k) if k > 0 else []
-        guess = None
-        if drafter and drafter.cheap and k == 0:  # (k > 0 with no draft: the lookup has nothing to guess)
-            lookup = drafter.propose(history, 1)
-            guess = lookup[0] if lookup else None
+        draft, guess = draft_or_free_guess(drafter, history, k) if drafter else ([], None)
         with acquire() as cached:
             rows = cached.extend_with(history, draft)
         length.observe_pass(len(rows), time.perf_counter() - started)

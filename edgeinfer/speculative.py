@@ -71,6 +71,18 @@ def check_same_vocabulary(target, draft) -> None:
                                   f"{a.ids.get(role)}")
 
 
+def draft_or_free_guess(drafter, context: Sequence[int], k: int) -> tuple[list[int], int | None]:
+    """The guesses a pass checks: k > 0 asks the drafter for up to k; on a plain pass (k = 0) a cheap drafter's
+    (prompt lookup's) first guess is returned beside no draft, to be scored against the token the pass samples
+    (a free estimate of acceptance). Returns (draft, free guess or None)."""
+    if k > 0:
+        return drafter.propose(context, k), None
+    if drafter.cheap:
+        lookup = drafter.propose(context, 1)
+        return [], (lookup[0] if lookup else None)
+    return [], None
+
+
 class NgramDrafter:
     """Prompt lookup: the tokens that followed the most recent earlier occurrence of the context's last n tokens,
     trying n = max_ngram down to min_ngram (a longer match predicts better).

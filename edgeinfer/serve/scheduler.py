@@ -41,7 +41,7 @@ from edgeinfer.generation import common_prefix_length, non_finite_logits
 from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.speculative import (DraftLength, DraftModelDrafter, SpeculationStats, accept_draft, check_speculation,
-                                   drafting_for)
+                                   draft_or_free_guess, drafting_for)
 from edgeinfer.tokenizer import Tokenizer
 
 log = logging.getLogger("edgeinfer.serve")
@@ -321,15 +321,11 @@ class Scheduler:
     def _draft(self, r: ServeRequest, k: int) -> list[int]:
         """The guesses r checks in this step (k asked for; fewer where the lookup finds less); on a plain step of
         prompt lookup, notes its free first guess instead."""
-        r.free_guess = None
         if r.drafter is None:
+            r.free_guess = None
             return []
-        if k > 0:
-            return r.drafter.propose(r.history, k)
-        if r.drafter.cheap:
-            guess = r.drafter.propose(r.history, 1)
-            r.free_guess = guess[0] if guess else None
-        return []
+        draft, r.free_guess = draft_or_free_guess(r.drafter, r.history, k)
+        return draft
 
     def _step(self) -> None:
         """One forward pass: the decode rows (each with its guesses), then prompt chunks in the rows left; then
