@@ -61,7 +61,7 @@ def rm_cmd(model: str, dry_run: bool) -> None:
     from edgeinfer.errors import InvalidArgument, ModelNotFound
     from edgeinfer.paths import models_dir
     from edgeinfer.backends.cpu_repack import cache_files_of
-    from models.fetch import downloaded_files, load_catalogue, model_path
+    from models.fetch import downloaded_files, load_catalogue, model_path, unknown_model
 
     path = Path(model).expanduser()
     entries = load_catalogue()
@@ -77,7 +77,7 @@ def rm_cmd(model: str, dry_run: bool) -> None:
         if not files:
             raise ModelNotFound(f"{model}: not downloaded (nothing to remove in {models_dir()})")
     else:
-        raise ModelNotFound(f"{model}: no such file and not a catalogue model (known: {', '.join(entries)})")
+        raise unknown_model(model, entries, "no such file and not a catalogue model")
     _remove([(f, "") for f in files], dry_run)
 
 

@@ -7,8 +7,10 @@ later starts check the size and the marker instead of re-hashing hundreds of meg
 Sections: resolving names (and the files a model has), pulling, verification marker, download and assembly,
 progress display.
 """
+import difflib
 import hashlib
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -65,9 +67,23 @@ def resolve_model(name_or_path, progress: Progress | None = None, catalogue=None
     entries = load_catalogue(catalogue)
     entry = entries.get(str(name_or_path))
     if entry is None:
-        raise ModelNotFound(
-            f"{name_or_path}: no such file and not a catalogue model (known: {', '.join(entries)})")
+        raise unknown_model(str(name_or_path), entries, "no such file and not a catalogue model")
     return _pull(entry, progress)
+
+
+def unknown_model(name: str, entries, problem: str) -> ModelNotFound:
+    """The error for a name the catalogue lacks: the problem, the closest name when one is close, the known names.
+
+    Names are compared without case and separators, so `gemma-3-270m` or `SmolLM2_135M` find their entry."""
+    def plain(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    by_plain = {plain(known): known for known in entries}
+    close = difflib.get_close_matches(plain(name), list(by_plain), n=1, cutoff=0.75)
+    prefixed = [known for known in entries if plain(known).startswith(plain(name))] if plain(name) else []
+    guess = by_plain[close[0]] if close else (prefixed[0] if len(prefixed) == 1 else None)
+    hint = f"; did you mean {guess}?" if guess else ""
+    return ModelNotFound(f"{name}: {problem}{hint} (known: {', '.join(entries)})")
 
 
 def list_models(catalogue=None) -> list[dict]:
@@ -115,7 +131,7 @@ def pull(name: str, progress: Progress | None = None, catalogue=None) -> Path:
     """
     entries = load_catalogue(catalogue)
     if name not in entries:
-        raise ModelNotFound(f"{name}: not a catalogue model (known: {', '.join(entries)})")
+        raise unknown_model(name, entries, "not a catalogue model")
     return _pull(entries[name], progress)
 
 

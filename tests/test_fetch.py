@@ -245,3 +245,16 @@ def test_real_catalogue_is_well_formed():
             assert source.member.startswith(source.package.replace("-", "_").replace(".", "_") + "/")
             assert source.version.count(".") == 2
     assert len(entries["gemma3-270m"].sources) == 4 and len(entries["qwen2.5-coder-0.5b-instruct"].sources) == 6
+
+
+def test_unknown_name_suggests_the_closest_catalogue_name(registry):
+    entries = {"smollm2-135m-instruct": None, "gemma3-270m": None, "qwen2.5-coder-0.5b-instruct": None}
+    message = str(fetch.unknown_model("gemma-3-270m", entries, "not a catalogue model"))
+    assert message.startswith("gemma-3-270m: not a catalogue model; did you mean gemma3-270m? (known: smollm2")
+    # separators and case are ignored, and a unique prefix is enough
+    assert "did you mean smollm2-135m-instruct?" in str(fetch.unknown_model("SmolLM2", entries, "x"))
+    assert "did you mean qwen2.5-coder-0.5b-instruct?" in str(fetch.unknown_model("Qwen2.5_Coder", entries, "x"))
+    # nothing close: no guess, only the list
+    assert "did you mean" not in str(fetch.unknown_model("zzz", entries, "x"))
+    with pytest.raises(ModelNotFound, match=r"fake-singel: not a catalogue model; did you mean fake-single\?"):
+        fetch.pull("fake-singel")
