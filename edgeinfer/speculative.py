@@ -85,13 +85,17 @@ def draft_or_free_guess(drafter, context: Sequence[int], k: int) -> tuple[list[i
 
 class NgramDrafter:
     """Prompt lookup: the tokens that followed the most recent earlier occurrence of the context's last n tokens,
-    trying n = max_ngram down to min_ngram (a longer match predicts better).
+    trying n = max_ngram down to min_ngram (a longer match predicts better), or those of the copy being followed.
 
-    Where no n-gram recurs it resumes the copy it was following (`_resume`): an edit that renames a variable puts a
-    new token where the source had another, after which the last tokens occur nowhere, but the source goes on just
-    past the replaced token (a substitution), or, while the new name takes more tokens than the old, at the same
-    place (an insertion). Each source's first guesses are scored against what the model then said, and a source
-    that is seldom right (resuming in free text) is kept to itself: proposing costs a verify pass's extra rows.
+    The copy being followed (`_resume`) is where the source the model copies goes on: moved along with every pass,
+    past a substituted token (an edit renames a variable: the model puts a new token where the source had another),
+    or held while the model inserts tokens (the new name takes more tokens than the old). Where no n-gram recurs it
+    is the only guess; where the latest n-gram occurrence is elsewhere (a rewrite's previous *written* line, which
+    holds the old number, not the source line being copied), the two compete. After each pass every candidate is
+    compared with what the model said: the one that would have been right longest wins the conflict and becomes the
+    copy followed, and each source's recent wins decide the next conflict. Each source's first guesses are scored
+    too, and a source that is seldom right (resuming in free text) is kept to itself: proposing costs a verify
+    pass's extra rows.
 
     Keeps an index of every n-gram's latest end position, extended as the context grows (a context that does not
     extend the indexed one, e.g. another generation, rebuilds it), so a proposal costs a few dictionary lookups
@@ -107,9 +111,13 @@ class NgramDrafter:
         # n -> {n-gram: end index (exclusive) of its latest occurrence before the context's end}
         self._latest: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
         self._resume: int | None = None  # where the copy being followed goes on
+        self._edited = False  # the copy followed was moved past a token the model replaced
         self._insertions = 0
-        self._last: tuple[int, int, str] | None = None  # (context length, start, source) of the last proposal
-        self._scores = {"ngram": [1.0, 0.0], "resume": [1.0, 1.0]}  # decayed [right, wrong] first guesses
+        self._last: tuple[int, dict[str, int]] | None = None  # (context length, {source: start}) of the last proposal
+        # decayed [right, wrong] first guesses of each source: the copy followed, in step or just past an edit (its
+        # place then a guess), and the latest n-gram occurrence
+        self._scores = {"copy": [1.0, 0.0], "resume": [1.0, 1.0], "ngram": [1.0, 0.0]}
+        self._wins = {"copy": 0.0, "resume": 0.0, "ngram": 0.0}  # decayed conflicts each source's guesses won
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         """Up to k guessed tokens after `context` (fewer, or none, where no n-gram of it recurs)."""
@@ -119,42 +127,67 @@ class NgramDrafter:
         self._learn()
         tokens = self._tokens
         end = len(tokens)
-        start, source = None, ""
+        found: dict[str, int] = {}  # source -> where its guesses start; the copy followed first (it wins ties)
+        if self._resume is not None and self._resume < end:
+            found["resume" if self._edited else "copy"] = self._resume
         for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
             start = self._latest[n].get(tuple(tokens[end - n:]))
             if start is not None:  # tokens[start - n:start] == the last n tokens, start < end
-                source = "ngram"
+                if start != self._resume:
+                    found["ngram"] = start
                 break
-        if start is None and self._resume is not None and self._resume < end:
-            start, source = self._resume, "resume"
-        if start is None:
+        if not found:
             self._last = None
             return []
-        self._last = (end, start, source)
-        right, wrong = self._scores[source]
-        if right < self.MIN_PRECISION * (right + wrong):
+        self._last = (end, found)
+        trusted = [s for s in found if self._scores[s][0] >= self.MIN_PRECISION * sum(self._scores[s])]
+        if not trusted:
             return []
+        # the most recent conflict winner; of equals the copy followed, unless it waits for an insertion it may have
+        # misread (its guess after the edit was wrong already): then an n-gram occurrence
+        held = -1 if self._insertions else 1
+        start = found[max(trusted, key=lambda s: (self._wins[s], held if s == "resume" else s == "copy"))]
         return tokens[start:start + k]
 
     def _learn(self) -> None:
-        """Score the last proposal's first guess against the tokens that came after it, and move the copy being
-        followed along: in step, past a substituted token, or held while the model inserts tokens."""
+        """Score the last proposal's candidates against the tokens that came after them, and move the copy being
+        followed along: in step with the candidate right longest, past a substituted token, or held while the model
+        inserts tokens."""
         if self._last is None:
             return
-        then, start, source = self._last
-        grown = len(self._tokens) - then
-        if grown <= 0 or then > len(self._tokens):
+        then, found = self._last
+        tokens = self._tokens
+        grown = len(tokens) - then
+        if grown <= 0 or then > len(tokens):
             return
-        score = self._scores[source]
-        score[0], score[1] = 0.9 * score[0], 0.9 * score[1]
-        first_right = self._tokens[then] == self._tokens[start]
-        score[0 if first_right else 1] += 1.0
-        if first_right or source == "ngram":
-            self._resume, self._insertions = start + grown, 0  # in step, or past the token the model replaced
-        elif self._insertions < self.MAX_INSERTIONS:
-            self._insertions += grown  # the model is still writing its replacement: the source waits
-        else:
-            self._resume = None
+        runs = {}
+        for source, start in found.items():
+            run, most = 0, min(grown, then - start)
+            while run < most and tokens[then + run] == tokens[start + run]:
+                run += 1
+            runs[source] = run
+            score = self._scores[source]
+            score[0], score[1] = 0.9 * score[0], 0.9 * score[1]
+            score[0 if run else 1] += 1.0
+        # The copy followed, right up to the model's last token, is taken as in step past a substituted token; the
+        # others are compared with it on the tokens before (a rename's new name matches the previous rewritten line,
+        # which goes on with that line's old number, not the source line being copied). A copy just moved past a
+        # substitution and wrong again proves nothing.
+        followed = runs.get("copy", runs.get("resume"))
+        substituted = followed == grown - 1 and (grown > 1 or not self._edited)
+        compared = {source: min(run, grown - 1) if substituted else run for source, run in runs.items()}
+        if len(found) > 1:
+            best, worst = max(compared.values()), min(compared.values())
+            for source in found:
+                self._wins[source] = 0.9 * self._wins[source] + (compared[source] == best > worst)
+        best = max(found, key=compared.__getitem__)  # the first of equals: the copy followed
+        if best == "resume" and runs[best] == 0:
+            if self._insertions < self.MAX_INSERTIONS:
+                self._insertions += grown  # the model is still writing its replacement: the source waits
+            else:
+                self._resume = None
+        else:  # in step, or past the token the model replaced
+            self._resume, self._edited, self._insertions = found[best] + grown, runs[best] < grown, 0
         self._last = None
 
     def _index(self, context: Sequence[int]) -> None:
@@ -163,7 +196,7 @@ class NgramDrafter:
             tokens.clear()
             for table in self._latest.values():
                 table.clear()
-            self._resume, self._last, self._insertions = None, None, 0
+            self._resume, self._last, self._insertions, self._edited = None, None, 0, False
         # the n-grams ending before the last position: the last one's own would match itself
         for i in range(len(tokens), len(context)):
             for n, table in self._latest.items():

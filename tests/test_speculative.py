@@ -57,6 +57,48 @@ def test_a_copy_resumes_past_a_renamed_token():
     assert drafter.propose(context, 2) == [X, 15]  # in step again: the n-gram finds it
 
 
+def _replay(drafter, prompt, output, k=12):
+    """Greedy verify passes over a known output: (first guesses of each pass, passes)."""
+    context, i, proposals = list(prompt) + output[:1], 1, []
+    while i < len(output):
+        draft = drafter.propose(context, k)
+        proposals.append((i, draft))
+        right = 0
+        while right < len(draft) and i + right < len(output) and draft[right] == output[i + right]:
+            right += 1
+        context += output[i:i + right + 1]
+        i += right + 1
+    return proposals
+
+
+def test_a_rewrite_follows_the_source_line_not_the_previous_rewritten_one():
+    """Lines `step_i = len * x + i` rewritten with x renamed: after the new name, the latest occurrence of the last
+    tokens is the previous rewritten line (which goes on with the old i); the copy followed goes on with the source
+    line's, and wins."""
+    STEP, EQ, LEN, TIMES, X, PLUS, NL, Y, END = 1, 2, 3, 4, 5, 6, 7, 8, 9
+
+    def line(i, name):
+        return [STEP, 10 + i, EQ, LEN, TIMES, name, PLUS, 10 + i, NL]
+
+    prompt = [t for i in range(6) for t in line(i, X)] + [END]
+    output = [t for i in range(6) for t in line(i, Y)]
+    proposals = _replay(NgramDrafter(max_ngram=3, min_ngram=2), prompt, output)
+    after_rename = [draft[:2] for i, draft in proposals if output[i - 1] == Y and i > 9]
+    assert after_rename == [[PLUS, 10 + n] for n in range(1, 6)]  # the source line's number, every line
+    # one pass per line once in step, its only miss the renamed token (the previous line's number cost a second)
+    assert [i for i, _ in proposals][2:] == [6 + 9 * n for n in range(6)]
+
+
+def test_the_copy_followed_moves_to_where_the_n_gram_is_right():
+    """A summary skips part of its source: the copy followed is wrong there, the n-gram finds the new place."""
+    source = list(range(100, 130))
+    output = source[:5] + source[15:25]
+    proposals = dict(_replay(NgramDrafter(max_ngram=3, min_ngram=2), source + [1], output))
+    assert proposals[2] == source[2:14]  # copying from the start
+    assert proposals[6] == source[6:18]  # the model skipped: the copy takes 115 for a replaced 105
+    assert proposals[7] == source[17:29]  # wrong again, it yields to the n-gram (115, 116)
+
+
 def test_a_source_that_is_seldom_right_keeps_its_guesses_to_itself():
     drafter = NgramDrafter(max_ngram=2, min_ngram=2)
     context = [1, 2, 3, 4, 1, 2]
