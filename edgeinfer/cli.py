@@ -379,16 +379,19 @@ def bench_cmd(model, prompt_tokens, gen_tokens, threads, reps, depths, n_ctx, ba
               help="Give tensors whose GGUF name matches PATTERN (regex or glob) this type; repeatable.")
 @click.option("--prune", type=FiniteFloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Zero this fraction of the smallest weights of each FFN row before quantizing.")
+@click.option("--keep-layers", "keep", default=None, metavar="SPEC",
+              help="Keep only these layers, renumbered from 0 (a depth-pruned draft model): e.g. 0-5,18-23 or "
+                   "every:2.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, types, bytes) and the size; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (default: refuse).")
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None,
               help="Quantization threads (default: all).")
-def convert_cmd(src, out, type_name, tensor_types, prune, dry_run, force, n_threads):
+def convert_cmd(src, out, type_name, tensor_types, prune, keep, dry_run, force, n_threads):
     """Convert SRC (a Hugging Face checkpoint directory or a GGUF file) to the GGUF file OUT of type TYPE."""
     from tools.convert import run_convert
 
-    run_convert(src, out, type_name, tensor_types=list(tensor_types), prune=prune, dry_run=dry_run, force=force,
-                n_threads=n_threads)
+    run_convert(src, out, type_name, tensor_types=list(tensor_types), prune=prune, keep=keep, dry_run=dry_run,
+                force=force, n_threads=n_threads)
 
 
 # --ctx min: tools.perplexity.MIN_CTX (not imported here: the CLI hands over to tools/ lazily)

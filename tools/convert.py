@@ -1,7 +1,8 @@
 """`edgeinfer convert`: a Hugging Face checkpoint or a GGUF file -> a GGUF file of the requested type.
 
 The flow: open the source (tools/hf_checkpoint.py for a checkpoint directory, `GGUFSource` here for a GGUF file) as
-metadata plus lazily loaded tensors under their GGUF names; plan each tensor's type (tools/quantize_plan.py); write
+metadata plus lazily loaded tensors under their GGUF names; with --keep-layers, keep only some blocks, renumbered
+(`keep_layers`: a depth-pruned draft model); plan each tensor's type (tools/quantize_plan.py); write
 the header and every tensor info first, then stream the tensors one at a time (load, prune, quantize, write), so no
 more than one tensor is in memory. The file is written next to OUT under a hidden temporary name and renamed at
 the end; on any failure or interruption the temporary file is removed and nothing appears at OUT. An existing OUT
@@ -33,6 +34,15 @@ ALIGNMENT = 32  # GGUF's default data alignment, which GGUFWriter uses
 DROPPED_KEYS = ("general.file_type", "general.quantization_version", "general.alignment")
 DROPPED_PREFIXES = ("split.",)
 PRUNED = re.compile(r"blk\.\d+\.ffn_(gate|up|down)\.weight$")
+BLOCK = re.compile(r"blk\.(\d+)\.")
+# metadata that may hold one value per layer (`{arch}.` + key): --keep-layers keeps the kept layers' values
+PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length",
+                  "attention.sliding_window_pattern")
+# architectures whose layers differ by their number, not by anything stored per layer: a renumbered layer would
+# change kind, so --keep-layers refuses them
+NUMBERED_LAYERS = {"gemma2": "the sliding window is on every other layer, by layer number",
+                   "gemma3": "the sliding window is on 5 layers of every 6, by layer number",
+                   "smollm3": "every 4th layer has no RoPE, by layer number"}
 
 
 class ConvertError(EdgeInferError):
@@ -129,6 +139,80 @@ def open_source(src: str | os.PathLike) -> Source:
     return open_gguf_source(src)
 
 
+# ---------------------------------------------------------------- depth pruning (--keep-layers)
+
+
+def parse_keep_layers(spec: str, n_layers: int) -> list[int]:
+    """The layers --keep-layers SPEC keeps, sorted: comma-separated items, each a layer `5`, a range `0-5`
+    (inclusive) or `every:N` (layers 0, N, 2N, ...); layers count from 0 and must be below n_layers."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConvertError("--keep-layers is empty: give layers like 0-5,18-23 or every:2")
+    kept: set[int] = set()
+    for item in (part.strip() for part in spec.split(",")):
+        every = re.fullmatch(r"every:(\d+)", item)
+        span = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if every:
+            step = int(every.group(1))
+            if step < 1:
+                raise ConvertError(f"--keep-layers {spec!r}: every:{step} needs a step of 1 or more")
+            kept.update(range(0, n_layers, step))
+        elif span:
+            first, last = int(span.group(1)), int(span.group(2) or span.group(1))
+            if last < first:
+                raise ConvertError(f"--keep-layers {spec!r}: the range {item} runs backwards")
+            if last >= n_layers:
+                raise ConvertError(f"--keep-layers {spec!r}: layer {last} does not exist (the model has "
+                                   f"{n_layers} layers, 0 to {n_layers - 1})")
+            kept.update(range(first, last + 1))
+        else:
+            raise ConvertError(f"--keep-layers {spec!r}: {item!r} is not a layer, a range like 0-5 or every:N")
+    return sorted(kept)
+
+
+def keep_layers(source: Source, spec: str) -> None:
+    """Cut `source` down to the layers --keep-layers SPEC names (in place): their blocks' tensors renumbered 0, 1,
+    ..., `{arch}.block_count` and the per-layer metadata arrays cut to match. ConvertError for a bad spec, and for
+    an architecture or per-layer key whose layers cannot be renumbered faithfully."""
+    if source.arch in NUMBERED_LAYERS:
+        raise ConvertError(f"--keep-layers: {source.arch} cannot be cut down: {NUMBERED_LAYERS[source.arch]}")
+    kept = parse_keep_layers(spec, source.n_layers)
+    new_index = {old: new for new, old in enumerate(kept)}
+    tensors = []
+    for t in source.tensors:
+        block = BLOCK.match(t.name)
+        if block is None:
+            tensors.append(t)
+        elif int(block.group(1)) in new_index:
+            name = f"blk.{new_index[int(block.group(1))]}.{t.name[block.end():]}"
+            tensors.append(SourceTensor(name, t.shape, t.src_type, t.load, t.raw))
+    metadata = dict(source.metadata)
+    prefix = f"{source.arch}."
+    for key, v in source.metadata.items():
+        if v.type == GGUFValueType.ARRAY and key.startswith(prefix) and len(v.value) == source.n_layers:
+            if key[len(prefix):] not in PER_LAYER_KEYS:
+                raise ConvertError(f"--keep-layers: {key} holds {source.n_layers} values, which may be one per "
+                                   f"layer; edgeinfer does not know how to cut it")
+            metadata[key] = GGUFValue([v.value[i] for i in kept], v.type, v.sub_type)
+    count = f"{prefix}block_count"
+    metadata[count] = GGUFValue(len(kept), source.metadata[count].type if count in source.metadata
+                                else GGUFValueType.UINT32)
+    source.tensors, source.metadata, source.n_layers = tensors, metadata, len(kept)
+
+
+def check_kept_layers(path: Path, n_layers: int) -> None:
+    """The written file loads, with n_layers layers (before it is renamed into place)."""
+    from edgeinfer.arch import load_decoder
+    from edgeinfer.gguf_reader import GGUFFile
+
+    gguf = GGUFFile(path)
+    try:
+        cfg, _ = load_decoder(gguf)
+    finally:
+        gguf.close()
+    if cfg.n_layers != n_layers:
+        raise ConvertError(f"--keep-layers: the written file has {cfg.n_layers} layers, expected {n_layers}")
+
+
 # ---------------------------------------------------------------- tensor data
 
 
@@ -195,8 +279,10 @@ def temporary_path(out: Path) -> Path:
 
 def write_gguf(out: Path, arch: str, metadata: dict[str, GGUFValue], plans: list[TensorPlan],
                tensors: dict[str, SourceTensor], prune: float = 0.0, n_threads: int | None = None,
-               on_tensor: Callable[[int, TensorPlan], None] | None = None) -> None:
-    """Write the file: header and tensor infos, then each tensor streamed from its source, then rename into place."""
+               on_tensor: Callable[[int, TensorPlan], None] | None = None,
+               check: Callable[[Path], None] | None = None) -> None:
+    """Write the file: header and tensor infos, then each tensor streamed from its source, then (once check(the
+    written file) raises nothing) rename into place."""
     tmp = temporary_path(out)
     writer = GGUFWriter(tmp, arch)
     try:
@@ -219,6 +305,8 @@ def write_gguf(out: Path, arch: str, metadata: dict[str, GGUFValue], plans: list
         writer.flush()
         os.fsync(writer.fout[0].fileno())
         writer.close()
+        if check is not None:
+            check(tmp)
         os.replace(tmp, out)
     except BaseException as e:
         writer.close()
@@ -233,12 +321,14 @@ def write_gguf(out: Path, arch: str, metadata: dict[str, GGUFValue], plans: list
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, type_name: str, *, tensor_types: list[str] = (),
-            prune: float = 0.0, dry_run: bool = False, force: bool = False, n_threads: int | None = None,
+            prune: float = 0.0, keep: str | None = None, dry_run: bool = False, force: bool = False,
+            n_threads: int | None = None,
             on_plan: Callable[[list[TensorPlan], int], None] | None = None,
             on_tensor: Callable[[int, TensorPlan], None] | None = None) -> ConvertResult:
     """Convert SRC (checkpoint directory or GGUF file) to OUT as file type `type_name` (a FILE_TYPES name).
 
     tensor_types: 'PATTERN=TYPE' overrides; prune: fraction of each FFN weight row to zero by magnitude (0 <= r < 1);
+    keep: the layers to keep (--keep-layers, see parse_keep_layers; None: all), renumbered from 0;
     dry_run: plan only, write nothing; force: replace an existing OUT (otherwise refused, before any work, and by
     --dry-run too, since it predicts the real run). on_plan(plans, nbytes) is called once the plan is known,
     on_tensor(i, plan) before each tensor is written. Raises ConvertError (or GGUFError for a damaged GGUF source).
@@ -259,6 +349,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type_name: str, *, t
     try:
         if out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
             raise ConvertError(f"{out}: the output would overwrite the input")
+        if keep is not None:
+            keep_layers(source, keep)
         try:
             overrides = parse_overrides(list(tensor_types))
             plans = plan_tensors([(t.name, t.shape, t.src_type) for t in source.tensors], file_type,
@@ -276,14 +368,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type_name: str, *, t
         if on_plan is not None:
             on_plan(plans, nbytes)
         if not dry_run:
-            write_gguf(out, source.arch, metadata, plans, tensors, prune, n_threads, on_tensor)
+            check = None if keep is None else lambda path: check_kept_layers(path, source.n_layers)
+            write_gguf(out, source.arch, metadata, plans, tensors, prune, n_threads, on_tensor, check)
         return ConvertResult(plans, nbytes, written=not dry_run)
     finally:
         source.close()
 
 
 def run_convert(src: str, out: str, type_name: str, *, tensor_types: list[str] = (), prune: float = 0.0,
-                dry_run: bool = False, force: bool = False, n_threads: int | None = None,
+                keep: str | None = None, dry_run: bool = False, force: bool = False, n_threads: int | None = None,
                 echo: Callable[[str], None] = print) -> None:
     """The `edgeinfer convert` command: a rich progress bar per tensor on stderr, the plan for --dry-run, a summary.
     An interruption becomes a ConvertError (the CLI prints it as one line) after the temporary file is removed."""
@@ -306,8 +399,8 @@ def run_convert(src: str, out: str, type_name: str, *, tensor_types: list[str] =
         progress.update(task, completed=i, description=plan.name)
 
     try:
-        result = convert(src, out, type_name, tensor_types=tensor_types, prune=prune, dry_run=dry_run, force=force,
-                         n_threads=n_threads, on_plan=on_plan, on_tensor=on_tensor)
+        result = convert(src, out, type_name, tensor_types=tensor_types, prune=prune, keep=keep, dry_run=dry_run,
+                         force=force, n_threads=n_threads, on_plan=on_plan, on_tensor=on_tensor)
         if task is not None:
             progress.update(task, completed=len(result.plans), description="done")
     except KeyboardInterrupt:
@@ -316,8 +409,8 @@ def run_convert(src: str, out: str, type_name: str, *, tensor_types: list[str] =
         progress.stop()
     if not dry_run:
         echo(f"wrote {out}: {len(result.plans)} tensors, {result.nbytes / 1e6:.1f} MB ({type_name.upper()}"
-             + (f", FFN pruned {prune:.0%}" if prune else "") + ")")
+             + (f", FFN pruned {prune:.0%}" if prune else "") + (f", layers {keep}" if keep else "") + ")")
 
 
-__all__ = ["ConvertError", "ConvertResult", "Source", "SourceTensor", "convert", "format_plan", "open_source",
-           "prune_rows", "run_convert"]
+__all__ = ["ConvertError", "ConvertResult", "Source", "SourceTensor", "convert", "format_plan", "keep_layers",
+           "open_source", "parse_keep_layers", "prune_rows", "run_convert"]
