@@ -7,10 +7,14 @@ multipliers, fused matrices, NoPE layers, sliding windows shorter than the promp
 all F16 or all Q8_0, so every family runs one of two compiled forwards. Values come from a seeded generator:
 the same family and type always give the same bytes, so the file a test writes is the one the reference was
 recorded from (tests/record_family_references.py).
+
+`write_checkpoint` writes the same weights as the Hugging Face checkpoint llama.cpp's converter reads (config.json in
+the family's layout, F32 safetensors with Q/K un-permuted and Gemma's norms less 1, tokenizer.model of the same
+vocabulary), so converting it at F16 gives back the tensors of the family's F16 GGUF, bit for bit.
 """
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 
+from edgeinfer.arch.hf import llama3_rope_factors
 from tiny_gguf import _add, spm_vocab
 
 N_LAYERS, D_MODEL, N_HEADS, N_KV_HEADS, D_FF = 4, 64, 4, 2, 128
@@ -70,26 +75,6 @@ FAMILIES = {
 }
 
 
-def llama3_rope_factors(base: float, dim: int, factor: float, low_freq_factor: float, high_freq_factor: float,
-                        original_max_position_embeddings: int) -> np.ndarray:
-    """rope_freqs.weight as llama.cpp's converter computes it from rope_scaling "llama3" (conversion/llama.py)."""
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    low_wavelen = original_max_position_embeddings / low_freq_factor
-    high_wavelen = original_max_position_embeddings / high_freq_factor
-    out = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            out.append(1.0)
-        elif wavelen > low_wavelen:
-            out.append(factor)
-        else:
-            smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor -
-                                                                                       low_freq_factor)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
-
-
 def family_metadata(f: Family) -> dict:
     a = f.arch
     meta = {f"{a}.block_count": N_LAYERS, f"{a}.context_length": CONTEXT, f"{a}.embedding_length": D_MODEL,
@@ -118,8 +103,9 @@ def family_tensors(f: Family, seed: int = 0) -> dict[str, np.ndarray]:
     if not f.tied:
         out["output.weight"] = matrix(N_VOCAB, D_MODEL)
     if f.rope_freqs:
-        out["rope_freqs.weight"] = llama3_rope_factors(f.metadata.get("rope.freq_base", 10000.0), f.rope_dims,
-                                                       **f.rope_freqs)
+        out.update(llama3_rope_factors({"hidden_size": D_MODEL, "num_attention_heads": N_HEADS, "head_dim": f.rope_dims,
+                                        "rope_scaling": {"rope_type": "llama3", **f.rope_freqs},
+                                        "rope_theta": f.metadata.get("rope.freq_base", 10000.0)}))
     for i in range(N_LAYERS):
         p = f"blk.{i}."
         if f.pre_norms:
@@ -171,3 +157,92 @@ def write_family(path: Path, name: str, weight_type: str, drop: tuple[str, ...] 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# ---------------------------------------------------------------- the same models as Hugging Face checkpoints
+
+# family -> (config.json beyond the common keys, GGUF ffn_norm's HF name). Both config layouts appear: transformers 4
+# (top-level rope_theta, rope_scaling) and 5 (rope_parameters).
+CHECKPOINTS = {
+    "llama3": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "head_dim": 16, "rope_theta": 10000.0,
+               "rope_scaling": {"rope_type": "llama3", **LLAMA3_SCALING}},
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "head_dim": 16,
+                "sliding_window": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "use_sliding_window": False,
+              "sliding_window": None},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "head_dim": 16, "rope_theta": 10000.0,
+               "sliding_window": 48, "attn_logit_softcapping": 2.5, "final_logit_softcapping": 15.0,
+               "query_pre_attn_scalar": 16, "hidden_activation": "gelu_pytorch_tanh"},
+    "granite": {"architectures": ["GraniteForCausalLM"], "model_type": "granite", "rope_theta": 10000.0,
+                "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.35,
+                "logits_scaling": 0.5},
+    "olmo2": {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2",
+              "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+    "smollm3": {"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "rope_theta": 2000000.0,
+                "no_rope_layers": [1, 1, 1, 0], "no_rope_layer_interval": 4},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0,
+             "partial_rotary_factor": 0.5, "original_max_position_embeddings": CONTEXT, "sliding_window": 2047},
+}
+PERMUTED = ("llama", "granite", "smollm3")  # families whose GGUF Q/K rows are permuted from HF's order
+LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+               "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+               "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+
+
+def checkpoint_tensors(name: str) -> dict[str, np.ndarray]:
+    """HF name -> float32 values of FAMILIES[name]'s tiny model (the inverse of llama.cpp's conversion)."""
+    from tools.export_hf import unpermute_rows
+
+    f = FAMILIES[name]
+    out = {}
+    for gguf_name, values in family_tensors(f).items():
+        if gguf_name == "rope_freqs.weight":
+            continue  # generated by the converter from rope_scaling
+        if f.arch in PERMUTED and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            values = unpermute_rows(values, N_HEADS if "attn_q" in gguf_name else N_KV_HEADS)
+        if f.arch == "gemma2" and gguf_name.endswith("norm.weight"):
+            values = values - np.float32(1)  # exact: every norm weight is in [1, 1.25)
+        hf = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+              "output_norm.weight": "model.norm.weight"}.get(gguf_name)
+        if hf is None:
+            _, layer, base, kind = gguf_name.split(".")
+            hf_base = LAYER_NAMES[base]
+            if f.arch == "gemma2" and base == "ffn_norm":
+                hf_base = "pre_feedforward_layernorm"
+            if f.fused and base == "ffn_up":
+                hf_base = "mlp.gate_up_proj"
+            hf = f"model.layers.{layer}.{hf_base}.{kind}"
+        out[hf] = values
+    if f.arch == "gemma2":  # saved tied under both names, as some checkpoints are; llama.cpp drops lm_head
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def write_checkpoint(directory: Path, name: str) -> Path:
+    """Write FAMILIES[name]'s tiny model as a Hugging Face checkpoint directory; returns it."""
+    from tools.export_hf import write_safetensors, write_sentencepiece_model
+
+    f = FAMILIES[name]
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"hidden_size": D_MODEL, "intermediate_size": D_FF, "num_hidden_layers": N_LAYERS,
+              "num_attention_heads": N_HEADS, "num_key_value_heads": N_KV_HEADS, "max_position_embeddings": CONTEXT,
+              "rms_norm_eps": 1e-5, "vocab_size": N_VOCAB, "bos_token_id": 1, "eos_token_id": 2,
+              "tie_word_embeddings": f.tied, "torch_dtype": "float32", "hidden_act": "silu", **CHECKPOINTS[name]}
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    tensors = checkpoint_tensors(name)
+    write_safetensors(directory / "model.safetensors", [(k, v.shape) for k, v in tensors.items()],
+                      tensors.__getitem__, np.float32)
+    write_sentencepiece_model(directory, spm_vocab(N_VOCAB))
+    tokenizer_config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+                        "add_eos_token": False, "tokenizer_class": "LlamaTokenizer"}
+    if name == "qwen3":  # transformers 5 saves the template beside tokenizer_config.json
+        (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    else:
+        tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+    return directory

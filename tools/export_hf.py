@@ -3,8 +3,9 @@
 Writes config.json, the dequantized weights as F32 or F16 safetensors (one file, or N shards plus
 model.safetensors.index.json), and the tokenizer: tokenizer.json for byte-level BPE vocabularies, tokenizer.model
 (a SentencePiece model serialized by hand, so no protobuf package is needed) for SentencePiece ones, and
-tokenizer_config.json with the special tokens, add_bos/add_eos and the chat template. llama's Q/K rows are
-un-permuted and Gemma's norm weights get their +1 removed, undoing what tools/hf_checkpoint.py applies.
+tokenizer_config.json with the special tokens, add_bos/add_eos and the chat template. Q/K rows are un-permuted and
+norm weights unshifted where the family's HF_CONVERT declares it, undoing what tools/hf_checkpoint.py applies. Only
+the families declared `exported` (llama, qwen2, gemma3) are written.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tools.hf_vocab import BYTE, CONTROL, UNKNOWN, UNUSED, USER_DEFINED
 
 # GGUF architecture -> (config.json "architectures"[0], "model_type", gguf.MODEL_ARCH), as edgeinfer/arch/ declares
 HF_ARCH = {arch: (module.HF_ARCHITECTURES[0], module.HF_MODEL_TYPE, getattr(gguf.MODEL_ARCH, module.GGUF_MODEL_ARCH))
-           for arch, module in ARCHITECTURES.items() if module.HF_ARCHITECTURES}  # the families converted both ways
+           for arch, module in ARCHITECTURES.items() if module.HF_CONVERT.exported}  # the families converted both ways
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N."); ffn_norm depends on the architecture
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -254,6 +255,7 @@ def export_hf(model: str | Path, out_dir: str | Path, dtype: str = "F32", n_shar
             raise ConvertError(f"{model}: exporting {arch} to a Hugging Face checkpoint is not implemented "
                                f"(exported: {', '.join(HF_ARCH)})")
         name_map = gguf.get_tensor_name_map(HF_ARCH[arch][2], cfg.n_layers)
+        conversion = ARCHITECTURES[arch].HF_CONVERT  # undone here: Q/K permutation, norm shift
         items = []
         for name, t in g.tensors.items():
             hf = hf_name(name, arch)
@@ -265,12 +267,12 @@ def export_hf(model: str | Path, out_dir: str | Path, dtype: str = "F32", n_shar
             name = by_hf[hf]
             t = g.tensors[name]
             x = dequantize(t.ggml_type, t.raw, t.shape[-1]).reshape(t.shape)
-            if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+            if conversion.permuted and name.endswith(("attn_q.weight", "attn_q.bias")):
                 x = unpermute_rows(x, cfg.n_heads)
-            elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+            elif conversion.permuted and name.endswith(("attn_k.weight", "attn_k.bias")):
                 x = unpermute_rows(x, cfg.n_kv_heads)
-            if arch == "gemma3" and name.endswith("norm.weight"):
-                x = x - np.float32(1.0)
+            if conversion.norm_shift and name.endswith("norm.weight"):
+                x = x - np.float32(conversion.norm_shift)
             return x
 
         by_hf = {hf: name for hf, _, name in items}

@@ -6,6 +6,8 @@ Adding an architecture is adding one file here: it declares what the runtime and
     HF_ARCHITECTURES = ("LlamaForCausalLM",)    # Hugging Face config.json "architectures" it converts from
     HF_MODEL_TYPE = "llama"                     # config.json "model_type" written when exporting
     GGUF_MODEL_ARCH = "LLAMA"                   # gguf-py's MODEL_ARCH member (tensor-name map)
+    HF_CONVERT = HFConversion(llama_hparams, permuted=True, ...)   # what llama.cpp's converter does beyond
+                                                # mapping names: the keys it writes, Q/K permutation, norm shift, ...
     def config_from_gguf(gguf) -> DecoderConfig: ...
 
 and is found by `discover` (no list to keep in step, here or in tools/).
@@ -22,7 +24,7 @@ from edgeinfer.errors import UnsupportedError
 from edgeinfer.gguf_reader import GGUFFile
 
 # what an architecture module must define besides ARCH
-DECLARATIONS = ("HF_ARCHITECTURES", "HF_MODEL_TYPE", "GGUF_MODEL_ARCH", "config_from_gguf")
+DECLARATIONS = ("HF_ARCHITECTURES", "HF_MODEL_TYPE", "GGUF_MODEL_ARCH", "HF_CONVERT", "config_from_gguf")
 
 
 def discover(package: ModuleType) -> dict[str, ModuleType]:
@@ -32,7 +34,7 @@ def discover(package: ModuleType) -> dict[str, ModuleType]:
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         if not hasattr(module, "ARCH"):
-            continue  # a helper module (decoder.py)
+            continue  # a helper module (decoder.py, hf.py)
         missing = [name for name in DECLARATIONS if not hasattr(module, name)]
         if missing:
             raise ImportError(f"architecture module {module.__name__} does not define {', '.join(missing)}")

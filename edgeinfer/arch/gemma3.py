@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from edgeinfer.arch.decoder import MAX_CONTEXT, ROPE_NEOX, DecoderConfig, optional_number, read_common_hparams
+from edgeinfer.arch.hf import HFConversion, rope_parameters, text_model_hparams
 from edgeinfer.errors import UnsupportedError
 from edgeinfer.gguf_reader import GGUFFile
 
@@ -16,6 +17,30 @@ HF_MODEL_TYPE = "gemma3_text"  # config.json "model_type" written on export
 GGUF_MODEL_ARCH = "GEMMA3"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
 SLIDING_WINDOW_PATTERN = 6  # layers i with i % 6 < 5 are local; every sixth is global (llama.cpp's set_swa_pattern(6))
 LOCAL_ROPE_BASE = 10000.0  # llama.cpp's rope_freq_base_train_swa for gemma3; the GGUF does not store it
+
+
+def hf_hparams(config: dict) -> dict:
+    """llama.cpp's Gemma3Model.set_gguf_parameters: TextModel's keys with Gemma 3's defaults, the final soft-cap when
+    set, the sliding window unless sliding_window_pattern is 1."""
+    out = {**text_model_hparams(config),
+           "context_length": config.get("max_position_embeddings", 131072),
+           "attention.head_count": config.get("num_attention_heads", 8),
+           "attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+           "attention.key_length": config.get("head_dim", 256), "attention.value_length": config.get("head_dim", 256),
+           "rope.freq_base": float(rope_parameters(config).get("rope_theta", 1_000_000.0))}
+    if config.get("final_logit_softcapping"):
+        out["final_logit_softcapping"] = float(config["final_logit_softcapping"])
+    if config.get("sliding_window_pattern") != 1:
+        out["attention.sliding_window"] = config["sliding_window"]
+    out["attention.head_count_kv"] = config.get("num_key_value_heads", 4)
+    return out
+
+
+# norms stored as w (Gemma3RMSNorm multiplies by 1 + w), embedding rows past the vocabulary dropped, SentencePiece
+# vocabularies without the space prefix
+HF_CONVERT = HFConversion(hf_hparams, norm_shift=1.0, vocab_rows_trimmed=True, exported=True,
+                          vocab_keys=lambda config, tokenizer_config, kind: (
+                              {"tokenizer.ggml.add_space_prefix": False} if kind == "sentencepiece" else {}))
 
 
 def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:

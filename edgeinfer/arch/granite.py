@@ -5,14 +5,29 @@ import math
 
 from edgeinfer.arch.decoder import (ROPE_NORMAL, DecoderConfig, optional_number, read_common_hparams,
                                     read_rope_freq_factors)
+from edgeinfer.arch.hf import HFConversion, llama3_rope_factors, llama_hparams, llama_vocab_keys
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "granite"
-# config.json "architectures" names converted from: none yet, the HF converter (tools/hf_checkpoint.py) does not
-# write this family (its checkpoints say "GraniteForCausalLM")
-HF_ARCHITECTURES: tuple[str, ...] = ()
+HF_ARCHITECTURES = ("GraniteForCausalLM",)  # config.json "architectures" names converted from
 HF_MODEL_TYPE = "granite"  # config.json "model_type" written on export
 GGUF_MODEL_ARCH = "GRANITE"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
+# config.json multiplier -> GGUF key (llama.cpp's GraniteModel writes each that is set and not 0)
+HF_MULTIPLIERS = {"attention_multiplier": "attention.scale", "embedding_multiplier": "embedding_scale",
+                  "residual_multiplier": "residual_scale", "logits_scaling": "logit_scale"}
+
+
+def hf_hparams(config: dict) -> dict:
+    """llama.cpp's GraniteModel.set_gguf_parameters: LlamaModel's keys with head_dim ignored, and the multipliers."""
+    out = llama_hparams({k: v for k, v in config.items() if k != "head_dim"})
+    out.update({key: float(config[name]) for name, key in HF_MULTIPLIERS.items() if config.get(name)})
+    return out
+
+
+# a LlamaModel in llama.cpp's converter: Q/K permuted, Llama 3 factors, its vocabulary rules; GraniteConfig's
+# multipliers default to 1 (so they are always written)
+HF_CONVERT = HFConversion(hf_hparams, permuted=True, vocab_keys=llama_vocab_keys, extra_tensors=llama3_rope_factors,
+                          defaults=dict.fromkeys(HF_MULTIPLIERS, 1.0))
 
 
 def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:

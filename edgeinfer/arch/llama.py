@@ -9,12 +9,18 @@ logits differ from ours, and from the model's, only past the window).
 """
 from edgeinfer.arch.decoder import (MAX_CONTEXT, ROPE_NORMAL, DecoderConfig, optional_number, read_common_hparams,
                                     read_rope_freq_factors)
+from edgeinfer.arch.hf import HFConversion, head_dim_of, llama3_rope_factors, llama_hparams, llama_vocab_keys
 from edgeinfer.gguf_reader import GGUFFile
 
 ARCH = "llama"
-HF_ARCHITECTURES = ("LlamaForCausalLM",)  # config.json "architectures" names converted from (the first: written on export)
+# config.json "architectures" names converted from (the first: written on export); Mistral's are llama files too
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 HF_MODEL_TYPE = "llama"  # config.json "model_type" written on export
 GGUF_MODEL_ARCH = "LLAMA"  # the member of gguf-py's MODEL_ARCH whose tensor-name map the converter uses
+# llama.cpp's LlamaModel: TextModel's keys plus vocab_size and rope.dimension_count, Q/K permuted, Llama 3's
+# rope_freqs.weight from rope_scaling "llama3" (linear and yarn scaling are keys); no sliding window is written
+HF_CONVERT = HFConversion(llama_hparams, defaults={"head_dim": head_dim_of}, permuted=True,
+                          vocab_keys=llama_vocab_keys, extra_tensors=llama3_rope_factors, exported=True)
 
 
 def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:
