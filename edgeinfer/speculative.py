@@ -93,8 +93,10 @@ class NgramDrafter:
     is the only guess; where the latest n-gram occurrence is elsewhere (a rewrite's previous *written* line, which
     holds the old number, not the source line being copied), the two compete. After each pass every candidate is
     compared with what the model said: the one that would have been right longest wins the conflict and becomes the
-    copy followed, and each source's recent wins decide the next conflict. Each source's first guesses are scored
-    too, and a source that is seldom right (resuming in free text) is kept to itself: proposing costs a verify
+    copy followed, and each source's recent wins decide the next conflict. A substituted token that the copy then
+    goes on past is a rename: later copies write the source's token as the model did (until the model keeps one).
+    Each source's first guesses are scored too (the copy in step, just past an edit, held for an insertion, the
+    n-gram), and a source that is seldom right (resuming in free text) is kept to itself: proposing costs a verify
     pass's extra rows.
 
     Keeps an index of every n-gram's latest end position, extended as the context grows (a context that does not
@@ -104,6 +106,7 @@ class NgramDrafter:
     cheap = True  # a proposal is a few dictionary lookups: plain passes check a free first guess
     MIN_PRECISION = 0.25  # a source whose first guesses are right less often than this proposes nothing
     MAX_INSERTIONS = 4  # tokens the model may add in place of the source's one before the copy is given up
+    COMPARED = 16  # tokens of each candidate copy compared with what the model said (at least the guesses)
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -113,11 +116,14 @@ class NgramDrafter:
         self._resume: int | None = None  # where the copy being followed goes on
         self._edited = False  # the copy followed was moved past a token the model replaced
         self._insertions = 0
-        self._last: tuple[int, dict[str, int]] | None = None  # (context length, {source: start}) of the last proposal
-        # decayed [right, wrong] first guesses of each source: the copy followed, in step or just past an edit (its
-        # place then a guess), and the latest n-gram occurrence
-        self._scores = {"copy": [1.0, 0.0], "resume": [1.0, 1.0], "ngram": [1.0, 0.0]}
-        self._wins = {"copy": 0.0, "resume": 0.0, "ngram": 0.0}  # decayed conflicts each source's guesses won
+        # source token -> what the model wrote in its place (a rename), applied to every copy's guesses
+        self._renames: dict[int, tuple[int, ...]] = {}
+        self._edit: tuple[int, int] | None = None  # (source token replaced, context index of its replacement)
+        self._last: tuple[int, dict[str, _Copy]] | None = None  # (context length, {source: its copy}) last proposed
+        # decayed [right, wrong] first guesses of each source: the copy followed, in step, just past an edit or held
+        # for an insertion (its place then a guess), and the latest n-gram occurrence
+        self._scores = {"copy": [1.0, 0.0], "resume": [1.0, 1.0], "held": [1.0, 1.0], "ngram": [1.0, 0.0]}
+        self._wins = {source: 0.0 for source in self._scores}  # decayed conflicts each source's guesses won
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         """Up to k guessed tokens after `context` (fewer, or none, where no n-gram of it recurs)."""
@@ -127,32 +133,46 @@ class NgramDrafter:
         self._learn()
         tokens = self._tokens
         end = len(tokens)
-        found: dict[str, int] = {}  # source -> where its guesses start; the copy followed first (it wins ties)
+        starts: dict[str, int] = {}  # source -> where its copy starts; the copy followed first (it wins ties)
         if self._resume is not None and self._resume < end:
-            found["resume" if self._edited else "copy"] = self._resume
+            starts["held" if self._insertions else "resume" if self._edited else "copy"] = self._resume
         for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
             start = self._latest[n].get(tuple(tokens[end - n:]))
             if start is not None:  # tokens[start - n:start] == the last n tokens, start < end
                 if start != self._resume:
-                    found["ngram"] = start
+                    starts["ngram"] = start
                 break
-        if not found:
+        if not starts:
             self._last = None
             return []
+        found = {source: self._copy(start, max(k, self.COMPARED)) for source, start in starts.items()}
         self._last = (end, found)
         trusted = [s for s in found if self._scores[s][0] >= self.MIN_PRECISION * sum(self._scores[s])]
         if not trusted:
             return []
-        # the most recent conflict winner; of equals the copy followed, unless it waits for an insertion it may have
+        # the most recent conflict winner; of equals the copy followed, unless it is held for an insertion it may have
         # misread (its guess after the edit was wrong already): then an n-gram occurrence
-        held = -1 if self._insertions else 1
-        start = found[max(trusted, key=lambda s: (self._wins[s], held if s == "resume" else s == "copy"))]
-        return tokens[start:start + k]
+        order = {"copy": 2, "resume": 1, "ngram": 0, "held": -1}
+        best = max(trusted, key=lambda s: (self._wins[s], order[s]))
+        return found[best].guesses[:k]
+
+    def _copy(self, start: int, n: int) -> "_Copy":
+        """The next n tokens of the copy from `start` on, each source token the model renamed written as it did."""
+        tokens, end, copy = self._tokens, len(self._tokens), _Copy([], [], [])
+        j = start
+        while len(copy.guesses) < n and j < end:
+            written = self._renames.get(tokens[j])
+            for t in written or (tokens[j],):
+                copy.guesses.append(t)
+                copy.after.append(j + 1)
+                copy.renamed.append(written is not None)
+            j += 1
+        return copy
 
     def _learn(self) -> None:
         """Score the last proposal's candidates against the tokens that came after them, and move the copy being
         followed along: in step with the candidate right longest, past a substituted token, or held while the model
-        inserts tokens."""
+        inserts tokens. A substituted token the copy then goes on past is a rename, applied to later copies."""
         if self._last is None:
             return
         then, found = self._last
@@ -161,11 +181,13 @@ class NgramDrafter:
         if grown <= 0 or then > len(tokens):
             return
         runs = {}
-        for source, start in found.items():
-            run, most = 0, min(grown, then - start)
-            while run < most and tokens[then + run] == tokens[start + run]:
+        for source, copy in found.items():
+            run, most = 0, min(grown, len(copy.guesses))
+            while run < most and tokens[then + run] == copy.guesses[run]:
                 run += 1
             runs[source] = run
+            if run < most and copy.renamed[run] and tokens[then + run] == tokens[copy.after[run] - 1]:
+                self._renames.pop(tokens[then + run], None)  # the model kept the source's token after all
             score = self._scores[source]
             score[0], score[1] = 0.9 * score[0], 0.9 * score[1]
             score[0 if run else 1] += 1.0
@@ -173,7 +195,7 @@ class NgramDrafter:
         # others are compared with it on the tokens before (a rename's new name matches the previous rewritten line,
         # which goes on with that line's old number, not the source line being copied). A copy just moved past a
         # substitution and wrong again proves nothing.
-        followed = runs.get("copy", runs.get("resume"))
+        followed = runs.get("copy", runs.get("resume", runs.get("held")))
         substituted = followed == grown - 1 and (grown > 1 or not self._edited)
         compared = {source: min(run, grown - 1) if substituted else run for source, run in runs.items()}
         if len(found) > 1:
@@ -181,13 +203,26 @@ class NgramDrafter:
             for source in found:
                 self._wins[source] = 0.9 * self._wins[source] + (compared[source] == best > worst)
         best = max(found, key=compared.__getitem__)  # the first of equals: the copy followed
-        if best == "resume" and runs[best] == 0:
+        copy, run = found[best], runs[best]
+        if best in ("resume", "held") and run == 0:
             if self._insertions < self.MAX_INSERTIONS:
                 self._insertions += grown  # the model is still writing its replacement: the source waits
             else:
-                self._resume = None
-        else:  # in step, or past the token the model replaced
-            self._resume, self._edited, self._insertions = found[best] + grown, runs[best] < grown, 0
+                self._resume, self._edit = None, None
+            self._last = None
+            return
+        if best in ("resume", "held") and self._edit is not None:  # back in step past the edit: a rename
+            replaced, at = self._edit
+            written = tuple(tokens[at:then])
+            if 0 < len(written) <= self.MAX_INSERTIONS + 1 and replaced not in written:  # (else words inserted)
+                self._renames[replaced] = written
+        self._edit = None
+        # in step, or past the token the model replaced
+        self._resume = copy.after[grown - 1] if grown <= len(copy.after) else \
+            (copy.after[-1] if copy.after else then) + grown - len(copy.after)
+        self._edited, self._insertions = run < grown, 0
+        if run < grown and run < len(copy.guesses) and not copy.renamed[run]:
+            self._edit = (tokens[copy.after[run] - 1], then + run)
         self._last = None
 
     def _index(self, context: Sequence[int]) -> None:
@@ -197,12 +232,23 @@ class NgramDrafter:
             for table in self._latest.values():
                 table.clear()
             self._resume, self._last, self._insertions, self._edited = None, None, 0, False
+            self._renames, self._edit = {}, None
         # the n-grams ending before the last position: the last one's own would match itself
         for i in range(len(tokens), len(context)):
             for n, table in self._latest.items():
                 if i >= n:
                     table[tuple(tokens[i - n:i])] = i
             tokens.append(int(context[i]))
+
+
+@dataclass
+class _Copy:
+    """A candidate continuation: its tokens, and per token the source index the copy goes on from after it and
+    whether it comes from a rename."""
+
+    guesses: list[int]
+    after: list[int]
+    renamed: list[bool]
 
 
 @dataclass

@@ -54,7 +54,7 @@ def test_a_copy_resumes_past_a_renamed_token():
     context.append(Y2)  # the new name takes a second token
     assert drafter.propose(context, 3) == [12, 13, 14]  # insertion: the source waits
     context += [12, 13, 14]
-    assert drafter.propose(context, 2) == [X, 15]  # in step again: the n-gram finds it
+    assert drafter.propose(context, 3) == [Y1, Y2, 15]  # in step again, the source's next X written as renamed
 
 
 def _replay(drafter, prompt, output, k=12):
@@ -74,19 +74,42 @@ def _replay(drafter, prompt, output, k=12):
 def test_a_rewrite_follows_the_source_line_not_the_previous_rewritten_one():
     """Lines `step_i = len * x + i` rewritten with x renamed: after the new name, the latest occurrence of the last
     tokens is the previous rewritten line (which goes on with the old i); the copy followed goes on with the source
-    line's, and wins."""
+    line's, and wins. Once the copy is back in step past the new name, later copies write it for x."""
     STEP, EQ, LEN, TIMES, X, PLUS, NL, Y, END = 1, 2, 3, 4, 5, 6, 7, 8, 9
 
     def line(i, name):
         return [STEP, 10 + i, EQ, LEN, TIMES, name, PLUS, 10 + i, NL]
 
-    prompt = [t for i in range(6) for t in line(i, X)] + [END]
-    output = [t for i in range(6) for t in line(i, Y)]
+    prompt = [t for i in range(8) for t in line(i, X)] + [END]
+    output = [t for i in range(8) for t in line(i, Y)]
     proposals = _replay(NgramDrafter(max_ngram=3, min_ngram=2), prompt, output)
-    after_rename = [draft[:2] for i, draft in proposals if output[i - 1] == Y and i > 9]
-    assert after_rename == [[PLUS, 10 + n] for n in range(1, 6)]  # the source line's number, every line
-    # one pass per line once in step, its only miss the renamed token (the previous line's number cost a second)
-    assert [i for i, _ in proposals][2:] == [6 + 9 * n for n in range(6)]
+    assert proposals[2] == (6, line(0, X)[6:] + line(1, X)[:9])  # the source, until the model renames X
+    # the source line's number, not line 0's; back in step past the new name, the copy writes it for X
+    assert proposals[3] == (15, line(1, X)[6:] + line(2, Y)[:9])
+    for i, draft in proposals[4:]:
+        assert draft[:len(output) - i] == output[i:i + 12]  # X renamed in every later line: all guesses right
+    assert [i for i, _ in proposals[4:]] == list(range(15 + 13, len(output), 13))
+
+
+def test_words_inserted_before_a_token_are_no_rename():
+    THE, COMMA = 50, 51
+    source = [20, 21, 22, THE, 23, 24, 25, 26, THE, 27, 28, 29, 30, 31]
+    output = [20, 21, 22, COMMA, THE, 23, 24, 25, 26, THE, 27, 28, 29, 30]
+    proposals = dict(_replay(NgramDrafter(max_ngram=3, min_ngram=2), source + [1], output))
+    assert proposals[5][:6] == [23, 24, 25, 26, THE, 27]  # ", the" once for "the" is not "the" renamed
+
+
+def test_a_rename_the_model_does_not_keep_is_dropped():
+    X, Y = 52, 53
+
+    def line(first, name):
+        return [first, first + 1, name] + list(range(first + 2, first + 14))
+
+    source = line(100, X) + line(200, X) + line(300, X)
+    output = line(100, Y) + line(200, X) + line(300, X)
+    proposals = dict(_replay(NgramDrafter(max_ngram=3, min_ngram=2), source + [1], output))
+    assert proposals[16][:3] == [201, Y, 202]  # renamed in the first line: the copy of the second says Y
+    assert proposals[31][:3] == [301, X, 302]  # the model kept X there: the rename is dropped
 
 
 def test_the_copy_followed_moves_to_where_the_n_gram_is_right():
