@@ -6,6 +6,10 @@ the prompt, and a free-form story where it does not. Each runs greedily (the tex
 the modes are compared on the same tokens), once as a warm-up and `reps` times measured, in each mode and thread
 count, the modes taking turns. Reported: decode tokens/s (after the first token), the share of guesses accepted, and
 the speed-up over mode "off" in the same run.
+
+`record_tasks` and `replay_lookup` measure prompt lookup without the model: the greedy output of each task is
+recorded once, then the lookup is replayed over it (the tokens it would guess, the passes it would take), so a change
+to the lookup is judged in tokens per verify pass in a second, and on the same tokens every time.
 """
 from __future__ import annotations
 
@@ -96,6 +100,58 @@ def run_spec_bench(model, modes, threads, reps: int = 2, max_tokens: int = 192, 
                 row.speedup = row.mean / base if base else 0.0
                 rows.append(row)
     return [dict(asdict(r), mean=r.mean) for r in rows]
+
+
+def record_tasks(model, max_tokens: int = 192, tasks=tuple(TASKS)) -> dict[str, dict]:
+    """{task: {"prompt": token ids, "output": greedy output token ids}} of a loaded model, by plain decoding."""
+    from edgeinfer.generation import GenerationStats, generate_tokens
+    from edgeinfer.sampling import Sampler, SamplingParams
+
+    out = {}
+    for task in tasks:
+        prompt = task_prompt(model, task)
+        sampler = Sampler(SamplingParams(temperature=0), model.n_vocab)
+        output = generate_tokens(model._use, sampler, prompt, max_tokens, model.tokenizer.eog_ids, GenerationStats())
+        out[task] = {"prompt": [int(t) for t in prompt], "output": [int(t) for t in output]}
+    return out
+
+
+def replay_lookup(prompt, output, mode: str = "ngram", pass_ms: dict[int, float] | None = None,
+                  max_tokens: int = 192) -> dict:
+    """Prompt lookup in `mode` ("ngram" or "auto") replayed over a greedy `output` of `prompt`, as the decode loop
+    (edgeinfer.generation.generate_tokens) runs it: {passes, tokens_per_pass, drafted, accepted, speedup}.
+
+    pass_ms: a verify pass's milliseconds by rows (measured: DraftLength's per-size costs; other sizes read off the
+    line between them), which auto mode chooses its draft lengths by and the speed-up (plain decoding's passes over
+    the replay's, in time) is reckoned with; None: every pass costs the same, and speedup is tokens per pass."""
+    from edgeinfer.speculative import DraftLength, draft_or_free_guess, drafting_for
+
+    costs = DraftLength()
+    for rows, ms in (pass_ms or {1: 1.0, 2: 1.0}).items():
+        costs.observe_pass(rows, ms / 1000)
+    drafter, length = drafting_for(mode)
+    history, i = list(prompt) + list(output[:1]), 1
+    passes, drafted, accepted, seconds = 0, 0, 0, 0.0
+    while i < len(output):
+        k = min(length.choose(), max_tokens - i - 1)
+        draft, guess = draft_or_free_guess(drafter, history, k)
+        cost = costs.pass_cost(1 + len(draft))
+        length.observe_pass(1 + len(draft), cost)
+        right = 0
+        while right < len(draft) and i + right < len(output) and draft[right] == output[i + right]:
+            right += 1
+        ready = output[i:i + right + 1]
+        if draft:
+            length.observe_guesses(min(right + 1, len(draft)), right)
+            drafted, accepted = drafted + len(draft), accepted + right
+        elif guess is not None:
+            length.observe_guesses(1, int(ready[0] == guess))
+        history += ready
+        i += len(ready)
+        passes, seconds = passes + 1, seconds + cost
+    plain = (len(output) - 1) * costs.pass_cost(1)
+    return {"passes": passes, "tokens_per_pass": (len(output) - 1) / passes if passes else 0.0,
+            "drafted": drafted, "accepted": accepted, "speedup": plain / seconds if seconds else 0.0}
 
 
 def format_spec_bench(rows: list[dict]) -> str:
