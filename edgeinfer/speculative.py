@@ -94,10 +94,11 @@ class NgramDrafter:
     holds the old number, not the source line being copied), the two compete. After each pass every candidate is
     compared with what the model said: the one that would have been right longest wins the conflict and becomes the
     copy followed, and each source's recent wins decide the next conflict. A substituted token that the copy then
-    goes on past is a rename: later copies write the source's token as the model did (until the model keeps one).
-    Each source's first guesses are scored too (the copy in step, just past an edit, held for an insertion, the
-    n-gram), and a source that is seldom right (resuming in free text) is kept to itself: proposing costs a verify
-    pass's extra rows.
+    goes on past is a rename: later copies write the source's token as the model did (until the model keeps one);
+    where the model wrote words before the source's token instead (', the' for 'the'), the copy going on at that
+    token is a candidate too. Each source's first guesses are scored (the copy in step, past an edit, at the token
+    before which words were inserted, held for an insertion, the n-gram), and a source that is seldom right
+    (resuming in free text) is kept to itself: proposing costs a verify pass's extra rows.
 
     Keeps an index of every n-gram's latest end position, extended as the context grows (a context that does not
     extend the indexed one, e.g. another generation, rebuilds it), so a proposal costs a few dictionary lookups
@@ -115,14 +116,16 @@ class NgramDrafter:
         self._latest: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
         self._resume: int | None = None  # where the copy being followed goes on
         self._edited = False  # the copy followed was moved past a token the model replaced
+        self._replaced: int | None = None  # where that token is: the copy goes on there if the model inserted words
         self._insertions = 0
         # source token -> what the model wrote in its place (a rename), applied to every copy's guesses
         self._renames: dict[int, tuple[int, ...]] = {}
         self._edit: tuple[int, int] | None = None  # (source token replaced, context index of its replacement)
         self._last: tuple[int, dict[str, _Copy]] | None = None  # (context length, {source: its copy}) last proposed
-        # decayed [right, wrong] first guesses of each source: the copy followed, in step, just past an edit or held
-        # for an insertion (its place then a guess), and the latest n-gram occurrence
-        self._scores = {"copy": [1.0, 0.0], "resume": [1.0, 1.0], "held": [1.0, 1.0], "ngram": [1.0, 0.0]}
+        # decayed [right, wrong] first guesses of each source: the copy followed (in step, just past an edit, at the
+        # token the edit replaced or held for an insertion: its place then a guess), the latest n-gram occurrence
+        self._scores = {"copy": [1.0, 0.0], "resume": [1.0, 1.0], "inserted": [1.0, 1.0], "held": [1.0, 1.0],
+                        "ngram": [1.0, 0.0]}
         self._wins = {source: 0.0 for source in self._scores}  # decayed conflicts each source's guesses won
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
@@ -136,10 +139,12 @@ class NgramDrafter:
         starts: dict[str, int] = {}  # source -> where its copy starts; the copy followed first (it wins ties)
         if self._resume is not None and self._resume < end:
             starts["held" if self._insertions else "resume" if self._edited else "copy"] = self._resume
+            if self._edited and self._replaced is not None and not self._insertions:
+                starts["inserted"] = self._replaced  # or the model wrote a word before the source's token
         for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
             start = self._latest[n].get(tuple(tokens[end - n:]))
             if start is not None:  # tokens[start - n:start] == the last n tokens, start < end
-                if start != self._resume:
+                if start not in starts.values():
                     starts["ngram"] = start
                 break
         if not starts:
@@ -152,7 +157,7 @@ class NgramDrafter:
             return []
         # the most recent conflict winner; of equals the copy followed, unless it is held for an insertion it may have
         # misread (its guess after the edit was wrong already): then an n-gram occurrence
-        order = {"copy": 2, "resume": 1, "ngram": 0, "held": -1}
+        order = {"copy": 3, "resume": 2, "inserted": 1, "ngram": 0, "held": -1}
         best = max(trusted, key=lambda s: (self._wins[s], order[s]))
         return found[best].guesses[:k]
 
@@ -204,11 +209,11 @@ class NgramDrafter:
                 self._wins[source] = 0.9 * self._wins[source] + (compared[source] == best > worst)
         best = max(found, key=compared.__getitem__)  # the first of equals: the copy followed
         copy, run = found[best], runs[best]
-        if best in ("resume", "held") and run == 0:
+        if best in ("resume", "held", "inserted") and run == 0:
             if self._insertions < self.MAX_INSERTIONS:
                 self._insertions += grown  # the model is still writing its replacement: the source waits
             else:
-                self._resume, self._edit = None, None
+                self._resume, self._edit, self._replaced = None, None, None
             self._last = None
             return
         if best in ("resume", "held") and self._edit is not None:  # back in step past the edit: a rename
@@ -220,9 +225,11 @@ class NgramDrafter:
         # in step, or past the token the model replaced
         self._resume = copy.after[grown - 1] if grown <= len(copy.after) else \
             (copy.after[-1] if copy.after else then) + grown - len(copy.after)
-        self._edited, self._insertions = run < grown, 0
-        if run < grown and run < len(copy.guesses) and not copy.renamed[run]:
-            self._edit = (tokens[copy.after[run] - 1], then + run)
+        self._edited, self._insertions, self._replaced = run < grown, 0, None
+        if run < grown and run < len(copy.guesses):
+            self._replaced = copy.after[run] - 1
+            if not copy.renamed[run]:
+                self._edit = (tokens[self._replaced], then + run)
         self._last = None
 
     def _index(self, context: Sequence[int]) -> None:
@@ -232,7 +239,7 @@ class NgramDrafter:
             for table in self._latest.values():
                 table.clear()
             self._resume, self._last, self._insertions, self._edited = None, None, 0, False
-            self._renames, self._edit = {}, None
+            self._renames, self._edit, self._replaced = {}, None, None
         # the n-grams ending before the last position: the last one's own would match itself
         for i in range(len(tokens), len(context)):
             for n, table in self._latest.items():
