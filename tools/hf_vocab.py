@@ -149,8 +149,30 @@ def add_bpe_vocab(w: gguf.GGUFWriter, src: Path, config: dict) -> int:
     w.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
     w.add_token_list(tokens)
     w.add_token_types(types)
-    gguf.SpecialVocab(src, load_merges=True).add_to_gguf(w, quiet=True)
+    special = gguf.SpecialVocab(src, load_merges=True)
+    byte_level_adds_no_specials(special, spec)
+    special.add_to_gguf(w, quiet=True)
     return n_vocab
+
+
+def byte_level_adds_no_specials(special: gguf.SpecialVocab, spec: dict) -> None:
+    """llama.cpp's current gguf-py (newer than the released package this project installs): a ByteLevel
+    post-processor means no BOS and no EOS are added, unless a TemplateProcessing / RobertaProcessing beside it
+    decides one, and that decision wins over tokenizer_config.json's add_bos_token / add_eos_token."""
+    post = spec.get("post_processor") or {}
+    processors = post.get("processors", [post])
+    if not any(p.get("type") == "ByteLevel" for p in processors):
+        return
+    decided = set()
+    for p in processors:
+        single = p.get("single", []) if p.get("type") == "TemplateProcessing" else []
+        if p.get("type") == "RobertaProcessing" or (len(single) > 1 and "SpecialToken" in single[0]):
+            decided.add("bos")
+        if p.get("type") == "RobertaProcessing" or (len(single) > 1 and "SpecialToken" in single[-1]):
+            decided.add("eos")
+    for kind in ("bos", "eos"):
+        if kind not in decided:
+            special.add_special_token[kind] = False
 
 
 def add_spm_vocab(w: gguf.GGUFWriter, src: Path, config: dict, phi3: bool = False) -> int:
