@@ -152,12 +152,12 @@ QWEN_PASS_MS = {1: 20.0, 2: 27.4, 4: 30.0, 8: 42.2, 13: 63.6}  # Qwen2.5 Q4_K_M,
 
 
 @pytest.mark.parametrize("task, mode, floor", [("rewrite", "ngram", 9.0), ("rewrite", "auto", 8.5),
-                                               ("quote", "ngram", 12.0), ("quote_with_commas", "ngram", 10.0),
+                                               ("quote", "ngram", 11.5), ("quote_with_commas", "ngram", 9.5),
                                                ("summarize", "ngram", 4.8), ("summarize", "auto", 3.6)])
 def test_replayed_bench_tasks_keep_their_tokens_per_verify_pass(task, mode, floor):
     """Qwen2.5's greedy answers to the bench tasks (bench_spec.record_tasks), replayed through prompt lookup: a floor
     under the tokens a verify pass yields (before the copy was aligned, renames learned and insertions followed,
-    rewrite gave 6.4 with ngram and 5.5 with auto, quote_with_commas 6.7, summarize 4.5 and 3.4)."""
+    rewrite gave 6.4 with ngram and 5.5 with auto, quote_with_commas 6.4, summarize 4.4 and 3.3)."""
     from edgeinfer.bench_spec import replay_lookup
 
     recorded = json.loads(REPLAY.read_text())["tasks"][task]
