@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from test_convert_families import NO_LLAMA_CPP_RECORD, describe
+from test_convert_families import NO_LLAMA_CPP_RECORD, VARIANTS, describe, write_variant
 from test_families import compare
 from tiny_families import CONTEXT, FAMILIES, PROMPT, write_checkpoint
 
@@ -63,8 +63,15 @@ def record(name: str, llama_cpp_dir: Path, directory: Path) -> Path:
     with both converters and write convert-<name>.json.gz."""
     from tools.convert import convert
 
+    if name in VARIANTS:  # config variants: keys and tensors of the F16 file only
+        ckpt = write_variant(directory / name / "checkpoint", name)
+        theirs = directory / f"{name}-llama.cpp.gguf"
+        subprocess.run([sys.executable, str(llama_cpp_dir / "convert_hf_to_gguf.py"), str(ckpt), "--outfile",
+                        str(theirs), "--outtype", "f16"], check=True, capture_output=True)
+        return write_record(name, {"F16": describe(theirs)})
     family = name.removesuffix("-bpe")
-    ckpt = write_checkpoint(directory / name / "checkpoint", family, BPE_TOKENIZER_FROM() if name.endswith("-bpe") else None)
+    ckpt = write_checkpoint(directory / name / "checkpoint", family,
+                            BPE_TOKENIZER_FROM() if name.endswith("-bpe") else None)
     entry = {}
     for type_name, outtype in TYPES.items():
         theirs = directory / f"{name}-{type_name}-llama.cpp.gguf"
@@ -86,6 +93,10 @@ def record(name: str, llama_cpp_dir: Path, directory: Path) -> Path:
             checks = {"llama_cpp_on_edgeinfer_file_vs_its_file": kl_record(logits_ours, logits_theirs)}
         entry[type_name] = {**describe(theirs), "tokens": tokens, **checks}
         print(f"{name} {type_name}: {checks}")
+    return write_record(name, entry)
+
+
+def write_record(name: str, entry: dict) -> Path:
     out = OUT / f"convert-{name}.json.gz"
     with gzip.open(out, "wt", encoding="utf-8") as f:
         json.dump(entry, f, separators=(",", ":"))
@@ -94,7 +105,7 @@ def record(name: str, llama_cpp_dir: Path, directory: Path) -> Path:
 
 def main(llama_cpp_dir: str, names: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names or [*(n for n in FAMILIES if n not in NO_LLAMA_CPP_RECORD), *BPE_FAMILIES]:
+        for name in names or [*(n for n in FAMILIES if n not in NO_LLAMA_CPP_RECORD), *BPE_FAMILIES, *VARIANTS]:
             out = record(name, Path(llama_cpp_dir), Path(tmp))
             print(f"{out.name}: {out.stat().st_size} bytes")
 

@@ -35,6 +35,27 @@ NO_LLAMA_CPP_RECORD = {"olmo2": "llama.cpp's Olmo2Model reads only tokenizer.jso
                                 "tokenizer.model where there is none"}
 RECORDED = [name for name in FAMILIES if name not in NO_LLAMA_CPP_RECORD]
 
+# config.json variants of a family's checkpoint, compared with llama.cpp's converter at F16 (keys and tensors only:
+# the runtime need not run them): name -> (family, keys replaced, keys removed)
+VARIANTS = {
+    "llama-linear": ("llama3", {"rope_scaling": {"type": "linear", "factor": 2.0}}, ()),
+    "llama-yarn": ("llama3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                "beta_slow": 1.0, "original_max_position_embeddings": 128}}, ()),
+    "llama-no-head-dim": ("llama3", {}, ("head_dim",)),  # transformers' default head_dim is written all the same
+    "granite-no-multipliers": ("granite", {}, ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                                               "logits_scaling")),
+    "qwen3-t4-layout": ("qwen3", {"rope_theta": 1000000.0, "rope_parameters": None}, ()),
+}
+
+
+def write_variant(directory: Path, name: str) -> Path:
+    family, replaced, removed = VARIANTS[name]
+    ckpt = write_checkpoint(directory, family)
+    config = {k: v for k, v in json.loads((ckpt / "config.json").read_text()).items() if k not in removed}
+    config.update(replaced)
+    (ckpt / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return ckpt
+
 # what `edgeinfer info` must show as each family's variant (what its forward computes)
 DISTINCTIVE = {
     "llama3": {"rope_freq_factors"}, "mistral": {"rope_style"}, "qwen3": {"qk_norm"},
@@ -195,3 +216,15 @@ def test_olmo2_with_a_real_bpe_tokenizer_equals_llama_cpp_converter(tmp_path, we
     assert ours["tensors"] == theirs["tensors"]
     with edgeinfer.load(tmp_path / "olmo2.gguf", n_ctx=CONTEXT, seed=0) as model:
         assert model.tokenize(PROMPT) == theirs["tokens"]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_config_variants_equal_llama_cpp_converter(tmp_path, name):
+    """RoPE scaling (linear, yarn), defaults transformers fills in (head_dim, Granite's multipliers) and the
+    transformers 4 layout give the keys llama.cpp's converter writes."""
+    ckpt = write_variant(tmp_path / name / "checkpoint", name)
+    convert(ckpt, tmp_path / "out.gguf", "F16")
+    theirs, ours = llama_cpp_record(name, "F16"), describe(tmp_path / "out.gguf")
+    for key in (set(theirs["metadata"]) | set(ours["metadata"])) - set(ALLOWED_DIFFERENCES):
+        assert ours["metadata"].get(key) == theirs["metadata"].get(key), key
+    assert ours["tensors"] == theirs["tensors"]
