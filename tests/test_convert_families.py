@@ -106,6 +106,17 @@ def describe(path: Path) -> dict:
     return {"metadata": metadata, "tensors": tensors}
 
 
+def assert_same_as_llama_cpp(path: Path, theirs: dict) -> None:
+    """Our file's metadata (type and value of every key but ALLOWED_DIFFERENCES) and tensors (type, shape, bytes)
+    are those of llama.cpp's converter's record."""
+    ours = describe(path)
+    for key in sorted((set(theirs["metadata"]) | set(ours["metadata"])) - set(ALLOWED_DIFFERENCES)):
+        assert key in ours["metadata"], f"{key} written by llama.cpp's converter, not by ours"
+        assert key in theirs["metadata"], f"{key} written by our converter, not by llama.cpp's"
+        assert ours["metadata"][key] == theirs["metadata"][key], key
+    assert ours["tensors"] == theirs["tensors"]
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_f16_conversion_is_the_tiny_model(converted, tmp_path, name):
     """The checkpoint holds the tiny model's weights in Hugging Face's layout; converting it undoes that exactly."""
@@ -122,14 +133,7 @@ def test_f16_conversion_is_the_tiny_model(converted, tmp_path, name):
 def test_conversion_equals_llama_cpp_converter(converted, name, weight_type):
     """Every metadata key (type and value) and every tensor (type, shape, bytes) as llama.cpp's converter wrote them,
     but for the keys of ALLOWED_DIFFERENCES."""
-    theirs = llama_cpp_record(name, weight_type)
-    ours = describe(converted(name, weight_type))
-    keys = (set(theirs["metadata"]) | set(ours["metadata"])) - set(ALLOWED_DIFFERENCES)
-    for key in sorted(keys):
-        assert key in ours["metadata"], f"{key} written by llama.cpp's converter, not by ours"
-        assert key in theirs["metadata"], f"{key} written by our converter, not by llama.cpp's"
-        assert ours["metadata"][key] == theirs["metadata"][key], key
-    assert ours["tensors"] == theirs["tensors"]
+    assert_same_as_llama_cpp(converted(name, weight_type), llama_cpp_record(name, weight_type))
 
 
 @pytest.mark.parametrize("weight_type", TYPES)
@@ -210,10 +214,8 @@ def test_olmo2_with_a_real_bpe_tokenizer_equals_llama_cpp_converter(tmp_path, we
 
     ckpt = write_checkpoint(tmp_path / "checkpoint", "olmo2", tokenizer_from=model_path("smollm2-135m-instruct"))
     convert(ckpt, tmp_path / "olmo2.gguf", weight_type)
-    theirs, ours = llama_cpp_record("olmo2-bpe", weight_type), describe(tmp_path / "olmo2.gguf")
-    for key in (set(theirs["metadata"]) | set(ours["metadata"])) - set(ALLOWED_DIFFERENCES):
-        assert ours["metadata"].get(key) == theirs["metadata"].get(key), key
-    assert ours["tensors"] == theirs["tensors"]
+    theirs = llama_cpp_record("olmo2-bpe", weight_type)
+    assert_same_as_llama_cpp(tmp_path / "olmo2.gguf", theirs)
     with edgeinfer.load(tmp_path / "olmo2.gguf", n_ctx=CONTEXT, seed=0) as model:
         assert model.tokenize(PROMPT) == theirs["tokens"]
 
@@ -224,7 +226,4 @@ def test_config_variants_equal_llama_cpp_converter(tmp_path, name):
     transformers 4 layout give the keys llama.cpp's converter writes."""
     ckpt = write_variant(tmp_path / name / "checkpoint", name)
     convert(ckpt, tmp_path / "out.gguf", "F16")
-    theirs, ours = llama_cpp_record(name, "F16"), describe(tmp_path / "out.gguf")
-    for key in (set(theirs["metadata"]) | set(ours["metadata"])) - set(ALLOWED_DIFFERENCES):
-        assert ours["metadata"].get(key) == theirs["metadata"].get(key), key
-    assert ours["tensors"] == theirs["tensors"]
+    assert_same_as_llama_cpp(tmp_path / "out.gguf", llama_cpp_record(name, "F16"))
