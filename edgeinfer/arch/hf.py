@@ -5,8 +5,7 @@ LlamaModel classes in conversion/base.py and conversion/llama.py).
 A declaration is data plus small functions of config.json (a dict); the converter (tools/hf_checkpoint.py) applies
 it the same way for every family. Hyper-parameters are returned as {GGUF key: value}: an int is written as uint32,
 a float as float32, a bool as bool, a str as string, a list as an array of its items' type (llama.cpp's types for
-every key these families write). Keys without a dot-free prefix are under `{arch}.`; full keys (tokenizer.*) are
-written as they are.
+every key these families write); hparams' keys are written under `{arch}.`, vocab_keys' (tokenizer.*) as they are.
 """
 from __future__ import annotations
 
@@ -29,7 +28,8 @@ class HFConversion:
     dropped: tuple[str, ...] = ()  # checkpoint tensors llama.cpp does not convert (Gemma's lm_head)
     vocab_rows_trimmed: bool = False  # embedding rows past the vocabulary are dropped (Gemma 3's padding)
     tokenizers: tuple[str, ...] = ("sentencepiece", "bpe")  # tokenizer.model / tokenizer.json, tried in order
-    vocab_keys: Callable[[dict, dict, str], dict] | None = None  # (config, tokenizer_config, tokenizer) -> keys set last
+    # (config, tokenizer_config.json, "sentencepiece" or "bpe") -> tokenizer keys set after the vocabulary's
+    vocab_keys: Callable[[dict, dict, str], dict] | None = None
     phi3_added_tokens: bool = False  # Phi-3's SentencePiece reading: added tokens typed by their `special` flag only
     extra_tensors: Callable[[dict], dict[str, np.ndarray]] | None = None  # generated tensors (rope_freqs.weight)
     refuse: Callable[[dict], str | None] | None = None  # a reason the checkpoint is not converted, or None
