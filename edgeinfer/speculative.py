@@ -98,7 +98,8 @@ class NgramDrafter:
     where the model wrote words before the source's token instead (', the' for 'the'), the copy going on at that
     token is a candidate too. Each source's first guesses are scored (the copy in step, past an edit, at the token
     before which words were inserted, held for an insertion, the n-gram), and a source that is seldom right
-    (resuming in free text) is kept to itself: proposing costs a verify pass's extra rows.
+    (resuming in free text) is kept to itself, as is any guess while the sources picked are seldom right: proposing
+    costs a verify pass's extra rows.
 
     Keeps an index of every n-gram's latest end position, extended as the context grows (a context that does not
     extend the indexed one, e.g. another generation, rebuilds it), so a proposal costs a few dictionary lookups
@@ -121,12 +122,14 @@ class NgramDrafter:
         # source token -> what the model wrote in its place (a rename), applied to every copy's guesses
         self._renames: dict[int, tuple[int, ...]] = {}
         self._edit: tuple[int, int] | None = None  # (source token replaced, context index of its replacement)
-        self._last: tuple[int, dict[str, _Copy]] | None = None  # (context length, {source: its copy}) last proposed
+        # (context length, {source: its copy}, the source picked or None) of the last proposal
+        self._last: tuple[int, dict[str, _Copy], str | None] | None = None
         # decayed [right, wrong] first guesses of each source: the copy followed (in step, just past an edit, at the
         # token the edit replaced or held for an insertion: its place then a guess), the latest n-gram occurrence
         self._scores = {"copy": [1.0, 0.0], "resume": [1.0, 1.0], "inserted": [1.0, 1.0], "held": [1.0, 1.0],
                         "ngram": [1.0, 0.0]}
         self._wins = {source: 0.0 for source in self._scores}  # decayed conflicts each source's guesses won
+        self._chosen = [1.0, 0.0]  # decayed [right, wrong] first guesses of the source each proposal picks
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         """Up to k guessed tokens after `context` (fewer, or none, where no n-gram of it recurs)."""
@@ -151,14 +154,18 @@ class NgramDrafter:
             self._last = None
             return []
         found = {source: self._copy(start, max(k, self.COMPARED)) for source, start in starts.items()}
-        self._last = (end, found)
         trusted = [s for s in found if self._scores[s][0] >= self.MIN_PRECISION * sum(self._scores[s])]
+        self._last = (end, found, None)
         if not trusted:
             return []
         # the most recent conflict winner; of equals the copy followed, unless it is held for an insertion it may have
         # misread (its guess after the edit was wrong already): then an n-gram occurrence
         order = {"copy": 3, "resume": 2, "inserted": 1, "ngram": 0, "held": -1}
         best = max(trusted, key=lambda s: (self._wins[s], order[s]))
+        self._last = (end, found, best)
+        right, wrong = self._chosen
+        if right < self.MIN_PRECISION * (right + wrong):
+            return []  # each source may be right now and then, but what the lookup picks seldom is (free text)
         return found[best].guesses[:k]
 
     def _copy(self, start: int, n: int) -> "_Copy":
@@ -180,7 +187,7 @@ class NgramDrafter:
         inserts tokens. A substituted token the copy then goes on past is a rename, applied to later copies."""
         if self._last is None:
             return
-        then, found = self._last
+        then, found, chosen = self._last
         tokens = self._tokens
         grown = len(tokens) - then
         if grown <= 0 or then > len(tokens):
@@ -193,9 +200,9 @@ class NgramDrafter:
             runs[source] = run
             if run < most and copy.renamed[run] and tokens[then + run] == tokens[copy.after[run] - 1]:
                 self._renames.pop(tokens[then + run], None)  # the model kept the source's token after all
-            score = self._scores[source]
-            score[0], score[1] = 0.9 * score[0], 0.9 * score[1]
-            score[0 if run else 1] += 1.0
+            for score in [self._scores[source]] + ([self._chosen] if source == chosen else []):
+                score[0], score[1] = 0.9 * score[0], 0.9 * score[1]
+                score[0 if run else 1] += 1.0
         # The copy followed, right up to the model's last token, is taken as in step past a substituted token; the
         # others are compared with it on the tokens before (a rename's new name matches the previous rewritten line,
         # which goes on with that line's old number, not the source line being copied). A copy just moved past a
