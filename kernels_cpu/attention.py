@@ -29,8 +29,12 @@ from numba import njit, prange
 
 from kernels_cpu._fp16 import bits_to_f32
 from kernels_cpu.kv_types import head_view, tile_rows
+from kernels_cpu.simd import (PATH, add_widened, exp_f32x16, fma_f32x16, load_f32x16, splat_f32x16, store_f32x16,
+                              store_f64x16, vmax, vmul, vsub, where_seen, zero_f32x16, zero_f64x16)
 
 TILE = 64  # keys per tile
+LANES = 16  # query vectors per SIMD vector: a job's query vectors lie across the lanes of f32x16 values
+WIDE_VALUES = PATH == "avx512vnni"  # 32 vector registers: the weighted values in blocks of 4 vectors x 64 dims
 CHUNK = 256  # keys per chunk of the fixed grid every job sums on (a multiple of TILE; see the module docstring)
 QUERY_VECTORS = 64  # query vectors (rows x heads of a group) per job at most: a block's rows are 64 // group
 SPLIT_ROWS = 8  # batches of at most this many rows may run each job's chunks on several threads
@@ -79,87 +83,223 @@ def _key_range(positions, r0, r1, window):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
-def _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, group, key_lo, key_hi, key_buf,
-            value_buf, scores, correction, acc, m, l):
-    """Absorb keys key_lo..key_hi-1 into (acc, m, l) of a block's query vectors (vector v = row * group + g, already
-    scaled); low/high: the first and last key each row sees. acc (nv, d_v), m, l (nv,) start at 0, -inf, 0.
+def _attend(qt, keys, key_scales, values, value_scales, softcap, lane_low, lane_high, nv, key_lo, key_hi, key_buf,
+            value_buf, scores, work, acc, m, l):
+    """Absorb keys key_lo..key_hi-1 into (acc, m, l) of a job's query vectors, which lie across SIMD lanes: qt
+    (d_k, lanes) holds query vector v (already scaled) in column v, lane_low/high[v] the first and last key it sees;
+    the first nv are real, the rest padding. acc (lanes, d_v), m, l (lanes,) start at 0, -inf, 0.
 
-    Each step works on a whole tile in a compiled loop of its own (scores, softmax, values): LLVM vectorizes those,
-    where the same loops inlined into this nest came out scalar."""
+    Each tile goes through three register-blocked steps (scores, online softmax, weighted values) in which every
+    query vector's arithmetic is the same whichever lane or job it is in: a row's result does not depend on its
+    batch."""
+    lanes = qt.shape[1]
     # tiles on multiples of TILE: every row meets the same tiles (and sums) in a block as alone
     for t0 in range(key_lo - key_lo % TILE, key_hi, TILE):
         t1 = min(t0 + TILE, key_hi)
-        _tile_scores(queries, tile_rows(keys, key_scales, t0, t1, key_buf), softcap, scores)
-        _tile_softmax(scores, t1 - t0, t0, low, high, group, m, l, correction)
-        _tile_values(scores, tile_rows(values, value_scales, t0, t1, value_buf), correction, acc)
+        n = t1 - t0
+        tile_keys = tile_rows(keys, key_scales, t0, t1, key_buf)
+        tile_values = tile_rows(values, value_scales, t0, t1, value_buf)
+        for lane0 in range(0, lanes, LANES):
+            _tile_scores(qt, tile_keys, n, lane0, softcap, scores)
+            _tile_softmax(scores, n, t0, lane0, lane_low, lane_high, m, l, work)
+        _tile_values(scores, tile_values, n, nv, work.correction, acc)
+
+
+# per-lane scratch of the online softmax: this tile's maximum and normalizer, the new maximum, the factor the value
+# sums are rescaled by (correction: one per query vector of the job)
+SoftmaxWork = namedtuple("SoftmaxWork", ["tile_max", "new_max", "tile_sum", "correction"])
+
+
+@njit(cache=True, inline="always")
+def _softmax_work(lanes):
+    return SoftmaxWork(np.empty(LANES, np.float32), np.empty(LANES, np.float32), np.empty(LANES, np.float64),
+                       np.empty(lanes, np.float32))
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _tile_scores(queries, keys, softcap, scores):
-    """scores[v, j] = queries[v] . keys[j] for the tile's keys (n, d) (float32); with softcap > 0 capped to
-    softcap * tanh(score / softcap) (Gemma 2's attention logit soft-capping, as llama.cpp's flash attention)."""
-    for v in range(queries.shape[0]):
-        qv = queries[v]
-        for j in range(keys.shape[0]):
-            kj = keys[j]
-            s = np.float32(0.0)
-            for c in range(kj.shape[0]):
-                s += qv[c] * kj[c]
-            scores[v, j] = s
+def _tile_scores(qt, keys, n, lane0, softcap, scores):
+    """scores[j, lane0:lane0 + 16] = keys[j] . the query vectors of those lanes, for the tile's n keys: each score one
+    chain of fused multiply-adds over the dimensions in order, four keys at a time sharing each load of the queries
+    (float32); with softcap > 0 capped to softcap * tanh(score / softcap) (Gemma 2's attention logit soft-capping,
+    as llama.cpp's flash attention)."""
+    lanes, d = qt.shape[1], keys.shape[1]
+    j = 0
+    if WIDE_VALUES:  # 8 independent chains keep both FMA units busy (4 leave half their issue slots empty)
+        while j + 8 <= n:
+            k0, k1, k2, k3 = keys[j], keys[j + 1], keys[j + 2], keys[j + 3]
+            k4, k5, k6, k7 = keys[j + 4], keys[j + 5], keys[j + 6], keys[j + 7]
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero_f32x16()
+            for c in range(d):
+                q = load_f32x16(qt, c * lanes + lane0)
+                a0 = fma_f32x16(q, splat_f32x16(k0[c]), a0)
+                a1 = fma_f32x16(q, splat_f32x16(k1[c]), a1)
+                a2 = fma_f32x16(q, splat_f32x16(k2[c]), a2)
+                a3 = fma_f32x16(q, splat_f32x16(k3[c]), a3)
+                a4 = fma_f32x16(q, splat_f32x16(k4[c]), a4)
+                a5 = fma_f32x16(q, splat_f32x16(k5[c]), a5)
+                a6 = fma_f32x16(q, splat_f32x16(k6[c]), a6)
+                a7 = fma_f32x16(q, splat_f32x16(k7[c]), a7)
+            for k, a in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
+                store_f32x16(scores, (j + k) * lanes + lane0, a)
+            j += 8
+    while j + 4 <= n:
+        k0, k1, k2, k3 = keys[j], keys[j + 1], keys[j + 2], keys[j + 3]
+        a0 = a1 = a2 = a3 = zero_f32x16()
+        for c in range(d):
+            q = load_f32x16(qt, c * lanes + lane0)
+            a0 = fma_f32x16(q, splat_f32x16(k0[c]), a0)
+            a1 = fma_f32x16(q, splat_f32x16(k1[c]), a1)
+            a2 = fma_f32x16(q, splat_f32x16(k2[c]), a2)
+            a3 = fma_f32x16(q, splat_f32x16(k3[c]), a3)
+        store_f32x16(scores, j * lanes + lane0, a0)
+        store_f32x16(scores, (j + 1) * lanes + lane0, a1)
+        store_f32x16(scores, (j + 2) * lanes + lane0, a2)
+        store_f32x16(scores, (j + 3) * lanes + lane0, a3)
+        j += 4
+    while j < n:
+        kj = keys[j]
+        a0 = zero_f32x16()
+        for c in range(d):
+            a0 = fma_f32x16(load_f32x16(qt, c * lanes + lane0), splat_f32x16(kj[c]), a0)
+        store_f32x16(scores, j * lanes + lane0, a0)
+        j += 1
     if softcap > 0.0:
         cap = np.float32(softcap)
         inverse = np.float32(1.0 / softcap)
-        for v in range(queries.shape[0]):
-            for j in range(keys.shape[0]):
-                scores[v, j] = cap * np.tanh(scores[v, j] * inverse)
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _tile_softmax(scores, n, t0, low, high, group, m, l, correction):
-    """The online softmax step: each vector's scores of keys t0..t0+n-1 become exp(s - m') (0 where the row does
-    not see the key), m[v] becomes the new maximum m', l[v] the rescaled normalizer plus this tile's weights, and
-    correction[v] = exp(m - m') the factor the vector's value sum must be rescaled by."""
-    for v in range(scores.shape[0]):
-        r = v // group
-        a, b = max(low[r] - t0, 0), min(high[r] - t0 + 1, n)  # the keys of this tile row r sees: a..b-1
-        row = scores[v]
-        if a >= b:
-            for j in range(n):
-                row[j] = 0.0
-            correction[v] = 1.0
-            continue
-        best = row[a]
-        for j in range(a, b):
-            best = max(best, row[j])
-        new_m = max(m[v], best)
-        correction[v] = exp_f32(m[v] - new_m) if m[v] > -np.inf else np.float32(0.0)
         for j in range(n):
-            e = exp_f32(row[j] - new_m)
-            row[j] = e if a <= j < b else np.float32(0.0)
-        # summed over exactly the visible keys, so a row's sum is the same whichever block it is computed in (the
-        # int8 activations downstream turn a last-bit difference into visibly different logits)
-        total = 0.0  # float64, as llama.cpp's softmax sums (ggml_vec_soft_max_f32 returns a double)
-        for j in range(a, b):
-            total += row[j]
-        l[v] = l[v] * correction[v] + total
-        m[v] = new_m
+            row = scores[j]
+            for i in range(LANES):
+                row[lane0 + i] = cap * np.tanh(row[lane0 + i] * inverse)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _tile_values(weights, values, correction, acc):
-    """acc[v] = acc[v] * correction[v] + sum over the tile's keys j of weights[v, j] * values[j]."""
-    for v in range(acc.shape[0]):
-        out = acc[v]
-        c_v = correction[v]
-        if c_v != 1.0:
-            for c in range(out.shape[0]):
-                out[c] *= c_v
-        w = weights[v]
-        for j in range(values.shape[0]):
-            wj = w[j]
-            vj = values[j]
-            for c in range(out.shape[0]):
-                out[c] += wj * vj[c]
+def _tile_softmax(scores, n, t0, lane0, lane_low, lane_high, m, l, work):
+    """The online softmax step for the 16 query vectors of lanes lane0..: their scores of keys t0..t0+n-1 become
+    exp(s - m') (0 where the vector does not see the key), m[v] becomes the new maximum m', l[v] the rescaled
+    normalizer plus this tile's weights, and correction[v] = exp(m - m') the factor the vector's value sum must be
+    rescaled by (1 where it sees no key of the tile). Whole vectors of 16 lanes, so every lane takes the same code
+    whether or not the tile needs masking."""
+    lanes = scores.shape[1]
+    tile_max, new_max, tile_sum, correction = work.tile_max, work.new_max, work.tile_sum, work.correction
+    last = t0 + n - 1
+    whole = True  # every lane sees every key of the tile (the common case, away from the causal edge and window)
+    for i in range(lane0, lane0 + LANES):
+        whole = whole and lane_low[i] <= t0 and last <= lane_high[i]
+    best = splat_f32x16(-np.inf)
+    for j in range(n):
+        row = load_f32x16(scores, j * lanes + lane0)
+        if not whole:
+            row = where_seen(row, lane_low, lane_high, lane0, t0 + j, -np.inf)
+        best = vmax(best, row)
+    store_f32x16(tile_max, 0, best)
+    for i in range(LANES):
+        v = lane0 + i
+        if tile_max[i] == -np.inf:  # the vector sees no key of this tile
+            new_max[i] = m[v]
+            correction[v] = 1.0
+        else:
+            new_max[i] = max(m[v], tile_max[i])
+            correction[v] = exp_f32(m[v] - new_max[i]) if m[v] > -np.inf else np.float32(0.0)
+    shift = load_f32x16(new_max, 0)
+    total = zero_f64x16()  # float64, as llama.cpp's softmax sums (ggml_vec_soft_max_f32 returns a double)
+    for j in range(n):
+        weight = exp_f32x16(vsub(load_f32x16(scores, j * lanes + lane0), shift))
+        if not whole:
+            weight = where_seen(weight, lane_low, lane_high, lane0, t0 + j, 0.0)  # unseen keys weigh (and add) 0
+        store_f32x16(scores, j * lanes + lane0, weight)
+        total = add_widened(total, weight)
+    store_f64x16(tile_sum, 0, total)
+    for i in range(LANES):
+        v = lane0 + i
+        l[v] = l[v] * correction[v] + tile_sum[i]
+        m[v] = new_max[i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _tile_values(weights, values, n, nv, correction, acc):
+    """acc[v] = acc[v] * correction[v] + sum over the tile's n keys j of weights[j, v] * values[j], for the first nv
+    query vectors: each output lane one chain of fused multiply-adds over the keys in order, blocks of 4 vectors x
+    64 (or x 16) dims held in registers across the tile."""
+    lanes, d_v = weights.shape[1], values.shape[1]
+    for v0 in range(0, nv, 4):
+        c0 = 0
+        if WIDE_VALUES:
+            while c0 + 64 <= d_v:
+                _values_4x64(weights, values, n, v0, c0, lanes, correction, acc)
+                c0 += 64
+        while c0 < d_v:
+            _values_4x16(weights, values, n, v0, c0, lanes, correction, acc)
+            c0 += 16
+
+
+@njit(cache=True, inline="always")
+def _values_4x16(weights, values, n, v0, c0, lanes, correction, acc):
+    d_v = acc.shape[1]
+    a0 = vmul(load_f32x16(acc, v0 * d_v + c0), splat_f32x16(correction[v0]))
+    a1 = vmul(load_f32x16(acc, (v0 + 1) * d_v + c0), splat_f32x16(correction[v0 + 1]))
+    a2 = vmul(load_f32x16(acc, (v0 + 2) * d_v + c0), splat_f32x16(correction[v0 + 2]))
+    a3 = vmul(load_f32x16(acc, (v0 + 3) * d_v + c0), splat_f32x16(correction[v0 + 3]))
+    for j in range(n):
+        x = load_f32x16(values[j], c0)
+        w = weights[j]
+        a0 = fma_f32x16(splat_f32x16(w[v0]), x, a0)
+        a1 = fma_f32x16(splat_f32x16(w[v0 + 1]), x, a1)
+        a2 = fma_f32x16(splat_f32x16(w[v0 + 2]), x, a2)
+        a3 = fma_f32x16(splat_f32x16(w[v0 + 3]), x, a3)
+    store_f32x16(acc, v0 * d_v + c0, a0)
+    store_f32x16(acc, (v0 + 1) * d_v + c0, a1)
+    store_f32x16(acc, (v0 + 2) * d_v + c0, a2)
+    store_f32x16(acc, (v0 + 3) * d_v + c0, a3)
+
+
+@njit(cache=True, inline="always")
+def _values_4x64(weights, values, n, v0, c0, lanes, correction, acc):
+    """_values_4x16 over 64 dims at once: 16 accumulators (AVX-512's 32 registers hold them; AVX2's 16 do not)."""
+    d_v = acc.shape[1]
+    s0, s1 = splat_f32x16(correction[v0]), splat_f32x16(correction[v0 + 1])
+    s2, s3 = splat_f32x16(correction[v0 + 2]), splat_f32x16(correction[v0 + 3])
+    r0, r1, r2, r3 = v0 * d_v + c0, (v0 + 1) * d_v + c0, (v0 + 2) * d_v + c0, (v0 + 3) * d_v + c0
+    a00, a01 = vmul(load_f32x16(acc, r0), s0), vmul(load_f32x16(acc, r0 + 16), s0)
+    a02, a03 = vmul(load_f32x16(acc, r0 + 32), s0), vmul(load_f32x16(acc, r0 + 48), s0)
+    a10, a11 = vmul(load_f32x16(acc, r1), s1), vmul(load_f32x16(acc, r1 + 16), s1)
+    a12, a13 = vmul(load_f32x16(acc, r1 + 32), s1), vmul(load_f32x16(acc, r1 + 48), s1)
+    a20, a21 = vmul(load_f32x16(acc, r2), s2), vmul(load_f32x16(acc, r2 + 16), s2)
+    a22, a23 = vmul(load_f32x16(acc, r2 + 32), s2), vmul(load_f32x16(acc, r2 + 48), s2)
+    a30, a31 = vmul(load_f32x16(acc, r3), s3), vmul(load_f32x16(acc, r3 + 16), s3)
+    a32, a33 = vmul(load_f32x16(acc, r3 + 32), s3), vmul(load_f32x16(acc, r3 + 48), s3)
+    for j in range(n):
+        row = values[j]
+        x0, x1 = load_f32x16(row, c0), load_f32x16(row, c0 + 16)
+        x2, x3 = load_f32x16(row, c0 + 32), load_f32x16(row, c0 + 48)
+        w = weights[j]
+        w0 = splat_f32x16(w[v0])
+        a00, a01, a02, a03 = fma_f32x16(w0, x0, a00), fma_f32x16(w0, x1, a01), fma_f32x16(w0, x2, a02), \
+            fma_f32x16(w0, x3, a03)
+        w1 = splat_f32x16(w[v0 + 1])
+        a10, a11, a12, a13 = fma_f32x16(w1, x0, a10), fma_f32x16(w1, x1, a11), fma_f32x16(w1, x2, a12), \
+            fma_f32x16(w1, x3, a13)
+        w2 = splat_f32x16(w[v0 + 2])
+        a20, a21, a22, a23 = fma_f32x16(w2, x0, a20), fma_f32x16(w2, x1, a21), fma_f32x16(w2, x2, a22), \
+            fma_f32x16(w2, x3, a23)
+        w3 = splat_f32x16(w[v0 + 3])
+        a30, a31, a32, a33 = fma_f32x16(w3, x0, a30), fma_f32x16(w3, x1, a31), fma_f32x16(w3, x2, a32), \
+            fma_f32x16(w3, x3, a33)
+    store_f32x16(acc, r0, a00)
+    store_f32x16(acc, r0 + 16, a01)
+    store_f32x16(acc, r0 + 32, a02)
+    store_f32x16(acc, r0 + 48, a03)
+    store_f32x16(acc, r1, a10)
+    store_f32x16(acc, r1 + 16, a11)
+    store_f32x16(acc, r1 + 32, a12)
+    store_f32x16(acc, r1 + 48, a13)
+    store_f32x16(acc, r2, a20)
+    store_f32x16(acc, r2 + 16, a21)
+    store_f32x16(acc, r2 + 32, a22)
+    store_f32x16(acc, r2 + 48, a23)
+    store_f32x16(acc, r3, a30)
+    store_f32x16(acc, r3 + 16, a31)
+    store_f32x16(acc, r3 + 32, a32)
+    store_f32x16(acc, r3 + 48, a33)
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
@@ -181,14 +321,29 @@ def exp_f32(x):
 
 
 @njit(cache=True, inline="always")
-def _row_limits(positions, r0, r1, window):
-    """Per row of the block: the first and last key it sees."""
-    low = np.empty(r1 - r0, np.int64)
-    high = np.empty(r1 - r0, np.int64)
+def _aligned_f32(rows, cols, color):
+    """An uninitialized float32 (rows, cols) array starting `color` x 9 cache lines into a 4 KB page. Two reasons:
+    numba aligns arrays to 32 bytes, and a 64-byte vector load from a misaligned row splits across two cache lines;
+    and buffers of 16 KB allocated one after another share their offsets within a page, so the loads of one falsely
+    wait on the stores to another at the same offset (4K aliasing): each job's buffers get their own color. Either
+    costs up to 40% of the kernel's speed, differently in each process."""
+    raw = np.empty(rows * cols + 1024, np.float32)
+    skip = ((color * 576 - raw.ctypes.data) % 4096) // 4
+    return raw[skip:skip + rows * cols].reshape((rows, cols))
+
+
+@njit(cache=True, inline="always")
+def _lane_limits(positions, r0, r1, window, group, lanes):
+    """Per query vector (row-major over the block's rows and the group's heads): the first and last key it sees;
+    padding lanes see every key (their results are never read, and they never break a tile's fast path)."""
+    low = np.zeros(lanes, np.int64)
+    high = np.full(lanes, np.iinfo(np.int64).max, np.int64)
     for r in range(r0, r1):
         p = positions[r]
-        low[r - r0] = max(p - window + 1, 0) if window > 0 else 0
-        high[r - r0] = p
+        for g in range(group):
+            v = (r - r0) * group + g
+            low[v] = max(p - window + 1, 0) if window > 0 else 0
+            high[v] = p
     return low, high
 
 
@@ -209,21 +364,23 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     n_heads, d_k, d_v = q.shape[1], q.shape[2], out.shape[2]
     group = n_heads // n_kv
     nv = (r1 - r0) * group
+    lanes = (nv + LANES - 1) // LANES * LANES
     keys, key_scales = head_view(k_pair[0], k_pair[1], layer, seqs[r0], kv_head)
     values, value_scales = head_view(v_pair[0], v_pair[1], layer, seqs[r0], kv_head)
-    queries = np.empty((nv, d_k), np.float32)
+    qt = _aligned_f32(d_k, lanes, 0)  # the query vectors across lanes, scaled; padding lanes 0
+    qt[:] = 0.0
     for r in range(r0, r1):
         for g in range(group):
             for c in range(d_k):
-                queries[(r - r0) * group + g, c] = q[r, kv_head * group + g, c] * np.float32(scale)
-    low, high = _row_limits(positions, r0, r1, window)
-    key_buf = np.empty((TILE, d_k), np.float32)
-    value_buf = np.empty((TILE, d_v), np.float32)
-    scores = np.empty((nv, TILE), np.float32)
-    correction = np.empty(nv, np.float32)
-    acc = np.empty((nv, d_v), np.float32)  # one chunk's sums
-    m = np.empty(nv, np.float32)
-    l = np.empty(nv, np.float64)
+                qt[c, (r - r0) * group + g] = q[r, kv_head * group + g, c] * np.float32(scale)
+    low, high = _lane_limits(positions, r0, r1, window, group, lanes)
+    key_buf = _aligned_f32(TILE, d_k, 1)
+    value_buf = _aligned_f32(TILE, d_v, 2)
+    scores = _aligned_f32(TILE, lanes, 3)
+    work = _softmax_work(lanes)
+    acc = _aligned_f32(lanes, d_v, 4)  # one chunk's sums
+    m = np.empty(lanes, np.float32)
+    l = np.empty(lanes, np.float64)
     first, end = key_lo // CHUNK, (key_hi + CHUNK - 1) // CHUNK  # the block's chunks: first..end-1
     if n_parts > 0:
         first_slot = part * chunks_per_part
@@ -231,9 +388,8 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
             c = first + slot
             _fresh(acc, m, l)
             if c < end:
-                _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, group,
-                        max(key_lo, c * CHUNK), min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction,
-                        acc, m, l)
+                _attend(qt, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
+                        min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, work, acc, m, l)
             for v in range(nv):  # every slot is written (-inf: nothing), so no earlier call's partial survives
                 r, h = r0 + v // group, kv_head * group + v % group
                 part_m[slot, r, h] = m[v]
@@ -246,8 +402,8 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     total_l = np.zeros(nv, np.float64)
     for c in range(first, end):
         _fresh(acc, m, l)
-        _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, group, max(key_lo, c * CHUNK),
-                min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction, acc, m, l)
+        _attend(qt, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
+                min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, work, acc, m, l)
         for v in range(nv):
             _merge_chunk(total_acc[v], total_m, total_l, v, acc[v], m[v], l[v])
     for v in range(nv):

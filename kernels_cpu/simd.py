@@ -74,7 +74,8 @@ class SimdVector(types.Type):
 
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_ELEMENT = {"i8": _I8, "i32": _I32, "f32": _F32}
+_F64 = ir.DoubleType()
+_ELEMENT = {"i8": _I8, "i32": _I32, "f32": _F32, "f64": _F64}
 
 
 @register_model(SimdVector)
@@ -86,6 +87,7 @@ class _SimdVectorModel(models.PrimitiveModel):
 i8x32, i8x64 = SimdVector("i8", 32), SimdVector("i8", 64)
 i32x8, i32x16 = SimdVector("i32", 8), SimdVector("i32", 16)
 f32x8, f32x16 = SimdVector("f32", 8), SimdVector("f32", 16)
+f64x16 = SimdVector("f64", 16)  # sums of float32 lanes kept in double (attention's softmax normalizer)
 _BYTES = {32: i8x32, 64: i8x64}
 _INTS = {8: i32x8, 16: i32x16}
 _FLOATS = {8: f32x8, 16: f32x16}
@@ -210,6 +212,7 @@ def _zero(vector_type):
 
 zero_i32x8, zero_i32x16 = _zero(i32x8), _zero(i32x16)
 zero_f32x8, zero_f32x16 = _zero(f32x8), _zero(f32x16)
+zero_f64x16 = _zero(f64x16)
 
 
 def _loader(vector_type):
@@ -226,7 +229,7 @@ def _loader(vector_type):
 
 
 load_i8x32, load_i8x64 = _loader(i8x32), _loader(i8x64)
-load_i32x16, load_f32x8 = _loader(i32x16), _loader(f32x8)
+load_i32x16, load_f32x8, load_f32x16 = _loader(i32x16), _loader(f32x8), _loader(f32x16)
 
 
 @intrinsic
@@ -271,6 +274,114 @@ def splat_i32x16(typingctx, value):
     if not isinstance(value, types.Integer):
         return None
     return i32x16(value), lambda context, builder, signature, args: _splat(builder, _to_i32(builder, args[0]), 16)
+
+
+@intrinsic
+def splat_f32x16(typingctx, value):
+    """A float repeated in 16 float32 lanes (a float64 is rounded to float32 first)."""
+    if not isinstance(value, types.Float):
+        return None
+    return f32x16(value), lambda context, builder, signature, args: _splat(
+        builder, _f32_value(builder, args[0], value), 16)
+
+
+@intrinsic
+def fma_f32x16(typingctx, a, b, acc):
+    """a * b + acc lane by lane, always fused (one rounding), so the same lanes give the same bits in any kernel."""
+    if not (a == b == acc == f32x16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _call(builder, "llvm.fma.v16f32", _vec(_F32, 16), list(args))
+
+    return f32x16(a, b, acc), codegen
+
+
+@intrinsic
+def vmax(typingctx, a, b):
+    """The larger of a and b, lane by lane (no NaNs expected: -inf marks 'nothing yet')."""
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def where_seen(typingctx, x, low, high, offset, position, fill):
+    """x in the lanes i whose low[offset + i] <= position <= high[offset + i] (int64 arrays: the keys each query
+    vector sees), fill elsewhere."""
+    if not (x == f32x16 and isinstance(position, types.Integer) and isinstance(fill, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        lo = _load(context, builder, signature.args[1], args[1], args[3], _vec(_I64, 16))
+        hi = _load(context, builder, signature.args[2], args[2], args[3], _vec(_I64, 16))
+        p = _splat(builder, builder.sext(args[4], _I64) if args[4].type.width < 64 else args[4], 16)
+        seen = builder.and_(builder.icmp_signed("<=", lo, p), builder.icmp_signed("<=", p, hi))
+        return builder.select(seen, args[0], _splat(builder, _f32_value(builder, args[5], fill), 16))
+
+    return f32x16(x, low, high, types.intp, position, fill), codegen
+
+
+@intrinsic
+def exp_f32x16(typingctx, x):
+    """e**x lane by lane within 2 ulp: the vector form of attention.exp_f32 (Cephes' expf: x = n ln 2 + r, a
+    degree-6 polynomial in r, times 2**n), every multiply-add fused, so each lane's bits are the same in any kernel.
+    Inputs are clamped to [-87, 88]."""
+    if x != f32x16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        def c(value):
+            return _splat_const(_F32, 16, value)
+
+        def fma(a, b, acc):
+            return _call(builder, "llvm.fma.v16f32", _vec(_F32, 16), [a, b, acc])
+
+        v = args[0]
+        v = builder.select(builder.fcmp_ordered(">", v, c(88.0)), c(88.0), v)
+        v = builder.select(builder.fcmp_ordered("<", v, c(-87.0)), c(-87.0), v)
+        n = _call(builder, "llvm.floor.v16f32", _vec(_F32, 16), [fma(v, c(1.4426950408889634), c(0.5))])
+        r = fma(n, c(-0.693359375), v)
+        r = fma(n, c(2.12194440e-4), r)
+        p = c(1.9875691500e-4)
+        for coefficient in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = fma(p, r, c(coefficient))
+        y = builder.fadd(fma(p, builder.fmul(r, r), r), c(1.0))
+        bits = builder.shl(builder.add(builder.fptosi(n, _vec(_I32, 16)), _splat_const(_I32, 16, 127)),
+                           _splat_const(_I32, 16, 23))
+        return builder.fmul(y, builder.bitcast(bits, _vec(_F32, 16)))
+
+    return f32x16(x), codegen
+
+
+@intrinsic
+def add_widened(typingctx, total, x):
+    """total + x lane by lane in double (f64x16 total, f32x16 x)."""
+    if not (total == f64x16 and x == f32x16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], builder.fpext(args[1], _vec(_F64, 16)))
+
+    return f64x16(total, x), codegen
+
+
+@intrinsic
+def store_f64x16(typingctx, buf, offset, v):
+    """buf[offset:offset + 16] = v (float64 array)."""
+    if v != f64x16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        builder.store(args[2], _element_ptr(context, builder, signature.args[0], args[0], args[1], _vec(_F64, 16)),
+                      align=8)
+        return context.get_dummy_value()
+
+    return types.none(buf, types.intp, v), codegen
 
 
 # ---------------------------------------------------------------- weight bits -> unsigned bytes
