@@ -268,6 +268,7 @@ class Model:
                                                     read_system_state(), views, device=device, n_ctx=n_ctx,
                                                     n_threads=n_threads, power=power, n_seq=n_seq, kv_type=kv_type)
             self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+            self.config = self.config.for_context(self.plan.n_ctx)  # long-rope factors follow the context
             # the backend prepares the weights (the CPU one: repacked, cached on disk; the CUDA one: uploaded) and
             # allocates the cache
             backend = self.device.backend

@@ -126,12 +126,35 @@ def variant(gguf: GGUFFile) -> dict | None:
     if cfg.rope_freq_factors:
         f = cfg.rope_freq_factors
         out["rope_freq_factors"] = f"{len(f)} pairs, {min(f):g} to {max(f):g} (rope_freqs.weight)"
+    if scaling := rope_scaling(cfg):
+        out["rope_scaling"] = scaling
     if cfg.sliding_window:
         local = [i for i in range(cfg.n_layers) if cfg.layer_window(i)]
         out["sliding_window"] = f"{cfg.sliding_window} on {len(local)} of {cfg.n_layers} layers"
     if cfg.rope_layers and not all(cfg.rope_layers):
         out["layers_without_rope"] = [i for i, on in enumerate(cfg.rope_layers) if not on]
     return out
+
+
+def rope_scaling(cfg) -> str | None:
+    """RoPE scaling in one line (type, factor, original context, what the attention scores are scaled by), or None
+    where RoPE is not scaled."""
+    mscale = cfg.layer_rope_mscale(0)
+    if cfg.rope_freq_scale == 1.0 and mscale == 1.0 and cfg.rope_scaling not in ("yarn", "longrope") \
+            and not cfg.long_rope:
+        return None
+    parts = [f"factor {1.0 / cfg.rope_freq_scale:g}"] if cfg.rope_freq_scale != 1.0 else []
+    if cfg.rope_ext_factor or cfg.long_rope:
+        parts.append(f"original context {cfg.rope_orig_context}")
+    if cfg.long_rope:
+        def span(f):
+            return f"{min(f):g} to {max(f):g}" if f else "none"
+        parts.append(f"long factors {span(cfg.rope_factors_long)} above it, short {span(cfg.rope_factors_short)} "
+                     f"up to it ({len(cfg.rope_factors_long or cfg.rope_factors_short)} pairs)")
+    if mscale != 1.0:
+        parts.append(f"attention scores x{mscale * mscale:.4g}")
+    kind = "long-rope" if cfg.long_rope and cfg.rope_scaling != "yarn" else cfg.rope_scaling
+    return f"{kind}: {', '.join(parts)}" if parts else kind
 
 
 # -- text rendering ---------------------------------------------------------------------------------------------------

@@ -38,12 +38,13 @@ def BPE_TOKENIZER_FROM() -> Path:
     return ensure_model("smollm2-135m-instruct")
 
 
-def llama_cpp_logits(path: Path, tokens: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+def llama_cpp_logits(path: Path, tokens: list[int] | None = None,
+                     n_ctx: int = CONTEXT) -> tuple[list[int], np.ndarray]:
     """llama.cpp's tokenization of PROMPT with the file, and its logits at every position of `tokens` (default:
-    those)."""
+    those), run with n_ctx."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_batch=CONTEXT, logits_all=True, n_threads=2, verbose=False,
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2, verbose=False,
                           seed=0)
     own = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
     tokens = own if tokens is None else tokens
@@ -83,8 +84,9 @@ def record(name: str, llama_cpp_dir: Path, directory: Path) -> Path:
         if reference.is_file():  # the tiny family's stored llama.cpp logits: both files evaluated on its tokens
             with np.load(reference) as ref:
                 ref_tokens, ref_logits = ref["tokens"].tolist(), ref["logits"].astype(np.float32)
-            tokens, logits_theirs = llama_cpp_logits(theirs, ref_tokens)
-            _, logits_ours = llama_cpp_logits(ours, ref_tokens)
+            n_ctx = FAMILIES[family].contexts[0]  # the reference's
+            tokens, logits_theirs = llama_cpp_logits(theirs, ref_tokens, n_ctx)
+            _, logits_ours = llama_cpp_logits(ours, ref_tokens, n_ctx)
             checks = {"llama_cpp_on_edgeinfer_file_vs_reference": kl_record(logits_ours, ref_logits),
                       "llama_cpp_on_its_file_vs_reference": kl_record(logits_theirs, ref_logits)}
         else:

@@ -39,8 +39,6 @@ RECORDED = [name for name in FAMILIES if name not in NO_LLAMA_CPP_RECORD]
 # the runtime need not run them): name -> (family, keys replaced, keys removed)
 VARIANTS = {
     "llama-linear": ("llama3", {"rope_scaling": {"type": "linear", "factor": 2.0}}, ()),
-    "llama-yarn": ("llama3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
-                                                "beta_slow": 1.0, "original_max_position_embeddings": 128}}, ()),
     "llama-no-head-dim": ("llama3", {}, ("head_dim",)),  # transformers' default head_dim is written all the same
     "granite-no-multipliers": ("granite", {}, ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
                                                "logits_scaling")),
@@ -63,6 +61,7 @@ DISTINCTIVE = {
     "granite": {"embedding_scale", "attention_scale", "residual_scale", "logit_scale"},
     "olmo2": {"qk_norm_whole", "pre_norms", "post_norms"}, "smollm3": {"layers_without_rope"},
     "phi3": {"fused_qkv", "fused_gate_up", "rope_dims"},
+    "llama-yarn": {"rope_scaling"}, "qwen3-yarn": {"rope_scaling", "qk_norm"}, "phi3-longrope": {"rope_scaling"},
 }
 
 
@@ -146,7 +145,8 @@ def test_converted_file_matches_llama_cpp_logits(converted, name, weight_type):
 
     ref = reference(name, weight_type)
     tokens = ref["tokens"] if name in NO_LLAMA_CPP_RECORD else llama_cpp_record(name, weight_type)["tokens"]
-    with edgeinfer.load(converted(name, weight_type), n_ctx=CONTEXT, seed=0, kv_type="f32") as model:
+    with edgeinfer.load(converted(name, weight_type), n_ctx=FAMILIES[name].contexts[0], seed=0,
+                        kv_type="f32") as model:
         assert model.tokenize(PROMPT) == tokens
         logits = model.logits(ref["tokens"])
     kl, agreement = compare(logits, ref["logits"])
@@ -188,8 +188,9 @@ def edit_config(ckpt: Path, **changes) -> None:
 
 def test_refusals_name_the_reason(tmp_path):
     phi3 = write_checkpoint(tmp_path / "phi3", "phi3")
-    edit_config(phi3, rope_scaling={"type": "longrope", "long_factor": [1.0] * 4, "short_factor": [1.0] * 4})
-    with pytest.raises(ConvertError, match=r"config.json: Phi3ForCausalLM: .*long_factor.*not supported"):
+    edit_config(phi3, rope_scaling={"type": "longrope", "long_factor": [1.0] * 4, "short_factor": [1.0] * 3})
+    with pytest.raises(ConvertError, match=r"config.json: Phi3ForCausalLM: .*long_factor and short_factor must both "
+                                           r"have 4 values .*found 4 and 3"):
         convert(phi3, tmp_path / "o.gguf", "F16")
     smollm3 = write_checkpoint(tmp_path / "smollm3", "smollm3")
     edit_config(smollm3, no_rope_layers=[1, 0, 1, 0])
@@ -222,8 +223,8 @@ def test_olmo2_with_a_real_bpe_tokenizer_equals_llama_cpp_converter(tmp_path, we
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_config_variants_equal_llama_cpp_converter(tmp_path, name):
-    """RoPE scaling (linear, yarn), defaults transformers fills in (head_dim, Granite's multipliers) and the
-    transformers 4 layout give the keys llama.cpp's converter writes."""
+    """Linear RoPE scaling (YaRN's: the llama-yarn and qwen3-yarn families), defaults transformers fills in (head_dim,
+    Granite's multipliers) and the transformers 4 layout give the keys llama.cpp's converter writes."""
     ckpt = write_variant(tmp_path / name / "checkpoint", name)
     convert(ckpt, tmp_path / "out.gguf", "F16")
     assert_same_as_llama_cpp(tmp_path / "out.gguf", llama_cpp_record(name, "F16"))

@@ -62,12 +62,10 @@ def test_a_missing_hyper_parameter_is_a_gguf_error_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize("metadata, tensors, fragment", [
-    ({"llama.rope.scaling.type": "yarn"}, {}, "llama.rope.scaling.type = 'yarn': this RoPE scaling"),
-    ({"llama.rope.scaling.type": "longrope"}, {}, "llama.rope.scaling.type = 'longrope': this RoPE scaling"),
+    ({"llama.rope.scaling.type": "dynamic"}, {}, "llama.rope.scaling.type = 'dynamic': this RoPE scaling"),
     ({"llama.attn_logit_softcapping": 50.0}, {}, "llama.attn_logit_softcapping = 50.0: soft-capping"),
     ({"llama.final_logit_softcapping": 30.0}, {}, "llama.final_logit_softcapping = 30.0: soft-capping"),
     ({"llama.expert_count": 8}, {}, "llama.expert_count = 8: mixture of experts"),
-    ({}, {"rope_factors_long.weight": [1.0] * (HEAD_DIM // 2)}, "long-context RoPE scaling (rope_factors_long"),
     ({}, {"blk.0.attn_q.bias": [0.0] * 64}, "the tensor blk.0.attn_q.bias is not implemented for llama"),
     ({}, {"blk.2.attn_norm.weight": [1.0] * 64}, "the tensor blk.2.attn_norm.weight"),  # a layer past block_count
 ])
@@ -82,6 +80,8 @@ def test_what_the_forward_pass_does_not_compute_is_refused_by_name(tmp_path, met
     {"llama.rope.scaling.type": "none"},
     {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0},
     {"llama.rope.scaling.factor": 0.0},  # llama.cpp reads 0 as no scaling
+    {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0},
+    {"llama.rope.scaling.type": "longrope"},  # llama.cpp computes it as linear; the factors are tensors
     {"llama.expert_count": 0, "llama.attention.sliding_window": 0},
     {"llama.vocab_size": 304},
 ])
@@ -126,3 +126,32 @@ def test_bad_rope_freqs_are_gguf_errors(tmp_path, factors, problem):
     path = write_tiny_llama(tmp_path / "bad.gguf", extra_tensors={"rope_freqs.weight": factors})
     with pytest.raises(GGUFError, match=problem):
         load(path)
+
+
+def test_yarn_keys_become_the_config(tmp_path):
+    """YaRN as llama.cpp sets it up: ext_factor 1, the original context stored (else the trained one), a magnitude
+    of 1 + 0.1 ln(factor) on cos and sin, so the attention scale grows by its square."""
+    path = write_tiny_llama(tmp_path / "yarn.gguf", {"llama.rope.scaling.type": "yarn",
+                                                    "llama.rope.scaling.factor": 4.0,
+                                                    "llama.rope.scaling.original_context_length": 64})
+    cfg, _ = load(path)
+    assert (cfg.rope_scaling, cfg.rope_freq_scale, cfg.rope_ext_factor) == ("yarn", 0.25, 1.0)
+    assert cfg.rope_orig_context == 64
+    mscale = 1 + 0.1 * np.log(4.0)
+    assert np.isclose(cfg.layer_rope_mscale(0), mscale) and np.isclose(cfg.scale, mscale ** 2 / np.sqrt(HEAD_DIM))
+    freqs, base = cfg.layer_rope_freqs(0), 10000.0 ** (-np.arange(HEAD_DIM // 2) * 2.0 / HEAD_DIM)
+    assert freqs[0] == base[0] and np.isclose(freqs[-1], 0.25 * base[-1])  # the fastest pair kept, the slowest scaled
+
+
+def test_long_rope_factors_are_chosen_by_the_context(tmp_path):
+    """rope_factors_long/short: long when the context (padded to 256, as llama.cpp) exceeds the original one."""
+    half = HEAD_DIM // 2
+    path = write_tiny_llama(tmp_path / "long.gguf", {"llama.rope.scaling.original_context_length": 512},
+                            extra_tensors={"rope_factors_long.weight": [4.0] * half,
+                                           "rope_factors_short.weight": [2.0] * half})
+    cfg, _ = load(path)
+    base = 10000.0 ** (-np.arange(half) * 2.0 / HEAD_DIM)
+    with pytest.raises(ValueError, match="for_context"):
+        cfg.layer_rope_freqs(0)
+    for n_ctx, factor in ((256, 2.0), (512, 2.0), (513, 4.0), (4096, 4.0)):
+        np.testing.assert_allclose(cfg.for_context(n_ctx).layer_rope_freqs(0), base / factor, rtol=1e-12)

@@ -3,7 +3,8 @@ shapes and metadata keys, as its converter writes them), for parity tests agains
 
 Every model has 4 layers, d_model 64, 4 query heads over 2 KV heads (GQA), d_ff 128 and the 304-token SentencePiece
 vocabulary of tests/tiny_gguf.py; each family adds what makes it itself (RoPE factors, Q/K norms, soft-caps,
-multipliers, fused matrices, NoPE layers, sliding windows shorter than the prompt). Matrices and the embedding are
+multipliers, fused matrices, NoPE layers, sliding windows shorter than the prompt, YaRN and long-rope scaling over
+original contexts shorter than it). Matrices and the embedding are
 all F16 or all Q8_0, so every family runs one of two compiled forwards. Values come from a seeded generator:
 the same family and type always give the same bytes, so the file a test writes is the one the reference was
 recorded from (tests/record_family_references.py).
@@ -15,6 +16,7 @@ vocabulary), so converting it at F16 gives back the tensors of the family's F16 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,10 +54,32 @@ class Family:
     qk_norm: str = ""  # "head" (per head) or "whole" (over the projection)
     fused: bool = False  # attn_qkv and a gate|up ffn_up (Phi-3)
     rope_freqs: dict | None = None  # Llama 3 rope_scaling parameters to compute rope_freqs.weight from
+    long_rope: dict | None = None  # {"long": factors, "short": factors}: rope_factors_long/short.weight (Phi-3 128k)
+    # n_ctx the tests run with and llama.cpp's logits were recorded at (long-rope's factors depend on it): the first
+    # gives <family>-<type>.npz, any other <family>-<type>-ctx<n>.npz
+    contexts: tuple[int, ...] = (CONTEXT,)
 
 
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}  # a short original context: most pairs are scaled
+# YaRN over original contexts far shorter than the prompt (factor x original = CONTEXT, as transformers expects)
+LLAMA_YARN = {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+              "original_max_position_embeddings": 64}
+QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+# Phi-3 128k's long-rope over the whole head (8 rotated pairs), as Phi-3 mini/medium 128k and Phi-3.5 mini; the long
+# factors only above an original context of 512, so the prompt runs with them at n_ctx 1024, with the short at 512
+PHI3_ORIGINAL, PHI3_LONG_CONTEXT = 512, 4096
+PHI3_FACTORS = {"long": [1.0, 1.2, 1.8, 3.0, 6.0, 12.0, 24.0, 40.0],
+                "short": [1.0, 1.0, 1.05, 1.1, 1.2, 1.4, 1.6, 1.9]}
+
+
+def yarn_keys(rope_scaling: dict) -> dict:
+    """The `rope.scaling.*` keys llama.cpp's converter writes for a yarn rope_scaling."""
+    out = {"rope.scaling.type": "yarn", "rope.scaling.factor": rope_scaling["factor"],
+           "rope.scaling.original_context_length": rope_scaling["original_max_position_embeddings"]}
+    out.update({f"rope.scaling.yarn_{k}": rope_scaling[k] for k in ("beta_fast", "beta_slow") if k in rope_scaling})
+    return out
+
 
 FAMILIES = {
     "llama3": Family("llama", rope_freqs=LLAMA3_SCALING, metadata={"rope.freq_base": 10000.0}),
@@ -72,7 +96,23 @@ FAMILIES = {
     "smollm3": Family("smollm3", tied=True, metadata={"rope.freq_base": 2000000.0}),
     "phi3": Family("phi3", rope_dims=8, fused=True,
                    metadata={"attention.sliding_window": 2047}),  # stored by Phi-3 mini, ignored by llama.cpp
+    "llama-yarn": Family("llama", metadata={"rope.freq_base": 10000.0, **yarn_keys(LLAMA_YARN)}),
+    "qwen3-yarn": Family("qwen3", head_dim=32, rope_dims=32, qk_norm="head", tied=True,
+                         metadata={"rope.freq_base": 1000000.0, **yarn_keys(QWEN3_YARN)}),
+    "phi3-longrope": Family("phi3", fused=True, long_rope=PHI3_FACTORS, contexts=(1024, 512),
+                            metadata={"attention.sliding_window": 2047, "context_length": PHI3_LONG_CONTEXT,
+                                      "rope.scaling.original_context_length": PHI3_ORIGINAL,
+                                      # as llama.cpp's converter: sqrt(1 + ln(scale) / ln(original)), in float32
+                                      "rope.scaling.attn_factor": float(np.float32(math.sqrt(
+                                          1 + math.log(PHI3_LONG_CONTEXT / PHI3_ORIGINAL) / math.log(PHI3_ORIGINAL)
+                                      )))}),
 }
+
+
+def reference_name(name: str, weight_type: str, n_ctx: int) -> str:
+    """The stored llama.cpp logits' file name of a family run at n_ctx (tests/data/families)."""
+    extra = "" if n_ctx == FAMILIES[name].contexts[0] else f"-ctx{n_ctx}"
+    return f"{name}-{weight_type}{extra}.npz"
 
 
 def family_metadata(f: Family) -> dict:
@@ -102,6 +142,9 @@ def family_tensors(f: Family, seed: int = 0, n_vocab: int = N_VOCAB) -> dict[str
            "output_norm.weight": norm()}
     if not f.tied:
         out["output.weight"] = matrix(n_vocab, D_MODEL)
+    if f.long_rope:
+        out["rope_factors_long.weight"] = np.array(f.long_rope["long"], np.float32)
+        out["rope_factors_short.weight"] = np.array(f.long_rope["short"], np.float32)
     if f.rope_freqs:
         out.update(llama3_rope_factors({"hidden_size": D_MODEL, "num_attention_heads": N_HEADS, "head_dim": f.rope_dims,
                                         "rope_scaling": {"rope_type": "llama3", **f.rope_freqs},
@@ -133,14 +176,16 @@ def family_tensors(f: Family, seed: int = 0, n_vocab: int = N_VOCAB) -> dict[str
     return out
 
 
-def write_family(path: Path, name: str, weight_type: str, drop: tuple[str, ...] = ()) -> Path:
+def write_family(path: Path, name: str, weight_type: str, drop: tuple[str, ...] = (),
+                 metadata: dict | None = None) -> Path:
     """Write the tiny model of FAMILIES[name] with its matrices and embedding of weight_type ("F16" or "Q8_0") and
-    the vectors in F32; `drop` leaves out tensors or metadata keys. Returns path."""
+    the vectors in F32; `drop` leaves out tensors or metadata keys, `metadata` adds or replaces keys (full names).
+    Returns path."""
     f = FAMILIES[name]
     ggml_type = WEIGHT_TYPES[weight_type]
     w = GGUFWriter(str(path), f.arch)
     w.add_name("tiny random model")  # not the family's name: llama.cpp sets token attributes by model name
-    for key, value in family_metadata(f).items():
+    for key, value in {**family_metadata(f), **(metadata or {})}.items():
         if key not in drop:
             _add(w, key, value)
     for tensor, values in family_tensors(f).items():
@@ -183,6 +228,16 @@ CHECKPOINTS = {
                 "no_rope_layers": [1, 1, 1, 0], "no_rope_layer_interval": 4},
     "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0,
              "partial_rotary_factor": 0.5, "original_max_position_embeddings": CONTEXT, "sliding_window": 2047},
+    "llama-yarn": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "head_dim": 16,
+                   "rope_theta": 10000.0, "rope_scaling": LLAMA_YARN},
+    "qwen3-yarn": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32,
+                   "rope_parameters": {**QWEN3_YARN, "rope_theta": 1000000.0}, "use_sliding_window": False,
+                   "sliding_window": None},
+    "phi3-longrope": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0,
+                      "max_position_embeddings": PHI3_LONG_CONTEXT,
+                      "original_max_position_embeddings": PHI3_ORIGINAL, "sliding_window": 2047,
+                      "rope_scaling": {"type": "longrope", "long_factor": PHI3_FACTORS["long"],
+                                       "short_factor": PHI3_FACTORS["short"]}},
 }
 PERMUTED = ("llama", "granite", "smollm3")  # families whose GGUF Q/K rows are permuted from HF's order
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -201,8 +256,8 @@ def checkpoint_tensors(name: str, n_vocab: int = N_VOCAB) -> dict[str, np.ndarra
     f = FAMILIES[name]
     out = {}
     for gguf_name, values in family_tensors(f, n_vocab=n_vocab).items():
-        if gguf_name == "rope_freqs.weight":
-            continue  # generated by the converter from rope_scaling
+        if gguf_name.startswith("rope_f"):
+            continue  # rope_freqs, rope_factors_long/short: generated by the converter from rope_scaling
         if f.arch in PERMUTED and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
             values = unpermute_rows(values, N_HEADS if "attn_q" in gguf_name else N_KV_HEADS)
         if f.arch == "gemma2" and gguf_name.endswith("norm.weight"):

@@ -9,7 +9,7 @@ family, keeping whatever layout its kernels prefer to itself.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from kernels_cpu.formats import SUPPORTED_TYPES
 from kernels_cpu.ops_reference import ROPE_NEOX, ROPE_NORMAL, rope_frequencies
 
 __all__ = ["DecoderConfig", "DecoderWeights", "LayerWeights", "QuantMatrix", "read_common_hparams",
-           "read_weights", "ROPE_NEOX", "ROPE_NORMAL"]
+           "read_rope_factors", "read_weights", "ROPE_NEOX", "ROPE_NORMAL"]
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,19 @@ class DecoderConfig:
     sliding_window: int = 0  # keys a local layer sees (0: none)
     local_layers: tuple[bool, ...] = ()  # per layer: uses the sliding window
     rope_base_local: float = 0.0  # RoPE base on local layers (0: same as rope_base)
+    rope_scaling: str = "none"  # rope.scaling.type as llama.cpp reads it: none, linear, yarn or longrope
     rope_freq_scale: float = 1.0  # linear RoPE scaling: 1 / rope.scaling.factor (llama.cpp's freq_scale)
     rope_freq_scale_local: float = 0.0  # on local layers (0: same as rope_freq_scale)
     rope_freq_factors: tuple[float, ...] = ()  # per rotated pair, divides its frequency (Llama 3's rope_freqs)
+    rope_orig_context: int = 0  # rope.scaling.original_context_length (default: context_length): YaRN's
+    # correction dims and the context above which long-rope takes its long factors (llama.cpp's n_ctx_orig_yarn)
+    rope_ext_factor: float = 0.0  # YaRN's extrapolation mix (llama.cpp's ext_factor): 1 for yarn, else 0
+    rope_beta_fast: float = 32.0  # YaRN's correction range, in rotations over the original context (llama.cpp's
+    rope_beta_slow: float = 1.0  # defaults: it reads no yarn_beta_* key for these families)
+    rope_attn_factor: float = 1.0  # llama.cpp's attn_factor: cos and sin times it (and YaRN's 1 + 0.1 ln(factor))
+    rope_factors_long: tuple[float, ...] = ()  # long-rope per-pair divisors (Phi-3 128k's rope_factors_long), used
+    rope_factors_short: tuple[float, ...] = ()  # when the context exceeds rope_orig_context; else the short ones
+    rope_context: int = 0  # positions per sequence the long/short choice was made for (for_context); 0: not yet
     rope_layers: tuple[bool, ...] = ()  # per layer: applies RoPE (SmolLM3's NoPE layers do not); () all do
     final_logit_softcap: float = 0.0
     attn_logit_softcap: float = 0.0  # soft-cap of the attention scores (Gemma 2)
@@ -71,18 +81,63 @@ class DecoderConfig:
             return self.rope_base_local
         return self.rope_base
 
+    def layer_rope_freq_scale(self, layer: int) -> float:
+        local = self.local_layers and self.local_layers[layer]
+        return self.rope_freq_scale_local if local and self.rope_freq_scale_local else self.rope_freq_scale
+
+    @property
+    def long_rope(self) -> bool:
+        """Whether the RoPE factors depend on the context (long-rope: rope_factors_long/short.weight)."""
+        return bool(self.rope_factors_long or self.rope_factors_short)
+
+    def for_context(self, n_ctx: int) -> DecoderConfig:
+        """This config for n_ctx positions per sequence. A long-rope model takes its long factors when n_ctx,
+        rounded up to a multiple of 256 as llama.cpp pads its context, exceeds rope_orig_context, else its short
+        ones (llama.cpp's get_rope_factors); any other config is returned as it is."""
+        return replace(self, rope_context=int(n_ctx)) if self.long_rope else self
+
     def layer_rope_freqs(self, layer: int) -> np.ndarray:
         """The angle per position of each rotated pair on this layer (float64, rope_dims / 2), RoPE scaling folded
-        in; zeros on a layer without RoPE (the rotation by 0 is the identity)."""
+        in; zeros on a layer without RoPE (the rotation by 0 is the identity).
+
+        As llama.cpp's rope_yarn: pair i turns by pos * base^(-2i/rope_dims) / factor_i * (freq_scale * (1 - r_i)
+        + r_i), where r_i is YaRN's ramp times ext_factor (0 without YaRN), linear in the position."""
         if self.rope_layers and not self.rope_layers[layer]:
             return np.zeros(self.rope_dims // 2)
-        local = self.local_layers and self.local_layers[layer]
-        scale = self.rope_freq_scale_local if local and self.rope_freq_scale_local else self.rope_freq_scale
-        return rope_frequencies(self.layer_rope_base(layer), self.rope_dims, self.rope_freq_factors or None, scale)
+        base, scale = self.layer_rope_base(layer), self.layer_rope_freq_scale(layer)
+        freqs = rope_frequencies(base, self.rope_dims, self._rope_factors() or None)
+        ramp = np.zeros(self.rope_dims // 2)
+        if self.rope_ext_factor:
+            ramp = yarn_ramp(self.rope_dims, self.rope_orig_context, base, self.rope_beta_fast,
+                             self.rope_beta_slow) * self.rope_ext_factor
+        return freqs * (scale * (1.0 - ramp) + ramp)
+
+    def _rope_factors(self) -> tuple[float, ...]:
+        """rope_freqs.weight's factors where the file has them (they win, as in llama.cpp), else long-rope's for
+        the chosen context."""
+        if self.rope_freq_factors or not self.long_rope:
+            return self.rope_freq_factors
+        if not self.rope_context:
+            raise ValueError("the long-rope factors depend on the context: choose it with for_context(n_ctx)")
+        padded = -(-self.rope_context // 256) * 256  # llama.cpp's GGML_PAD(n_ctx, 256)
+        return self.rope_factors_long if padded > self.rope_orig_context else self.rope_factors_short
+
+    def layer_rope_mscale(self, layer: int) -> float:
+        """What llama.cpp multiplies cos and sin by on this layer (its attn_factor, times YaRN's magnitude
+        correction 1 + 0.1 ln(1 / freq_scale)); 1 on a layer without RoPE. Q and K both turn by it, so the
+        attention scores scale by its square: `scale` folds that in."""
+        if self.rope_layers and not self.rope_layers[layer]:
+            return 1.0
+        if self.rope_ext_factor:
+            return self.rope_attn_factor * (1.0 + 0.1 * math.log(1.0 / self.layer_rope_freq_scale(layer)))
+        return self.rope_attn_factor
 
     @property
     def scale(self) -> float:
-        return self.attention_scale or 1.0 / math.sqrt(self.head_dim)
+        """The attention scores' scale, RoPE's magnitude (layer_rope_mscale squared) folded in: it is the same on
+        every layer (check_implemented refuses a file where it is not)."""
+        mscale = self.layer_rope_mscale(0)
+        return (self.attention_scale or 1.0 / math.sqrt(self.head_dim)) * mscale * mscale
 
     def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
         """KV-cache bytes one position costs across all layers."""
@@ -136,9 +191,10 @@ def read_common_hparams(gguf: GGUFFile, arch: str) -> dict:
     rope_dims = count("rope.dimension_count", head_dim, default=head_dim, low=2)
     if rope_dims % 2:
         gguf.fail(f"{arch}.rope.dimension_count", None, f"{rope_dims} is odd: RoPE rotates pairs")
+    context_length = count("context_length", MAX_CONTEXT)
     return dict(
         arch=arch,
-        rope_freq_scale=_linear_rope_scale(gguf, arch),
+        **_rope_scaling(gguf, arch, context_length),
         n_layers=count("block_count", MAX_LAYERS),
         d_model=d_model,
         n_heads=n_heads,
@@ -147,7 +203,7 @@ def read_common_hparams(gguf: GGUFFile, arch: str) -> dict:
         value_dim=count("attention.value_length", MAX_WIDTH, default=head_dim),
         d_ff=count("feed_forward_length", MAX_WIDTH),
         n_vocab=_vocab_size(gguf, arch, key),
-        context_length=count("context_length", MAX_CONTEXT),
+        context_length=context_length,
         norm_eps=positive_real("attention.layer_norm_rms_epsilon"),
         rope_base=positive_real("rope.freq_base", default=10000.0),
         rope_dims=rope_dims,
@@ -179,32 +235,78 @@ def sliding_window_layers(gguf: GGUFFile, arch: str, n_layers: int, period: int)
     return tuple(n == 0 or i % n < n - 1 for i in range(n_layers))
 
 
-def _linear_rope_scale(gguf: GGUFFile, arch: str) -> float:
-    """llama.cpp's freq_scale: 1 / `rope.scaling.factor` (or the older `rope.scale_linear`); 1 when absent or 0.
-    Whether the scaling type is one the forward computes is check_implemented's question."""
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # llama.cpp's; "linear" where none is stored
+
+
+def _rope_scaling(gguf: GGUFFile, arch: str, context_length: int) -> dict:
+    """RoPE scaling as llama.cpp's hparams and llama_context set it up for the dense families (DecoderConfig fields):
+    freq_scale 1 / `rope.scaling.factor` (or the older `rope.scale_linear`; 1 when absent, 0, or the type is none);
+    for `rope.scaling.type` yarn, ext_factor 1 and an attn_factor that cancels YaRN's magnitude correction where
+    the factor is above 1 (it is applied inside the rotation: together 1 + 0.1 ln(factor)); times
+    `rope.scaling.attn_factor` for any type (Phi-3's long-rope). The `rope.scaling.yarn_*` keys are not read: llama.cpp
+    reads them for none of these families, so YaRN's beta_fast/beta_slow stay 32 and 1. An unknown type is
+    check_implemented's to refuse."""
     meta = gguf.metadata
+    kind = meta.get(f"{arch}.rope.scaling.type", "linear")
+    kind = kind if isinstance(kind, str) else repr(kind)
+    factor = 0.0
     for name in ("rope.scaling.factor", "rope.scale_linear"):
         key = f"{arch}.{name}"
         if key in meta:
-            value = gguf.require(key, (int, float))
-            if not (math.isfinite(value) and value >= 0):
-                gguf.fail(key, None, f"{value} must be a finite number, 0 or above")
-            return 1.0 / value if value else 1.0
-    return 1.0
+            factor = gguf.require(key, (int, float))
+            if not (math.isfinite(factor) and factor >= 0):
+                gguf.fail(key, None, f"{factor} must be a finite number, 0 or above")
+            break
+    freq_scale = 1.0 / factor if factor and kind != "none" else 1.0
+    orig = optional_number(gguf, f"{arch}.rope.scaling.original_context_length", int, 0, high=MAX_CONTEXT)
+    attn_factor = optional_number(gguf, f"{arch}.rope.scaling.attn_factor", float, 1.0, low=1e-30, high=1e30)
+    ext_factor = 1.0 if kind == "yarn" else 0.0
+    if ext_factor:
+        factor = 1.0 / freq_scale
+        mscale = 1.0 + 0.1 * math.log(factor) if factor > 1.0 else 1.0  # llama.cpp's get_mscale(factor, 1)
+        attn_factor *= mscale / (1.0 + 0.1 * math.log(factor))
+    return dict(rope_scaling=kind, rope_freq_scale=freq_scale, rope_orig_context=orig or context_length,
+                rope_ext_factor=ext_factor, rope_attn_factor=attn_factor)
 
 
-def read_rope_freq_factors(gguf: GGUFFile, rope_dims: int) -> tuple[float, ...]:
-    """Llama 3's RoPE frequency factors (`rope_freqs.weight`, F32, one per rotated pair; llama.cpp divides each
-    pair's frequency by its factor), () when the file has none. Each must be finite and above 0."""
-    if "rope_freqs.weight" not in gguf.tensors:
+def yarn_ramp(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float) -> np.ndarray:
+    """YaRN's ramp per rotated pair (float64, n_dims / 2), as llama.cpp's ggml_rope_yarn_corr_dims and
+    rope_yarn_ramp (in float32, so the correction dims round alike): 1 for the pairs that turn more than beta_fast
+    times over the original context (kept as trained), 0 for those turning fewer than beta_slow times (interpolated
+    by freq_scale), linear between."""
+    f32 = np.float32
+
+    def corr_dim(n_rot: float) -> np.float32:  # the pair that turns n_rot times over n_ctx_orig positions
+        return (f32(n_dims) * np.log(f32(n_ctx_orig) / (f32(n_rot) * f32(2) * f32(math.pi)))
+                / (f32(2) * np.log(f32(base))))
+
+    low = max(f32(0), np.floor(corr_dim(beta_fast)))
+    high = min(f32(n_dims - 1), np.ceil(corr_dim(beta_slow)))
+    y = (np.arange(n_dims // 2, dtype=np.float32) - low) / max(f32(0.001), f32(high - low))
+    return (f32(1) - np.clip(y, f32(0), f32(1))).astype(np.float64)
+
+
+def read_rope_factors(gguf: GGUFFile, rope_dims: int) -> dict:
+    """The RoPE factor tensors a llama-like file may carry, as DecoderConfig fields: Llama 3's `rope_freqs.weight`
+    (rope_freq_factors) and long-rope's `rope_factors_long/short.weight` (Phi-3 128k: which one applies depends on
+    the context, see DecoderConfig.for_context). Absent ones are ()."""
+    names = {"rope_freq_factors": "rope_freqs.weight", "rope_factors_long": "rope_factors_long.weight",
+             "rope_factors_short": "rope_factors_short.weight"}
+    return {field_name: _factor_tensor(gguf, name, rope_dims) for field_name, name in names.items()}
+
+
+def _factor_tensor(gguf: GGUFFile, name: str, rope_dims: int) -> tuple[float, ...]:
+    """RoPE frequency factors (F32, one per rotated pair; llama.cpp divides each pair's frequency by its factor),
+    () when the file has none. Each must be finite and above 0."""
+    if name not in gguf.tensors:
         return ()
-    t = gguf.tensor("rope_freqs.weight")
+    t = gguf.tensor(name)
     if t.type_name != "F32" or t.shape != (rope_dims // 2,):
-        raise GGUFError(gguf.path, "rope_freqs.weight", t.offset,
+        raise GGUFError(gguf.path, name, t.offset,
                         f"expected F32 of shape ({rope_dims // 2},), found {t.type_name} {t.shape}")
     factors = t.array().astype(np.float64)
     if not np.all(np.isfinite(factors) & (factors > 0)):
-        raise GGUFError(gguf.path, "rope_freqs.weight", t.offset, "a factor is not a finite number above 0")
+        raise GGUFError(gguf.path, name, t.offset, "a factor is not a finite number above 0")
     return tuple(factors.tolist())
 
 
@@ -223,18 +325,28 @@ def _vocab_size(gguf: GGUFFile, arch: str, key) -> int:
 
 
 def check_implemented(gguf: GGUFFile, cfg: DecoderConfig) -> None:
-    """Refuse, naming the key, a file that asks for something the family's forward pass does not compute (RoPE
-    scaling, attention soft-capping, mixture of experts, a sliding window or final soft-cap that the architecture
-    module did not take up) rather than run it with silently wrong results; and check every special token id."""
+    """Refuse, naming the key, a file that asks for something the family's forward pass does not compute (an unknown
+    RoPE scaling or one whose magnitude differs between layers, attention soft-capping, mixture of experts, a sliding
+    window or final soft-cap that the architecture module did not take up) rather than run it with silently wrong
+    results; and check every special token id."""
     arch, meta = cfg.arch, gguf.metadata
 
     def refuse(key: str, what: str):
         raise UnsupportedError(f"{gguf.path}: {key} = {_short(meta[key])}: {what} is not implemented")
 
     scaling = f"{arch}.rope.scaling.type"
-    # llama.cpp's default type is linear: a factor (read into rope_freq_scale) with no type scales linearly
-    if scaling in meta and not _is_one_of(meta[scaling], "none", "linear"):
+    if scaling in meta and not _is_one_of(meta[scaling], *ROPE_SCALING_TYPES):
         refuse(scaling, "this RoPE scaling")
+    # RoPE's magnitude (cos and sin times it) is folded into the forward's one attention scale: exact only where it
+    # is the same on every layer and every dim of the heads is rotated
+    mscales = sorted({cfg.layer_rope_mscale(i) for i in range(cfg.n_layers)})
+    magnitude_key = scaling if cfg.rope_ext_factor else f"{arch}.rope.scaling.attn_factor"
+    if len(mscales) > 1:
+        refuse(magnitude_key, f"RoPE scaling whose magnitude differs between layers ({mscales[0]:.4g} to "
+                              f"{mscales[-1]:.4g}: layers without RoPE or with their own frequency scale)")
+    if mscales != [1.0] and cfg.rope_dims < cfg.head_dim:
+        refuse(magnitude_key, f"RoPE scaling with a magnitude ({mscales[0]:.4g}) on partly rotated heads ("
+                              f"{cfg.rope_dims} of {cfg.head_dim} dims, e.g. Phi-4 mini's long-rope)")
     features = {  # key -> (what it asks for, whether this config computes it)
         f"{arch}.attn_logit_softcapping": (f"soft-capping of the attention logits for {arch}",
                                            cfg.attn_logit_softcap),
@@ -397,7 +509,9 @@ def read_weights(gguf: GGUFFile, cfg: DecoderConfig) -> DecoderWeights:
     embd = r.matrix("token_embd.weight", cfg.n_vocab, d)
     output = r.matrix("output.weight", cfg.n_vocab, d) if "output.weight" in gguf.tensors else embd
     output_norm = r.vector("output_norm.weight", d)
-    if cfg.rope_freq_factors:
-        r.used.add("rope_freqs.weight")  # read into the config (read_rope_freq_factors)
+    for name, factors in (("rope_freqs.weight", cfg.rope_freq_factors), ("rope_factors_long.weight",
+                          cfg.rope_factors_long), ("rope_factors_short.weight", cfg.rope_factors_short)):
+        if factors:
+            r.used.add(name)  # read into the config (read_rope_factors)
     r.check_all_used()
     return DecoderWeights(embd, output_norm, output, layers, gguf.file_bytes)

@@ -4,7 +4,7 @@ each block's output times `residual_scale` before the residual add, and the logi
 import math
 
 from edgeinfer.arch.decoder import (ROPE_NORMAL, DecoderConfig, optional_number, read_common_hparams,
-                                    read_rope_freq_factors)
+                                    read_rope_factors)
 from edgeinfer.arch.hf import HFConversion, llama3_rope_factors, llama_hparams, llama_vocab_keys
 from edgeinfer.gguf_reader import GGUFFile
 
@@ -45,7 +45,7 @@ def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:
     return DecoderConfig(
         **hp, rope_style=ROPE_NORMAL, activation="silu",
         rope_layers=(bool(finetuned),) * hp["n_layers"],
-        rope_freq_factors=read_rope_freq_factors(gguf, hp["rope_dims"]),
+        **read_rope_factors(gguf, hp["rope_dims"]),
         embedding_scale=multiplier("embedding_scale", 1.0),
         attention_scale=multiplier("attention.scale", 0.0),  # 0: 1/sqrt(head_dim)
         residual_scale=multiplier("residual_scale", 1.0),

@@ -2,13 +2,14 @@
 
 GGUF's converter permutes Q and K rows so that RoPE rotates adjacent pairs (llama.cpp's LLAMA_ROPE_TYPE_NORM).
 Llama 3.x scales RoPE by per-pair frequency factors stored as the tensor `rope_freqs.weight` (llama.cpp's converter
-computes them from config.json's rope_scaling "llama3"); linear scaling (`rope.scaling.factor`) is read with the
-common hyper-parameters. Mistral files are llama files; one that stores `llama.attention.sliding_window` (Mistral 7B
-v0.1's 4096) gets that window on every layer, as the model was trained (llama.cpp ignores the key for llama, so its
-logits differ from ours, and from the model's, only past the window).
+computes them from config.json's rope_scaling "llama3"); linear and YaRN scaling (`rope.scaling.*`) are read with
+the common hyper-parameters (decoder.py), long-rope factors (`rope_factors_long/short.weight`, chosen by the context
+as for Phi-3) with rope_freqs. Mistral files are llama files; one that stores `llama.attention.sliding_window`
+(Mistral 7B v0.1's 4096) gets that window on every layer, as the model was trained (llama.cpp ignores the key for
+llama, so its logits differ from ours, and from the model's, only past the window).
 """
 from edgeinfer.arch.decoder import (MAX_CONTEXT, ROPE_NORMAL, DecoderConfig, optional_number, read_common_hparams,
-                                    read_rope_freq_factors)
+                                    read_rope_factors)
 from edgeinfer.arch.hf import HFConversion, head_dim_of, llama3_rope_factors, llama_hparams, llama_vocab_keys
 from edgeinfer.gguf_reader import GGUFFile
 
@@ -27,6 +28,6 @@ def config_from_gguf(gguf: GGUFFile) -> DecoderConfig:
     hp = read_common_hparams(gguf, ARCH)
     window = optional_number(gguf, f"{ARCH}.attention.sliding_window", int, 0, high=MAX_CONTEXT)
     return DecoderConfig(**hp, rope_style=ROPE_NORMAL, activation="silu",
-                         rope_freq_factors=read_rope_freq_factors(gguf, hp["rope_dims"]),
+                         **read_rope_factors(gguf, hp["rope_dims"]),
                          sliding_window=window, local_layers=(window > 0,) * hp["n_layers"] if window else ())
 

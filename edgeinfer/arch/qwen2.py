@@ -1,4 +1,5 @@
-"""qwen2 (Qwen2, Qwen2.5): llama with biases on Q, K and V, and NeoX-style RoPE (pairs i, i + d/2)."""
+"""qwen2 (Qwen2, Qwen2.5): llama with biases on Q, K and V, and NeoX-style RoPE (pairs i, i + d/2). The long-context
+configs' YaRN (`rope.scaling.type` yarn) is read with the common hyper-parameters (decoder.py)."""
 from edgeinfer.arch.decoder import ROPE_NEOX, DecoderConfig, read_common_hparams
 from edgeinfer.arch.hf import HFConversion, text_model_hparams
 from edgeinfer.gguf_reader import GGUFFile
