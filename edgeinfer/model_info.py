@@ -149,8 +149,7 @@ def rope_scaling(cfg) -> str | None:
     if cfg.long_rope:
         def span(f):
             return f"{min(f):g} to {max(f):g}" if f else "none"
-        parts.append(f"long factors {span(cfg.rope_factors_long)} above it, short {span(cfg.rope_factors_short)} "
-                     f"up to it ({len(cfg.rope_factors_long or cfg.rope_factors_short)} pairs)")
+        parts.append(f"long factors {span(cfg.rope_factors_long)} above it, short {span(cfg.rope_factors_short)}")
     if mscale != 1.0:
         parts.append(f"attention scores x{mscale * mscale:.4g}")
     kind = "long-rope" if cfg.long_rope and cfg.rope_scaling != "yarn" else cfg.rope_scaling
