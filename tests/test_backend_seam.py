@@ -124,20 +124,21 @@ def test_tools_read_the_architecture_list_of_edgeinfer_arch():
     assert set(ARCHITECTURES) == {"llama", "qwen2", "gemma3", "qwen3", "gemma2", "granite", "olmo2", "smollm3",
                                   "phi3"}
     assert set(SUPPORTED_ARCHS) == set(ARCHITECTURES)
-    # the Hugging Face converter and exporter take the families that declare HF names (not yet the newer ones)
+    # the Hugging Face converter takes every family (each declares its HF names); the exporter the first three
     converted = {arch for arch, module in ARCHITECTURES.items() if module.HF_ARCHITECTURES}
-    assert converted == {"llama", "qwen2", "gemma3"} == set(HF_ARCH)
-    assert {arch for arch, _ in HF_SOURCES.values()} == converted
-    for arch in converted:
+    assert converted == set(ARCHITECTURES)
+    assert {module.ARCH for module in HF_SOURCES.values()} == converted
+    assert set(HF_ARCH) == {"llama", "qwen2", "gemma3"}
+    for arch in HF_ARCH:
         module = ARCHITECTURES[arch]
         hf_class, model_type, model_arch = HF_ARCH[arch]
-        assert HF_SOURCES[hf_class][0] == arch  # an export converts back to the same architecture
+        assert HF_SOURCES[hf_class].ARCH == arch  # an export converts back to the same architecture
         assert (model_type, model_arch.name) == (module.HF_MODEL_TYPE, module.GGUF_MODEL_ARCH)
     assert HF_ARCH["gemma3"][1] == "gemma3_text"  # Gemma 3's text-only model type, as transformers names it
 
 
 ARCH_FILE = '''
-from edgeinfer.arch.llama import config_from_gguf
+from edgeinfer.arch.llama import HF_CONVERT, config_from_gguf
 ARCH = "tinyllama"
 HF_ARCHITECTURES = ("TinyLlamaForCausalLM",)
 HF_MODEL_TYPE = "tinyllama"
@@ -161,7 +162,7 @@ def test_an_architecture_is_one_file(tmp_path, monkeypatch):
 
     broken = make_package(tmp_path, "archs_broken", {"half.py": 'ARCH = "half"\nHF_MODEL_TYPE = "half"\n'})
     with pytest.raises(ImportError, match="archs_broken.half does not define HF_ARCHITECTURES, GGUF_MODEL_ARCH, "
-                                          "config_from_gguf"):
+                                          "HF_CONVERT, config_from_gguf"):
         discover(broken)
     twice = make_package(tmp_path, "archs_twice", {"a.py": ARCH_FILE, "b.py": ARCH_FILE})
     with pytest.raises(ImportError, match="'tinyllama' is defined by both archs_twice.a and archs_twice.b"):
