@@ -95,6 +95,27 @@ def test_wide_heads_and_values_of_another_width():
                                    atol=2e-5, err_msg=kv_type)
 
 
+# (head dim, query heads, KV heads, window, context): head dims 32-256, GQA ratios 1 to 8, query vectors per job that
+# fill one, two or four SIMD vectors or leave lanes over, windows, caches to 8k positions
+SHAPES = [(128, 8, 8, 0, 1200), (128, 8, 4, 300, 2500), (64, 14, 2, 0, 8192), (64, 16, 2, 1000, 4100),
+          (256, 4, 1, 512, 1500), (32, 6, 6, 0, 700), (64, 12, 3, 0, 5000)]
+
+
+@pytest.mark.parametrize("kv_type", list(KV_TYPES))
+@pytest.mark.parametrize("d,n_heads,n_kv,window,n_ctx", SHAPES)
+def test_random_shapes_match_reference(kv_type, d, n_heads, n_kv, window, n_ctx):
+    """A prompt block at the end of the cache, one decode row and a row far back, on random inputs of each shape."""
+    rng = np.random.default_rng(d * 1000 + n_heads * 10 + n_kv)
+    k, v = random_case(rng, 1, n_ctx, n_heads, n_kv, d_k=d, d_v=d)
+    positions = np.concatenate([np.arange(n_ctx - 37, n_ctx), [n_ctx // 3, 5]]).astype(np.int64)
+    seqs = np.zeros(len(positions), np.int64)
+    q = rng.standard_normal((len(positions), n_heads, d)).astype(np.float32)
+    expected = expected_rows(kv_type, q, positions, seqs, k, v, window)
+    for threads in (1, 2):
+        np.testing.assert_allclose(run_kernel(kv_type, q, positions, seqs, k, v, window, threads), expected,
+                                   rtol=3e-4, atol=3e-5, err_msg=f"{threads} thread(s)")
+
+
 def test_memory_does_not_grow_with_the_context():
     """No score matrix: the kernel's scratch is the fixed-size partials, whatever the cache length (it runs with
     a 16k-position cache and the same partials as a short one)."""
@@ -122,7 +143,7 @@ def test_soft_capped_scores_match_reference(case):
         np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-5, err_msg=f"{threads} thread(s)")
 
 
-@pytest.mark.parametrize("n_heads,n_kv,window", [(9, 3, 0), (4, 1, 700)])
+@pytest.mark.parametrize("n_heads,n_kv,window", [(9, 3, 0), (4, 1, 700), (14, 2, 0)])
 def test_a_rows_result_does_not_depend_on_batching_or_splitting(n_heads, n_kv, window):
     """Bit for bit: a row alone, in a block of draft rows, on one thread (no split) and on two (its keys split into
     chunks that run in parallel and are merged after) gives the same result, because every path sums the same
