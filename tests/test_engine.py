@@ -1,8 +1,9 @@
 """Engine entry points beyond prefill/decode (which the parity tests cover)."""
 import numpy as np
+import pytest
 
 import edgeinfer
-from conftest import model_path
+from conftest import MODEL_NAMES, model_path
 
 
 def test_warm_up_leaves_the_cache_as_it_was():
@@ -37,3 +38,24 @@ def test_logits_at_depth_do_not_depend_on_how_the_positions_were_batched():
             engine.prefill(tokens[:n - 5])
             among_drafts = engine.prefill(tokens[n - 5:n], all_logits=True)[-1]
             assert np.array_equal(in_prompt, alone) and np.array_equal(in_prompt, among_drafts), n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_prompt_split_anywhere_gives_the_same_logits(name):
+    """The prefix cache evaluates only what follows a reused prefix: the last token's logits must be bit for bit those
+    of the whole prompt at once, wherever the split falls (inside or at the edge of a prefill chunk, past Gemma 3's
+    window, one token of prefix or one of rest), and those of decoding the last tokens one by one."""
+    tokens = np.random.default_rng(0).integers(1000, 30000, size=700).tolist()
+    with edgeinfer.load(model_path(name), n_ctx=1024, n_threads=2) as model:
+        engine = model.engine
+        whole = engine.prefill(tokens)
+        for split in (1, 255, 257, 600, 699):
+            engine.reset()
+            engine.prefill(tokens[:split])
+            assert np.array_equal(engine.prefill(tokens[split:]), whole), split
+        engine.reset()
+        engine.prefill(tokens[:696])
+        for token in tokens[696:]:
+            last = engine.decode(token)
+        assert np.array_equal(last, whole)
