@@ -181,7 +181,7 @@ def test_other_instruction_paths(path):
     """The random-block tests in a subprocess with EDGEINFER_KERNELS=path (its own Numba cache: the first run compiles
     every kernel for that path, about a minute)."""
     env = dict(os.environ, EDGEINFER_KERNELS=path, PYTHONPATH=ROOT)
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", __file__, "-k",
                "random_blocks or threads or quantize"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
