@@ -134,7 +134,7 @@ def check_matmul_is_matvec_per_token(type_id, weights, x_rows):
 
 
 @pytest.mark.parametrize("ggml_type", RAW_TYPES)
-@pytest.mark.parametrize("n_tokens", [1, 6, 9])
+@pytest.mark.parametrize("n_tokens", [1, 6, 8, 9, 21])  # tiles of 4; of 8 (Q8_0 on AVX-512) with 4s after them
 def test_matmul_tiles_random_blocks(ggml_type, n_tokens):
     rng = np.random.default_rng(ggml_type * 10 + n_tokens)
     n = 512
