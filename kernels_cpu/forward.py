@@ -28,7 +28,7 @@ from kernels_cpu.kv_types import store_row
 from kernels_cpu.matmul_q8 import matmul_tiles_dispatch
 from kernels_cpu.matvec_q8 import REPACKED, matvec_q8_dispatch, weight_rows
 from kernels_cpu.norm import rms_norm_rows, rms_norm_rows_parallel
-from kernels_cpu.rope import rope_inplace
+from kernels_cpu.rope import rope_qk_inplace
 
 # A weight matrix: where its bytes lie (`buffer` IN_FILE: the model file; IN_PACKED: the repacked weights, at
 # `offset`), its layout (`type_id`: a ggml type or a repacked layout's id, matvec_q8), its shape and bytes per array
@@ -191,8 +191,7 @@ def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_freqs, p
     elif hp.qk_norm:
         rms_norm_rows(q.reshape((n * heads, hd)), lv[V_Q_NORM, :hd], hp.norm_eps, q.reshape((n * heads, hd)))
         rms_norm_rows(k.reshape((n * kv_heads, hd)), lv[V_K_NORM, :hd], hp.norm_eps, k.reshape((n * kv_heads, hd)))
-    rope_inplace(q, positions, rope_freqs, hp.rope_style)
-    rope_inplace(k, positions, rope_freqs, hp.rope_style)
+    rope_qk_inplace(q, k, positions, rope_freqs, hp.rope_style)
     for i in range(n):
         store_row(k_cache[0], k_cache[1], layer, seqs[i], positions[i], k[i])
         store_row(v_cache[0], v_cache[1], layer, seqs[i], positions[i], v[i])
