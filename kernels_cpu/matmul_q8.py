@@ -20,8 +20,9 @@ from kernels_cpu.simd import PATH, halves_f32x16, store_f32x16, zero_f32x16
 TILE = 4  # tokens per tile: 4 float accumulators of 16 rows
 # On AVX-512 (32 vector registers) batches of 8 or more of Q8_0 (every LM head here) take 8 tokens per tile: each
 # 512-byte block is loaded once per 8 tokens and a group is read once, in order, by a decode step of 8 sequences.
-# Measured on Qwen2.5's head (151936 x 896, 2 threads, streamed from DRAM): 8 rows 6.25 -> 4.2 ms. The formats that
-# unpack their weights (Q4/Q5/Q6, K-quants) ran 3-8% slower with 8 tokens (registers run out), so they keep 4.
+# Measured on Qwen2.5's head (151936 x 896, 2 threads, streamed from DRAM): 8 rows 6.25 -> 4.2-4.6 ms. The formats
+# that unpack their weights (Q4/Q5/Q6, K-quants) gained nothing measurable from 8 (their unpacked block and 8
+# accumulators crowd the registers), so they keep 4 and compile no 8-token code.
 WIDE_TILE = PATH == "avx512vnni"
 
 
@@ -69,48 +70,21 @@ def _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_i
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _group_tile8(w, g, t, xq, xd, xs, sums16, out, n_blocks, type_id):
-    """out[t:t + 8, 16 g:16 g + 16] for group g (w: its weights): _group_tile4's steps for 8 tokens at once."""
+def _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks):
+    """out[t:t + 8, 16 g:16 g + 16] for group g of repacked Q8_0 (w: its weights): _group_tile4's steps for 8
+    tokens at once."""
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero_f32x16()
     x0, x1, x2, x3, x4, x5, x6, x7 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3], xq[t + 4], xq[t + 5], xq[t + 6], xq[t + 7]
     d0, d1, d2, d3, d4, d5, d6, d7 = xd[t], xd[t + 1], xd[t + 2], xd[t + 3], xd[t + 4], xd[t + 5], xd[t + 6], xd[t + 7]
-    if type_id == Q6_K_R:
-        for sb in range(n_blocks // 8):
-            o = Q6_SUPER * sb
-            d = halves_f32x16(w, o)
-            for j in range(8):
-                b = 8 * sb + j
-                a0 = add_block_q6_16(a0, w, o, d, j, b, x0, d0, sums16[t])
-                a1 = add_block_q6_16(a1, w, o, d, j, b, x1, d1, sums16[t + 1])
-                a2 = add_block_q6_16(a2, w, o, d, j, b, x2, d2, sums16[t + 2])
-                a3 = add_block_q6_16(a3, w, o, d, j, b, x3, d3, sums16[t + 3])
-                a4 = add_block_q6_16(a4, w, o, d, j, b, x4, d4, sums16[t + 4])
-                a5 = add_block_q6_16(a5, w, o, d, j, b, x5, d5, sums16[t + 5])
-                a6 = add_block_q6_16(a6, w, o, d, j, b, x6, d6, sums16[t + 6])
-                a7 = add_block_q6_16(a7, w, o, d, j, b, x7, d7, sums16[t + 7])
-    elif type_id == Q4_K_R or type_id == Q5_K_R:
-        for sb in range(n_blocks // 8):
-            o, d, dmin = super_k4_16(w, sb, type_id)
-            for j in range(8):
-                b = 8 * sb + j
-                a0 = add_block_k4_16(a0, w, o, d, dmin, j, b, x0, d0, xs[t], type_id)
-                a1 = add_block_k4_16(a1, w, o, d, dmin, j, b, x1, d1, xs[t + 1], type_id)
-                a2 = add_block_k4_16(a2, w, o, d, dmin, j, b, x2, d2, xs[t + 2], type_id)
-                a3 = add_block_k4_16(a3, w, o, d, dmin, j, b, x3, d3, xs[t + 3], type_id)
-                a4 = add_block_k4_16(a4, w, o, d, dmin, j, b, x4, d4, xs[t + 4], type_id)
-                a5 = add_block_k4_16(a5, w, o, d, dmin, j, b, x5, d5, xs[t + 5], type_id)
-                a6 = add_block_k4_16(a6, w, o, d, dmin, j, b, x6, d6, xs[t + 6], type_id)
-                a7 = add_block_k4_16(a7, w, o, d, dmin, j, b, x7, d7, xs[t + 7], type_id)
-    else:
-        for b in range(n_blocks):
-            a0 = add_block16(a0, w, b, x0, d0, xs[t], type_id)
-            a1 = add_block16(a1, w, b, x1, d1, xs[t + 1], type_id)
-            a2 = add_block16(a2, w, b, x2, d2, xs[t + 2], type_id)
-            a3 = add_block16(a3, w, b, x3, d3, xs[t + 3], type_id)
-            a4 = add_block16(a4, w, b, x4, d4, xs[t + 4], type_id)
-            a5 = add_block16(a5, w, b, x5, d5, xs[t + 5], type_id)
-            a6 = add_block16(a6, w, b, x6, d6, xs[t + 6], type_id)
-            a7 = add_block16(a7, w, b, x7, d7, xs[t + 7], type_id)
+    for b in range(n_blocks):
+        a0 = add_block16(a0, w, b, x0, d0, xs[t], Q8_0_R)
+        a1 = add_block16(a1, w, b, x1, d1, xs[t + 1], Q8_0_R)
+        a2 = add_block16(a2, w, b, x2, d2, xs[t + 2], Q8_0_R)
+        a3 = add_block16(a3, w, b, x3, d3, xs[t + 3], Q8_0_R)
+        a4 = add_block16(a4, w, b, x4, d4, xs[t + 4], Q8_0_R)
+        a5 = add_block16(a5, w, b, x5, d5, xs[t + 5], Q8_0_R)
+        a6 = add_block16(a6, w, b, x6, d6, xs[t + 6], Q8_0_R)
+        a7 = add_block16(a7, w, b, x7, d7, xs[t + 7], Q8_0_R)
     store_f32x16(out[t], GROUP * g, a0)
     store_f32x16(out[t + 1], GROUP * g, a1)
     store_f32x16(out[t + 2], GROUP * g, a2)
@@ -133,16 +107,29 @@ def matmul_tiles16(packed, xq, xd, xs, out, type_id):
     if type_id == Q6_K_R:
         for t in range(n_tokens):
             sums16[t] = half_block_sums(xq[t])
-    wide = n_tokens // 8 * 8 if WIDE_TILE and type_id == Q8_0_R else 0  # tokens in tiles of 8; the rest of 4
+    for g in prange(packed.shape[0]):
+        w = packed[g]
+        for tile in range((n_tokens + TILE - 1) // TILE):
+            t0, t1, t2, t3 = _tile_tokens(tile, n_tokens)
+            _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_id)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def matmul_tiles16_q8_0_wide(packed, xq, xd, xs, out):
+    """matmul_tiles16 for repacked Q8_0 with the tokens in tiles of 8, the rest in tiles of 4 (AVX-512 only: the 8
+    accumulators and a block's 8 vectors of weights need its 32 registers)."""
+    n_tokens, n_blocks = xd.shape
+    no_sums16 = np.zeros((n_tokens, 0), np.int32)
+    wide = n_tokens // 8 * 8
+    rest = n_tokens - wide
     for g in prange(packed.shape[0]):
         w = packed[g]
         for t in range(0, wide, 8):
-            _group_tile8(w, g, t, xq, xd, xs, sums16, out, n_blocks, type_id)
-        rest = n_tokens - wide
+            _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks)
         for tile in range((rest + TILE - 1) // TILE):
             t0, t1, t2, t3 = _tile_tokens(tile, rest)
-            _group_tile4(w, g, wide + t0, wide + t1, wide + t2, wide + t3, xq, xd, xs, sums16, out, n_blocks,
-                         type_id)
+            _group_tile4(w, g, wide + t0, wide + t1, wide + t2, wide + t3, xq, xd, xs, no_sums16, out, n_blocks,
+                         Q8_0_R)
 
 
 # One small compiled entry per repacked type, picked in Python: a compiled if-chain over all types would compile every
@@ -169,7 +156,10 @@ def _tiles_q5_1(w, xq, xd, xs, out):
 
 @njit(cache=True)
 def _tiles_q8_0(w, xq, xd, xs, out):
-    matmul_tiles16(w, xq, xd, xs, out, Q8_0_R)
+    if WIDE_TILE:
+        matmul_tiles16_q8_0_wide(w, xq, xd, xs, out)
+    else:
+        matmul_tiles16(w, xq, xd, xs, out, Q8_0_R)
 
 
 @njit(cache=True)
@@ -224,7 +214,7 @@ def matmul_tiles_dispatch(type_id, w, xq, xd, xs, out):
     if type_id == Q4_1_R:
         matmul_tiles16(w, xq, xd, xs, out, Q4_1_R)
     elif type_id == Q8_0_R:
-        matmul_tiles16(w, xq, xd, xs, out, Q8_0_R)
+        _tiles_q8_0(w, xq, xd, xs, out)
     elif type_id == Q4_K_R:
         matmul_tiles16(w, xq, xd, xs, out, Q4_K_R)
     elif type_id == Q6_K_R:
