@@ -68,6 +68,25 @@ def _gated_rows(gate, up, gelu):
         gated_activation_row(gate[r], up[r], gelu)
 
 
+@njit(cache=True, error_model="numpy")
+def gated_from_fused_row(gate_up, out, gelu):
+    """One row: out (d,) <- GELU-tanh(gate) * up if gelu else SiLU(gate) * up, where gate_up (2d,) is the fused
+    gate|up projection: read where the projection left them, not copied apart first."""
+    d = out.shape[0]
+    if gelu:
+        for j in range(d):
+            out[j] = _gelu_mul(gate_up[j], gate_up[d + j])
+    else:
+        for j in range(d):
+            out[j] = _silu_mul(gate_up[j], gate_up[d + j])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def gated_from_fused_rows(gate_up, out, gelu):
+    for r in prange(out.shape[0]):
+        gated_from_fused_row(gate_up[r], out[r], gelu)
+
+
 def silu_mul_inplace(gate: np.ndarray, up: np.ndarray) -> None:
     """gate (n, d) float32 <- SiLU(gate) * up."""
     _gated_rows(gate, up, False)

@@ -20,7 +20,7 @@ from collections import namedtuple
 import numpy as np
 from numba import njit
 
-from kernels_cpu.activation import _gated_rows, gated_activation_row
+from kernels_cpu.activation import _gated_rows, gated_activation_row, gated_from_fused_row, gated_from_fused_rows
 from kernels_cpu.activations_q8 import quantize_activations, quantize_activations_rows
 from kernels_cpu.attention import attention_rows, make_partials
 from kernels_cpu.dequant import dequant_row
@@ -207,22 +207,23 @@ def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_freqs, p
 @njit(cache=True)
 def _feed_forward_block(weights, packed, mats, lv, hp, s, n):
     """s.out[:n] = the feed-forward block's output for s.x[:n]."""
-    d, ff = hp.d_model, hp.d_ff
+    d = hp.d_model
     x, h, gate, up = s.x[:n], s.h[:n], s.gate[:n], s.up[:n]
     _block_input(x, h, lv[V_FFN_NORM, :d], hp)
-    if mats[M_GATE_UP].n_rows:
+    if mats[M_GATE_UP].n_rows:  # the activation reads gate and up where the fused projection left them
         gate_up = s.gate_up[:n]
         _linear(weights, packed, mats[M_GATE_UP], h, gate_up, s.q8_model)
-        for i in range(n):
-            gate[i] = gate_up[i, :ff]
-            up[i] = gate_up[i, ff:]
+        if n == 1:
+            gated_from_fused_row(gate_up[0], gate[0], hp.gelu)
+        else:
+            gated_from_fused_rows(gate_up, gate, hp.gelu)
     else:
         _linear(weights, packed, mats[M_GATE], h, gate, s.q8_model)
         _linear(weights, packed, mats[M_UP], h, up, s.q8_model)
-    if n == 1:
-        gated_activation_row(gate[0], up[0], hp.gelu)
-    else:
-        _gated_rows(gate, up, hp.gelu)
+        if n == 1:
+            gated_activation_row(gate[0], up[0], hp.gelu)
+        else:
+            _gated_rows(gate, up, hp.gelu)
     out = s.out[:n]
     _linear(weights, packed, mats[M_DOWN], gate, out, s.q8_ff)
     if hp.post_norms:

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from kernels_cpu import ops_reference as ref
-from kernels_cpu.activation import gated_activation_row, gelu_tanh_mul_inplace, silu_mul_inplace, tanh_f32
+from kernels_cpu.activation import (gated_activation_row, gated_from_fused_row, gated_from_fused_rows,
+                                   gelu_tanh_mul_inplace, silu_mul_inplace, tanh_f32)
 from kernels_cpu.norm import rms_norm
-from kernels_cpu.rope import rope_inplace
+from kernels_cpu.rope import rope_inplace, rope_qk_inplace
 
 rng = np.random.default_rng(0)
 
@@ -106,3 +107,30 @@ def test_gated_activation_row_equals_block_bitwise(gelu):
         row = gate[r].copy()
         gated_activation_row(row, up[r], gelu)
         assert np.array_equal(row, block[r])
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_from_fused_projection_equals_split_bitwise(gelu):
+    """The activation read from a fused gate|up projection (the forward's path) gives the bits of the split one."""
+    rng = np.random.default_rng(11)
+    gate_up = (rng.standard_normal((5, 2000)) * 4).astype(np.float32)
+    gate, up = gate_up[:, :1000].copy(), np.ascontiguousarray(gate_up[:, 1000:])
+    (gelu_tanh_mul_inplace if gelu else silu_mul_inplace)(gate, up)
+    rows = np.empty((5, 1000), np.float32)
+    gated_from_fused_rows(gate_up, rows, gelu)
+    assert np.array_equal(rows, gate)
+    one = np.empty(1000, np.float32)
+    gated_from_fused_row(gate_up[2], one, gelu)
+    assert np.array_equal(one, gate[2])
+
+
+@pytest.mark.parametrize("style", [ref.ROPE_NORMAL, ref.ROPE_NEOX])
+def test_rope_of_q_and_k_together_equals_each_alone(style):
+    rng = np.random.default_rng(12)
+    q, k = rng.standard_normal((6, 4, 64)).astype(np.float32), rng.standard_normal((6, 2, 64)).astype(np.float32)
+    positions, freqs = np.array([0, 1, 7, 100, 4000, 5], dtype=np.int64), ref.rope_frequencies(10000.0, 48)
+    q1, k1 = q.copy(), k.copy()
+    rope_inplace(q1, positions, freqs, style)
+    rope_inplace(k1, positions, freqs, style)
+    rope_qk_inplace(q, k, positions, freqs, style)
+    assert np.array_equal(q, q1) and np.array_equal(k, k1)
