@@ -36,12 +36,7 @@ def rope_inplace(x, positions, freqs, style):
 
     style 0 (normal): pairs (2i, 2i+1); style 1 (NeoX): pairs (i, i + n_rot/2). Frequencies of 0 (a layer without
     RoPE) rotate by angle 0, which is exactly the identity."""
-    half = freqs.shape[0]
-    cos = np.empty(half, dtype=np.float64)
-    sin = np.empty(half, dtype=np.float64)
-    for t in range(x.shape[0]):
-        _angles(positions[t], freqs, cos, sin)
-        _rotate_heads(x, t, cos, sin, style)
+    rope_qk_inplace(x, x[:, :0], positions, freqs, style)  # a second array of no heads
 
 
 @njit(cache=True)
