@@ -37,7 +37,10 @@ LANES = 16  # query vectors per SIMD vector: a job's query vectors lie across th
 WIDE_VALUES = PATH == "avx512vnni"  # 32 vector registers: the weighted values in blocks of 4 vectors x 64 dims
 CHUNK = 256  # keys per chunk of the fixed grid every job sums on (a multiple of TILE; see the module docstring)
 QUERY_VECTORS = 64  # query vectors (rows x heads of a group) per job at most: a block's rows are 64 // group
-SPLIT_ROWS = 8  # batches of at most this many rows may run each job's chunks on several threads
+# batches of at most this many rows may run each job's chunks on several threads: decode steps, and the new rows of
+# an agent's request after its cached prefix or a verify pass (Gemma 3 has one KV head: unsplit, 16 rows are one job
+# and the second core idles). The partials cost MAX_CHUNKS x SPLIT_ROWS x heads x d_v floats: 4-8 MB here.
+SPLIT_ROWS = 16
 PARTIAL_ROWS = SPLIT_ROWS  # rows the partials hold
 MAX_CHUNKS = 64  # chunks a split job's partials hold (16384 keys); a longer job runs unsplit (the same result)
 JOBS_PER_THREAD = 8  # split until there are this many jobs per thread (even shares under static scheduling)
