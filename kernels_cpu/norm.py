@@ -45,9 +45,7 @@ def rms_norm_rows_parallel(x, weight, eps, out):
         acc = 0.0
         for j in range(d):
             acc += np.float64(x[r, j]) * x[r, j]
-        scale = np.float32(1.0 / np.sqrt(acc / d + eps))
-        for j in range(d):
-            out[r, j] = x[r, j] * scale * weight[j]
+        _scale_row(x, r, acc, weight, eps, out)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
