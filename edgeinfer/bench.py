@@ -157,10 +157,8 @@ def _time_llama_cpp(path: str, kind: str, n: int, n_threads: int, reps: int, n_c
         if kind == "pp":
             llm.eval(tokens)
         else:
-            token = tokens[0]
-            for _ in range(n):
-                llm.eval([token])
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            for i in range(n):  # the tokens only set the positions' work: the prompt's, as in llama-bench
+                llm.eval([tokens[i]])
         elapsed = time.perf_counter() - start
         if rep:
             row.samples.append(n / elapsed)

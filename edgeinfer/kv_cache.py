@@ -1,7 +1,9 @@
 """The KV cache: keys and values of up to `n_seq` sequences, and the record of which tokens each one holds.
 
-A static pool (gpt-fast's static cache with a batch axis; llama.cpp's per-slot cells): k (n_layers, n_seq,
-n_kv_heads, n_ctx, head_dim) and v likewise with value_dim, allocated once, in one of three element types (`KV_TYPES`,
+A static pool (gpt-fast's static cache with a batch axis; llama.cpp's per-slot cells): v (n_layers, n_seq,
+n_kv_heads, n_ctx, value_dim) and k in blocks of KEY_BLOCK positions, each block transposed (n_layers, n_seq,
+n_kv_heads, n_ctx / KEY_BLOCK, head_dim, KEY_BLOCK: the attention kernels score 16 keys per SIMD vector; a backend
+whose kernels want rows sets `key_block = None`), allocated once, in one of three element types (`KV_TYPES`,
 llama.cpp's `-ctk/-ctv`): f32, f16 (IEEE half bits in uint16) or q8_0 (int8 values with a float32 scale per 32, the
 scale rounded to a half as ggml's block_q8_0 stores it). Compiled code receives each of k and v as a pair (values,
 scales); f32 and f16 caches carry a one-element dummy scale array. Sequence s holds positions 0..length(s)-1; its
@@ -26,6 +28,7 @@ from edgeinfer.errors import EdgeInferError, InvalidArgument
 KV_TYPES = {"f32": (np.float32, 4.0), "f16": (np.uint16, 2.0), "q8_0": (np.int8, 1.0 + 4.0 / 32)}
 DEFAULT_KV_TYPE = "f16"
 QK = 32  # values per q8_0 block (along a head's dimension)
+KEY_BLOCK = 16  # positions per block of the CPU cache's keys (kernels_cpu.kv_types.KEY_BLOCK)
 
 
 class ContextFull(EdgeInferError):
@@ -67,25 +70,55 @@ def decode(kv_type: str, values: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (blocks * scales[..., None]).reshape(values.shape)
 
 
+def to_key_blocks(x: np.ndarray, block: int | None = KEY_BLOCK) -> np.ndarray:
+    """Rows (..., n, dim) -> key blocks (..., ceil(n / block), dim, block), the positions past n zero; block None:
+    the rows themselves."""
+    if block is None:
+        return x
+    n, dim = x.shape[-2:]
+    n_blocks = -(-n // block)
+    padded = np.zeros(x.shape[:-2] + (n_blocks * block, dim), x.dtype)
+    padded[..., :n, :] = x
+    return np.ascontiguousarray(padded.reshape(x.shape[:-2] + (n_blocks, block, dim)).swapaxes(-1, -2))
+
+
+def from_key_blocks(blocks: np.ndarray, n: int, block: int | None = KEY_BLOCK) -> np.ndarray:
+    """Key blocks (..., n_blocks, dim, block) -> their first n rows (..., n, dim); block None: rows already."""
+    if block is None:
+        return blocks[..., :n, :]
+    rows = blocks.swapaxes(-1, -2)
+    return rows.reshape(rows.shape[:-3] + (-1, rows.shape[-1]))[..., :n, :]
+
+
 class KVCache:
     """Keys and values of `n_seq` sequences of up to `n_ctx` positions each, in kv_type."""
+
+    key_block: int | None = KEY_BLOCK  # positions per block of keys (the module docstring); None: keys by rows
 
     def __init__(self, cfg: DecoderConfig, n_ctx: int, n_seq: int = 1, kv_type: str = DEFAULT_KV_TYPE):
         if n_ctx < 1 or n_seq < 1:
             raise ValueError(f"a KV cache needs n_ctx >= 1 and n_seq >= 1, got {n_ctx} and {n_seq}")
         self.kv_type = check_kv_type(kv_type, cfg)
         self.n_ctx, self.n_seq = int(n_ctx), int(n_seq)
-        self.k = self._allocate((cfg.n_layers, n_seq, cfg.n_kv_heads, n_ctx, cfg.head_dim))
-        self.v = self._allocate((cfg.n_layers, n_seq, cfg.n_kv_heads, n_ctx, cfg.value_dim))
+        q8 = self.kv_type == "q8_0"
+        heads = (cfg.n_layers, n_seq, cfg.n_kv_heads)
+        if self.key_block is None:
+            key_shape = heads + (n_ctx, cfg.head_dim)
+            key_scales = heads + (n_ctx, cfg.head_dim // QK)
+        else:
+            n_blocks = -(-n_ctx // self.key_block)
+            key_shape = heads + (n_blocks, cfg.head_dim, self.key_block)
+            key_scales = heads + (n_blocks, cfg.head_dim // QK, self.key_block)
+        self.k = self._allocate(key_shape, key_scales if q8 else (1,) * len(key_shape))
+        value_shape = heads + (n_ctx, cfg.value_dim)
+        self.v = self._allocate(value_shape, heads + (n_ctx, cfg.value_dim // QK) if q8 else (1,) * 5)
         self._tokens: list[list[int]] = [[] for _ in range(n_seq)]
         self._in_use = [False] * n_seq
         self._in_use[0] = True  # sequence 0 is the single-stream API's, always there
 
-    def _allocate(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """(values, scales) zeroed: scales (..., dim / 32) for q8_0, a (1, 1, 1, 1, 1) stand-in otherwise."""
-        values = np.zeros(shape, dtype=KV_TYPES[self.kv_type][0])
-        scale_shape = shape[:-1] + (shape[-1] // QK,) if self.kv_type == "q8_0" else (1,) * len(shape)
-        return values, np.zeros(scale_shape, dtype=np.float32)
+    def _allocate(self, shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(values, scales) zeroed (f32 and f16 caches' scales: a stand-in, one element)."""
+        return np.zeros(shape, dtype=KV_TYPES[self.kv_type][0]), np.zeros(scale_shape, dtype=np.float32)
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +126,8 @@ class KVCache:
 
     @staticmethod
     def nbytes_for(cfg: DecoderConfig, n_ctx: int, n_seq: int = 1, kv_type: str = DEFAULT_KV_TYPE) -> int:
-        """Bytes a cache of n_seq sequences of n_ctx positions allocates for this model (the budget plans with it)."""
+        """Bytes a cache of n_seq sequences of n_ctx positions holds for this model (the budget plans with it; the
+        key blocks round n_ctx up to a multiple of KEY_BLOCK, at most 15 positions' keys more)."""
         values = n_seq * n_ctx * cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cfg.value_dim)
         return int(values * KV_TYPES[check_kv_type(kv_type)][1])
 
@@ -148,16 +182,18 @@ class KVCache:
         n = self.length(src) if n is None else min(int(n), self.length(src))
         self._check(dst)
         if src != dst and n > 0:
-            for a in self._stored_arrays():
-                self._copy_positions(a, src, dst, n)
+            for a in self._stored_arrays():  # whole key blocks: positions past n are overwritten before use
+                self._copy_positions(a, src, dst, n if a.ndim == 5 else -(-n // self.key_block))
         self._tokens[dst] = self._tokens[src][:n]
 
     # -- where the arrays live: host memory here; a backend's cache (edgeinfer.backends.cuda_cache) overrides these
     def _copy_positions(self, a, src: int, dst: int, n: int) -> None:
+        """a[:, dst, :, :n] = a[:, src, :, :n] (n rows, or n key blocks)."""
         a[:, dst, :, :n] = a[:, src, :, :n]
 
     def _write_positions(self, a, seq: int, host: np.ndarray) -> None:
-        """a[:, seq, :, :n] = host (n_layers, n_kv_heads, n, dim), as the host cache stores it (f16: half bits)."""
+        """a[:, seq, :, :n] = host (n_layers, n_kv_heads, n, ...), as the host cache stores it (f16: half bits; keys
+        in blocks)."""
         a[:, seq, :, :host.shape[2]] = host
 
     def _host_arrays(self, pair) -> tuple[np.ndarray, np.ndarray]:
@@ -178,25 +214,27 @@ class KVCache:
         """(tokens, k, v) of sequence seq as float32 (so a saved conversation loads into a cache of any type):
         k (n_layers, length, n_kv_heads, head_dim), v likewise."""
         n = self.length(seq)
-        return self.tokens(seq), self._read(self.k, seq, n), self._read(self.v, seq, n)
+        return self.tokens(seq), self._read(self.k, seq, n, self.key_block), self._read(self.v, seq, n, None)
 
-    def _read(self, pair, seq: int, n: int) -> np.ndarray:
+    def _read(self, pair, seq: int, n: int, block: int | None) -> np.ndarray:
         values, scales = self._host_arrays(pair)
-        x = decode(self.kv_type, values[:, seq, :, :n], scales[:, seq, :, :n] if self.kv_type == "q8_0" else scales)
+        if self.kv_type == "q8_0":
+            scales = from_key_blocks(scales[:, seq], n, block)
+        x = decode(self.kv_type, from_key_blocks(values[:, seq], n, block), scales)
         return np.ascontiguousarray(x.transpose(0, 2, 1, 3))  # (n_layers, length, n_kv_heads, dim)
 
     def restore(self, seq: int, tokens: Sequence[int], k: np.ndarray, v: np.ndarray) -> bool:
         """Make sequence seq hold what `export` gave; False (nothing changed) if the arrays do not fit this cache."""
         n = len(tokens)
-        shape_k = (self.k[0].shape[0], n, self.k[0].shape[2], self.k[0].shape[4])
+        shape_k = (self.k[0].shape[0], n, self.k[0].shape[2], self.k[0].shape[4])  # head_dim: axis 4 in both layouts
         shape_v = (self.v[0].shape[0], n, self.v[0].shape[2], self.v[0].shape[4])
         if n > self.n_ctx or k.shape != shape_k or v.shape != shape_v:
             return False
         self._check(seq)
-        for pair, x in ((self.k, k), (self.v, v)):
+        for pair, x, block in ((self.k, k, self.key_block), (self.v, v, None)):
             values, scales = encode(self.kv_type, x.transpose(0, 2, 1, 3))
-            self._write_positions(pair[0], seq, values)
+            self._write_positions(pair[0], seq, to_key_blocks(values, block))
             if self.kv_type == "q8_0":
-                self._write_positions(pair[1], seq, scales)
+                self._write_positions(pair[1], seq, to_key_blocks(scales, block))
         self._tokens[seq] = [int(t) for t in tokens]
         return True

@@ -1,7 +1,8 @@
 """Causal grouped-query attention of a batch of rows over a KV cache of sequences: tiled, with an online softmax.
 
 The cache holds keys and values by layer, sequence, KV head and position, as (values, scales) pairs of any element
-type (kernels_cpu.kv_types): k (n_layers, n_seq, n_kv_heads, n_ctx, d_k), v likewise with d_v. Row i, a query at
+type (kernels_cpu.kv_types): v (n_layers, n_seq, n_kv_heads, n_ctx, d_v), k likewise in blocks of 16 positions,
+each block transposed (n_layers, n_seq, n_kv_heads, n_ctx / 16, d_k, 16). Row i, a query at
 position p of sequence s, attends to s's cached positions j <= p (and with window > 0 only to those with
 p - j < window: llama.cpp's standard sliding window).
 
@@ -9,6 +10,9 @@ Flash attention (Dao et al.), as llama.cpp's CPU `flash_attn_ext` and the flash-
 - rows of one sequence that lie together in the batch (a prompt chunk, draft tokens) form a block; a job is one
   block and one KV head: the query vectors of every row of the block and every query head of that KV head's group
   (GQA) are scored against each key tile, so each key and value is read once per job, not once per query head;
+- keys are scored 16 at a time, one SIMD vector per dimension of a key block times a query element: a decode row
+  has as few as 1-7 query vectors per KV head, and this keeps all 16 lanes busy however few there are (with the
+  query vectors across the lanes instead, a SmolLM2 decode row filled 3 of 16);
 - keys are taken in tiles of TILE; a running maximum m, normalizer l and weighted sum of values per query vector
   absorb each tile (the online softmax), so no score row longer than a tile is ever held: memory does not grow with
   the context;
@@ -28,12 +32,11 @@ import numpy as np
 from numba import njit, prange
 
 from kernels_cpu._fp16 import bits_to_f32
-from kernels_cpu.kv_types import head_view, tile_rows
-from kernels_cpu.simd import (PATH, add_widened, exp_f32x16, fma_f32x16, load_f32x16, splat_f32x16, store_f32x16,
-                              store_f64x16, vmax, vmul, vsub, where_seen, zero_f32x16, zero_f64x16)
+from kernels_cpu.kv_types import KEY_BLOCK, head_view, tile_keys, tile_rows
+from kernels_cpu.simd import (PATH, add_widened, exp_f32x16, fma_f32x16, hmax, load_f32x16, splat_f32x16,
+                              store_f32x16, tree_sum, vmax, vmul, vsub, where_in_range, zero_f32x16, zero_f64x16)
 
 TILE = 64  # keys per tile
-LANES = 16  # query vectors per SIMD vector: a job's query vectors lie across the lanes of f32x16 values
 WIDE_VALUES = PATH == "avx512vnni"  # 32 vector registers: the weighted values in blocks of 4 vectors x 64 dims
 CHUNK = 256  # keys per chunk of the fixed grid every job sums on (a multiple of TILE; see the module docstring)
 QUERY_VECTORS = 64  # query vectors (rows x heads of a group) per job at most: a block's rows are 64 // group
@@ -86,169 +89,184 @@ def _key_range(positions, r0, r1, window):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
-def _attend(qt, keys, key_scales, values, value_scales, softcap, lane_low, lane_high, nv, key_lo, key_hi, key_buf,
-            value_buf, scores, work, acc, m, l):
-    """Absorb keys key_lo..key_hi-1 into (acc, m, l) of a job's query vectors, which lie across SIMD lanes: qt
-    (d_k, lanes) holds query vector v (already scaled) in column v, lane_low/high[v] the first and last key it sees;
-    the first nv are real, the rest padding. acc (lanes, d_v), m, l (lanes,) start at 0, -inf, 0.
+def _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, key_lo, key_hi, key_buf, value_buf,
+            scores, correction, tile_max, acc, m, l):
+    """Absorb keys key_lo..key_hi-1 into (acc, m, l) of a job's nv query vectors: qs (rows, d_k) holds query vector v
+    (already scaled) in row v, low/high[v] the first and last key it sees. acc (rows, d_v), m, l (rows,) start at 0,
+    -inf, 0; rows past nv are padding (4 vectors at a time share each value load).
 
     Each tile goes through three register-blocked steps (scores, online softmax, weighted values) in which every
-    query vector's arithmetic is the same whichever lane or job it is in: a row's result does not depend on its
+    query vector's arithmetic is the same whichever row or job it is in: a row's result does not depend on its
     batch."""
-    lanes = qt.shape[1]
     # tiles on multiples of TILE: every row meets the same tiles (and sums) in a block as alone
     for t0 in range(key_lo - key_lo % TILE, key_hi, TILE):
         t1 = min(t0 + TILE, key_hi)
-        n = t1 - t0
-        tile_keys = tile_rows(keys, key_scales, t0, t1, key_buf)
+        tile_keys_ = tile_keys(keys, key_scales, t0, t1, key_buf)
         tile_values = tile_rows(values, value_scales, t0, t1, value_buf)
-        for lane0 in range(0, lanes, LANES):
-            _tile_scores(qt, tile_keys, n, lane0, softcap, scores)
-            _tile_softmax(scores, n, t0, lane0, lane_low, lane_high, m, l, work)
-        _tile_values(scores, tile_values, n, nv, work.correction, acc)
-
-
-# per-lane scratch of the online softmax: this tile's maximum and normalizer, the new maximum, the factor the value
-# sums are rescaled by (correction: one per query vector of the job)
-SoftmaxWork = namedtuple("SoftmaxWork", ["tile_max", "new_max", "tile_sum", "correction"])
-
-
-@njit(cache=True, inline="always")
-def _softmax_work(lanes):
-    return SoftmaxWork(np.empty(LANES, np.float32), np.empty(LANES, np.float32), np.empty(LANES, np.float64),
-                       np.empty(lanes, np.float32))
+        _tile_scores(qs, tile_keys_, nv, softcap, scores)
+        _tile_softmax(scores, tile_keys_.shape[0], t0, low, high, nv, m, l, correction, tile_max)
+        _tile_values(scores, tile_values, t1 - t0, nv, correction, acc)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _tile_scores(qt, keys, n, lane0, softcap, scores):
-    """scores[j, lane0:lane0 + 16] = keys[j] . the query vectors of those lanes, for the tile's n keys: each score one
-    chain of fused multiply-adds over the dimensions in order, four keys at a time sharing each load of the queries
-    (float32); with softcap > 0 capped to softcap * tanh(score / softcap) (Gemma 2's attention logit soft-capping,
-    as llama.cpp's flash attention)."""
-    lanes, d = qt.shape[1], keys.shape[1]
-    j = 0
-    if WIDE_VALUES:  # 8 independent chains keep both FMA units busy (4 leave half their issue slots empty)
-        while j + 8 <= n:
-            k0, k1, k2, k3 = keys[j], keys[j + 1], keys[j + 2], keys[j + 3]
-            k4, k5, k6, k7 = keys[j + 4], keys[j + 5], keys[j + 6], keys[j + 7]
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero_f32x16()
+def _tile_scores(qs, keys, nv, softcap, scores):
+    """scores[v, j] = the key at position j of the tile . query vector v, for the tile's key blocks keys (n_blocks,
+    d_k, 16) and the first nv vectors: 16 keys per SIMD vector, each score one chain of fused multiply-adds over the
+    dimensions in order (float32); with softcap > 0 capped to softcap * tanh(score / softcap) (Gemma 2's attention
+    logit soft-capping, as llama.cpp's flash attention). Positions past the tile's end get scores too (of whatever
+    the block holds there): the softmax masks them."""
+    n_blocks, d = keys.shape[0], keys.shape[1]
+    row = d * KEY_BLOCK  # elements per key block
+    v = 0
+    if WIDE_VALUES and n_blocks == 4:  # 4 (or 2) vectors x 4 blocks: 16 (8) independent chains, each key load shared
+        while v + 4 <= nv:
+            _scores_4x4(qs, keys, v, d, row, scores)
+            v += 4
+        while v + 2 <= nv:
+            q0, q1 = qs[v], qs[v + 1]
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_f32x16()
             for c in range(d):
-                q = load_f32x16(qt, c * lanes + lane0)
-                a0 = fma_f32x16(q, splat_f32x16(k0[c]), a0)
-                a1 = fma_f32x16(q, splat_f32x16(k1[c]), a1)
-                a2 = fma_f32x16(q, splat_f32x16(k2[c]), a2)
-                a3 = fma_f32x16(q, splat_f32x16(k3[c]), a3)
-                a4 = fma_f32x16(q, splat_f32x16(k4[c]), a4)
-                a5 = fma_f32x16(q, splat_f32x16(k5[c]), a5)
-                a6 = fma_f32x16(q, splat_f32x16(k6[c]), a6)
-                a7 = fma_f32x16(q, splat_f32x16(k7[c]), a7)
-            for k, a in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
-                store_f32x16(scores, (j + k) * lanes + lane0, a)
-            j += 8
-    while j + 4 <= n:
-        k0, k1, k2, k3 = keys[j], keys[j + 1], keys[j + 2], keys[j + 3]
-        a0 = a1 = a2 = a3 = zero_f32x16()
-        for c in range(d):
-            q = load_f32x16(qt, c * lanes + lane0)
-            a0 = fma_f32x16(q, splat_f32x16(k0[c]), a0)
-            a1 = fma_f32x16(q, splat_f32x16(k1[c]), a1)
-            a2 = fma_f32x16(q, splat_f32x16(k2[c]), a2)
-            a3 = fma_f32x16(q, splat_f32x16(k3[c]), a3)
-        store_f32x16(scores, j * lanes + lane0, a0)
-        store_f32x16(scores, (j + 1) * lanes + lane0, a1)
-        store_f32x16(scores, (j + 2) * lanes + lane0, a2)
-        store_f32x16(scores, (j + 3) * lanes + lane0, a3)
-        j += 4
-    while j < n:
-        kj = keys[j]
-        a0 = zero_f32x16()
-        for c in range(d):
-            a0 = fma_f32x16(load_f32x16(qt, c * lanes + lane0), splat_f32x16(kj[c]), a0)
-        store_f32x16(scores, j * lanes + lane0, a0)
-        j += 1
+                k0, k1 = load_f32x16(keys, c * KEY_BLOCK), load_f32x16(keys, row + c * KEY_BLOCK)
+                k2, k3 = load_f32x16(keys, 2 * row + c * KEY_BLOCK), load_f32x16(keys, 3 * row + c * KEY_BLOCK)
+                x0, x1 = splat_f32x16(q0[c]), splat_f32x16(q1[c])
+                a00, a01, a02, a03 = fma_f32x16(x0, k0, a00), fma_f32x16(x0, k1, a01), fma_f32x16(x0, k2, a02), \
+                    fma_f32x16(x0, k3, a03)
+                a10, a11, a12, a13 = fma_f32x16(x1, k0, a10), fma_f32x16(x1, k1, a11), fma_f32x16(x1, k2, a12), \
+                    fma_f32x16(x1, k3, a13)
+            for b, a in enumerate((a00, a01, a02, a03)):
+                store_f32x16(scores, v * TILE + b * KEY_BLOCK, a)
+            for b, a in enumerate((a10, a11, a12, a13)):
+                store_f32x16(scores, (v + 1) * TILE + b * KEY_BLOCK, a)
+            v += 2
+    while v < nv:
+        qv = qs[v]
+        b = 0
+        while b + 2 <= n_blocks:
+            a0 = a1 = zero_f32x16()
+            for c in range(d):
+                x = splat_f32x16(qv[c])
+                a0 = fma_f32x16(x, load_f32x16(keys, b * row + c * KEY_BLOCK), a0)
+                a1 = fma_f32x16(x, load_f32x16(keys, (b + 1) * row + c * KEY_BLOCK), a1)
+            store_f32x16(scores, v * TILE + b * KEY_BLOCK, a0)
+            store_f32x16(scores, v * TILE + (b + 1) * KEY_BLOCK, a1)
+            b += 2
+        if b < n_blocks:
+            a0 = zero_f32x16()
+            for c in range(d):
+                a0 = fma_f32x16(splat_f32x16(qv[c]), load_f32x16(keys, b * row + c * KEY_BLOCK), a0)
+            store_f32x16(scores, v * TILE + b * KEY_BLOCK, a0)
+        v += 1
     if softcap > 0.0:
         cap = np.float32(softcap)
         inverse = np.float32(1.0 / softcap)
-        for j in range(n):
-            row = scores[j]
-            for i in range(LANES):
-                row[lane0 + i] = cap * np.tanh(row[lane0 + i] * inverse)
+        for v in range(nv):
+            row_scores = scores[v]
+            for j in range(n_blocks * KEY_BLOCK):
+                row_scores[j] = cap * np.tanh(row_scores[j] * inverse)
+
+
+@njit(cache=True, inline="always")
+def _scores_4x4(qs, keys, v, d, row, scores):
+    """Scores of query vectors v..v+3 against a whole tile (4 key blocks): 16 accumulators (AVX-512's 32 registers
+    hold them), so a prompt block's many vectors load each key vector once per 4 of them."""
+    q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_f32x16()
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero_f32x16()
+    for c in range(d):
+        k0, k1 = load_f32x16(keys, c * KEY_BLOCK), load_f32x16(keys, row + c * KEY_BLOCK)
+        k2, k3 = load_f32x16(keys, 2 * row + c * KEY_BLOCK), load_f32x16(keys, 3 * row + c * KEY_BLOCK)
+        x = splat_f32x16(q0[c])
+        a00, a01, a02, a03 = fma_f32x16(x, k0, a00), fma_f32x16(x, k1, a01), fma_f32x16(x, k2, a02), \
+            fma_f32x16(x, k3, a03)
+        x = splat_f32x16(q1[c])
+        a10, a11, a12, a13 = fma_f32x16(x, k0, a10), fma_f32x16(x, k1, a11), fma_f32x16(x, k2, a12), \
+            fma_f32x16(x, k3, a13)
+        x = splat_f32x16(q2[c])
+        a20, a21, a22, a23 = fma_f32x16(x, k0, a20), fma_f32x16(x, k1, a21), fma_f32x16(x, k2, a22), \
+            fma_f32x16(x, k3, a23)
+        x = splat_f32x16(q3[c])
+        a30, a31, a32, a33 = fma_f32x16(x, k0, a30), fma_f32x16(x, k1, a31), fma_f32x16(x, k2, a32), \
+            fma_f32x16(x, k3, a33)
+    for b, a in enumerate((a00, a01, a02, a03)):
+        store_f32x16(scores, v * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((a10, a11, a12, a13)):
+        store_f32x16(scores, (v + 1) * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((a20, a21, a22, a23)):
+        store_f32x16(scores, (v + 2) * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((a30, a31, a32, a33)):
+        store_f32x16(scores, (v + 3) * TILE + b * KEY_BLOCK, a)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _tile_softmax(scores, n, t0, lane0, lane_low, lane_high, m, l, work):
-    """The online softmax step for the 16 query vectors of lanes lane0..: their scores of keys t0..t0+n-1 become
-    exp(s - m') (0 where the vector does not see the key), m[v] becomes the new maximum m', l[v] the rescaled
-    normalizer plus this tile's weights, and correction[v] = exp(m - m') the factor the vector's value sum must be
-    rescaled by (1 where it sees no key of the tile). Whole vectors of 16 lanes, so every lane takes the same code
-    whether or not the tile needs masking."""
-    lanes = scores.shape[1]
-    tile_max, new_max, tile_sum, correction = work.tile_max, work.new_max, work.tile_sum, work.correction
-    last = t0 + n - 1
-    whole = True  # every lane sees every key of the tile (the common case, away from the causal edge and window)
-    for i in range(lane0, lane0 + LANES):
-        whole = whole and lane_low[i] <= t0 and last <= lane_high[i]
-    best = splat_f32x16(-np.inf)
-    for j in range(n):
-        row = load_f32x16(scores, j * lanes + lane0)
-        if not whole:
-            row = where_seen(row, lane_low, lane_high, lane0, t0 + j, -np.inf)
-        best = vmax(best, row)
-    store_f32x16(tile_max, 0, best)
-    for i in range(LANES):
-        v = lane0 + i
-        if tile_max[i] == -np.inf:  # the vector sees no key of this tile
-            new_max[i] = m[v]
-            correction[v] = 1.0
-        else:
-            new_max[i] = max(m[v], tile_max[i])
-            correction[v] = exp_f32(m[v] - new_max[i]) if m[v] > -np.inf else np.float32(0.0)
-    shift = load_f32x16(new_max, 0)
-    total = zero_f64x16()  # float64, as llama.cpp's softmax sums (ggml_vec_soft_max_f32 returns a double)
-    for j in range(n):
-        weight = exp_f32x16(vsub(load_f32x16(scores, j * lanes + lane0), shift))
-        if not whole:
-            weight = where_seen(weight, lane_low, lane_high, lane0, t0 + j, 0.0)  # unseen keys weigh (and add) 0
-        store_f32x16(scores, j * lanes + lane0, weight)
-        total = add_widened(total, weight)
-    store_f64x16(tile_sum, 0, total)
-    for i in range(LANES):
-        v = lane0 + i
-        l[v] = l[v] * correction[v] + tile_sum[i]
-        m[v] = new_max[i]
+def _tile_softmax(scores, n_blocks, t0, low, high, nv, m, l, correction, tile_max):
+    """The online softmax step for query vectors 0..nv-1 over the tile's keys t0..t0 + 16 n_blocks - 1: each score
+    becomes exp(s - m') (0 where the vector does not see the key), m[v] becomes the new maximum m', l[v] the
+    rescaled normalizer plus this tile's weights (summed in one fixed order: 16 lanes across the blocks, then
+    tree_sum), and correction[v] = exp(m - m') the factor the vector's value sum must be rescaled by (1 where it sees
+    no key of the tile). In passes over all the vectors, so that the scalar steps of one vector (its maximum, its
+    correction, its sum) overlap those of the next instead of waiting on each other's latency."""
+    end = t0 + n_blocks * KEY_BLOCK - 1
+    for v in range(nv):  # each vector's maximum over the keys it sees
+        lo, hi = low[v], high[v]
+        whole = lo <= t0 and end <= hi  # the vector sees every key of the tile (away from the causal edge, window)
+        best = splat_f32x16(-np.inf)
+        for b in range(n_blocks):
+            s = load_f32x16(scores, v * TILE + b * KEY_BLOCK)
+            if not whole:
+                s = where_in_range(s, t0 + b * KEY_BLOCK, lo, hi, -np.inf)
+            best = vmax(best, s)
+        tile_max[v] = hmax(best)
+    for v in range(nv):  # the new maxima (kept in tile_max) and the factors the old sums are rescaled by
+        old, seen = m[v], tile_max[v]
+        new_max = max(old, seen)
+        correction[v] = exp_f32(old - new_max) if old > -np.inf else np.float32(1.0 if seen == -np.inf else 0.0)
+        tile_max[v] = new_max
+    for v in range(nv):  # weights and their sum
+        lo, hi = low[v], high[v]
+        whole = lo <= t0 and end <= hi
+        shift = splat_f32x16(tile_max[v])
+        total = zero_f64x16()  # float64, as llama.cpp's softmax sums (ggml_vec_soft_max_f32 returns a double)
+        for b in range(n_blocks):
+            weight = exp_f32x16(vsub(load_f32x16(scores, v * TILE + b * KEY_BLOCK), shift))
+            if not whole:
+                weight = where_in_range(weight, t0 + b * KEY_BLOCK, lo, hi, 0.0)  # unseen keys weigh (and add) 0
+            store_f32x16(scores, v * TILE + b * KEY_BLOCK, weight)
+            total = add_widened(total, weight)
+        l[v] = l[v] * correction[v] + tree_sum(total)
+        m[v] = tile_max[v]
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def _tile_values(weights, values, n, nv, correction, acc):
-    """acc[v] = acc[v] * correction[v] + sum over the tile's n keys j of weights[j, v] * values[j], for the first nv
-    query vectors: each output lane one chain of fused multiply-adds over the keys in order, blocks of 4 vectors x
-    64 (or x 16) dims held in registers across the tile."""
-    lanes, d_v = weights.shape[1], values.shape[1]
+    """acc[v] = acc[v] * correction[v] + sum over the tile's n keys j of weights[v, j] * values[j], for the first nv
+    query vectors (in fours: rows past nv are padding): each output lane one chain of fused multiply-adds over the
+    keys in order, blocks of 4 vectors x 64 (or x 16) dims held in registers across the tile."""
+    d_v = values.shape[1]
     for v0 in range(0, nv, 4):
         c0 = 0
         if WIDE_VALUES:
             while c0 + 64 <= d_v:
-                _values_4x64(weights, values, n, v0, c0, lanes, correction, acc)
+                _values_4x64(weights, values, n, v0, c0, correction, acc)
                 c0 += 64
         while c0 < d_v:
-            _values_4x16(weights, values, n, v0, c0, lanes, correction, acc)
+            _values_4x16(weights, values, n, v0, c0, correction, acc)
             c0 += 16
 
 
 @njit(cache=True, inline="always")
-def _values_4x16(weights, values, n, v0, c0, lanes, correction, acc):
+def _values_4x16(weights, values, n, v0, c0, correction, acc):
     d_v = acc.shape[1]
     a0 = vmul(load_f32x16(acc, v0 * d_v + c0), splat_f32x16(correction[v0]))
     a1 = vmul(load_f32x16(acc, (v0 + 1) * d_v + c0), splat_f32x16(correction[v0 + 1]))
     a2 = vmul(load_f32x16(acc, (v0 + 2) * d_v + c0), splat_f32x16(correction[v0 + 2]))
     a3 = vmul(load_f32x16(acc, (v0 + 3) * d_v + c0), splat_f32x16(correction[v0 + 3]))
+    w0, w1, w2, w3 = weights[v0], weights[v0 + 1], weights[v0 + 2], weights[v0 + 3]
     for j in range(n):
         x = load_f32x16(values[j], c0)
-        w = weights[j]
-        a0 = fma_f32x16(splat_f32x16(w[v0]), x, a0)
-        a1 = fma_f32x16(splat_f32x16(w[v0 + 1]), x, a1)
-        a2 = fma_f32x16(splat_f32x16(w[v0 + 2]), x, a2)
-        a3 = fma_f32x16(splat_f32x16(w[v0 + 3]), x, a3)
+        a0 = fma_f32x16(splat_f32x16(w0[j]), x, a0)
+        a1 = fma_f32x16(splat_f32x16(w1[j]), x, a1)
+        a2 = fma_f32x16(splat_f32x16(w2[j]), x, a2)
+        a3 = fma_f32x16(splat_f32x16(w3[j]), x, a3)
     store_f32x16(acc, v0 * d_v + c0, a0)
     store_f32x16(acc, (v0 + 1) * d_v + c0, a1)
     store_f32x16(acc, (v0 + 2) * d_v + c0, a2)
@@ -256,7 +274,7 @@ def _values_4x16(weights, values, n, v0, c0, lanes, correction, acc):
 
 
 @njit(cache=True, inline="always")
-def _values_4x64(weights, values, n, v0, c0, lanes, correction, acc):
+def _values_4x64(weights, values, n, v0, c0, correction, acc):
     """_values_4x16 over 64 dims at once: 16 accumulators (AVX-512's 32 registers hold them; AVX2's 16 do not)."""
     d_v = acc.shape[1]
     s0, s1 = splat_f32x16(correction[v0]), splat_f32x16(correction[v0 + 1])
@@ -270,21 +288,21 @@ def _values_4x64(weights, values, n, v0, c0, lanes, correction, acc):
     a22, a23 = vmul(load_f32x16(acc, r2 + 32), s2), vmul(load_f32x16(acc, r2 + 48), s2)
     a30, a31 = vmul(load_f32x16(acc, r3), s3), vmul(load_f32x16(acc, r3 + 16), s3)
     a32, a33 = vmul(load_f32x16(acc, r3 + 32), s3), vmul(load_f32x16(acc, r3 + 48), s3)
+    wr0, wr1, wr2, wr3 = weights[v0], weights[v0 + 1], weights[v0 + 2], weights[v0 + 3]
     for j in range(n):
         row = values[j]
         x0, x1 = load_f32x16(row, c0), load_f32x16(row, c0 + 16)
         x2, x3 = load_f32x16(row, c0 + 32), load_f32x16(row, c0 + 48)
-        w = weights[j]
-        w0 = splat_f32x16(w[v0])
+        w0 = splat_f32x16(wr0[j])
         a00, a01, a02, a03 = fma_f32x16(w0, x0, a00), fma_f32x16(w0, x1, a01), fma_f32x16(w0, x2, a02), \
             fma_f32x16(w0, x3, a03)
-        w1 = splat_f32x16(w[v0 + 1])
+        w1 = splat_f32x16(wr1[j])
         a10, a11, a12, a13 = fma_f32x16(w1, x0, a10), fma_f32x16(w1, x1, a11), fma_f32x16(w1, x2, a12), \
             fma_f32x16(w1, x3, a13)
-        w2 = splat_f32x16(w[v0 + 2])
+        w2 = splat_f32x16(wr2[j])
         a20, a21, a22, a23 = fma_f32x16(w2, x0, a20), fma_f32x16(w2, x1, a21), fma_f32x16(w2, x2, a22), \
             fma_f32x16(w2, x3, a23)
-        w3 = splat_f32x16(w[v0 + 3])
+        w3 = splat_f32x16(wr3[j])
         a30, a31, a32, a33 = fma_f32x16(w3, x0, a30), fma_f32x16(w3, x1, a31), fma_f32x16(w3, x2, a32), \
             fma_f32x16(w3, x3, a33)
     store_f32x16(acc, r0, a00)
@@ -336,11 +354,11 @@ def _aligned_f32(rows, cols, color):
 
 
 @njit(cache=True, inline="always")
-def _lane_limits(positions, r0, r1, window, group, lanes):
+def _vector_limits(positions, r0, r1, window, group, rows):
     """Per query vector (row-major over the block's rows and the group's heads): the first and last key it sees;
-    padding lanes see every key (their results are never read, and they never break a tile's fast path)."""
-    low = np.zeros(lanes, np.int64)
-    high = np.full(lanes, np.iinfo(np.int64).max, np.int64)
+    padding vectors see every key (their results are never read)."""
+    low = np.zeros(rows, np.int64)
+    high = np.full(rows, np.iinfo(np.int64).max, np.int64)
     for r in range(r0, r1):
         p = positions[r]
         for g in range(group):
@@ -367,23 +385,25 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     n_heads, d_k, d_v = q.shape[1], q.shape[2], out.shape[2]
     group = n_heads // n_kv
     nv = (r1 - r0) * group
-    lanes = (nv + LANES - 1) // LANES * LANES
+    rows = (nv + 3) // 4 * 4  # query vectors with padding: the values step takes them in fours
     keys, key_scales = head_view(k_pair[0], k_pair[1], layer, seqs[r0], kv_head)
     values, value_scales = head_view(v_pair[0], v_pair[1], layer, seqs[r0], kv_head)
-    qt = _aligned_f32(d_k, lanes, 0)  # the query vectors across lanes, scaled; padding lanes 0
-    qt[:] = 0.0
+    qs = _aligned_f32(rows, d_k, 0)  # the query vectors by rows, scaled; padding rows 0
+    qs[:] = 0.0
     for r in range(r0, r1):
         for g in range(group):
             for c in range(d_k):
-                qt[c, (r - r0) * group + g] = q[r, kv_head * group + g, c] * np.float32(scale)
-    low, high = _lane_limits(positions, r0, r1, window, group, lanes)
-    key_buf = _aligned_f32(TILE, d_k, 1)
+                qs[(r - r0) * group + g, c] = q[r, kv_head * group + g, c] * np.float32(scale)
+    low, high = _vector_limits(positions, r0, r1, window, group, rows)
+    key_buf = _aligned_f32(TILE // KEY_BLOCK * d_k, KEY_BLOCK, 1).reshape((TILE // KEY_BLOCK, d_k, KEY_BLOCK))
     value_buf = _aligned_f32(TILE, d_v, 2)
-    scores = _aligned_f32(TILE, lanes, 3)
-    work = _softmax_work(lanes)
-    acc = _aligned_f32(lanes, d_v, 4)  # one chunk's sums
-    m = np.empty(lanes, np.float32)
-    l = np.empty(lanes, np.float64)
+    scores = _aligned_f32(rows, TILE, 3)
+    scores[:] = 0.0  # padding rows weigh 0 (their sums are never read: no stray denormals or NaNs)
+    correction = np.zeros(rows, np.float32)
+    tile_max = np.empty(rows, np.float32)
+    acc = _aligned_f32(rows, d_v, 4)  # one chunk's sums
+    m = np.empty(rows, np.float32)
+    l = np.empty(rows, np.float64)
     first, end = key_lo // CHUNK, (key_hi + CHUNK - 1) // CHUNK  # the block's chunks: first..end-1
     if n_parts > 0:
         first_slot = part * chunks_per_part
@@ -391,8 +411,8 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
             c = first + slot
             _fresh(acc, m, l)
             if c < end:
-                _attend(qt, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
-                        min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, work, acc, m, l)
+                _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
+                        min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction, tile_max, acc, m, l)
             for v in range(nv):  # every slot is written (-inf: nothing), so no earlier call's partial survives
                 r, h = r0 + v // group, kv_head * group + v % group
                 part_m[slot, r, h] = m[v]
@@ -405,8 +425,8 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     total_l = np.zeros(nv, np.float64)
     for c in range(first, end):
         _fresh(acc, m, l)
-        _attend(qt, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
-                min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, work, acc, m, l)
+        _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
+                min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction, tile_max, acc, m, l)
         for v in range(nv):
             _merge_chunk(total_acc[v], total_m, total_l, v, acc[v], m[v], l[v])
     for v in range(nv):

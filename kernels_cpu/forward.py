@@ -24,7 +24,7 @@ from kernels_cpu.activation import _gated_rows, gated_activation_row, gated_from
 from kernels_cpu.activations_q8 import quantize_activations, quantize_activations_rows
 from kernels_cpu.attention import attention_rows, make_partials
 from kernels_cpu.dequant import dequant_row
-from kernels_cpu.kv_types import store_row
+from kernels_cpu.kv_types import store_key, store_row
 from kernels_cpu.matmul_q8 import matmul_tiles_dispatch
 from kernels_cpu.matvec_q8 import REPACKED, matvec_q8_dispatch, weight_rows
 from kernels_cpu.norm import rms_norm_rows, rms_norm_rows_parallel
@@ -193,7 +193,7 @@ def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_freqs, p
         rms_norm_rows(k.reshape((n * kv_heads, hd)), lv[V_K_NORM, :hd], hp.norm_eps, k.reshape((n * kv_heads, hd)))
     rope_qk_inplace(q, k, positions, rope_freqs, hp.rope_style)
     for i in range(n):
-        store_row(k_cache[0], k_cache[1], layer, seqs[i], positions[i], k[i])
+        store_key(k_cache[0], k_cache[1], layer, seqs[i], positions[i], k[i])
         store_row(v_cache[0], v_cache[1], layer, seqs[i], positions[i], v[i])
     attn = s.attn[:n]
     attention_rows(q, positions, seqs, k_cache, v_cache, layer, hp.attention_scale, window, attn, s.partials,
@@ -238,9 +238,9 @@ def forward(tokens, positions, seqs, logit_rows, weights, packed, layer_mats, he
 
     layer_mats (n_layers, N_MAT) and head_mats (2,) of MATRIX records; vecs (n_layers, N_VEC, width) float32;
     windows (n_layers,) int64 (0: full attention); rope_freqs (n_layers, rope_dims / 2) float64, each layer's angle
-    per position of each rotated pair (kernels_cpu.rope; all 0 on a layer without RoPE); hp a Hyper; k_cache a
-    (values, scales) pair of shape (n_layers, n_seq, n_ctx, n_kv_heads, head_dim) in any cache type
-    (kernels_cpu.kv_types), v_cache likewise with value_dim; s a Scratch of at least n rows."""
+    per position of each rotated pair (kernels_cpu.rope; all 0 on a layer without RoPE); hp a Hyper; v_cache a
+    (values, scales) pair of shape (n_layers, n_seq, n_kv_heads, n_ctx, value_dim) in any cache type
+    (kernels_cpu.kv_types), k_cache likewise in key blocks (n_layers, n_seq, n_kv_heads, n_ctx / 16, head_dim, 16); s a Scratch of at least n rows."""
     n = tokens.shape[0]
     d = hp.d_model
     x = s.x[:n]

@@ -1,14 +1,18 @@
 """The KV cache's element types in compiled code: storing a row, scoring queries against a key, adding up values.
 
-A cache array is a pair (values, scales) of shape (n_layers, n_seq, n_kv_heads, n_ctx, dim) (edgeinfer.kv_cache):
+A cache array is a pair (values, scales) (edgeinfer.kv_cache). Values are stored by rows, (n_layers, n_seq,
+n_kv_heads, n_ctx, dim); keys in blocks of KEY_BLOCK positions, each block transposed: (n_layers, n_seq, n_kv_heads,
+n_ctx / KEY_BLOCK, dim, KEY_BLOCK), so the attention kernels load one dimension of 16 keys as one SIMD vector (a
+decode row's few query vectors score 16 keys per instruction) and still broadcast one element of one key.
   f32   values float32                       (scales: a stand-in, unused)
   f16   values uint16, IEEE half bits        (scales: a stand-in, unused)
-  q8_0  values int8, scales float32 (..., dim / 32): x ~ scale * value per 32-value block, the scale rounded to a
-        half as ggml's block_q8_0 stores it
+  q8_0  values int8, scales float32 per 32 values along dim (values: (..., n_ctx, dim / 32); keys: (..., n_ctx /
+        KEY_BLOCK, dim / 32, KEY_BLOCK)): x ~ scale * value, the scale rounded to a half as ggml's block_q8_0
+        stores it
 Each primitive below is one Python name with an implementation per values dtype (numba's @overload picks it when the
 caller compiles), so the attention kernels are written once for all three types. They work on one (layer, sequence,
-KV head) at a time: `head_view` gives its (positions, dim) rows, which lie contiguously, and `tile_rows` a tile of
-them as float32.
+KV head) at a time: `head_view` gives its rows (or key blocks), which lie contiguously, `tile_rows` a tile of value
+rows as float32 and `tile_keys` a tile of key blocks as float32.
 
 Keys of every type are scored against float32 queries: an f16 or q8_0 tile is widened to float32 once and serves all
 the query vectors of a job (every head of a GQA group, every row of a block). llama.cpp quantizes the queries to
@@ -21,21 +25,33 @@ from numba.extending import overload
 
 from kernels_cpu._fp16 import half_bits_to_f32
 from kernels_cpu.quantize import f32_to_half_bits, round_away
+from kernels_cpu.simd import halves_f32x16, int8s_f32x16, load_f32x16, splat_f32x16, store_f32x16, vmul
 
 QK = 32  # values per q8_0 block
+KEY_BLOCK = 16  # positions per key block (edgeinfer.kv_cache.KEY_BLOCK; one float32 SIMD vector)
 
 
 def store_row(values, scales, layer, seq, pos, x):
     """values[layer, seq, :, pos] (and its scales) = the float32 rows x (n_kv_heads, dim), in the cache's type."""
 
 
+def store_key(values, scales, layer, seq, pos, x):
+    """store_row into a key array: position pos of the blocked layout (the module docstring)."""
+
+
 def head_view(values, scales, layer, seq, kv_head):
-    """(rows, row_scales) of one (layer, sequence, KV head): rows (n_ctx, dim); row_scales (n_ctx, dim / 32) for
-    q8_0, a stand-in otherwise."""
+    """(rows, row_scales) of one (layer, sequence, KV head): rows (n_ctx, dim) (keys: (n_ctx / KEY_BLOCK, dim,
+    KEY_BLOCK)); row_scales likewise with dim / 32 for q8_0, a stand-in otherwise."""
 
 
 def tile_rows(rows, row_scales, start, stop, buf):
     """rows start..stop-1 of a head_view as float32 (n, dim): a view for f32, else widened into buf (TILE, dim)."""
+
+
+def tile_keys(blocks, block_scales, start, stop, buf):
+    """The key blocks holding positions start..stop-1 (start a multiple of KEY_BLOCK) of a head_view as float32
+    (n_blocks, dim, KEY_BLOCK): a view for f32, else widened into buf (TILE / KEY_BLOCK, dim, KEY_BLOCK). Positions
+    past stop in the last block hold whatever was stored there: the caller masks them."""
 
 
 # -------------------------------------------------------------------------------------------------- storing a row
@@ -58,6 +74,33 @@ def _store_row(values, scales, layer, seq, pos, x):
             for h in range(x.shape[0]):
                 for b in range(x.shape[1] // QK):
                     _store_block(x[h], b * QK, values[layer, seq, h, pos], scales[layer, seq, h, pos], b)
+        return store_q8_0
+    return None
+
+
+@overload(store_key, inline="always")
+def _store_key(values, scales, layer, seq, pos, x):
+    if values.dtype == types.float32:
+        def store_f32(values, scales, layer, seq, pos, x):
+            block, j = pos // KEY_BLOCK, pos % KEY_BLOCK
+            for h in range(x.shape[0]):
+                for c in range(x.shape[1]):
+                    values[layer, seq, h, block, c, j] = x[h, c]
+        return store_f32
+    if values.dtype == types.uint16:
+        def store_f16(values, scales, layer, seq, pos, x):
+            block, j = pos // KEY_BLOCK, pos % KEY_BLOCK
+            for h in range(x.shape[0]):
+                for c in range(x.shape[1]):
+                    values[layer, seq, h, block, c, j] = f32_to_half_bits(x[h, c])
+        return store_f16
+    if values.dtype == types.int8:
+        def store_q8_0(values, scales, layer, seq, pos, x):
+            block, j = pos // KEY_BLOCK, pos % KEY_BLOCK
+            for h in range(x.shape[0]):
+                for b in range(x.shape[1] // QK):  # strided views: this position's column of the block
+                    _store_block(x[h], b * QK, values[layer, seq, h, block, :, j], scales[layer, seq, h, block, :, j],
+                                 b)
         return store_q8_0
     return None
 
@@ -94,27 +137,75 @@ def _tile_rows(rows, row_scales, start, stop, buf):
     return None
 
 
-@njit(cache=True, fastmath=True)
-def _widen_f16(bits, buf):
+@overload(tile_keys, inline="always")
+def _tile_keys(blocks, block_scales, start, stop, buf):
+    if blocks.dtype == types.float32:
+        return lambda blocks, block_scales, start, stop, buf: blocks[start // KEY_BLOCK:_blocks_end(stop)]
+    if blocks.dtype == types.uint16:
+        return lambda blocks, block_scales, start, stop, buf: _widen_f16_keys(
+            blocks[start // KEY_BLOCK:_blocks_end(stop)], buf)
+    if blocks.dtype == types.int8:
+        return lambda blocks, block_scales, start, stop, buf: _widen_q8_0_keys(
+            blocks[start // KEY_BLOCK:_blocks_end(stop)], block_scales[start // KEY_BLOCK:_blocks_end(stop)], buf,
+            blocks.shape[1] // block_scales.shape[1])
+    return None
+
+
+@njit(cache=True, inline="always")
+def _blocks_end(stop):
+    return (stop + KEY_BLOCK - 1) // KEY_BLOCK
+
+
+@njit(cache=True, inline="always")
+def _widen_halves(bits, out):
+    """out[:] = the halves bits (1-D, of out's length) as float32, 16 per SIMD instruction: left to LLVM's
+    vectorizer, the loop ran scalar inside the attention kernel (a tile of values took 5 times its scoring)."""
+    n = bits.shape[0]
+    i = 0
+    while i + 16 <= n:
+        store_f32x16(out, i, halves_f32x16(bits, i))
+        i += 16
+    while i < n:
+        out[i] = half_bits_to_f32(bits[i])
+        i += 1
+
+
+@njit(cache=True)
+def _widen_f16_keys(bits, buf):
     out = buf[:bits.shape[0]]
-    for j in range(bits.shape[0]):
-        for c in range(bits.shape[1]):
-            out[j, c] = half_bits_to_f32(bits[j, c])
+    _widen_halves(bits.reshape(-1), out.reshape(-1))
     return out
 
 
-@njit(cache=True, fastmath=True)
-def _widen_q8_0(q, d, buf, block):
-    """block (= QK) arrives as an argument: a loop of a constant 32 is unrolled into scalar code, a loop of a
-    run-time length is vectorized."""
+@njit(cache=True)
+def _widen_q8_0_keys(q, d, buf, block):
+    """q8_0 key blocks (n, dim, KEY_BLOCK) with scales (n, dim / block, KEY_BLOCK) -> float32 in buf: value times
+    its key's scale, one SIMD vector per dimension of a block (the same float32 product as a row's widening)."""
     out = buf[:q.shape[0]]
+    dim, n_scales = q.shape[1], d.shape[1]
+    for b in range(q.shape[0]):
+        for c in range(dim):
+            offset = (b * dim + c) * KEY_BLOCK
+            scales = load_f32x16(d, (b * n_scales + c // block) * KEY_BLOCK)
+            store_f32x16(out, offset, vmul(int8s_f32x16(q, offset), scales))
+    return out
+
+
+@njit(cache=True)
+def _widen_f16(bits, buf):
+    out = buf[:bits.shape[0]]
+    _widen_halves(bits.reshape(-1), out.reshape(-1))
+    return out
+
+
+@njit(cache=True)
+def _widen_q8_0(q, d, buf, block):
+    """q8_0 rows (n, dim) with scales (n, dim / block) -> float32 in buf: each value times its block's scale, 16 per
+    SIMD instruction."""
+    out = buf[:q.shape[0]]
+    dim = q.shape[1]
     for j in range(q.shape[0]):
-        row = out[j]
-        for c in range(q.shape[1]):
-            row[c] = np.float32(q[j, c])
-        for b in range(d.shape[1]):
-            scale = d[j, b]
-            part = row[b * block:b * block + block]
-            for c in range(part.shape[0]):
-                part[c] *= scale
+        for c in range(0, dim, 16):
+            offset = j * dim + c
+            store_f32x16(out, offset, vmul(int8s_f32x16(q, offset), splat_f32x16(d[j, c // block])))
     return out

@@ -327,6 +327,54 @@ def where_seen(typingctx, x, low, high, offset, position, fill):
 
 
 @intrinsic
+def where_in_range(typingctx, x, position, low, high, fill):
+    """x in the lanes i whose key position + i lies in [low, high] (the keys one query vector sees), fill elsewhere."""
+    if not (x == f32x16 and all(isinstance(a, types.Integer) for a in (position, low, high))
+            and isinstance(fill, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        def wide(value):
+            return builder.sext(value, _I64) if value.type.width < 64 else value
+
+        p = builder.add(_splat(builder, wide(args[1]), 16), _const(_I64, list(range(16))))
+        seen = builder.and_(builder.icmp_signed("<=", _splat(builder, wide(args[2]), 16), p),
+                            builder.icmp_signed("<=", p, _splat(builder, wide(args[3]), 16)))
+        return builder.select(seen, args[0], _splat(builder, _f32_value(builder, args[4], fill), 16))
+
+    return f32x16(x, position, low, high, fill), codegen
+
+
+@intrinsic
+def hmax(typingctx, x):
+    """The largest lane of an f32x16 (exact in any order; no NaNs expected)."""
+    if x != f32x16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _call(builder, "llvm.vector.reduce.fmax.v16f32", _F32, [args[0]])
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def tree_sum(typingctx, x):
+    """The sum of an f64x16's lanes in one fixed order: lanes i and i + 8 first, then i and i + 4, i and i + 2, and
+    the last two (no reassociation: the same bits on every path)."""
+    if x != f64x16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        v, width = args[0], 16
+        while width > 1:
+            width //= 2
+            v = builder.fadd(_shuffle(builder, v, v, range(width)), _shuffle(builder, v, v, range(width, 2 * width)))
+        return builder.extract_element(v, ir.Constant(_I32, 0))
+
+    return types.float64(x), codegen
+
+
+@intrinsic
 def exp_f32x16(typingctx, x):
     """e**x lane by lane within 2 ulp: the vector form of attention.exp_f32 (Cephes' expf: x = n ln 2 + r, a
     degree-6 polynomial in r, times 2**n), every multiply-add fused, so each lane's bits are the same in any kernel.

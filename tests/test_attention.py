@@ -10,17 +10,19 @@ import numba
 import numpy as np
 import pytest
 
-from edgeinfer.kv_cache import KV_TYPES, decode, encode
+from edgeinfer.kv_cache import KV_TYPES, decode, encode, to_key_blocks
 from kernels_cpu import ops_reference as ref
 from kernels_cpu.attention import attention_rows, make_partials
 
 SCALE = 0.2
 
 
-def cache_pair(kv_type, x):
-    """One layer's cache as the kernel takes it: (values, scales) of shape (1, n_seq, n_kv, n_ctx, dim), from x of
-    shape (n_seq, n_ctx, n_kv, dim)."""
-    values, scales = encode(kv_type, x.transpose(0, 2, 1, 3)[None])
+def cache_pair(kv_type, x, keys=False):
+    """One layer's cache as the kernel takes it: (values, scales) of shape (1, n_seq, n_kv, n_ctx, dim) from x of
+    shape (n_seq, n_ctx, n_kv, dim); keys in blocks of 16 positions (1, n_seq, n_kv, n_ctx / 16, dim, 16)."""
+    values, scales = (np.ascontiguousarray(a) for a in encode(kv_type, x.transpose(0, 2, 1, 3)[None]))
+    if keys:
+        values, scales = to_key_blocks(values), to_key_blocks(scales)
     if kv_type != "q8_0":
         scales = np.zeros((1,) * values.ndim, np.float32)
     return values, scales
@@ -43,8 +45,8 @@ def run_kernel(kv_type, q, positions, seqs, k, v, window, threads, softcap=0.0):
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        attention_rows(q, positions, seqs, cache_pair(kv_type, k), cache_pair(kv_type, v), 0, SCALE, window, out,
-                       make_partials(q.shape[1], v.shape[-1]), threads, softcap)
+        attention_rows(q, positions, seqs, cache_pair(kv_type, k, keys=True), cache_pair(kv_type, v), 0, SCALE,
+                       window, out, make_partials(q.shape[1], v.shape[-1]), threads, softcap)
     finally:
         numba.set_num_threads(previous)
     return out

@@ -147,3 +147,31 @@ def test_generate_batch_equals_each_prompt_alone():
         with pytest.raises(edgeinfer.InvalidArgument, match="max_tokens has 2 values for 5 prompts"):
             model.generate_batch(prompts, max_tokens=[1, 2])
         assert model.generate("Water is", max_tokens=4, temperature=0) == before  # the single stream is intact
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
+def test_export_restore_and_prefix_copy_through_key_blocks(kv_type):
+    """Keys lie in blocks of 16 positions: a length that ends inside a block survives export, restore into another
+    sequence and a prefix copy, position for position."""
+    from types import SimpleNamespace
+
+    from edgeinfer.kv_cache import KVCache, decode, encode
+
+    cfg = SimpleNamespace(n_layers=2, n_kv_heads=3, head_dim=64, value_dim=32)
+    cache = KVCache(cfg, n_ctx=50, n_seq=3, kv_type=kv_type)
+    assert cache.k[0].shape[3:] == (4, 64, 16) and cache.v[0].shape[3:] == (50, 32)
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((2, 37, 3, 64)).astype(np.float32)
+    v = rng.standard_normal((2, 37, 3, 32)).astype(np.float32)
+    seq = cache.allocate()
+    assert cache.restore(seq, list(range(37)), k, v)
+    tokens, k_back, v_back = cache.export(seq)
+    assert tokens == list(range(37))
+    np.testing.assert_array_equal(k_back, decode(kv_type, *encode(kv_type, k)))
+    np.testing.assert_array_equal(v_back, decode(kv_type, *encode(kv_type, v)))
+    other = cache.allocate()
+    cache.copy_prefix(seq, other, 21)
+    _, k_prefix, v_prefix = cache.export(other)
+    np.testing.assert_array_equal(k_prefix, k_back[:, :21])
+    np.testing.assert_array_equal(v_prefix, v_back[:, :21])
+    assert not cache.restore(seq, list(range(51)), k, v)  # more positions than the context: refused, unchanged

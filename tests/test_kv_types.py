@@ -1,17 +1,31 @@
-"""The KV cache's element types: the compiled store (kernels_cpu.kv_types.store_row) writes exactly what the numpy
-encoding (edgeinfer.kv_cache.encode) writes, and decoding gives the values back within each type's precision."""
+"""The KV cache's element types: the compiled stores (kernels_cpu.kv_types.store_row, and store_key into blocks of
+16 positions) write exactly what the numpy encoding (edgeinfer.kv_cache.encode, to_key_blocks) writes, decoding gives
+the values back within each type's precision, and the widened key tiles are the decoded keys."""
 import numpy as np
 import pytest
 from numba import njit
 
-from edgeinfer.kv_cache import KV_TYPES, decode, encode
-from kernels_cpu.kv_types import store_row
+from edgeinfer.kv_cache import KEY_BLOCK, KV_TYPES, decode, encode, from_key_blocks, to_key_blocks
+from kernels_cpu import kv_types
+from kernels_cpu.kv_types import head_view, store_key, store_row, tile_keys
 
 
 @njit(cache=True)
 def _store_all(values, scales, x):
     for p in range(x.shape[0]):
         store_row(values, scales, 0, 0, p, x[p])
+
+
+@njit(cache=True)
+def _store_keys(values, scales, x):
+    for p in range(x.shape[0]):
+        store_key(values, scales, 0, 0, p, x[p])
+
+
+@njit(cache=True)
+def _widened_tile(values, scales, kv_head, start, stop, buf):
+    keys, key_scales = head_view(values, scales, 0, 0, kv_head)
+    return tile_keys(keys, key_scales, start, stop, buf).copy()
 
 
 def compiled_store(kv_type, x):
@@ -45,3 +59,44 @@ def test_decode_gives_values_back(kv_type, bound):
     blocks = np.abs(x.reshape(20, 2, 2, 32)).max(axis=-1, keepdims=True)
     scale = np.broadcast_to(blocks, (20, 2, 2, 32)).reshape(x.shape) if kv_type == "q8_0" else np.abs(x)
     assert np.all(np.abs(back - x) <= bound * scale * 1.01 + 1e-30)
+
+
+def test_key_block_is_one_constant():
+    assert kv_types.KEY_BLOCK == KEY_BLOCK == 16
+
+
+def key_cache(kv_type, x):
+    """x (positions, n_kv, dim) stored through store_key: (values, scales) of shape (1, 1, n_kv, blocks, ...)."""
+    n_pos, n_kv, dim = x.shape
+    n_blocks = -(-n_pos // KEY_BLOCK)
+    values = np.zeros((1, 1, n_kv, n_blocks, dim, KEY_BLOCK), dtype=KV_TYPES[kv_type][0])
+    scales = (np.zeros((1, 1, n_kv, n_blocks, dim // 32, KEY_BLOCK), np.float32) if kv_type == "q8_0"
+              else np.zeros((1,) * 6, np.float32))
+    _store_keys(values, scales, x)
+    return values, scales
+
+
+@pytest.mark.parametrize("kv_type", list(KV_TYPES))
+def test_compiled_key_store_equals_numpy_blocks(kv_type):
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((37, 2, 64)) * np.exp(rng.uniform(-4, 4, (37, 2, 1)))).astype(np.float32)
+    values, scales = key_cache(kv_type, x)
+    want_values, want_scales = encode(kv_type, x.transpose(1, 0, 2))  # (n_kv, positions, ...)
+    np.testing.assert_array_equal(values[0, 0], to_key_blocks(want_values))
+    np.testing.assert_array_equal(from_key_blocks(values[0, 0], 37), want_values)
+    if kv_type == "q8_0":
+        np.testing.assert_array_equal(scales[0, 0], to_key_blocks(want_scales))
+
+
+@pytest.mark.parametrize("kv_type", list(KV_TYPES))
+@pytest.mark.parametrize("start,stop", [(0, 64), (64, 100), (32, 33)])
+def test_widened_key_tile_is_the_decoded_keys(kv_type, start, stop):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((100, 2, 64)).astype(np.float32)
+    values, scales = key_cache(kv_type, x)
+    buf = np.empty((4, 64, KEY_BLOCK), np.float32)
+    tile = _widened_tile(values, scales, 1, start, stop, buf)
+    rows = from_key_blocks(tile, stop - start)
+    want = decode(kv_type, *encode(kv_type, x[start:stop, 1]))
+    np.testing.assert_array_equal(rows, want)
+    assert tile.shape == (-(-stop // KEY_BLOCK) - start // KEY_BLOCK, 64, KEY_BLOCK)

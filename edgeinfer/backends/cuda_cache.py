@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeinfer.arch.decoder import DecoderConfig
-from edgeinfer.kv_cache import DEFAULT_KV_TYPE, QK, KVCache
+from edgeinfer.kv_cache import DEFAULT_KV_TYPE, KVCache
 
 # the device dtype of each cache type's values (f16: float16 there, where the host cache keeps half bits in uint16)
 DEVICE_DTYPES = {"f32": np.float32, "f16": np.float16, "q8_0": np.int8}
@@ -25,11 +25,11 @@ class CUDAKVCache(KVCache):
         self._ops = cache_ops
         super().__init__(cfg, n_ctx, n_seq, kv_type)
 
-    def _allocate(self, shape: tuple[int, ...]):
-        """(values, scales) on the device, zeroed; scales (..., dim / 32) for q8_0, a (1, 1, 1, 1, 1) stand-in else."""
-        values = self._ops.zeros(shape, DEVICE_DTYPES[self.kv_type])
-        scale_shape = shape[:-1] + (shape[-1] // QK,) if self.kv_type == "q8_0" else (1,) * len(shape)
-        return values, self._ops.zeros(scale_shape, np.float32)
+    key_block = None  # the device kernels read keys by rows
+
+    def _allocate(self, shape: tuple[int, ...], scale_shape: tuple[int, ...]):
+        """(values, scales) on the device, zeroed; scales (..., dim / 32) for q8_0, a one-element stand-in else."""
+        return self._ops.zeros(shape, DEVICE_DTYPES[self.kv_type]), self._ops.zeros(scale_shape, np.float32)
 
     def _copy_positions(self, a, src: int, dst: int, n: int) -> None:
         self._ops.copy_positions(a, src, dst, n)
