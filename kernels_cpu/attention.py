@@ -118,11 +118,17 @@ def _tile_scores(qs, keys, nv, softcap, scores):
     n_blocks, d = keys.shape[0], keys.shape[1]
     row = d * KEY_BLOCK  # elements per key block
     v = 0
-    if WIDE_VALUES and n_blocks == 4:  # 4 (or 2) vectors x 4 blocks: 16 (8) independent chains, each key load shared
+    if WIDE_VALUES:  # 4 (or 2) vectors x 4 blocks: 16 (8) independent chains, each key load shared
         while v + 4 <= nv:
-            _scores_4x4(qs, keys, v, d, row, scores)
+            if n_blocks == 4:
+                _scores_4x4(qs, keys, v, d, row, scores)
+            else:  # the last tile of a range (a prompt block's causal edge): 4 vectors x 2 blocks, then x 1
+                for b in range(0, n_blocks - 1, 2):
+                    _scores_4x2(qs, keys, v, b, d, row, scores)
+                if n_blocks % 2:
+                    _scores_4x1(qs, keys, v, n_blocks - 1, d, row, scores)
             v += 4
-        while v + 2 <= nv:
+        while v + 2 <= nv and n_blocks == 4:
             q0, q1 = qs[v], qs[v + 1]
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_f32x16()
             for c in range(d):
@@ -195,6 +201,36 @@ def _scores_4x4(qs, keys, v, d, row, scores):
         store_f32x16(scores, (v + 2) * TILE + b * KEY_BLOCK, a)
     for b, a in enumerate((a30, a31, a32, a33)):
         store_f32x16(scores, (v + 3) * TILE + b * KEY_BLOCK, a)
+
+
+@njit(cache=True, inline="always")
+def _scores_4x2(qs, keys, v, b, d, row, scores):
+    """Scores of query vectors v..v+3 against key blocks b, b+1: _scores_4x4 for a tile's last, partial part."""
+    q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = zero_f32x16()
+    for c in range(d):
+        k0, k1 = load_f32x16(keys, b * row + c * KEY_BLOCK), load_f32x16(keys, (b + 1) * row + c * KEY_BLOCK)
+        x0, x1, x2, x3 = splat_f32x16(q0[c]), splat_f32x16(q1[c]), splat_f32x16(q2[c]), splat_f32x16(q3[c])
+        a00, a01, a10, a11 = fma_f32x16(x0, k0, a00), fma_f32x16(x0, k1, a01), fma_f32x16(x1, k0, a10), \
+            fma_f32x16(x1, k1, a11)
+        a20, a21, a30, a31 = fma_f32x16(x2, k0, a20), fma_f32x16(x2, k1, a21), fma_f32x16(x3, k0, a30), \
+            fma_f32x16(x3, k1, a31)
+    for i, (a, a_next) in enumerate(((a00, a01), (a10, a11), (a20, a21), (a30, a31))):
+        store_f32x16(scores, (v + i) * TILE + b * KEY_BLOCK, a)
+        store_f32x16(scores, (v + i) * TILE + (b + 1) * KEY_BLOCK, a_next)
+
+
+@njit(cache=True, inline="always")
+def _scores_4x1(qs, keys, v, b, d, row, scores):
+    """Scores of query vectors v..v+3 against key block b."""
+    q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
+    a0 = a1 = a2 = a3 = zero_f32x16()
+    for c in range(d):
+        k = load_f32x16(keys, b * row + c * KEY_BLOCK)
+        a0, a1 = fma_f32x16(splat_f32x16(q0[c]), k, a0), fma_f32x16(splat_f32x16(q1[c]), k, a1)
+        a2, a3 = fma_f32x16(splat_f32x16(q2[c]), k, a2), fma_f32x16(splat_f32x16(q3[c]), k, a3)
+    for i, a in enumerate((a0, a1, a2, a3)):
+        store_f32x16(scores, (v + i) * TILE + b * KEY_BLOCK, a)
 
 
 @njit(cache=True, fastmath=FASTMATH)
