@@ -49,3 +49,32 @@ def test_router_refusals_are_openai_errors():
     assert client.get("/health").status_code == 503  # /health needs no key
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 503
+
+
+def test_connections_have_nagle_off():
+    """Every accepted connection sends small writes at once (TCP_NODELAY): with Nagle's algorithm on, a response's
+    body waited behind its headers for the client's delayed ACK, 40 ms on every request."""
+    import asyncio
+    import socket
+
+    from edgeinfer.serve.server import bind
+
+    async def accepted_nodelay() -> int:
+        listener = bind("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
