@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeinfer.engine import Engine
 from edgeinfer.generation import GenerationStats, TextStream, non_finite_logits
-from edgeinfer.sampling import Sampler
+from edgeinfer.sampling import Sampler, all_finite
 from edgeinfer.tokenizer import Tokenizer
 
 
@@ -145,6 +145,6 @@ class BatchGenerator:
                 r.logits = self._finite(row, r)
 
     def _finite(self, logits: np.ndarray, r: BatchRequest) -> np.ndarray:
-        if not np.isfinite(logits).all():
+        if not all_finite(logits):
             raise non_finite_logits(self.name, len(r.history) - 1)
         return logits

@@ -56,9 +56,11 @@ class Engine:
         self.cache.truncate(0, n)
 
     # -- the forward pass ------------------------------------------------------------------------------------
-    def forward(self, tokens, seqs, positions, logit_rows) -> np.ndarray:
+    def forward(self, tokens, seqs, positions, logit_rows, out: np.ndarray | None = None) -> np.ndarray:
         """Evaluate one batch of at most max(n_batch, n_seq) rows: tokens[i] at positions[i] of sequence seqs[i]
-        (its K/V stored there); logits (len(logit_rows), n_vocab) float32 of the rows logit_rows.
+        (its K/V stored there); logits (len(logit_rows), n_vocab) float32 of the rows logit_rows, written into `out`
+        if given (a C-contiguous array of that shape a caller reuses step after step: a fresh one of megabytes costs
+        page faults every step).
 
         The caller keeps the cache's record (`KVCache.record`) and guarantees that no two rows share a (sequence,
         position) and that each row's earlier positions are cached or in the batch."""
@@ -67,7 +69,10 @@ class Engine:
         if not 1 <= n <= self.max_rows:
             raise ValueError(f"a forward batch holds 1 to {self.max_rows} rows, got {n}")
         logit_rows = np.ascontiguousarray(logit_rows, dtype=np.int64)
-        logits = np.empty((len(logit_rows), self.cfg.n_vocab), dtype=np.float32)
+        shape = (len(logit_rows), self.cfg.n_vocab)
+        if out is not None and (out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+        logits = np.empty(shape, dtype=np.float32) if out is None else out
         self.runner.forward(tokens, np.ascontiguousarray(positions, dtype=np.int64),
                            np.ascontiguousarray(seqs, dtype=np.int64), logit_rows, self.cache, logits, self.n_threads)
         return logits

@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeinfer.engine import Engine
 from edgeinfer.errors import ModelError
-from edgeinfer.sampling import Sampler
+from edgeinfer.sampling import Sampler, all_finite
 from edgeinfer.speculative import (SpeculationStats, accept_draft, check_speculation, draft_or_free_guess,
                                    drafting_for)
 from edgeinfer.tokenizer import IncrementalDecoder, Tokenizer
@@ -129,7 +129,7 @@ class CachedEngine:
 
     def _check_finite(self, logits: np.ndarray, first_position: int, keep: int) -> None:
         """ModelError unless every logit is finite; logits' rows are positions first_position, first_position + 1..."""
-        if np.isfinite(logits).all():
+        if all_finite(logits):
             return
         rows = logits.reshape(-1, logits.shape[-1])
         position = first_position + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])

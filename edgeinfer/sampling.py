@@ -241,10 +241,17 @@ def sample_dist(ids: np.ndarray, logits: np.ndarray, rng: np.random.Generator) -
 # ---------------------------------------------------------------- the chain
 
 
+def all_finite(logits: np.ndarray) -> bool:
+    """Whether every logit is finite, in two reductions that allocate nothing (NaN reaches both the minimum and the
+    maximum). A vocabulary-sized temporary costs page faults on every step where large blocks are mmap'd (the
+    server bounds glibc's mmap threshold to keep its RSS flat)."""
+    return bool(np.isfinite(logits.min()) and np.isfinite(logits.max()))
+
+
 def _check_samplable(logits: np.ndarray) -> None:
     """InvalidArgument unless some logit is finite and none is NaN or +inf (-inf masks a token, as in llama.cpp)."""
-    if np.isfinite(logits).all():  # the usual case: one cheap pass
-        return
+    if np.isfinite(logits[np.argmax(logits)]):  # the usual case: argmax would have found a NaN or +inf, and an
+        return                                  # all -inf row has none finite
     bad = np.isnan(logits) | (logits == np.inf)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
@@ -308,8 +315,9 @@ class Sampler:
             self._ids, logits, recent_tokens, penalty_last_n=p.penalty_last_n, repeat_penalty=p.repeat_penalty,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
         )
-        if p.temperature <= 0.0:  # top_k/top_p/min_p always keep the argmax, so skip straight to it
-            return apply_temperature(ids, lg, p.temperature)
+        if p.temperature <= 0.0:  # top_k/top_p/min_p always keep the argmax, so skip straight to it; the candidates
+            best = int(np.argmax(lg))  # are every id in order here, so the first largest is the lowest id of a tie
+            return ids[best:best + 1], lg[best:best + 1]
         ids, lg = top_k(ids, lg, p.top_k)
         ids, lg = top_p(ids, lg, p.top_p)
         ids, lg = min_p(ids, lg, p.min_p)

@@ -38,6 +38,7 @@ from edgeinfer.batch_generation import BatchRequest
 from edgeinfer.engine import Engine
 from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import common_prefix_length, non_finite_logits
+from edgeinfer.sampling import all_finite
 from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.speculative import (DraftLength, DraftModelDrafter, SpeculationStats, accept_draft, check_speculation,
@@ -106,6 +107,7 @@ class ServeRequest(BatchRequest):
     drafter: Any = None  # NgramDrafter or SlotDrafter while it speculates, else None
     draft_length: DraftLength | None = None
     free_guess: int | None = None  # the lookup's first guess on a plain step: was it right? (a free estimate)
+    eog_free_row: np.ndarray | None = None  # with ignore_eos: where the logits are copied without the EOG tokens
 
     def cancel(self) -> None:
         """Stop this request (the client went away): it leaves the batch at the next step. Thread-safe."""
@@ -121,7 +123,11 @@ class ServeRequest(BatchRequest):
         a token, then a DoneEvent if the request ended)."""
         if chosen is None:
             masked = logits if self.constraint is None else self.constraint.mask(logits)
-            token, text = self.sample_next(without_eog(masked, eog_ids) if self.ignore_eos else masked, eog, room)
+            if self.ignore_eos:  # into a row kept for the request: a fresh vocabulary-sized copy costs page faults
+                if self.eog_free_row is None or self.eog_free_row.shape != masked.shape:
+                    self.eog_free_row = np.empty_like(masked)
+                masked = without_eog(masked, eog_ids, self.eog_free_row)
+            token, text = self.sample_next(masked, eog, room)
         else:
             token, text = self.take(chosen, eog, room)
         events: list[TokenEvent | DoneEvent] = []
@@ -141,9 +147,12 @@ class ServeRequest(BatchRequest):
         return token, events
 
 
-def without_eog(logits: np.ndarray, eog_ids: np.ndarray) -> np.ndarray:
-    """A copy of logits (one row or several) with the end-of-generation tokens ruled out (ignore_eos)."""
-    masked = logits.copy()
+def without_eog(logits: np.ndarray, eog_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A copy of logits (one row or several; into `out` if given) with the end-of-generation tokens ruled out
+    (ignore_eos)."""
+    masked = logits.copy() if out is None else out
+    if out is not None:
+        np.copyto(out, logits)
     masked[..., eog_ids] = -np.inf
     return masked
 
@@ -184,6 +193,7 @@ class Scheduler:
         self.metrics = metrics or ServeMetrics()
         self.eog = frozenset(tokenizer.eog_ids)
         self._eog_ids = np.array(sorted(self.eog), dtype=np.int64)
+        self._logits = np.empty((0, engine.cfg.n_vocab), np.float32)  # the forward's logits, reused step after step
         self._waiting: deque[ServeRequest] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -363,7 +373,9 @@ class Scheduler:
         self.metrics.step_rows.observe(len(tokens))
         started = time.perf_counter()
         try:
-            logits = self.engine.forward(tokens, seqs, positions, logit_rows)
+            if self._logits.shape[0] < len(logit_rows):  # grown as needed, then reused: no page faults per step
+                self._logits = np.empty((len(logit_rows), self._logits.shape[1]), np.float32)
+            logits = self.engine.forward(tokens, seqs, positions, logit_rows, out=self._logits[:len(logit_rows)])
         except Exception as e:  # a bug or a broken engine: fail this batch, keep serving the others
             log.exception("forward pass failed")
             for slot in {id(s): s for s in [*decoding, *(c[0] for c in chunks)]}.values():
@@ -387,7 +399,7 @@ class Scheduler:
             row += len(rows)
             if r.cancelled:
                 self._release(slot, "cancelled")
-            elif not np.isfinite(rows).all():
+            elif not all_finite(rows):
                 error = non_finite_logits(self.name, cache.length(slot.seq) - len(rows))
                 cache.truncate(slot.seq, 0)  # its keys and values may be NaN too: never reuse them
                 self._fail(slot, str(error))
