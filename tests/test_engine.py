@@ -59,3 +59,18 @@ def test_a_prompt_split_anywhere_gives_the_same_logits(name):
         for token in tokens[696:]:
             last = engine.decode(token)
         assert np.array_equal(last, whole)
+
+
+def test_forward_writes_into_a_given_buffer():
+    """The server reuses one logits buffer step after step (Engine.forward(out=)): the same values as a fresh array,
+    and a buffer of the wrong shape is refused by name."""
+    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=16, n_threads=1) as model:
+        engine = model.engine
+        engine.reset()
+        fresh = engine.forward([1, 504, 3458], [0, 0, 0], [0, 1, 2], [1, 2])
+        engine.reset()
+        out = np.full((2, model.n_vocab), np.nan, np.float32)
+        assert engine.forward([1, 504, 3458], [0, 0, 0], [0, 1, 2], [1, 2], out=out) is out
+        assert np.array_equal(out, fresh)
+        with pytest.raises(ValueError, match="out must be"):
+            engine.forward([1], [0], [3], [0], out=out)

@@ -313,3 +313,21 @@ def test_minus_inf_masks_a_token(temperature):
     sampler = Sampler(SamplingParams(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, seed=3), 10)
     drawn = {sampler.sample(logits, [2]) for _ in range(50)}
     assert drawn <= {2, 7} and 7 in drawn
+
+
+def test_sampler_greedy_ties_go_to_the_lowest_id_and_bad_rows_are_refused():
+    sampler = Sampler(SamplingParams(temperature=0.0), 5)
+    assert sampler.sample(f32(1.0, 4.0, -np.inf, 4.0, 2.0)) == 1
+    for bad in (f32(1.0, np.nan, 0.0, 0.0, 0.0), f32(0.0, 0.0, np.inf, 0.0, 0.0), f32(*[-np.inf] * 5)):
+        with pytest.raises(InvalidArgument):
+            sampler.sample(bad)
+
+
+def test_all_finite_sees_nan_and_both_infinities():
+    from edgeinfer.sampling import all_finite
+
+    assert all_finite(np.zeros((2, 3), np.float32))
+    for value in (np.nan, np.inf, -np.inf):
+        rows = np.zeros((2, 3), np.float32)
+        rows[1, 2] = value
+        assert not all_finite(rows)
