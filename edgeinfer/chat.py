@@ -11,6 +11,7 @@ Sections: start-up, the loop, commands, input, output.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable, TextIO
@@ -43,6 +44,7 @@ def run_chat_command(model_name: str | None, *, system: str | None = None, max_t
     interactive = sys.stdin.isatty()
     with session.model:
         if interactive:
+            _let_ctrl_c_interrupt()
             reader = _terminal_reader()
         else:
             reader = _PipeReader(sys.stdin, single)
@@ -50,6 +52,14 @@ def run_chat_command(model_name: str | None, *, system: str | None = None, max_t
         if interactive:
             out.info(line + " · /help for commands")
         chat_loop(session, reader, out)
+
+
+def _let_ctrl_c_interrupt() -> None:
+    """Ctrl-C stops an answer even when the chat was started by a process that ignores SIGINT (nohup, some launchers
+    and test runners): a Python started with SIGINT ignored keeps it ignored, so no KeyboardInterrupt ever came and
+    the answer ran to its end."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def open_session(model_name: str | None, *, system: str | None = None, max_tokens: int = 1024,
