@@ -37,7 +37,9 @@ from kernels_cpu.simd import (PATH, add_widened, exp_f32x16, fma_f32x16, hmax, l
                               store_f32x16, tree_sum, vmax, vmul, vsub, where_in_range, zero_f32x16, zero_f64x16)
 
 TILE = 64  # keys per tile
-WIDE_VALUES = PATH == "avx512vnni"  # 32 vector registers: the weighted values in blocks of 4 vectors x 64 dims
+# 32 vector registers: the weighted values in blocks of 4 vectors x 64 dims, the scores of 4 (or 2) query vectors x 4
+# key blocks at once
+WIDE_VALUES = PATH == "avx512vnni"
 CHUNK = 256  # keys per chunk of the fixed grid every job sums on (a multiple of TILE; see the module docstring)
 QUERY_VECTORS = 64  # query vectors (rows x heads of a group) per job at most: a block's rows are 64 // group
 # batches of at most this many rows may run each job's chunks on several threads: decode steps, and the new rows of
