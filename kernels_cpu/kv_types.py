@@ -142,7 +142,7 @@ def _tile_keys(blocks, block_scales, start, stop, buf):
     if blocks.dtype == types.float32:
         return lambda blocks, block_scales, start, stop, buf: blocks[start // KEY_BLOCK:_blocks_end(stop)]
     if blocks.dtype == types.uint16:
-        return lambda blocks, block_scales, start, stop, buf: _widen_f16_keys(
+        return lambda blocks, block_scales, start, stop, buf: _widen_f16(
             blocks[start // KEY_BLOCK:_blocks_end(stop)], buf)
     if blocks.dtype == types.int8:
         return lambda blocks, block_scales, start, stop, buf: _widen_q8_0_keys(
@@ -171,13 +171,6 @@ def _widen_halves(bits, out):
 
 
 @njit(cache=True)
-def _widen_f16_keys(bits, buf):
-    out = buf[:bits.shape[0]]
-    _widen_halves(bits.reshape(-1), out.reshape(-1))
-    return out
-
-
-@njit(cache=True)
 def _widen_q8_0_keys(q, d, buf, block):
     """q8_0 key blocks (n, dim, KEY_BLOCK) with scales (n, dim / block, KEY_BLOCK) -> float32 in buf: value times
     its key's scale, one SIMD vector per dimension of a block (the same float32 product as a row's widening)."""
@@ -193,6 +186,7 @@ def _widen_q8_0_keys(q, d, buf, block):
 
 @njit(cache=True)
 def _widen_f16(bits, buf):
+    """Half bits (rows, or key blocks) -> float32 in buf[:len(bits)], the same shape."""
     out = buf[:bits.shape[0]]
     _widen_halves(bits.reshape(-1), out.reshape(-1))
     return out

@@ -150,11 +150,10 @@ class ServeRequest(BatchRequest):
 def without_eog(logits: np.ndarray, eog_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """A copy of logits (one row or several; into `out` if given) with the end-of-generation tokens ruled out
     (ignore_eos)."""
-    masked = logits.copy() if out is None else out
-    if out is not None:
-        np.copyto(out, logits)
-    masked[..., eog_ids] = -np.inf
-    return masked
+    out = np.empty_like(logits) if out is None else out
+    np.copyto(out, logits)
+    out[..., eog_ids] = -np.inf
+    return out
 
 
 @dataclass
