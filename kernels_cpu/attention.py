@@ -32,7 +32,8 @@ import numpy as np
 from numba import njit, prange
 
 from kernels_cpu._fp16 import bits_to_f32
-from kernels_cpu.kv_types import KEY_BLOCK, head_view, tile_keys, tile_rows
+from kernels_cpu.kv_types import (KEY_BLOCK, head_view, key_vector, raw_keys, raw_rows, tile_keys, tile_rows,
+                                   value_vector)
 from kernels_cpu.simd import (PATH, add_widened, exp_f32x16, fma_f32x16, hmax, load_f32x16, splat_f32x16,
                               store_f32x16, tree_sum, vmax, vmul, vsub, where_in_range, zero_f32x16, zero_f64x16)
 
@@ -51,6 +52,12 @@ MAX_CHUNKS = 64  # chunks a split job's partials hold (16384 keys); a longer job
 JOBS_PER_THREAD = 8  # split until there are this many jobs per thread (even shares under static scheduling)
 # fast float math, but with infinities kept: -inf marks a vector that has seen no key yet
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# Jobs of at most this many query vectors (decode rows: 1-7 per KV head here, 8 padded) read the cache's own type in
+# the scoring and value loops, converting each vector as it is loaded; jobs of more (prompt blocks, which load each
+# key once per 4 query vectors) widen a tile into float32 buffers first. Widening a 64-key tile of K and V wrote 32 KB
+# of buffers (128 KB at head dim 256), all of the L1 cache: streaming a long f16 cache from DRAM then ran at 10-11
+# GB/s, against 26-31 GB/s with 4 KB of buffers (the same conversions; measured on Zen 4).
+READ_DIRECT = 8
 # below this many multiply-adds per call, waking the worker threads costs more than it saves
 PARALLEL_ATTENTION_WORK = 1 << 18
 
@@ -103,39 +110,51 @@ def _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, 
     # tiles on multiples of TILE: every row meets the same tiles (and sums) in a block as alone
     for t0 in range(key_lo - key_lo % TILE, key_hi, TILE):
         t1 = min(t0 + TILE, key_hi)
-        tile_keys_ = tile_keys(keys, key_scales, t0, t1, key_buf)
-        tile_values = tile_rows(values, value_scales, t0, t1, value_buf)
-        _tile_scores(qs, tile_keys_, nv, softcap, scores)
-        _tile_softmax(scores, tile_keys_.shape[0], t0, low, high, nv, m, l, correction, tile_max)
-        _tile_values(scores, tile_values, t1 - t0, nv, correction, acc)
+        if nv <= READ_DIRECT:
+            tile_keys_, tile_key_scales = raw_keys(keys, key_scales, t0, t1)
+            tile_values, tile_value_scales = raw_rows(values, value_scales, t0, t1)
+            _tile_step(qs, tile_keys_, tile_key_scales, tile_values, tile_value_scales, softcap, t0, t1, low, high,
+                       nv, scores, correction, tile_max, acc, m, l)
+        else:
+            _tile_step(qs, tile_keys(keys, key_scales, t0, t1, key_buf), key_scales,
+                       tile_rows(values, value_scales, t0, t1, value_buf), value_scales, softcap, t0, t1, low, high,
+                       nv, scores, correction, tile_max, acc, m, l)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+def _tile_step(qs, keys, key_scales, values, value_scales, softcap, t0, t1, low, high, nv, scores, correction,
+               tile_max, acc, m, l):
+    """One tile: scores, online softmax, weighted values (keys and values float32, or in the cache's type)."""
+    _tile_scores(qs, keys, key_scales, nv, softcap, scores)
+    _tile_softmax(scores, keys.shape[0], t0, low, high, nv, m, l, correction, tile_max)
+    _tile_values(scores, values, value_scales, t1 - t0, nv, correction, acc)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _tile_scores(qs, keys, nv, softcap, scores):
+def _tile_scores(qs, keys, key_scales, nv, softcap, scores):
     """scores[v, j] = the key at position j of the tile . query vector v, for the tile's key blocks keys (n_blocks,
     d_k, 16) and the first nv vectors: 16 keys per SIMD vector, each score one chain of fused multiply-adds over the
     dimensions in order (float32); with softcap > 0 capped to softcap * tanh(score / softcap) (Gemma 2's attention
     logit soft-capping, as llama.cpp's flash attention). Positions past the tile's end get scores too (of whatever
     the block holds there): the softmax masks them."""
     n_blocks, d = keys.shape[0], keys.shape[1]
-    row = d * KEY_BLOCK  # elements per key block
     v = 0
     if WIDE_VALUES:  # 4 (or 2) vectors x 4 blocks: 16 (8) independent chains, each key load shared
         while v + 4 <= nv:
             if n_blocks == 4:
-                _scores_4x4(qs, keys, v, d, row, scores)
+                _scores_4x4(qs, keys, key_scales, v, d, scores)
             else:  # the last tile of a range (a prompt block's causal edge): 4 vectors x 2 blocks, then x 1
                 for b in range(0, n_blocks - 1, 2):
-                    _scores_4x2(qs, keys, v, b, d, row, scores)
+                    _scores_4x2(qs, keys, key_scales, v, b, d, scores)
                 if n_blocks % 2:
-                    _scores_4x1(qs, keys, v, n_blocks - 1, d, row, scores)
+                    _scores_4x1(qs, keys, key_scales, v, n_blocks - 1, d, scores)
             v += 4
         while v + 2 <= nv and n_blocks == 4:
             q0, q1 = qs[v], qs[v + 1]
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_f32x16()
             for c in range(d):
-                k0, k1 = load_f32x16(keys, c * KEY_BLOCK), load_f32x16(keys, row + c * KEY_BLOCK)
-                k2, k3 = load_f32x16(keys, 2 * row + c * KEY_BLOCK), load_f32x16(keys, 3 * row + c * KEY_BLOCK)
+                k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
+                k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
                 x0, x1 = splat_f32x16(q0[c]), splat_f32x16(q1[c])
                 a00, a01, a02, a03 = fma_f32x16(x0, k0, a00), fma_f32x16(x0, k1, a01), fma_f32x16(x0, k2, a02), \
                     fma_f32x16(x0, k3, a03)
@@ -153,15 +172,15 @@ def _tile_scores(qs, keys, nv, softcap, scores):
             a0 = a1 = zero_f32x16()
             for c in range(d):
                 x = splat_f32x16(qv[c])
-                a0 = fma_f32x16(x, load_f32x16(keys, b * row + c * KEY_BLOCK), a0)
-                a1 = fma_f32x16(x, load_f32x16(keys, (b + 1) * row + c * KEY_BLOCK), a1)
+                a0 = fma_f32x16(x, key_vector(keys, key_scales, b, c), a0)
+                a1 = fma_f32x16(x, key_vector(keys, key_scales, b + 1, c), a1)
             store_f32x16(scores, v * TILE + b * KEY_BLOCK, a0)
             store_f32x16(scores, v * TILE + (b + 1) * KEY_BLOCK, a1)
             b += 2
         if b < n_blocks:
             a0 = zero_f32x16()
             for c in range(d):
-                a0 = fma_f32x16(splat_f32x16(qv[c]), load_f32x16(keys, b * row + c * KEY_BLOCK), a0)
+                a0 = fma_f32x16(splat_f32x16(qv[c]), key_vector(keys, key_scales, b, c), a0)
             store_f32x16(scores, v * TILE + b * KEY_BLOCK, a0)
         v += 1
     if softcap > 0.0:
@@ -174,15 +193,15 @@ def _tile_scores(qs, keys, nv, softcap, scores):
 
 
 @njit(cache=True, inline="always")
-def _scores_4x4(qs, keys, v, d, row, scores):
+def _scores_4x4(qs, keys, key_scales, v, d, scores):
     """Scores of query vectors v..v+3 against a whole tile (4 key blocks): 16 accumulators (AVX-512's 32 registers
     hold them), so a prompt block's many vectors load each key vector once per 4 of them."""
     q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_f32x16()
     a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero_f32x16()
     for c in range(d):
-        k0, k1 = load_f32x16(keys, c * KEY_BLOCK), load_f32x16(keys, row + c * KEY_BLOCK)
-        k2, k3 = load_f32x16(keys, 2 * row + c * KEY_BLOCK), load_f32x16(keys, 3 * row + c * KEY_BLOCK)
+        k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
+        k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
         x = splat_f32x16(q0[c])
         a00, a01, a02, a03 = fma_f32x16(x, k0, a00), fma_f32x16(x, k1, a01), fma_f32x16(x, k2, a02), \
             fma_f32x16(x, k3, a03)
@@ -206,12 +225,12 @@ def _scores_4x4(qs, keys, v, d, row, scores):
 
 
 @njit(cache=True, inline="always")
-def _scores_4x2(qs, keys, v, b, d, row, scores):
+def _scores_4x2(qs, keys, key_scales, v, b, d, scores):
     """Scores of query vectors v..v+3 against key blocks b, b+1: _scores_4x4 for a tile's last, partial part."""
     q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
     a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = zero_f32x16()
     for c in range(d):
-        k0, k1 = load_f32x16(keys, b * row + c * KEY_BLOCK), load_f32x16(keys, (b + 1) * row + c * KEY_BLOCK)
+        k0, k1 = key_vector(keys, key_scales, b, c), key_vector(keys, key_scales, b + 1, c)
         x0, x1, x2, x3 = splat_f32x16(q0[c]), splat_f32x16(q1[c]), splat_f32x16(q2[c]), splat_f32x16(q3[c])
         a00, a01, a10, a11 = fma_f32x16(x0, k0, a00), fma_f32x16(x0, k1, a01), fma_f32x16(x1, k0, a10), \
             fma_f32x16(x1, k1, a11)
@@ -223,12 +242,12 @@ def _scores_4x2(qs, keys, v, b, d, row, scores):
 
 
 @njit(cache=True, inline="always")
-def _scores_4x1(qs, keys, v, b, d, row, scores):
+def _scores_4x1(qs, keys, key_scales, v, b, d, scores):
     """Scores of query vectors v..v+3 against key block b."""
     q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
     a0 = a1 = a2 = a3 = zero_f32x16()
     for c in range(d):
-        k = load_f32x16(keys, b * row + c * KEY_BLOCK)
+        k = key_vector(keys, key_scales, b, c)
         a0, a1 = fma_f32x16(splat_f32x16(q0[c]), k, a0), fma_f32x16(splat_f32x16(q1[c]), k, a1)
         a2, a3 = fma_f32x16(splat_f32x16(q2[c]), k, a2), fma_f32x16(splat_f32x16(q3[c]), k, a3)
     for i, a in enumerate((a0, a1, a2, a3)):
@@ -275,7 +294,7 @@ def _tile_softmax(scores, n_blocks, t0, low, high, nv, m, l, correction, tile_ma
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _tile_values(weights, values, n, nv, correction, acc):
+def _tile_values(weights, values, value_scales, n, nv, correction, acc):
     """acc[v] = acc[v] * correction[v] + sum over the tile's n keys j of weights[v, j] * values[j], for the first nv
     query vectors (in fours: rows past nv are padding): each output lane one chain of fused multiply-adds over the
     keys in order, blocks of 4 vectors x 64 (or x 16) dims held in registers across the tile."""
@@ -284,15 +303,15 @@ def _tile_values(weights, values, n, nv, correction, acc):
         c0 = 0
         if WIDE_VALUES:
             while c0 + 64 <= d_v:
-                _values_4x64(weights, values, n, v0, c0, correction, acc)
+                _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc)
                 c0 += 64
         while c0 < d_v:
-            _values_4x16(weights, values, n, v0, c0, correction, acc)
+            _values_4x16(weights, values, value_scales, n, v0, c0, correction, acc)
             c0 += 16
 
 
 @njit(cache=True, inline="always")
-def _values_4x16(weights, values, n, v0, c0, correction, acc):
+def _values_4x16(weights, values, value_scales, n, v0, c0, correction, acc):
     d_v = acc.shape[1]
     a0 = vmul(load_f32x16(acc, v0 * d_v + c0), splat_f32x16(correction[v0]))
     a1 = vmul(load_f32x16(acc, (v0 + 1) * d_v + c0), splat_f32x16(correction[v0 + 1]))
@@ -300,7 +319,7 @@ def _values_4x16(weights, values, n, v0, c0, correction, acc):
     a3 = vmul(load_f32x16(acc, (v0 + 3) * d_v + c0), splat_f32x16(correction[v0 + 3]))
     w0, w1, w2, w3 = weights[v0], weights[v0 + 1], weights[v0 + 2], weights[v0 + 3]
     for j in range(n):
-        x = load_f32x16(values[j], c0)
+        x = value_vector(values, value_scales, j, c0)
         a0 = fma_f32x16(splat_f32x16(w0[j]), x, a0)
         a1 = fma_f32x16(splat_f32x16(w1[j]), x, a1)
         a2 = fma_f32x16(splat_f32x16(w2[j]), x, a2)
@@ -312,7 +331,7 @@ def _values_4x16(weights, values, n, v0, c0, correction, acc):
 
 
 @njit(cache=True, inline="always")
-def _values_4x64(weights, values, n, v0, c0, correction, acc):
+def _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc):
     """_values_4x16 over 64 dims at once: 16 accumulators (AVX-512's 32 registers hold them; AVX2's 16 do not)."""
     d_v = acc.shape[1]
     s0, s1 = splat_f32x16(correction[v0]), splat_f32x16(correction[v0 + 1])
@@ -328,9 +347,8 @@ def _values_4x64(weights, values, n, v0, c0, correction, acc):
     a32, a33 = vmul(load_f32x16(acc, r3 + 32), s3), vmul(load_f32x16(acc, r3 + 48), s3)
     wr0, wr1, wr2, wr3 = weights[v0], weights[v0 + 1], weights[v0 + 2], weights[v0 + 3]
     for j in range(n):
-        row = values[j]
-        x0, x1 = load_f32x16(row, c0), load_f32x16(row, c0 + 16)
-        x2, x3 = load_f32x16(row, c0 + 32), load_f32x16(row, c0 + 48)
+        x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
+        x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
         w0 = splat_f32x16(wr0[j])
         a00, a01, a02, a03 = fma_f32x16(w0, x0, a00), fma_f32x16(w0, x1, a01), fma_f32x16(w0, x2, a02), \
             fma_f32x16(w0, x3, a03)
@@ -392,28 +410,53 @@ def _aligned_f32(rows, cols, color):
 
 
 @njit(cache=True, inline="always")
-def _vector_limits(positions, r0, r1, window, group, rows):
-    """Per query vector (row-major over the block's rows and the group's heads): the first and last key it sees;
-    padding vectors see every key (their results are never read)."""
-    low = np.zeros(rows, np.int64)
-    high = np.full(rows, np.iinfo(np.int64).max, np.int64)
+def _vector_limits(positions, r0, r1, window, group, low, high):
+    """Per query vector (row-major over the block's rows and the group's heads): the first and last key it sees, into
+    low and high; padding vectors see every key (their results are never read)."""
+    low[:] = 0
+    high[:] = np.iinfo(np.int64).max
     for r in range(r0, r1):
         p = positions[r]
         for g in range(group):
             v = (r - r0) * group + g
             low[v] = max(p - window + 1, 0) if window > 0 else 0
             high[v] = p
-    return low, high
+
+
+@njit(cache=True, inline="always")
+def _workspace(rows, d_k, d_v):
+    """One thread's buffers for the jobs of one call, each of up to `rows` query vectors: allocated once per thread,
+    not once per job (a job's own dozen allocations cost about 3 us, more than a decode row's whole attention over
+    a short cache: 24 jobs of an 8-sequence SmolLM2 step took 38 us at depth 16)."""
+    qs = _aligned_f32(rows, d_k, 0)  # the query vectors by rows, scaled
+    key_buf = _aligned_f32(TILE // KEY_BLOCK * d_k, KEY_BLOCK, 1).reshape((TILE // KEY_BLOCK, d_k, KEY_BLOCK))
+    value_buf = _aligned_f32(TILE, d_v, 2)
+    scores = _aligned_f32(rows, TILE, 3)
+    acc = _aligned_f32(rows, d_v, 4)  # one chunk's sums
+    total_acc = _aligned_f32(rows, d_v, 5)  # the merged chunks' sums
+    vectors_f32 = np.empty((4, rows), np.float32)  # correction, tile_max, m, total_m
+    vectors_f64 = np.empty((2, rows), np.float64)  # l, total_l
+    limits = np.empty((2, rows), np.int64)  # low, high
+    return qs, key_buf, value_buf, scores, acc, total_acc, vectors_f32, vectors_f64, limits
+
+
+@njit(cache=True, inline="always")
+def _job_rows(starts, group):
+    """The most query vectors (with the values step's padding to fours) any job of these blocks holds."""
+    most = 0
+    for b in range(starts.shape[0] - 1):
+        most = max(most, (starts[b + 1] - starts[b]) * group)
+    return (most + 3) // 4 * 4
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts, n_kv,
-         n_parts, chunks_per_part, job):
+         n_parts, chunks_per_part, job, work):
     """Job = (block, KV head, part). n_parts == 0: all the block's chunks, each merged into the running result as it
     is done, the result into out. Else part `part` of n_parts: chunks first + part * chunks_per_part onwards (at most
     chunks_per_part of them), each chunk's (acc, m, l) into the partials at its slot (chunk - first), merged after
     by _merge_partials (passed as arrays, not the Partials tuple: numba loses writes through a named tuple's fields
-    inside prange)."""
+    inside prange). work: the calling thread's _workspace."""
     parts = max(n_parts, 1)
     part = job % parts
     kv_head = (job // parts) % n_kv
@@ -426,22 +469,21 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     rows = (nv + 3) // 4 * 4  # query vectors with padding: the values step takes them in fours
     keys, key_scales = head_view(k_pair[0], k_pair[1], layer, seqs[r0], kv_head)
     values, value_scales = head_view(v_pair[0], v_pair[1], layer, seqs[r0], kv_head)
-    qs = _aligned_f32(rows, d_k, 0)  # the query vectors by rows, scaled; padding rows 0
+    qs_all, key_buf, value_buf, scores_all, acc_all, total_acc_all, vectors_f32, vectors_f64, limits = work
+    qs = qs_all[:rows]  # the query vectors by rows, scaled; padding rows 0
     qs[:] = 0.0
     for r in range(r0, r1):
         for g in range(group):
             for c in range(d_k):
                 qs[(r - r0) * group + g, c] = q[r, kv_head * group + g, c] * np.float32(scale)
-    low, high = _vector_limits(positions, r0, r1, window, group, rows)
-    key_buf = _aligned_f32(TILE // KEY_BLOCK * d_k, KEY_BLOCK, 1).reshape((TILE // KEY_BLOCK, d_k, KEY_BLOCK))
-    value_buf = _aligned_f32(TILE, d_v, 2)
-    scores = _aligned_f32(rows, TILE, 3)
+    low, high = limits[0, :rows], limits[1, :rows]
+    _vector_limits(positions, r0, r1, window, group, low, high)
+    scores = scores_all[:rows]
     scores[:] = 0.0  # padding rows weigh 0 (their sums are never read: no stray denormals or NaNs)
-    correction = np.zeros(rows, np.float32)
-    tile_max = np.empty(rows, np.float32)
-    acc = _aligned_f32(rows, d_v, 4)  # one chunk's sums
-    m = np.empty(rows, np.float32)
-    l = np.empty(rows, np.float64)
+    correction, tile_max, m = vectors_f32[0, :rows], vectors_f32[1, :rows], vectors_f32[2, :rows]
+    correction[:] = 0.0
+    l = vectors_f64[0, :rows]
+    acc = acc_all[:rows]  # one chunk's sums
     first, end = key_lo // CHUNK, (key_hi + CHUNK - 1) // CHUNK  # the block's chunks: first..end-1
     if n_parts > 0:
         first_slot = part * chunks_per_part
@@ -458,9 +500,10 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
                 for i in range(d_v):
                     part_acc[slot, r, h, i] = acc[v, i]
         return
-    total_acc = np.zeros((nv, d_v), np.float32)
-    total_m = np.full(nv, -np.inf, np.float32)
-    total_l = np.zeros(nv, np.float64)
+    total_acc, total_m, total_l = total_acc_all[:nv], vectors_f32[3, :nv], vectors_f64[1, :nv]
+    total_acc[:] = 0.0
+    total_m[:] = -np.inf
+    total_l[:] = 0.0
     for c in range(first, end):
         _fresh(acc, m, l)
         _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
@@ -529,10 +572,17 @@ def _merge_partials(part_acc, part_m, part_l, n_slots, out):
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
 def _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l,
-                   starts, n_kv, n_parts, chunks_per_part):
-    for job in prange((starts.shape[0] - 1) * n_kv * max(n_parts, 1)):
-        _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts,
-             n_kv, n_parts, chunks_per_part, job)
+                   starts, n_kv, n_parts, chunks_per_part, threads):
+    """The jobs dealt round-robin to `threads` workers, each with its own workspace (zigzag order keeps the shares
+    even)."""
+    n_jobs = (starts.shape[0] - 1) * n_kv * max(n_parts, 1)
+    workers = min(threads, n_jobs)
+    rows = _job_rows(starts, q.shape[1] // n_kv)
+    for worker in prange(workers):
+        work = _workspace(rows, q.shape[2], out.shape[2])
+        for job in range(worker, n_jobs, workers):
+            _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l,
+                 starts, n_kv, n_parts, chunks_per_part, job, work)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -554,9 +604,10 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
         work += (hi - lo) * (starts[b + 1] - starts[b])
         most_chunks = max(most_chunks, (hi + CHUNK - 1) // CHUNK - lo // CHUNK)
     if work * n_heads * d_k < PARALLEL_ATTENTION_WORK or threads == 1:
+        work = _workspace(_job_rows(starts, group), d_k, out.shape[2])
         for job in range(n_blocks * n_kv):
             _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials.acc, partials.m,
-                 partials.l, starts, n_kv, 0, 0, job)
+                 partials.l, starts, n_kv, 0, 0, job, work)
         return
     n_parts, chunks_per_part = 0, 0
     if (n <= SPLIT_ROWS and n_blocks * n_kv < JOBS_PER_THREAD * threads and 2 <= most_chunks <= MAX_CHUNKS):
@@ -564,6 +615,6 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
         chunks_per_part = (most_chunks + min(wanted, most_chunks) - 1) // min(wanted, most_chunks)
         n_parts = (most_chunks + chunks_per_part - 1) // chunks_per_part
     _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials.acc, partials.m,
-                   partials.l, starts, n_kv, n_parts, chunks_per_part)
+                   partials.l, starts, n_kv, n_parts, chunks_per_part, threads)
     if n_parts > 0:
         _merge_partials(partials.acc, partials.m, partials.l, min(n_parts * chunks_per_part, MAX_CHUNKS), out)

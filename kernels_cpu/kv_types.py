@@ -54,6 +54,26 @@ def tile_keys(blocks, block_scales, start, stop, buf):
     past stop in the last block hold whatever was stored there: the caller masks them."""
 
 
+def raw_keys(blocks, block_scales, start, stop):
+    """The key blocks holding positions start..stop-1 of a head_view and their scales, in the cache's own type (no
+    copy): what key_vector reads."""
+
+
+def raw_rows(rows, row_scales, start, stop):
+    """Rows start..stop-1 of a head_view and their scales, in the cache's own type (no copy): what value_vector
+    reads."""
+
+
+def key_vector(blocks, block_scales, b, c):
+    """Dimension c of the 16 keys of block b (of tile_keys' float32 blocks, or of raw_keys' in any type) as a
+    float32 SIMD vector: the same float32 values tile_keys would widen them to."""
+
+
+def value_vector(rows, row_scales, j, c):
+    """Elements c..c+15 of row j (of tile_rows' float32 rows, or of raw_rows' in any type) as a float32 SIMD vector:
+    the same float32 values tile_rows would widen them to."""
+
+
 # -------------------------------------------------------------------------------------------------- storing a row
 @overload(store_row, inline="always")
 def _store_row(values, scales, layer, seq, pos, x):
@@ -148,6 +168,46 @@ def _tile_keys(blocks, block_scales, start, stop, buf):
         return lambda blocks, block_scales, start, stop, buf: _widen_q8_0_keys(
             blocks[start // KEY_BLOCK:_blocks_end(stop)], block_scales[start // KEY_BLOCK:_blocks_end(stop)], buf,
             blocks.shape[1] // block_scales.shape[1])
+    return None
+
+
+@overload(raw_keys, inline="always")
+def _raw_keys(blocks, block_scales, start, stop):
+    if blocks.dtype == types.int8:
+        return lambda blocks, block_scales, start, stop: (blocks[start // KEY_BLOCK:_blocks_end(stop)],
+                                                          block_scales[start // KEY_BLOCK:_blocks_end(stop)])
+    return lambda blocks, block_scales, start, stop: (blocks[start // KEY_BLOCK:_blocks_end(stop)], block_scales)
+
+
+@overload(raw_rows, inline="always")
+def _raw_rows(rows, row_scales, start, stop):
+    if rows.dtype == types.int8:
+        return lambda rows, row_scales, start, stop: (rows[start:stop], row_scales[start:stop])
+    return lambda rows, row_scales, start, stop: (rows[start:stop], row_scales)
+
+
+@overload(key_vector, inline="always")
+def _key_vector(blocks, block_scales, b, c):
+    if blocks.dtype == types.float32:
+        return lambda blocks, block_scales, b, c: load_f32x16(blocks, (b * blocks.shape[1] + c) * KEY_BLOCK)
+    if blocks.dtype == types.uint16:
+        return lambda blocks, block_scales, b, c: halves_f32x16(blocks, (b * blocks.shape[1] + c) * KEY_BLOCK)
+    if blocks.dtype == types.int8:  # as _widen_q8_0_keys: each value times its key's scale, in float32
+        return lambda blocks, block_scales, b, c: vmul(
+            int8s_f32x16(blocks, (b * blocks.shape[1] + c) * KEY_BLOCK),
+            load_f32x16(block_scales, (b * block_scales.shape[1] + c // QK) * KEY_BLOCK))
+    return None
+
+
+@overload(value_vector, inline="always")
+def _value_vector(rows, row_scales, j, c):
+    if rows.dtype == types.float32:
+        return lambda rows, row_scales, j, c: load_f32x16(rows, j * rows.shape[1] + c)
+    if rows.dtype == types.uint16:
+        return lambda rows, row_scales, j, c: halves_f32x16(rows, j * rows.shape[1] + c)
+    if rows.dtype == types.int8:  # as _widen_q8_0 (c a multiple of 16: one scale for the 16 values)
+        return lambda rows, row_scales, j, c: vmul(int8s_f32x16(rows, j * rows.shape[1] + c),
+                                                   splat_f32x16(row_scales[j, c // QK]))
     return None
 
 
