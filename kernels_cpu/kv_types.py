@@ -14,10 +14,13 @@ caller compiles), so the attention kernels are written once for all three types.
 KV head) at a time: `head_view` gives its rows (or key blocks), which lie contiguously, `tile_rows` a tile of value
 rows as float32 and `tile_keys` a tile of key blocks as float32.
 
-Keys of every type are scored against float32 queries: an f16 or q8_0 tile is widened to float32 once and serves all
-the query vectors of a job (every head of a GQA group, every row of a block). llama.cpp quantizes the queries to
-int8 for q8_0 keys instead; that adds the queries' own rounding (KL against f32 0.0075 instead of 0.0063 on SmolLM2,
-0.0069 instead of 0.0043 on Gemma 3, measured) for no gain where widening a key is shared by several queries.
+Keys of every type are scored against float32 queries. A job with many query vectors (a prompt block: every head of a
+GQA group, every row of the block) widens an f16 or q8_0 tile to float32 once (`tile_keys`, `tile_rows`); a job with
+few (a decode row) converts each vector as it loads it (`raw_keys`/`raw_rows` with `key_vector`/`value_vector`), so a
+long cache streams from memory without widened copies crowding the L1 cache. Both give the same float32 values.
+llama.cpp quantizes the queries to int8 for q8_0 keys instead; that adds the queries' own rounding (KL against f32
+0.0075 instead of 0.0063 on SmolLM2, 0.0069 instead of 0.0043 on Gemma 3, measured) for no gain where widening a key
+is shared by several queries.
 """
 import numpy as np
 from numba import njit, types

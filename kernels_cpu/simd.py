@@ -245,6 +245,20 @@ def prefetch(typingctx, buf, offset):
 
 
 @intrinsic
+def prefetch_l2(typingctx, buf, offset):
+    """Hint: bring the cache line of buf[offset] into L2 (prefetcht1), e.g. a tile of a long KV cache that code busy
+    with arithmetic will read next. (Into L1, as `prefetch`, such hints held the core's few L1 miss buffers and
+    streaming stalled; into L2 a decode attention layer read its cache from DRAM as fast as from L3.)"""
+    def codegen(context, builder, signature, args):
+        ptr = _element_ptr(context, builder, signature.args[0], args[0], args[1], _I8)
+        _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2),
+                                                           ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(buf, types.intp), codegen
+
+
+@intrinsic
 def splat4_i8x64(typingctx, buf, offset):
     """The 4 bytes at buf[offset:offset + 4] repeated 16 times (x of 16 interleaved rows)."""
     def codegen(context, builder, signature, args):
