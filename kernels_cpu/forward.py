@@ -230,11 +230,12 @@ def _feed_forward_block(weights, packed, mats, lv, hp, s, n):
         _rms_norm(out, lv[V_POST_FFN, :d], hp.norm_eps, out)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def forward(tokens, positions, seqs, logit_rows, weights, packed, layer_mats, head_mats, vecs, output_norm,
             windows, rope_freqs, hp, k_cache, v_cache, s, logits):
     """Evaluate tokens (n,) at positions (n,) of sequences seqs (n,) (each row's K/V stored there), and write the
-    logits of rows logit_rows (m,) into logits (m, n_vocab).
+    logits of rows logit_rows (m,) into logits (m, n_vocab). Runs without the GIL (a server's event loop writes
+    the last step's tokens meanwhile); callers must not run two at once (edgeinfer.backends.cpu holds a lock).
 
     layer_mats (n_layers, N_MAT) and head_mats (2,) of MATRIX records; vecs (n_layers, N_VEC, width) float32;
     windows (n_layers,) int64 (0: full attention); rope_freqs (n_layers, rope_dims / 2) float64, each layer's angle

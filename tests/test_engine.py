@@ -1,4 +1,6 @@
 """Engine entry points beyond prefill/decode (which the parity tests cover)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,35 @@ def test_forward_writes_into_a_given_buffer():
         assert np.array_equal(out, fresh)
         with pytest.raises(ValueError, match="out must be"):
             engine.forward([1], [0], [3], [0], out=out)
+
+
+_TWO_THREADS = """
+import threading, numpy as np, edgeinfer, numba
+prompts = [[1, 504, 3458, 282] * 40, [1, 2683, 314, 260] * 40]
+models = [edgeinfer.load(PATH, n_ctx=256, n_threads=2) for _ in prompts]
+alone = [m.engine.prefill(p) for m, p in zip(models, prompts)]
+together = [None, None]
+def run(i):
+    for _ in range(5):
+        models[i].engine.reset()
+        together[i] = models[i].engine.prefill(prompts[i])
+threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert numba.threading_layer() == "workqueue"
+print("same" if all(np.array_equal(a, b) for a, b in zip(alone, together)) else "different")
+"""
+
+
+def test_two_threads_forwarding_at_once_take_turns():
+    """Two models forwarding from two threads at once (the forward runs without the GIL) take turns: Numba's
+    workqueue threading layer, the one left where neither OpenMP nor TBB is installed, aborts the process when two
+    threads launch parallel regions at once. Each gets what it gets alone."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    script = f"PATH = {str(model_path('smollm2-135m-instruct'))!r}\n" + _TWO_THREADS
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "same"

@@ -9,6 +9,7 @@ compiled for that model's weight types (kernels_cpu.specialize). Kept apart from
 from __future__ import annotations
 
 import os
+import threading
 
 import numba
 import numpy as np
@@ -21,6 +22,12 @@ from kernels_cpu.forward import Scratch, make_scratch
 from kernels_cpu.specialize import forward_for
 
 __all__ = ["CPUBackend", "CPURunner"]
+
+# One forward at a time in this process. The compiled forward releases the GIL (so a server's event loop, or another
+# model's Python, runs while it computes), and two of them at once would run parallel regions from two threads: Numba's
+# workqueue threading layer (where neither OpenMP nor TBB is installed) aborts the process on that, and the others
+# would only split the same cores between them.
+_FORWARD_LOCK = threading.Lock()
 
 
 class CPUBackend:
@@ -66,10 +73,11 @@ class CPURunner:
         float32 logits of rows logit_rows into logits (len(logit_rows), n_vocab). Uses n_threads threads."""
         scratch = self._borrow_scratch(len(tokens))
         try:
-            numba.set_num_threads(n_threads)
             scratch.threads[0] = n_threads  # what attention splits its work for
-            self._compiled(*self.tables.arguments(tokens, positions, seqs, logit_rows, cache.k, cache.v, scratch,
-                                                  logits))
+            with _FORWARD_LOCK:
+                numba.set_num_threads(n_threads)
+                self._compiled(*self.tables.arguments(tokens, positions, seqs, logit_rows, cache.k, cache.v, scratch,
+                                                      logits))
         finally:
             self._free_scratch.append(scratch)
 
