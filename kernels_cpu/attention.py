@@ -29,7 +29,8 @@ softmax computes them (Gemma 3's parity at near-ties notices a float32 normalize
 from collections import namedtuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from kernels_cpu._fp16 import bits_to_f32
 from kernels_cpu.kv_types import (KEY_BLOCK, head_view, key_vector, raw_keys, raw_rows, tile_keys, tile_rows,
@@ -127,17 +128,26 @@ def _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, 
         else:
             _tile_step(qs, tile_keys(keys, key_scales, t0, t1, key_buf), key_scales,
                        tile_rows(values, value_scales, t0, t1, value_buf), value_scales, softcap, t0, t1, low, high,
-                       nv, scores, correction, tile_max, acc, m, l, ahead_keys, ahead_values)
+                       nv, scores, correction, tile_max, acc, m, l, None, None)
 
 
-@njit(cache=True, inline="always")
-def _prefetch_part(ahead, i, n):
+def _hint_part(ahead, i, n):
     """Hint part i of n of the array ahead (contiguous, any type and shape) into L2: spread over the n steps of a
     loop, a coming tile's lines arrive while the current one is worked on. (All of a tile's 256 hints at once held
-    the loads up as long as the misses they replaced.)"""
-    part = ahead.size // n
-    for e in range(i * part, (i + 1) * part, 64 // ahead.itemsize):
-        prefetch_l2(ahead, e)
+    the loads up as long as the misses they replaced.) ahead None: nothing, compiled to nothing (prompt blocks,
+    whose tiles are widened first and worked on long enough, pay no instruction for it: 10-15% of their time)."""
+
+
+@overload(_hint_part, inline="always")
+def _hint_part_impl(ahead, i, n):
+    if isinstance(ahead, types.NoneType):
+        return lambda ahead, i, n: None
+
+    def hint(ahead, i, n):
+        part = ahead.size // n
+        for e in range(i * part, (i + 1) * part, 64 // ahead.itemsize):
+            prefetch_l2(ahead, e)
+    return hint
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
@@ -164,16 +174,7 @@ def _tile_scores(qs, keys, key_scales, nv, softcap, scores, ahead):
         # of fewer than 4 takes the zero padding rows along (their scores are never read): a decode row of SmolLM2
         # (3 vectors) ran its third vector alone in 2 chains, as long as the first two together.
         while v < nv:
-            hint = ahead if v == 0 else ahead[:0]  # the first 4 vectors' loop hints the coming keys in
-            if n_blocks == 4 and nv - v == 3:  # 3 vectors (GQA groups of 3 and 7): no FMAs for a padding row
-                _scores_3x4(qs, keys, key_scales, v, d, scores, hint)
-            elif n_blocks == 4:
-                _scores_4x4(qs, keys, key_scales, v, d, scores, hint)
-            else:  # the last tile of a range (a prompt block's causal edge): 4 vectors x 2 blocks, then x 1
-                for b in range(0, n_blocks - 1, 2):
-                    _scores_4x2(qs, keys, key_scales, v, b, d, scores)
-                if n_blocks % 2:
-                    _scores_4x1(qs, keys, key_scales, v, n_blocks - 1, d, scores)
+            _scores_group(qs, keys, key_scales, v, nv, n_blocks, d, scores, ahead)
             v += 4
     while v < nv:
         qv = qs[v]
@@ -203,6 +204,20 @@ def _tile_scores(qs, keys, key_scales, nv, softcap, scores, ahead):
 
 
 @njit(cache=True, inline="always")
+def _scores_group(qs, keys, key_scales, v, nv, n_blocks, d, scores, ahead):
+    """Scores of query vectors v..v+3 (v..v+2 where only 3 are left) against the tile's blocks."""
+    if n_blocks == 4 and nv - v == 3:  # 3 vectors (GQA groups of 3 and 7): no FMAs for a padding row
+        _scores_3x4(qs, keys, key_scales, v, d, scores, ahead)
+    elif n_blocks == 4:
+        _scores_4x4(qs, keys, key_scales, v, d, scores, ahead)
+    else:  # the last tile of a range (a prompt block's causal edge): 4 vectors x 2 blocks, then x 1
+        for b in range(0, n_blocks - 1, 2):
+            _scores_4x2(qs, keys, key_scales, v, b, d, scores)
+        if n_blocks % 2:
+            _scores_4x1(qs, keys, key_scales, v, n_blocks - 1, d, scores)
+
+
+@njit(cache=True, inline="always")
 def _scores_4x4(qs, keys, key_scales, v, d, scores, ahead):
     """Scores of query vectors v..v+3 against a whole tile (4 key blocks): 16 accumulators (AVX-512's 32 registers
     hold them), so a prompt block's many vectors load each key vector once per 4 of them."""
@@ -210,7 +225,7 @@ def _scores_4x4(qs, keys, key_scales, v, d, scores, ahead):
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_f32x16()
     a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero_f32x16()
     for c in range(d):
-        _prefetch_part(ahead, c, d)
+        _hint_part(ahead, c, d)
         k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
         k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
         x = splat_f32x16(q0[c])
@@ -242,7 +257,7 @@ def _scores_3x4(qs, keys, key_scales, v, d, scores, ahead):
     q0, q1, q2 = qs[v], qs[v + 1], qs[v + 2]
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = zero_f32x16()
     for c in range(d):
-        _prefetch_part(ahead, c, d)
+        _hint_part(ahead, c, d)
         k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
         k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
         x = splat_f32x16(q0[c])
@@ -341,15 +356,20 @@ def _tile_values(weights, values, value_scales, n, nv, correction, acc, ahead):
         c0 = 0
         if WIDE_VALUES:
             while c0 + 64 <= d_v:
-                hint = ahead if v0 == 0 and c0 == 0 else ahead[:0]  # the first call hints the coming values in
-                if nv - v0 == 3:  # as _scores_3x4: no FMAs for a padding row
-                    _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, hint)
-                else:
-                    _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, hint)
+                _values_slab(weights, values, value_scales, n, nv, v0, c0, correction, acc, ahead)
                 c0 += 64
         while c0 < d_v:
             _values_4x16(weights, values, value_scales, n, v0, c0, correction, acc)
             c0 += 16
+
+
+@njit(cache=True, inline="always")
+def _values_slab(weights, values, value_scales, n, nv, v0, c0, correction, acc, ahead):
+    """Dims c0..c0+63 of query vectors v0..v0+3 (v0..v0+2 where only 3 are left)."""
+    if nv - v0 == 3:  # as _scores_3x4: no FMAs for a padding row
+        _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead)
+    else:
+        _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead)
 
 
 @njit(cache=True, inline="always")
@@ -389,7 +409,7 @@ def _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahea
     a32, a33 = vmul(load_f32x16(acc, r3 + 32), s3), vmul(load_f32x16(acc, r3 + 48), s3)
     wr0, wr1, wr2, wr3 = weights[v0], weights[v0 + 1], weights[v0 + 2], weights[v0 + 3]
     for j in range(n):
-        _prefetch_part(ahead, j, TILE)
+        _hint_part(ahead, j, TILE)
         x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
         x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
         w0 = splat_f32x16(wr0[j])
@@ -436,7 +456,7 @@ def _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahea
     a22, a23 = vmul(load_f32x16(acc, r2 + 32), s2), vmul(load_f32x16(acc, r2 + 48), s2)
     wr0, wr1, wr2 = weights[v0], weights[v0 + 1], weights[v0 + 2]
     for j in range(n):
-        _prefetch_part(ahead, j, TILE)
+        _hint_part(ahead, j, TILE)
         x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
         x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
         w0 = splat_f32x16(wr0[j])
