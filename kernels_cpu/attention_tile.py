@@ -1,0 +1,321 @@
+"""The inner loops of attention over one tile of keys: scores and weighted values, register-blocked.
+
+kernels_cpu.attention runs jobs (a block of rows against one KV head's cache) tile by tile; for each tile it calls
+`tile_scores` (query vectors . keys), its own online softmax, then `tile_values` (the softmax weights times the
+values). Keys arrive in blocks of 16 positions, one SIMD vector per dimension (kernels_cpu.kv_types), so 16 keys are
+scored per instruction however few query vectors a job has. Keys and values are float32 (a widened tile) or the
+cache's own f16 / q8_0 arrays (a decode row's job, which converts each vector as it loads it): `key_vector` and
+`value_vector` read either, and both give the same float32 values. Each score and each output lane is one chain of
+fused multiply-adds in a fixed order, so a row's result does not depend on which kernel or batch computed it.
+"""
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from kernels_cpu.kv_types import KEY_BLOCK, key_vector, value_vector
+from kernels_cpu.simd import (PATH, fma_f32x16, load_f32x16, prefetch_l2, splat_f32x16, store_f32x16, vmul,
+                              zero_f32x16)
+
+TILE = 64  # keys per tile
+# 32 vector registers: the weighted values in blocks of 4 vectors x 64 dims, the scores of 4 query vectors x 4 key
+# blocks at once
+WIDE_VALUES = PATH == "avx512vnni"
+# fast float math, but with infinities kept: -inf marks a vector that has seen no key yet
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+def _hint_part(ahead, i, n):
+    """Hint part i of n of the array ahead (contiguous, any type and shape) into L2: spread over the n steps of a
+    loop, a coming tile's lines arrive while the current one is worked on. (All of a tile's 256 hints at once held
+    the loads up as long as the misses they replaced.) ahead None: nothing, compiled to nothing (prompt blocks: their
+    tiles are widened first and worked on long enough for the hardware's own prefetching). Every 4-vector group and
+    every 64-dim slab of a tile hints the whole coming tile: a decode job has one or two of them (four at Gemma's
+    head dim 256), and a line already on its way costs a hint little."""
+
+
+@overload(_hint_part, inline="always")
+def _hint_part_impl(ahead, i, n):
+    if isinstance(ahead, types.NoneType):
+        return lambda ahead, i, n: None
+
+    def hint(ahead, i, n):
+        part = ahead.size // n
+        for e in range(i * part, (i + 1) * part, 64 // ahead.itemsize):
+            prefetch_l2(ahead, e)
+    return hint
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def tile_scores(qs, keys, key_scales, nv, softcap, scores, ahead):
+    """scores[v, j] = the key at position j of the tile . query vector v, for the tile's key blocks keys (n_blocks,
+    d_k, 16) and the first nv vectors: 16 keys per SIMD vector, each score one chain of fused multiply-adds over the
+    dimensions in order (float32); with softcap > 0 capped to softcap * tanh(score / softcap) (Gemma 2's attention
+    logit soft-capping, as llama.cpp's flash attention). Positions past the tile's end get scores too (of whatever
+    the block holds there): the softmax masks them. qs and scores have nv rounded up to a multiple of 4 rows (qs's
+    padding rows zero)."""
+    n_blocks, d = keys.shape[0], keys.shape[1]
+    v = 0
+    if WIDE_VALUES:  # 4 vectors x 4 blocks: 16 independent chains, each key load shared by 4 vectors. A last group
+        # of fewer than 4 takes the zero padding rows along (their scores are never read): a decode row of SmolLM2
+        # (3 vectors) ran its third vector alone in 2 chains, as long as the first two together.
+        while v < nv:
+            _scores_group(qs, keys, key_scales, v, nv, n_blocks, d, scores, ahead)
+            v += 4
+    while v < nv:
+        qv = qs[v]
+        b = 0
+        while b + 2 <= n_blocks:
+            a0 = a1 = zero_f32x16()
+            for c in range(d):
+                x = splat_f32x16(qv[c])
+                a0 = fma_f32x16(x, key_vector(keys, key_scales, b, c), a0)
+                a1 = fma_f32x16(x, key_vector(keys, key_scales, b + 1, c), a1)
+            store_f32x16(scores, v * TILE + b * KEY_BLOCK, a0)
+            store_f32x16(scores, v * TILE + (b + 1) * KEY_BLOCK, a1)
+            b += 2
+        if b < n_blocks:
+            a0 = zero_f32x16()
+            for c in range(d):
+                a0 = fma_f32x16(splat_f32x16(qv[c]), key_vector(keys, key_scales, b, c), a0)
+            store_f32x16(scores, v * TILE + b * KEY_BLOCK, a0)
+        v += 1
+    if softcap > 0.0:
+        cap = np.float32(softcap)
+        inverse = np.float32(1.0 / softcap)
+        for v in range(nv):
+            row_scores = scores[v]
+            for j in range(n_blocks * KEY_BLOCK):
+                row_scores[j] = cap * np.tanh(row_scores[j] * inverse)
+
+
+@njit(cache=True, inline="always")
+def _scores_group(qs, keys, key_scales, v, nv, n_blocks, d, scores, ahead):
+    """Scores of query vectors v..v+3 (v..v+2 where only 3 are left) against the tile's blocks."""
+    if n_blocks == 4 and nv - v == 3:  # 3 vectors (GQA groups of 3 and 7): no FMAs for a padding row
+        _scores_3x4(qs, keys, key_scales, v, d, scores, ahead)
+    elif n_blocks == 4:
+        _scores_4x4(qs, keys, key_scales, v, d, scores, ahead)
+    else:  # the last tile of a range (a prompt block's causal edge): 4 vectors x 2 blocks, then x 1
+        for b in range(0, n_blocks - 1, 2):
+            _scores_4x2(qs, keys, key_scales, v, b, d, scores)
+        if n_blocks % 2:
+            _scores_4x1(qs, keys, key_scales, v, n_blocks - 1, d, scores)
+
+
+@njit(cache=True, inline="always")
+def _scores_4x4(qs, keys, key_scales, v, d, scores, ahead):
+    """Scores of query vectors v..v+3 against a whole tile (4 key blocks): 16 accumulators (AVX-512's 32 registers
+    hold them), so a prompt block's many vectors load each key vector once per 4 of them."""
+    q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_f32x16()
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero_f32x16()
+    for c in range(d):
+        _hint_part(ahead, c, d)
+        k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
+        k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
+        x = splat_f32x16(q0[c])
+        a00, a01, a02, a03 = fma_f32x16(x, k0, a00), fma_f32x16(x, k1, a01), fma_f32x16(x, k2, a02), \
+            fma_f32x16(x, k3, a03)
+        x = splat_f32x16(q1[c])
+        a10, a11, a12, a13 = fma_f32x16(x, k0, a10), fma_f32x16(x, k1, a11), fma_f32x16(x, k2, a12), \
+            fma_f32x16(x, k3, a13)
+        x = splat_f32x16(q2[c])
+        a20, a21, a22, a23 = fma_f32x16(x, k0, a20), fma_f32x16(x, k1, a21), fma_f32x16(x, k2, a22), \
+            fma_f32x16(x, k3, a23)
+        x = splat_f32x16(q3[c])
+        a30, a31, a32, a33 = fma_f32x16(x, k0, a30), fma_f32x16(x, k1, a31), fma_f32x16(x, k2, a32), \
+            fma_f32x16(x, k3, a33)
+    for b, a in enumerate((a00, a01, a02, a03)):
+        store_f32x16(scores, v * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((a10, a11, a12, a13)):
+        store_f32x16(scores, (v + 1) * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((a20, a21, a22, a23)):
+        store_f32x16(scores, (v + 2) * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((a30, a31, a32, a33)):
+        store_f32x16(scores, (v + 3) * TILE + b * KEY_BLOCK, a)
+
+
+@njit(cache=True, inline="always")
+def _scores_3x4(qs, keys, key_scales, v, d, scores, ahead):
+    """_scores_4x4 for query vectors v..v+2: 12 chains. Decode attention is bound by the FMA units (Zen 4 retires
+    one 512-bit FMA a cycle), and a fourth, padding vector costs a third more of them."""
+    q0, q1, q2 = qs[v], qs[v + 1], qs[v + 2]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = zero_f32x16()
+    for c in range(d):
+        _hint_part(ahead, c, d)
+        k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
+        k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
+        x = splat_f32x16(q0[c])
+        a00, a01, a02, a03 = fma_f32x16(x, k0, a00), fma_f32x16(x, k1, a01), fma_f32x16(x, k2, a02), \
+            fma_f32x16(x, k3, a03)
+        x = splat_f32x16(q1[c])
+        a10, a11, a12, a13 = fma_f32x16(x, k0, a10), fma_f32x16(x, k1, a11), fma_f32x16(x, k2, a12), \
+            fma_f32x16(x, k3, a13)
+        x = splat_f32x16(q2[c])
+        a20, a21, a22, a23 = fma_f32x16(x, k0, a20), fma_f32x16(x, k1, a21), fma_f32x16(x, k2, a22), \
+            fma_f32x16(x, k3, a23)
+    for b, a in enumerate((a00, a01, a02, a03)):
+        store_f32x16(scores, v * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((a10, a11, a12, a13)):
+        store_f32x16(scores, (v + 1) * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((a20, a21, a22, a23)):
+        store_f32x16(scores, (v + 2) * TILE + b * KEY_BLOCK, a)
+
+
+@njit(cache=True, inline="always")
+def _scores_4x2(qs, keys, key_scales, v, b, d, scores):
+    """Scores of query vectors v..v+3 against key blocks b, b+1: _scores_4x4 for a tile's last, partial part."""
+    q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = zero_f32x16()
+    for c in range(d):
+        k0, k1 = key_vector(keys, key_scales, b, c), key_vector(keys, key_scales, b + 1, c)
+        x0, x1, x2, x3 = splat_f32x16(q0[c]), splat_f32x16(q1[c]), splat_f32x16(q2[c]), splat_f32x16(q3[c])
+        a00, a01, a10, a11 = fma_f32x16(x0, k0, a00), fma_f32x16(x0, k1, a01), fma_f32x16(x1, k0, a10), \
+            fma_f32x16(x1, k1, a11)
+        a20, a21, a30, a31 = fma_f32x16(x2, k0, a20), fma_f32x16(x2, k1, a21), fma_f32x16(x3, k0, a30), \
+            fma_f32x16(x3, k1, a31)
+    for i, (a, a_next) in enumerate(((a00, a01), (a10, a11), (a20, a21), (a30, a31))):
+        store_f32x16(scores, (v + i) * TILE + b * KEY_BLOCK, a)
+        store_f32x16(scores, (v + i) * TILE + (b + 1) * KEY_BLOCK, a_next)
+
+
+@njit(cache=True, inline="always")
+def _scores_4x1(qs, keys, key_scales, v, b, d, scores):
+    """Scores of query vectors v..v+3 against key block b."""
+    q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
+    a0 = a1 = a2 = a3 = zero_f32x16()
+    for c in range(d):
+        k = key_vector(keys, key_scales, b, c)
+        a0, a1 = fma_f32x16(splat_f32x16(q0[c]), k, a0), fma_f32x16(splat_f32x16(q1[c]), k, a1)
+        a2, a3 = fma_f32x16(splat_f32x16(q2[c]), k, a2), fma_f32x16(splat_f32x16(q3[c]), k, a3)
+    for i, a in enumerate((a0, a1, a2, a3)):
+        store_f32x16(scores, (v + i) * TILE + b * KEY_BLOCK, a)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def tile_values(weights, values, value_scales, n, nv, correction, acc, ahead):
+    """acc[v] = acc[v] * correction[v] + sum over the tile's n keys j of weights[v, j] * values[j], for the first nv
+    query vectors (in fours: rows past nv are padding): each output lane one chain of fused multiply-adds over the
+    keys in order, blocks of 4 vectors x 64 (or x 16) dims held in registers across the tile."""
+    d_v = values.shape[1]
+    for v0 in range(0, nv, 4):
+        c0 = 0
+        if WIDE_VALUES:
+            while c0 + 64 <= d_v:
+                _values_slab(weights, values, value_scales, n, nv, v0, c0, correction, acc, ahead)
+                c0 += 64
+        while c0 < d_v:
+            _values_4x16(weights, values, value_scales, n, v0, c0, correction, acc)
+            c0 += 16
+
+
+@njit(cache=True, inline="always")
+def _values_slab(weights, values, value_scales, n, nv, v0, c0, correction, acc, ahead):
+    """Dims c0..c0+63 of query vectors v0..v0+3 (v0..v0+2 where only 3 are left)."""
+    if nv - v0 == 3:  # as _scores_3x4: no FMAs for a padding row
+        _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead)
+    else:
+        _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead)
+
+
+@njit(cache=True, inline="always")
+def _values_4x16(weights, values, value_scales, n, v0, c0, correction, acc):
+    d_v = acc.shape[1]
+    a0 = vmul(load_f32x16(acc, v0 * d_v + c0), splat_f32x16(correction[v0]))
+    a1 = vmul(load_f32x16(acc, (v0 + 1) * d_v + c0), splat_f32x16(correction[v0 + 1]))
+    a2 = vmul(load_f32x16(acc, (v0 + 2) * d_v + c0), splat_f32x16(correction[v0 + 2]))
+    a3 = vmul(load_f32x16(acc, (v0 + 3) * d_v + c0), splat_f32x16(correction[v0 + 3]))
+    w0, w1, w2, w3 = weights[v0], weights[v0 + 1], weights[v0 + 2], weights[v0 + 3]
+    for j in range(n):
+        x = value_vector(values, value_scales, j, c0)
+        a0 = fma_f32x16(splat_f32x16(w0[j]), x, a0)
+        a1 = fma_f32x16(splat_f32x16(w1[j]), x, a1)
+        a2 = fma_f32x16(splat_f32x16(w2[j]), x, a2)
+        a3 = fma_f32x16(splat_f32x16(w3[j]), x, a3)
+    store_f32x16(acc, v0 * d_v + c0, a0)
+    store_f32x16(acc, (v0 + 1) * d_v + c0, a1)
+    store_f32x16(acc, (v0 + 2) * d_v + c0, a2)
+    store_f32x16(acc, (v0 + 3) * d_v + c0, a3)
+
+
+@njit(cache=True, inline="always")
+def _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead):
+    """_values_4x16 over 64 dims at once: 16 accumulators (AVX-512's 32 registers hold them; AVX2's 16 do not)."""
+    d_v = acc.shape[1]
+    s0, s1 = splat_f32x16(correction[v0]), splat_f32x16(correction[v0 + 1])
+    s2, s3 = splat_f32x16(correction[v0 + 2]), splat_f32x16(correction[v0 + 3])
+    r0, r1, r2, r3 = v0 * d_v + c0, (v0 + 1) * d_v + c0, (v0 + 2) * d_v + c0, (v0 + 3) * d_v + c0
+    a00, a01 = vmul(load_f32x16(acc, r0), s0), vmul(load_f32x16(acc, r0 + 16), s0)
+    a02, a03 = vmul(load_f32x16(acc, r0 + 32), s0), vmul(load_f32x16(acc, r0 + 48), s0)
+    a10, a11 = vmul(load_f32x16(acc, r1), s1), vmul(load_f32x16(acc, r1 + 16), s1)
+    a12, a13 = vmul(load_f32x16(acc, r1 + 32), s1), vmul(load_f32x16(acc, r1 + 48), s1)
+    a20, a21 = vmul(load_f32x16(acc, r2), s2), vmul(load_f32x16(acc, r2 + 16), s2)
+    a22, a23 = vmul(load_f32x16(acc, r2 + 32), s2), vmul(load_f32x16(acc, r2 + 48), s2)
+    a30, a31 = vmul(load_f32x16(acc, r3), s3), vmul(load_f32x16(acc, r3 + 16), s3)
+    a32, a33 = vmul(load_f32x16(acc, r3 + 32), s3), vmul(load_f32x16(acc, r3 + 48), s3)
+    wr0, wr1, wr2, wr3 = weights[v0], weights[v0 + 1], weights[v0 + 2], weights[v0 + 3]
+    for j in range(n):
+        _hint_part(ahead, j, TILE)
+        x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
+        x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
+        w0 = splat_f32x16(wr0[j])
+        a00, a01, a02, a03 = fma_f32x16(w0, x0, a00), fma_f32x16(w0, x1, a01), fma_f32x16(w0, x2, a02), \
+            fma_f32x16(w0, x3, a03)
+        w1 = splat_f32x16(wr1[j])
+        a10, a11, a12, a13 = fma_f32x16(w1, x0, a10), fma_f32x16(w1, x1, a11), fma_f32x16(w1, x2, a12), \
+            fma_f32x16(w1, x3, a13)
+        w2 = splat_f32x16(wr2[j])
+        a20, a21, a22, a23 = fma_f32x16(w2, x0, a20), fma_f32x16(w2, x1, a21), fma_f32x16(w2, x2, a22), \
+            fma_f32x16(w2, x3, a23)
+        w3 = splat_f32x16(wr3[j])
+        a30, a31, a32, a33 = fma_f32x16(w3, x0, a30), fma_f32x16(w3, x1, a31), fma_f32x16(w3, x2, a32), \
+            fma_f32x16(w3, x3, a33)
+    store_f32x16(acc, r0, a00)
+    store_f32x16(acc, r0 + 16, a01)
+    store_f32x16(acc, r0 + 32, a02)
+    store_f32x16(acc, r0 + 48, a03)
+    store_f32x16(acc, r1, a10)
+    store_f32x16(acc, r1 + 16, a11)
+    store_f32x16(acc, r1 + 32, a12)
+    store_f32x16(acc, r1 + 48, a13)
+    store_f32x16(acc, r2, a20)
+    store_f32x16(acc, r2 + 16, a21)
+    store_f32x16(acc, r2 + 32, a22)
+    store_f32x16(acc, r2 + 48, a23)
+    store_f32x16(acc, r3, a30)
+    store_f32x16(acc, r3 + 16, a31)
+    store_f32x16(acc, r3 + 32, a32)
+    store_f32x16(acc, r3 + 48, a33)
+
+
+@njit(cache=True, inline="always")
+def _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead):
+    """_values_4x64 for query vectors v0..v0+2: 12 accumulators."""
+    d_v = acc.shape[1]
+    s0, s1, s2 = splat_f32x16(correction[v0]), splat_f32x16(correction[v0 + 1]), splat_f32x16(correction[v0 + 2])
+    r0, r1, r2 = v0 * d_v + c0, (v0 + 1) * d_v + c0, (v0 + 2) * d_v + c0
+    a00, a01 = vmul(load_f32x16(acc, r0), s0), vmul(load_f32x16(acc, r0 + 16), s0)
+    a02, a03 = vmul(load_f32x16(acc, r0 + 32), s0), vmul(load_f32x16(acc, r0 + 48), s0)
+    a10, a11 = vmul(load_f32x16(acc, r1), s1), vmul(load_f32x16(acc, r1 + 16), s1)
+    a12, a13 = vmul(load_f32x16(acc, r1 + 32), s1), vmul(load_f32x16(acc, r1 + 48), s1)
+    a20, a21 = vmul(load_f32x16(acc, r2), s2), vmul(load_f32x16(acc, r2 + 16), s2)
+    a22, a23 = vmul(load_f32x16(acc, r2 + 32), s2), vmul(load_f32x16(acc, r2 + 48), s2)
+    wr0, wr1, wr2 = weights[v0], weights[v0 + 1], weights[v0 + 2]
+    for j in range(n):
+        _hint_part(ahead, j, TILE)
+        x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
+        x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
+        w0 = splat_f32x16(wr0[j])
+        a00, a01, a02, a03 = fma_f32x16(w0, x0, a00), fma_f32x16(w0, x1, a01), fma_f32x16(w0, x2, a02), \
+            fma_f32x16(w0, x3, a03)
+        w1 = splat_f32x16(wr1[j])
+        a10, a11, a12, a13 = fma_f32x16(w1, x0, a10), fma_f32x16(w1, x1, a11), fma_f32x16(w1, x2, a12), \
+            fma_f32x16(w1, x3, a13)
+        w2 = splat_f32x16(wr2[j])
+        a20, a21, a22, a23 = fma_f32x16(w2, x0, a20), fma_f32x16(w2, x1, a21), fma_f32x16(w2, x2, a22), \
+            fma_f32x16(w2, x3, a23)
+    for r, (b0, b1, b2, b3) in ((r0, (a00, a01, a02, a03)), (r1, (a10, a11, a12, a13)), (r2, (a20, a21, a22, a23))):
+        store_f32x16(acc, r, b0)
+        store_f32x16(acc, r + 16, b1)
+        store_f32x16(acc, r + 32, b2)
+        store_f32x16(acc, r + 48, b3)
