@@ -59,7 +59,13 @@ def tile_scores(qs, keys, key_scales, nv, softcap, scores, ahead):
         # of fewer than 4 takes the zero padding rows along (their scores are never read): a decode row of SmolLM2
         # (3 vectors) ran its third vector alone in 2 chains, as long as the first two together.
         while v < nv:
-            _scores_group(qs, keys, key_scales, v, nv, n_blocks, d, scores, ahead)
+            if n_blocks == 4:
+                _scores_4x4(qs, keys, key_scales, v, d, scores, ahead)
+            else:  # the last tile of a range (a prompt block's causal edge): 4 vectors x 2 blocks, then x 1
+                for b in range(0, n_blocks - 1, 2):
+                    _scores_4x2(qs, keys, key_scales, v, b, d, scores)
+                if n_blocks % 2:
+                    _scores_4x1(qs, keys, key_scales, v, n_blocks - 1, d, scores)
             v += 4
     while v < nv:
         qv = qs[v]
@@ -86,20 +92,6 @@ def tile_scores(qs, keys, key_scales, nv, softcap, scores, ahead):
             row_scores = scores[v]
             for j in range(n_blocks * KEY_BLOCK):
                 row_scores[j] = cap * np.tanh(row_scores[j] * inverse)
-
-
-@njit(cache=True, inline="always")
-def _scores_group(qs, keys, key_scales, v, nv, n_blocks, d, scores, ahead):
-    """Scores of query vectors v..v+3 (v..v+2 where only 3 are left) against the tile's blocks."""
-    if n_blocks == 4 and nv - v == 3:  # 3 vectors (GQA groups of 3 and 7): no FMAs for a padding row
-        _scores_3x4(qs, keys, key_scales, v, d, scores, ahead)
-    elif n_blocks == 4:
-        _scores_4x4(qs, keys, key_scales, v, d, scores, ahead)
-    else:  # the last tile of a range (a prompt block's causal edge): 4 vectors x 2 blocks, then x 1
-        for b in range(0, n_blocks - 1, 2):
-            _scores_4x2(qs, keys, key_scales, v, b, d, scores)
-        if n_blocks % 2:
-            _scores_4x1(qs, keys, key_scales, v, n_blocks - 1, d, scores)
 
 
 @njit(cache=True, inline="always")
@@ -133,33 +125,6 @@ def _scores_4x4(qs, keys, key_scales, v, d, scores, ahead):
         store_f32x16(scores, (v + 2) * TILE + b * KEY_BLOCK, a)
     for b, a in enumerate((a30, a31, a32, a33)):
         store_f32x16(scores, (v + 3) * TILE + b * KEY_BLOCK, a)
-
-
-@njit(cache=True, inline="always")
-def _scores_3x4(qs, keys, key_scales, v, d, scores, ahead):
-    """_scores_4x4 for query vectors v..v+2: 12 chains. Decode attention is bound by the FMA units (Zen 4 retires
-    one 512-bit FMA a cycle), and a fourth, padding vector costs a third more of them."""
-    q0, q1, q2 = qs[v], qs[v + 1], qs[v + 2]
-    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = zero_f32x16()
-    for c in range(d):
-        _hint_part(ahead, c, d)
-        k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
-        k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
-        x = splat_f32x16(q0[c])
-        a00, a01, a02, a03 = fma_f32x16(x, k0, a00), fma_f32x16(x, k1, a01), fma_f32x16(x, k2, a02), \
-            fma_f32x16(x, k3, a03)
-        x = splat_f32x16(q1[c])
-        a10, a11, a12, a13 = fma_f32x16(x, k0, a10), fma_f32x16(x, k1, a11), fma_f32x16(x, k2, a12), \
-            fma_f32x16(x, k3, a13)
-        x = splat_f32x16(q2[c])
-        a20, a21, a22, a23 = fma_f32x16(x, k0, a20), fma_f32x16(x, k1, a21), fma_f32x16(x, k2, a22), \
-            fma_f32x16(x, k3, a23)
-    for b, a in enumerate((a00, a01, a02, a03)):
-        store_f32x16(scores, v * TILE + b * KEY_BLOCK, a)
-    for b, a in enumerate((a10, a11, a12, a13)):
-        store_f32x16(scores, (v + 1) * TILE + b * KEY_BLOCK, a)
-    for b, a in enumerate((a20, a21, a22, a23)):
-        store_f32x16(scores, (v + 2) * TILE + b * KEY_BLOCK, a)
 
 
 @njit(cache=True, inline="always")
@@ -202,20 +167,11 @@ def tile_values(weights, values, value_scales, n, nv, correction, acc, ahead):
         c0 = 0
         if WIDE_VALUES:
             while c0 + 64 <= d_v:
-                _values_slab(weights, values, value_scales, n, nv, v0, c0, correction, acc, ahead)
+                _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead)
                 c0 += 64
         while c0 < d_v:
             _values_4x16(weights, values, value_scales, n, v0, c0, correction, acc)
             c0 += 16
-
-
-@njit(cache=True, inline="always")
-def _values_slab(weights, values, value_scales, n, nv, v0, c0, correction, acc, ahead):
-    """Dims c0..c0+63 of query vectors v0..v0+3 (v0..v0+2 where only 3 are left)."""
-    if nv - v0 == 3:  # as _scores_3x4: no FMAs for a padding row
-        _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead)
-    else:
-        _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead)
 
 
 @njit(cache=True, inline="always")
@@ -286,36 +242,3 @@ def _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahea
     store_f32x16(acc, r3 + 16, a31)
     store_f32x16(acc, r3 + 32, a32)
     store_f32x16(acc, r3 + 48, a33)
-
-
-@njit(cache=True, inline="always")
-def _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead):
-    """_values_4x64 for query vectors v0..v0+2: 12 accumulators."""
-    d_v = acc.shape[1]
-    s0, s1, s2 = splat_f32x16(correction[v0]), splat_f32x16(correction[v0 + 1]), splat_f32x16(correction[v0 + 2])
-    r0, r1, r2 = v0 * d_v + c0, (v0 + 1) * d_v + c0, (v0 + 2) * d_v + c0
-    a00, a01 = vmul(load_f32x16(acc, r0), s0), vmul(load_f32x16(acc, r0 + 16), s0)
-    a02, a03 = vmul(load_f32x16(acc, r0 + 32), s0), vmul(load_f32x16(acc, r0 + 48), s0)
-    a10, a11 = vmul(load_f32x16(acc, r1), s1), vmul(load_f32x16(acc, r1 + 16), s1)
-    a12, a13 = vmul(load_f32x16(acc, r1 + 32), s1), vmul(load_f32x16(acc, r1 + 48), s1)
-    a20, a21 = vmul(load_f32x16(acc, r2), s2), vmul(load_f32x16(acc, r2 + 16), s2)
-    a22, a23 = vmul(load_f32x16(acc, r2 + 32), s2), vmul(load_f32x16(acc, r2 + 48), s2)
-    wr0, wr1, wr2 = weights[v0], weights[v0 + 1], weights[v0 + 2]
-    for j in range(n):
-        _hint_part(ahead, j, TILE)
-        x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
-        x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
-        w0 = splat_f32x16(wr0[j])
-        a00, a01, a02, a03 = fma_f32x16(w0, x0, a00), fma_f32x16(w0, x1, a01), fma_f32x16(w0, x2, a02), \
-            fma_f32x16(w0, x3, a03)
-        w1 = splat_f32x16(wr1[j])
-        a10, a11, a12, a13 = fma_f32x16(w1, x0, a10), fma_f32x16(w1, x1, a11), fma_f32x16(w1, x2, a12), \
-            fma_f32x16(w1, x3, a13)
-        w2 = splat_f32x16(wr2[j])
-        a20, a21, a22, a23 = fma_f32x16(w2, x0, a20), fma_f32x16(w2, x1, a21), fma_f32x16(w2, x2, a22), \
-            fma_f32x16(w2, x3, a23)
-    for r, (b0, b1, b2, b3) in ((r0, (a00, a01, a02, a03)), (r1, (a10, a11, a12, a13)), (r2, (a20, a21, a22, a23))):
-        store_f32x16(acc, r, b0)
-        store_f32x16(acc, r + 16, b1)
-        store_f32x16(acc, r + 32, b2)
-        store_f32x16(acc, r + 48, b3)

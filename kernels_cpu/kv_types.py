@@ -155,8 +155,7 @@ def _tile_rows(rows, row_scales, start, stop, buf):
     if rows.dtype == types.uint16:
         return lambda rows, row_scales, start, stop, buf: _widen_f16(rows[start:stop], buf)
     if rows.dtype == types.int8:
-        return lambda rows, row_scales, start, stop, buf: _widen_q8_0(rows[start:stop], row_scales[start:stop], buf,
-                                                                      rows.shape[1] // row_scales.shape[1])
+        return lambda rows, row_scales, start, stop, buf: _widen_q8_0(rows[start:stop], row_scales[start:stop], buf)
     return None
 
 
@@ -169,8 +168,7 @@ def _tile_keys(blocks, block_scales, start, stop, buf):
             blocks[start // KEY_BLOCK:_blocks_end(stop)], buf)
     if blocks.dtype == types.int8:
         return lambda blocks, block_scales, start, stop, buf: _widen_q8_0_keys(
-            blocks[start // KEY_BLOCK:_blocks_end(stop)], block_scales[start // KEY_BLOCK:_blocks_end(stop)], buf,
-            blocks.shape[1] // block_scales.shape[1])
+            blocks[start // KEY_BLOCK:_blocks_end(stop)], block_scales[start // KEY_BLOCK:_blocks_end(stop)], buf)
     return None
 
 
@@ -195,7 +193,7 @@ def _key_vector(blocks, block_scales, b, c):
         return lambda blocks, block_scales, b, c: load_f32x16(blocks, (b * blocks.shape[1] + c) * KEY_BLOCK)
     if blocks.dtype == types.uint16:
         return lambda blocks, block_scales, b, c: halves_f32x16(blocks, (b * blocks.shape[1] + c) * KEY_BLOCK)
-    if blocks.dtype == types.int8:  # as _widen_q8_0_keys: each value times its key's scale, in float32
+    if blocks.dtype == types.int8:  # each value times its key's scale, in float32
         return lambda blocks, block_scales, b, c: vmul(
             int8s_f32x16(blocks, (b * blocks.shape[1] + c) * KEY_BLOCK),
             load_f32x16(block_scales, (b * block_scales.shape[1] + c // QK) * KEY_BLOCK))
@@ -208,7 +206,7 @@ def _value_vector(rows, row_scales, j, c):
         return lambda rows, row_scales, j, c: load_f32x16(rows, j * rows.shape[1] + c)
     if rows.dtype == types.uint16:
         return lambda rows, row_scales, j, c: halves_f32x16(rows, j * rows.shape[1] + c)
-    if rows.dtype == types.int8:  # as _widen_q8_0 (c a multiple of 16: one scale for the 16 values)
+    if rows.dtype == types.int8:  # each value times its block's scale (c a multiple of 16: one scale for all 16)
         return lambda rows, row_scales, j, c: vmul(int8s_f32x16(rows, j * rows.shape[1] + c),
                                                    splat_f32x16(row_scales[j, c // QK]))
     return None
@@ -234,16 +232,14 @@ def _widen_halves(bits, out):
 
 
 @njit(cache=True)
-def _widen_q8_0_keys(q, d, buf, block):
-    """q8_0 key blocks (n, dim, KEY_BLOCK) with scales (n, dim / block, KEY_BLOCK) -> float32 in buf: value times
-    its key's scale, one SIMD vector per dimension of a block (the same float32 product as a row's widening)."""
+def _widen_q8_0_keys(q, d, buf):
+    """q8_0 key blocks (n, dim, KEY_BLOCK) with scales (n, dim / 32, KEY_BLOCK) -> float32 in buf, one key_vector
+    per dimension of a block."""
     out = buf[:q.shape[0]]
-    dim, n_scales = q.shape[1], d.shape[1]
+    dim = q.shape[1]
     for b in range(q.shape[0]):
         for c in range(dim):
-            offset = (b * dim + c) * KEY_BLOCK
-            scales = load_f32x16(d, (b * n_scales + c // block) * KEY_BLOCK)
-            store_f32x16(out, offset, vmul(int8s_f32x16(q, offset), scales))
+            store_f32x16(out, (b * dim + c) * KEY_BLOCK, key_vector(q, d, b, c))
     return out
 
 
@@ -256,13 +252,11 @@ def _widen_f16(bits, buf):
 
 
 @njit(cache=True)
-def _widen_q8_0(q, d, buf, block):
-    """q8_0 rows (n, dim) with scales (n, dim / block) -> float32 in buf: each value times its block's scale, 16 per
-    SIMD instruction."""
+def _widen_q8_0(q, d, buf):
+    """q8_0 rows (n, dim) with scales (n, dim / 32) -> float32 in buf, one value_vector per 16 values."""
     out = buf[:q.shape[0]]
     dim = q.shape[1]
     for j in range(q.shape[0]):
         for c in range(0, dim, 16):
-            offset = j * dim + c
-            store_f32x16(out, offset, vmul(int8s_f32x16(q, offset), splat_f32x16(d[j, c // block])))
+            store_f32x16(out, j * dim + c, value_vector(q, d, j, c))
     return out

@@ -232,16 +232,21 @@ load_i8x32, load_i8x64 = _loader(i8x32), _loader(i8x64)
 load_i32x16, load_f32x8, load_f32x16 = _loader(i32x16), _loader(f32x8), _loader(f32x16)
 
 
-@intrinsic
-def prefetch(typingctx, buf, offset):
-    """Hint: bring the cache line of buf[offset] in (for reads), e.g. the next rows of a large matrix."""
+def _prefetch_codegen(locality):
+    """Code for a read hint of buf[offset]'s cache line with LLVM's locality (3: into L1, 2: into L2)."""
     def codegen(context, builder, signature, args):
         ptr = _element_ptr(context, builder, signature.args[0], args[0], args[1], _I8)
-        _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+        _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, locality),
                                                            ir.Constant(_I32, 1)])
         return context.get_dummy_value()
 
-    return types.none(buf, types.intp), codegen
+    return codegen
+
+
+@intrinsic
+def prefetch(typingctx, buf, offset):
+    """Hint: bring the cache line of buf[offset] in (for reads), e.g. the next rows of a large matrix."""
+    return types.none(buf, types.intp), _prefetch_codegen(3)
 
 
 @intrinsic
@@ -249,13 +254,7 @@ def prefetch_l2(typingctx, buf, offset):
     """Hint: bring the cache line of buf[offset] into L2 (prefetcht1), e.g. a tile of a long KV cache that code busy
     with arithmetic will read next. (Into L1, as `prefetch`, such hints held the core's few L1 miss buffers and
     streaming stalled; into L2 a decode attention layer read its cache from DRAM as fast as from L3.)"""
-    def codegen(context, builder, signature, args):
-        ptr = _element_ptr(context, builder, signature.args[0], args[0], args[1], _I8)
-        _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2),
-                                                           ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
-
-    return types.none(buf, types.intp), codegen
+    return types.none(buf, types.intp), _prefetch_codegen(2)
 
 
 @intrinsic
