@@ -41,9 +41,13 @@ def zeros(shape: tuple[int, ...], dtype) -> cuda.devicearray.DeviceNDArray:
     if simulated():
         return cuda.to_device(np.zeros(shape, dtype))
     a = cuda.device_array(shape, dtype=dtype)
-    flat = a.reshape(a.size)
-    _fill_zero[_grid(a.size), THREADS](flat)
+    fill_zero(a)
     return a
+
+
+def fill_zero(a) -> None:
+    """a[...] = 0 on the device (a C-contiguous device array)."""
+    _fill_zero[_grid(a.size), THREADS](a.reshape(a.size))
 
 
 def copy_positions(a, src: int, dst: int, n: int) -> None:

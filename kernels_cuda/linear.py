@@ -5,21 +5,27 @@ q = roundf(x * (1 / d)), halves away from zero), into xq int8 (n, width), xd flo
 xs int32 (n, width / 16) of xq over each 16 (groups are 16 or 32 wide).
 A quantized weight (kernels_cuda.layout: q int8, scale and offset float32 per group) then contributes per group g
   scale[g] * xd * dot(q, xq) + offset[g] * xd * sum(xq)   (the sum from xs)
-with the dot and the sum in int32; a float weight (F16, F32) a float dot with x = xd * xq, as the CPU's float
-kernels take it
-(summed per block of 32, then scaled). Threads: blockDim.x lanes share a row (lane l takes groups l, l + lanes, ...; a shared-memory tree
-adds their partial sums), blockDim.y rows per block, and blockIdx.y picks a tile of TOKEN_TILE tokens, whose
-activations each loaded weight serves. Launch through `linear` with a kernels_cuda.launch Geometry.
+with the dot in int32 by dp4a (four int8 products a step: kernels_cuda.dot4) and the sum in int32; a float weight
+(F16, F32) a float dot with x = xd * xq, as the CPU's float kernels take it (summed per block of 32, then scaled).
+Threads: blockDim.x lanes share a row (lane l takes groups l, l + lanes, ...; a shared-memory tree adds their partial
+sums), blockDim.y rows per block, and blockIdx.y picks a tile of TOKEN_TILE tokens, whose activations each loaded
+weight serves. Launch through `linear` with a kernels_cuda.launch Geometry.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from numba import cuda, float32, int32
 
+from kernels_cuda.dot4 import dot4
 from kernels_cuda.launch import MAX_BLOCK_THREADS, TOKEN_TILE, Geometry, blocks
 
 QK = 32  # activations per quantization block
+# partial sums of a block's lanes (a shared array's size must be one constant: a product of two is an expression,
+# which the simulator runs and CUDA refuses to compile; tools.cuda_compile_check catches such things)
+PARTIAL_SUMS = MAX_BLOCK_THREADS * TOKEN_TILE
 
 
 @cuda.jit(device=True, inline=True)
@@ -60,7 +66,7 @@ def _quantize_block(x, xq, xd, xs, t, b):
 @cuda.jit(device=True, inline=True)
 def _reduce_and_store(acc, n_tokens, t0, row, n_rows, out):
     """Add the lanes' acc (TOKEN_TILE partial sums each) in shared memory; lane 0 writes out[t0 + k, row]."""
-    partial = cuda.shared.array(MAX_BLOCK_THREADS * TOKEN_TILE, float32)
+    partial = cuda.shared.array(PARTIAL_SUMS, float32)
     lane, lanes = cuda.threadIdx.x, cuda.blockDim.x
     if lanes == 1:  # one thread per row (the simulator's geometry): nothing to add up, no barrier
         if row < n_rows:
@@ -85,27 +91,28 @@ def _reduce_and_store(acc, n_tokens, t0, row, n_rows, out):
 
 
 @cuda.jit
-def linear_quantized(q, scale, offset, group, xq, xd, xs, out):
-    """out[t, r] = sum_c (scale[r, c // group] * q[r, c] + offset[r, c // group]) * xd[t, c // 32] * xq[t, c]."""
+def linear_quantized(q4, scale, offset, group, xq4, xd, xs, out):
+    """out[t, r] = sum_c (scale[r, c // group] * q[r, c] + offset[r, c // group]) * xd[t, c // 32] * xq[t, c],
+    with q and xq given as int32 views (q4, xq4: four int8 values each), dotted four at a time by dp4a."""
     t0 = cuda.blockIdx.y * TOKEN_TILE
-    n_tokens = min(TOKEN_TILE, xq.shape[0] - t0)
+    n_tokens = min(TOKEN_TILE, xq4.shape[0] - t0)
     acc = cuda.local.array(TOKEN_TILE, float32)
     dots = cuda.local.array(TOKEN_TILE, int32)
     first = cuda.blockIdx.x * cuda.blockDim.y
     # rounds of blockDim.y rows, the same count for every thread of a block (the reduction's barriers)
-    for base in range(first, q.shape[0], cuda.gridDim.x * cuda.blockDim.y):
+    for base in range(first, q4.shape[0], cuda.gridDim.x * cuda.blockDim.y):
         row = base + cuda.threadIdx.y
         for k in range(TOKEN_TILE):
             acc[k] = float32(0.0)
-        if row < q.shape[0]:
+        if row < q4.shape[0]:
             for g in range(cuda.threadIdx.x, scale.shape[1], cuda.blockDim.x):
                 c0 = g * group
                 for k in range(n_tokens):
                     dots[k] = 0
-                for c in range(c0, c0 + group):
-                    w = int32(q[row, c])  # loaded once for the whole tile of tokens
+                for c4 in range(c0 // 4, (c0 + group) // 4):
+                    w4 = q4[row, c4]  # four weights, loaded once for the whole tile of tokens
                     for k in range(n_tokens):
-                        dots[k] += w * xq[t0 + k, c]
+                        dots[k] = dot4(w4, xq4[t0 + k, c4], dots[k])
                 w_scale, w_offset = scale[row, g], offset[row, g]
                 for k in range(n_tokens):
                     t = t0 + k
@@ -114,7 +121,7 @@ def linear_quantized(q, scale, offset, group, xq, xd, xs, out):
                         total += xs[t, c0 // 16 + 1]
                     d = xd[t, c0 // QK]
                     acc[k] += w_scale * d * float32(dots[k]) + w_offset * d * float32(total)
-        _reduce_and_store(acc, n_tokens, t0, row, q.shape[0], out)
+        _reduce_and_store(acc, n_tokens, t0, row, q4.shape[0], out)
 
 
 @cuda.jit
@@ -150,11 +157,13 @@ def quantize(x, xq, xd, xs, geometry: Geometry) -> None:
 
 
 def linear(matrix, xq, xd, xs, out, geometry: Geometry) -> None:
-    """out (n, n_rows) = x @ W.T for a kernels_cuda DeviceMatrix, x given quantized (xq, xd, xs: n rows)."""
+    """out (n, n_rows) = x @ W.T for a kernels_cuda DeviceMatrix, x given quantized (xq, xd, xs: n rows; xq
+    C-contiguous, so that it can be read as int32s)."""
     grid = (blocks(matrix.n_rows, geometry.rows, geometry), blocks(xq.shape[0], TOKEN_TILE))
     block = (geometry.lanes, geometry.rows)
     if matrix.group:
-        linear_quantized[grid, block](matrix.q, matrix.scale, matrix.offset, matrix.group, xq, xd, xs, out)
+        linear_quantized[grid, block](matrix.q4, matrix.scale, matrix.offset, matrix.group, xq.view(np.int32), xd,
+                                      xs, out)
     else:
         linear_float[grid, block](matrix.values, xq, xd, out)
 
@@ -166,10 +175,11 @@ class DeviceMatrix:
         self.ggml_type, self.n_rows, self.n_cols, self.group = host.ggml_type, host.n_rows, host.n_cols, host.group
         if host.group:
             self.q, self.scale, self.offset = (cuda.to_device(a) for a in (host.q, host.scale, host.offset))
+            self.q4 = self.q.view(np.int32)  # the same bytes, four values an element: what dp4a takes
             self.values = None
         else:
             self.values = cuda.to_device(host.values)
-            self.q = self.scale = self.offset = None
+            self.q = self.q4 = self.scale = self.offset = None
         self.nbytes = host.nbytes
 
 

@@ -156,6 +156,16 @@ def test_embedding_residual_bias_gather_and_logit_finish():
     np.testing.assert_allclose(rows.copy_to_host(), np.tanh(expected[[3, 1]] * 2 / 15) * 15, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ggml_type", [F16, F32], ids=type_name)
+def test_embedding_of_a_float_matrix(ggml_type):
+    rng = np.random.default_rng(6)
+    raw = random_raw(ggml_type, 6, 64, rng)
+    tokens = np.array([5, 0, 5])
+    x = cuda.device_array((3, 64), np.float32)
+    ops.embed(DeviceMatrix(host_layout(ggml_type, raw, 64)), device(tokens), 3.0, x, SIMULATOR)
+    np.testing.assert_array_equal(x.copy_to_host(), dequantize(ggml_type, raw, 64)[tokens] * np.float32(3.0))
+
+
 # ------------------------------------------------------------------------------------------------ KV cache, attention
 N_LAYERS, N_SEQ, N_CTX = 2, 2, 24
 
@@ -232,3 +242,10 @@ def test_copy_positions_copies_one_sequence_prefix():
     np.testing.assert_array_equal(got[:, 1, :, :5], host)
     np.testing.assert_array_equal(got[:, 2, :, :3], host[:, :, :3])
     assert not got[:, 2, :, 3:].any() and not got[:, 0].any()
+
+
+def test_fill_zero_clears_a_device_array():
+    """(zeros() fills on a GPU; the simulator uploads host zeros instead, so the fill kernel is run here.)"""
+    a = device(np.random.default_rng(9).standard_normal((2, 3, 4)).astype(np.float32) + 1)
+    cache_ops.fill_zero(a)
+    assert not a.copy_to_host().any()

@@ -83,13 +83,16 @@ class _Buffers:
         self.out = cuda.device_array((n, cfg.d_model), f32)
         self.logits = cuda.device_array((n, cfg.n_vocab), f32)
         self.widest = max(cfg.d_model, cfg.n_heads * cfg.value_dim, cfg.d_ff)
-        self.xq = cuda.device_array((n, self.widest), np.int8)
+        # int8 activations: one buffer per width, so that the first rows of one are C-contiguous (the linear
+        # kernel reads them as int32s, four at a time)
+        self.xq = {width: cuda.device_array((n, width), np.int8)
+                   for width in {cfg.d_model, cfg.n_heads * cfg.value_dim, cfg.d_ff}}
         self.xd = cuda.device_array((n, self.widest // 32), f32)
         self.xs = cuda.device_array((n, self.widest // 16), np.int32)
 
     def quantized(self, rows: int, width: int):
         """(xq, xd, xs) views for `rows` activations of `width` values."""
-        return self.xq[:rows, :width], self.xd[:rows, :width // 32], self.xs[:rows, :width // 16]
+        return self.xq[width][:rows], self.xd[:rows, :width // 32], self.xs[:rows, :width // 16]
 
 
 class CUDARunner:
