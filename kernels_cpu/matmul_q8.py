@@ -1,8 +1,8 @@
 """Y = X @ W.T for a block of tokens with int8 activations: the prefill counterpart of matvec_q8.
 
 Repacked weights (16 rows interleaved, repack.repack) go through tile kernels: each thread takes a group of 16
-rows and runs it against the tokens 4 at a time, so a weight block is loaded and unpacked once per 4 tokens and
-stays in L1 for the rest. Each token's accumulation is exactly matvec_q8's (the same per-block steps, in the same
+rows and runs it against the tokens 4 at a time (1 or 2 left over: a tile of 2), so a weight block is loaded and
+unpacked once per 4 tokens and stays in L1 for the rest. Each token's accumulation is exactly matvec_q8's (the same per-block steps, in the same
 order), so a prompt evaluated in one block gives the same logits as the same tokens decoded one at a time (as in
 llama.cpp). Raw ggml blocks (types without a repacked layout, or shapes that do not split into groups of 16) loop
 matvec_q8 over the tokens.
@@ -45,6 +45,14 @@ def _hint_range_impl(ahead, start, n_bytes):
         for offset in range(start, start + n_bytes, 64):
             prefetch_l2(ahead, offset)
     return hint
+
+
+@njit(cache=True)
+def _tiles_and_last(n_tokens):
+    """(tiles of 4 tokens, tokens left for a tile of 2): the last tile of 4 may hold 3 (one repeated: 4 tokens'
+    arithmetic for 3 costs less than a tile of 2 and one of 1), 1 or 2 left go to a tile of 2."""
+    n_tiles = (n_tokens + 1) // TILE
+    return n_tiles, max(0, n_tokens - TILE * n_tiles)
 
 
 @njit(cache=True)
@@ -96,6 +104,34 @@ def _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_i
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
+def _group_tile2(w, g, t0, t1, xq, xd, xs, sums16, out, n_blocks, type_id):
+    """_group_tile4 for the last 1 or 2 tokens of a batch (t1 = t0 for one): a batch of 2 (two sequences decoding,
+    one guess to verify) or 4k + 1, 4k + 2 rows no longer pays 4 tokens' arithmetic for its last tile."""
+    a0 = a1 = zero_f32x16()
+    if type_id == Q6_K_R:
+        for sb in range(n_blocks // 8):
+            o = Q6_SUPER * sb
+            d = halves_f32x16(w, o)
+            for j in range(8):
+                b = 8 * sb + j
+                a0 = add_block_q6_16(a0, w, o, d, j, b, xq[t0], xd[t0], sums16[t0])
+                a1 = add_block_q6_16(a1, w, o, d, j, b, xq[t1], xd[t1], sums16[t1])
+    elif type_id == Q4_K_R or type_id == Q5_K_R:
+        for sb in range(n_blocks // 8):
+            o, d, dmin = super_k4_16(w, sb, type_id)
+            for j in range(8):
+                b = 8 * sb + j
+                a0 = add_block_k4_16(a0, w, o, d, dmin, j, b, xq[t0], xd[t0], xs[t0], type_id)
+                a1 = add_block_k4_16(a1, w, o, d, dmin, j, b, xq[t1], xd[t1], xs[t1], type_id)
+    else:
+        for b in range(n_blocks):
+            a0 = add_block16(a0, w, b, xq[t0], xd[t0], xs[t0], type_id)
+            a1 = add_block16(a1, w, b, xq[t1], xd[t1], xs[t1], type_id)
+    store_f32x16(out[t1], GROUP * g, a1)
+    store_f32x16(out[t0], GROUP * g, a0)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
 def _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, ahead):
     """out[t:t + 8, 16 g:16 g + 16] for group g of repacked Q8_0 (w: its weights): _group_tile4's steps for 8
     tokens at once."""
@@ -135,14 +171,18 @@ def matmul_tiles16(packed, xq, xd, xs, out, type_id):
     if type_id == Q6_K_R:
         for t in range(n_tokens):
             sums16[t] = half_block_sums(xq[t])
+    n_tiles, last = _tiles_and_last(n_tokens)
     for g in prange(packed.shape[0]):
         w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
-        for tile in range((n_tokens + TILE - 1) // TILE):
+        for tile in range(n_tiles):
             t0, t1, t2, t3 = _tile_tokens(tile, n_tokens)
             if tile == 0 and n_tokens >= TILE:  # (a tile of repeated tokens hinting: 3-9% slower)
                 _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_id, ahead)
             else:
                 _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_id, None)
+        if last > 0:
+            t = TILE * n_tiles
+            _group_tile2(w, g, t, t + last - 1, xq, xd, xs, sums16, out, n_blocks, type_id)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -153,6 +193,7 @@ def matmul_tiles16_q8_0_wide(packed, xq, xd, xs, out):
     no_sums16 = np.zeros((n_tokens, 0), np.int32)
     wide = n_tokens // 8 * 8
     rest = n_tokens - wide
+    n_tiles, last = _tiles_and_last(rest)
     for g in prange(packed.shape[0]):
         w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
         for t in range(0, wide, 8):  # the first tile hints
@@ -160,13 +201,16 @@ def matmul_tiles16_q8_0_wide(packed, xq, xd, xs, out):
                 _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, ahead)
             else:
                 _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, None)
-        for tile in range((rest + TILE - 1) // TILE):
+        for tile in range(n_tiles):
             t0, t1, t2, t3 = _tile_tokens(tile, rest)
             if wide == 0 and tile == 0 and rest >= TILE:
                 _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, no_sums16, out, n_blocks, Q8_0_R, ahead)
             else:
                 _group_tile4(w, g, wide + t0, wide + t1, wide + t2, wide + t3, xq, xd, xs, no_sums16, out,
                              n_blocks, Q8_0_R, None)
+        if last > 0:
+            t = wide + TILE * n_tiles
+            _group_tile2(w, g, t, t + last - 1, xq, xd, xs, no_sums16, out, n_blocks, Q8_0_R)
 
 
 # One small compiled entry per repacked type, picked in Python: a compiled if-chain over all types would compile every

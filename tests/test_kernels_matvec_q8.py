@@ -134,7 +134,8 @@ def check_matmul_is_matvec_per_token(type_id, weights, x_rows):
 
 
 @pytest.mark.parametrize("ggml_type", RAW_TYPES)
-@pytest.mark.parametrize("n_tokens", [1, 6, 8, 9, 21])  # tiles of 4; of 8 (Q8_0 on AVX-512) with 4s after them
+# tiles of 4 (the last with 3 tokens or 4), then a tile of 2 for 1 or 2 left; of 8 (Q8_0 on AVX-512), then those
+@pytest.mark.parametrize("n_tokens", [1, 2, 3, 6, 7, 8, 9, 13, 15, 21])
 def test_matmul_tiles_random_blocks(ggml_type, n_tokens):
     rng = np.random.default_rng(ggml_type * 10 + n_tokens)
     n = 512
