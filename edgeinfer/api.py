@@ -426,7 +426,7 @@ class Model:
                 stats: GenerationStats, speculative: str = "off") -> Iterator[str]:
         text = TextStream(self.tokenizer, stop)
         for token in generate_tokens(self._use, sampler, tokens, max_tokens, self.tokenizer.eog_ids, stats,
-                                     speculative, self.draft):
+                                     speculative, self.draft, self.tokenizer):
             piece = text.push(token)
             if piece:
                 yield piece

@@ -117,7 +117,7 @@ def record_tasks(model, max_tokens: int = 192, tasks=tuple(TASKS)) -> dict[str, 
 
 
 def replay_lookup(prompt, output, mode: str = "ngram", pass_ms: dict[int, float] | None = None,
-                  max_tokens: int = 192) -> dict:
+                  max_tokens: int = 192, tokenizer=None) -> dict:
     """Prompt lookup in `mode` ("ngram" or "auto") replayed over a greedy `output` of `prompt`, as the decode loop
     (edgeinfer.generation.generate_tokens) runs it: {passes, tokens_per_pass, drafted, accepted, speedup}. An output
     shorter than max_tokens ended at an end-of-generation token, which the last pass yields after its rejected
@@ -131,7 +131,7 @@ def replay_lookup(prompt, output, mode: str = "ngram", pass_ms: dict[int, float]
     costs = DraftLength()
     for rows, ms in (pass_ms or {1: 1.0, 2: 1.0}).items():
         costs.observe_pass(rows, ms / 1000)
-    drafter, length = drafting_for(mode)
+    drafter, length = drafting_for(mode, tokenizer=tokenizer)
     output = list(output) + ([-1] if len(output) < max_tokens else [])  # -1: the end token, which nothing guesses
     history, i = list(prompt) + output[:1], 1
     passes, drafted, accepted, seconds = 0, 0, 0, 0.0

@@ -145,7 +145,7 @@ def non_finite_logits(name: str, position: int) -> ModelError:
 
 def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler: Sampler, prompt: Sequence[int],
                     max_tokens: int, eog_ids: Iterable[int], stats: GenerationStats,
-                    speculative: str = "off", draft_model=None) -> Iterator[int]:
+                    speculative: str = "off", draft_model=None, tokenizer=None) -> Iterator[int]:
     """Yield sampled tokens until an end-of-generation token, max_tokens, or a full context.
 
     acquire() gives the CachedEngine for exclusive use (the model's lock) for one evaluation at a time; it is not
@@ -160,7 +160,7 @@ def generate_tokens(acquire: Callable[[], ContextManager[CachedEngine]], sampler
     eog = frozenset(eog_ids)
     history = list(prompt)
     stats.prompt_tokens = len(history)
-    drafter, length = drafting_for(speculative, draft_model)
+    drafter, length = drafting_for(speculative, draft_model, tokenizer)
     t0 = time.perf_counter()
     with acquire() as cached:
         n_ctx = cached.engine.n_ctx

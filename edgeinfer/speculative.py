@@ -22,6 +22,7 @@ when speculation does not pay.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,13 +47,33 @@ def check_speculation(mode, has_draft_model: bool = True) -> str:
     return mode
 
 
-def drafting_for(mode: str, draft_model=None):
-    """(drafter or None, DraftLength) for a generation in this mode."""
+def drafting_for(mode: str, draft_model=None, tokenizer=None):
+    """(drafter or None, DraftLength) for a generation in this mode; with the tokenizer, prompt lookup also finds
+    the source by its words (word_classes)."""
     if mode == "off":
         return None, DraftLength()
     if mode == "draft" or (mode == "auto" and draft_model is not None):
         return DraftModelDrafter(draft_model), DraftLength(fixed=MODEL_DRAFT if mode == "draft" else None)
-    return NgramDrafter(), DraftLength(fixed=NGRAM_DRAFT if mode == "ngram" else None)
+    classes = word_classes(tokenizer) if tokenizer is not None else None
+    return NgramDrafter(word_classes=classes), DraftLength(fixed=NGRAM_DRAFT if mode == "ngram" else None)
+
+
+_WORD_CLASSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def word_classes(tokenizer) -> np.ndarray:
+    """Per token id, a class shared by the tokens of one word whatever the whitespace before or after it and its
+    case (' In', 'In', '\nin'); 0 for whitespace-only and empty (control) tokens. Made once per tokenizer (a pass
+    over the vocabulary, about 0.3 s for 150k tokens)."""
+    classes = _WORD_CLASSES.get(tokenizer)
+    if classes is None:
+        ids: dict[str, int] = {"": 0}
+        classes = np.zeros(tokenizer.n_vocab, np.int32)
+        for token in range(tokenizer.n_vocab):
+            word = tokenizer.token_to_bytes(token).decode("utf-8", "replace").strip().lower()
+            classes[token] = ids.setdefault(word, len(ids))
+        _WORD_CLASSES[tokenizer] = classes
+    return classes
 
 
 def check_same_vocabulary(target, draft) -> None:
@@ -101,6 +122,11 @@ class NgramDrafter:
     (resuming in free text) is kept to itself, as is any guess while the sources picked are seldom right: proposing
     costs a verify pass's extra rows.
 
+    Where no n-gram of tokens recurs and word_classes (per token id, edgeinfer.speculative.word_classes) are given,
+    the last WORDS words are looked up instead, whitespace and case aside: a summary that joins two paragraphs writes
+    'valley. In' where its source has 'valley.\n\nIn' (other tokens: ' In' against '\n\n', 'In'), and begins a
+    sentence with 'The' where the source goes on '... the ferry'. That source ("words") competes as the others.
+
     Keeps an index of every n-gram's latest end position, extended as the context grows (a context that does not
     extend the indexed one, e.g. another generation, rebuilds it), so a proposal costs a few dictionary lookups
     whatever the context length."""
@@ -109,12 +135,16 @@ class NgramDrafter:
     MIN_PRECISION = 0.25  # a source whose first guesses are right less often than this proposes nothing
     MAX_INSERTIONS = 4  # tokens the model may add in place of the source's one before the copy is given up
     COMPARED = 16  # tokens of each candidate copy compared with what the model said (at least the guesses)
+    WORDS = 3  # words looked up by the "words" source (2 drafted as well on the replayed summary, worse on a story)
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, word_classes: np.ndarray | None = None):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._tokens: list[int] = []
         # n -> {n-gram: end index (exclusive) of its latest occurrence before the context's end}
         self._latest: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
+        self._classes = word_classes
+        self._words: list[int] = []  # the word classes of the context's tokens that are words, in order
+        self._latest_words: dict[tuple, int] = {}  # the last WORDS words -> end index of their latest occurrence
         self._resume: int | None = None  # where the copy being followed goes on
         self._edited = False  # the copy followed was moved past a token the model replaced
         self._replaced: int | None = None  # where that token is: the copy goes on there if the model inserted words
@@ -127,7 +157,7 @@ class NgramDrafter:
         # decayed [right, wrong] first guesses of each source: the copy followed (in step, just past an edit, at the
         # token the edit replaced or held for an insertion: its place then a guess), the latest n-gram occurrence
         self._scores = {"copy": [1.0, 0.0], "resume": [1.0, 1.0], "inserted": [1.0, 1.0], "held": [1.0, 1.0],
-                        "ngram": [1.0, 0.0]}
+                        "ngram": [1.0, 0.0], "words": [1.0, 0.0]}
         self._wins = {source: 0.0 for source in self._scores}  # decayed conflicts each source's guesses won
         self._chosen = [1.0, 0.0]  # decayed [right, wrong] first guesses of the source each proposal picks
 
@@ -150,6 +180,10 @@ class NgramDrafter:
                 if start not in starts.values():
                     starts["ngram"] = start
                 break
+        else:
+            start = self._word_match()
+            if start is not None and start not in starts.values():
+                starts["words"] = start
         if not starts:
             self._last = None
             return []
@@ -160,13 +194,21 @@ class NgramDrafter:
             return []
         # the most recent conflict winner; of equals the copy followed, unless it is held for an insertion it may have
         # misread (its guess after the edit was wrong already): then an n-gram occurrence
-        order = {"copy": 3, "resume": 2, "inserted": 1, "ngram": 0, "held": -1}
+        order = {"copy": 4, "resume": 3, "inserted": 2, "ngram": 1, "words": 0, "held": -1}
         best = max(trusted, key=lambda s: (self._wins[s], order[s]))
         self._last = (end, found, best)
         right, wrong = self._chosen
         if right < self.MIN_PRECISION * (right + wrong):
             return []  # each source may be right now and then, but what the lookup picks seldom is (free text)
         return found[best].guesses[:k]
+
+    def _word_match(self) -> int | None:
+        """Where the latest earlier occurrence of the context's last WORDS words ends (the context ending in a word),
+        or None."""
+        tokens = self._tokens
+        if self._classes is None or len(self._words) < self.WORDS or not self._classes[tokens[-1]]:
+            return None
+        return self._latest_words.get(tuple(self._words[-self.WORDS:]))
 
     def _copy(self, start: int, n: int) -> "_Copy":
         """The next n tokens of the copy from `start` on, each source token the model renamed written as it did."""
@@ -247,12 +289,20 @@ class NgramDrafter:
                 table.clear()
             self._resume, self._last, self._insertions, self._edited = None, None, 0, False
             self._renames, self._edit, self._replaced = {}, None, None
+            self._words.clear()
+            self._latest_words.clear()
         # the n-grams ending before the last position: the last one's own would match itself
+        classes, words = self._classes, self._words
         for i in range(len(tokens), len(context)):
             for n, table in self._latest.items():
                 if i >= n:
                     table[tuple(tokens[i - n:i])] = i
-            tokens.append(int(context[i]))
+            if classes is not None and i and classes[tokens[i - 1]] and len(words) >= self.WORDS:
+                self._latest_words[tuple(words[-self.WORDS:])] = i  # (the last WORDS words end at token i - 1)
+            token = int(context[i])
+            tokens.append(token)
+            if classes is not None and classes[token]:
+                words.append(int(classes[token]))
 
 
 @dataclass

@@ -165,6 +165,44 @@ def test_replayed_bench_tasks_keep_their_tokens_per_verify_pass(task, mode, floo
     assert result["tokens_per_pass"] >= floor, result
 
 
+def test_the_words_source_finds_the_copy_across_whitespace_and_case():
+    """A summary joining two paragraphs writes ' In' where its source has '\n\n', 'In' (other tokens, no n-gram of
+    tokens recurs): the words (whitespace and case aside) find where the source goes on."""
+    VALLEY, DOT, BREAK, IN, SPACE_IN, YEAR, THE, RAILWAY, REACHED, FERRY, CAP_THE = range(1, 12)
+    classes = np.zeros(20, np.int32)
+    for token, word in ((VALLEY, 1), (DOT, 2), (IN, 3), (SPACE_IN, 3), (YEAR, 4), (THE, 5), (CAP_THE, 5),
+                        (RAILWAY, 6), (REACHED, 7), (FERRY, 8)):
+        classes[token] = word  # BREAK: whitespace only, class 0
+    source = [THE, VALLEY, DOT, BREAK, IN, YEAR, THE, RAILWAY, REACHED, FERRY]
+    context = source + [15, THE, VALLEY, DOT, SPACE_IN]
+    assert NgramDrafter(max_ngram=3, min_ngram=2).propose(context, 4) == []  # tokens alone: nothing recurs
+    drafter = NgramDrafter(max_ngram=3, min_ngram=2, word_classes=classes)
+    assert drafter.propose(context, 4) == [YEAR, THE, RAILWAY, REACHED]
+    # 'The railway reached' starting a sentence: the source's ' the railway reached' goes on with ' ferry'
+    assert drafter.propose(source + [16, CAP_THE, RAILWAY, REACHED], 1) == [FERRY]
+
+
+@pytest.mark.slow
+def test_a_replayed_summary_drafts_more_with_the_words_source():
+    """Qwen2.5's summary joins the source's paragraphs (' In' for '\n\n', 'In') and starts sentences where the
+    source had none ('The ferry' for '... the ferry'): with its tokenizer's word classes, prompt lookup finds the
+    copy again (replayed: 4.84 -> 6.25 tokens per verify pass with ngram, 3.66 -> 4.29 with auto)."""
+    from edgeinfer.bench_spec import replay_lookup
+    from edgeinfer.gguf_reader import GGUFFile
+    from edgeinfer.tokenizer import Tokenizer
+
+    with GGUFFile(model_path("qwen2.5-coder-0.5b-instruct")) as f:
+        tokenizer = Tokenizer.from_metadata(f.metadata)
+    recorded = json.loads(REPLAY.read_text())["tasks"]
+    summary = recorded["summarize"]
+    ngram = replay_lookup(summary["prompt"], summary["output"], "ngram", QWEN_PASS_MS, tokenizer=tokenizer)
+    auto = replay_lookup(summary["prompt"], summary["output"], "auto", QWEN_PASS_MS, tokenizer=tokenizer)
+    assert ngram["tokens_per_pass"] >= 6.0 and auto["tokens_per_pass"] >= 4.1, (ngram, auto)
+    story = recorded["story"]  # free text: auto still costs nothing
+    assert replay_lookup(story["prompt"], story["output"], "auto", QWEN_PASS_MS,
+                         tokenizer=tokenizer)["speedup"] >= 0.98
+
+
 def test_a_replayed_story_with_auto_costs_nothing():
     from edgeinfer.bench_spec import replay_lookup
 

@@ -305,7 +305,7 @@ class Scheduler:
         mode = r.speculative if r.speculative is not None else self.speculative
         if r.constraint is not None:
             mode = "off"  # the grammar would have to follow each guess and be rolled back with the rejected ones
-        drafter, r.draft_length = drafting_for(mode, self.draft_engine)
+        drafter, r.draft_length = drafting_for(mode, self.draft_engine, self.tokenizer)
         if isinstance(drafter, DraftModelDrafter):  # that one drafts on the draft model's sequence 0: use the slot's
             drafter = SlotDrafter(self.draft_engine, self._draft_seqs[slot_index])
         r.drafter, r.free_guess = drafter, None
