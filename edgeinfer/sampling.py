@@ -242,10 +242,18 @@ def sample_dist(ids: np.ndarray, logits: np.ndarray, rng: np.random.Generator) -
 
 
 def all_finite(logits: np.ndarray) -> bool:
-    """Whether every logit is finite, in two reductions that allocate nothing (NaN reaches both the minimum and the
-    maximum). A vocabulary-sized temporary costs page faults on every step where large blocks are mmap'd (the
-    server bounds glibc's mmap threshold to keep its RSS flat)."""
-    return bool(np.isfinite(logits.min()) and np.isfinite(logits.max()))
+    """Whether every logit is finite (one row or several), in one compiled pass that allocates nothing. (A
+    vocabulary-sized temporary costs page faults on every step where large blocks are mmap'd: the server bounds
+    glibc's mmap threshold to keep its RSS flat.)"""
+    from kernels_cpu.logits import all_finite_flat
+
+    return bool(all_finite_flat(np.ascontiguousarray(logits, dtype=np.float32).reshape(-1)))
+
+
+def _no_penalties(p: "SamplingParams") -> bool:
+    """Whether apply_penalties leaves the logits as they are with these parameters."""
+    return p.penalty_last_n == 0 or (p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0
+                                     and p.presence_penalty == 0.0)
 
 
 def _check_samplable(logits: np.ndarray) -> None:
@@ -310,6 +318,11 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.shape != (self.n_vocab,):
             raise InvalidArgument(f"logits must have shape ({self.n_vocab},), got {logits.shape}")
+        if p.temperature <= 0.0 and _no_penalties(p):  # greedy: one argmax finds the token and checks the row
+            best = int(np.argmax(logits))  # (a NaN or +inf would be it; see _check_samplable)
+            if not np.isfinite(logits[best]):
+                _check_samplable(logits)
+            return self._ids[best:best + 1], logits[best:best + 1]
         _check_samplable(logits)
         ids, lg = apply_penalties(
             self._ids, logits, recent_tokens, penalty_last_n=p.penalty_last_n, repeat_penalty=p.repeat_penalty,

@@ -331,3 +331,22 @@ def test_all_finite_sees_nan_and_both_infinities():
         rows = np.zeros((2, 3), np.float32)
         rows[1, 2] = value
         assert not all_finite(rows)
+
+
+def test_all_finite_kernel_matches_numpy():
+    """kernels_cpu.logits.all_finite_flat against its reference, np.isfinite(x).all(): extreme finite values,
+    subnormals, and one non-finite value at random places (the vectorized loop's head, body and tail)."""
+    from kernels_cpu.logits import all_finite_flat
+
+    rng = np.random.default_rng(3)
+    for n in (1, 15, 16, 17, 1000, 262_144):
+        x = (rng.standard_normal(n) * 1e3).astype(np.float32)
+        x[rng.integers(n)] = np.finfo(np.float32).max
+        x[rng.integers(n)] = -np.finfo(np.float32).max
+        x[rng.integers(n)] = np.float32(1e-45)  # subnormal
+        assert all_finite_flat(x) == np.isfinite(x).all()
+        for value in (np.nan, np.inf, -np.inf):
+            for where in {0, n // 2, n - 1}:
+                y = x.copy()
+                y[where] = value
+                assert all_finite_flat(y) == np.isfinite(y).all() == False  # noqa: E712
