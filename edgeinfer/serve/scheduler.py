@@ -42,7 +42,7 @@ from edgeinfer.sampling import all_finite
 from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.speculative import (DraftLength, DraftModelDrafter, SpeculationStats, accept_draft, check_speculation,
-                                   draft_or_free_guess, drafting_for)
+                                   draft_or_free_guess, drafting_for, word_classes)
 from edgeinfer.tokenizer import Tokenizer
 
 log = logging.getLogger("edgeinfer.serve")
@@ -179,6 +179,9 @@ class Scheduler:
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
         self.speculative = check_speculation(speculative, draft_engine is not None)
         self.draft_engine = draft_engine
+        if self.speculative == "ngram" or (self.speculative == "auto" and draft_engine is None):
+            word_classes(tokenizer)  # prompt lookup's, made now: on the first request they would hold every stream
+                                     # up (0.7 s at 151k tokens)
         cache = engine.cache
         n_slots = cache.n_seq - 1 if n_slots is None else int(n_slots)
         if n_slots < 1:
