@@ -250,16 +250,12 @@ def all_finite(logits: np.ndarray) -> bool:
     return bool(all_finite_flat(np.ascontiguousarray(logits, dtype=np.float32).reshape(-1)))
 
 
-def _no_penalties(p: "SamplingParams") -> bool:
-    """Whether apply_penalties leaves the logits as they are with these parameters."""
-    return p.penalty_last_n == 0 or (p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0
-                                     and p.presence_penalty == 0.0)
-
-
-def _check_samplable(logits: np.ndarray) -> None:
-    """InvalidArgument unless some logit is finite and none is NaN or +inf (-inf masks a token, as in llama.cpp)."""
-    if np.isfinite(logits[np.argmax(logits)]):  # the usual case: argmax would have found a NaN or +inf, and an
-        return                                  # all -inf row has none finite
+def _check_samplable(logits: np.ndarray) -> int:
+    """InvalidArgument unless some logit is finite and none is NaN or +inf (-inf masks a token, as in llama.cpp);
+    returns the argmax (the first largest: the lowest id of a tie), which greedy sampling takes."""
+    best = int(np.argmax(logits))
+    if np.isfinite(logits[best]):  # the usual case: argmax would have found a NaN or +inf, and an all -inf row has
+        return best                # none finite
     bad = np.isnan(logits) | (logits == np.inf)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
@@ -318,18 +314,14 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.shape != (self.n_vocab,):
             raise InvalidArgument(f"logits must have shape ({self.n_vocab},), got {logits.shape}")
-        if p.temperature <= 0.0 and _no_penalties(p):  # greedy: one argmax finds the token and checks the row
-            best = int(np.argmax(logits))  # (a NaN or +inf would be it; see _check_samplable)
-            if not np.isfinite(logits[best]):
-                _check_samplable(logits)
-            return self._ids[best:best + 1], logits[best:best + 1]
-        _check_samplable(logits)
+        best = _check_samplable(logits)
         ids, lg = apply_penalties(
             self._ids, logits, recent_tokens, penalty_last_n=p.penalty_last_n, repeat_penalty=p.repeat_penalty,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
         )
         if p.temperature <= 0.0:  # top_k/top_p/min_p always keep the argmax, so skip straight to it; the candidates
-            best = int(np.argmax(lg))  # are every id in order here, so the first largest is the lowest id of a tie
+            if lg is not logits:  # are every id in order here, so the first largest is the lowest id of a tie
+                best = int(np.argmax(lg))  # (logits unpenalized: the check's argmax already)
             return ids[best:best + 1], lg[best:best + 1]
         ids, lg = top_k(ids, lg, p.top_k)
         ids, lg = top_p(ids, lg, p.top_p)

@@ -64,7 +64,7 @@ _WORD_CLASSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def word_classes(tokenizer) -> np.ndarray:
     """Per token id, a class shared by the tokens of one word whatever the whitespace before or after it and its
     case (' In', 'In', '\nin'); 0 for whitespace-only and empty (control) tokens. Made once per tokenizer (a pass
-    over the vocabulary, about 0.3 s for 150k tokens)."""
+    over the vocabulary, 0.7 s for Qwen2.5's 151k tokens)."""
     classes = _WORD_CLASSES.get(tokenizer)
     if classes is None:
         ids: dict[str, int] = {"": 0}

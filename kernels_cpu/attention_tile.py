@@ -9,11 +9,10 @@ cache's own f16 / q8_0 arrays (a decode row's job, which converts each vector as
 fused multiply-adds in a fixed order, so a row's result does not depend on which kernel or batch computed it.
 """
 import numpy as np
-from numba import njit, types
-from numba.extending import overload
+from numba import njit
 
 from kernels_cpu.kv_types import KEY_BLOCK, key_vector, value_vector
-from kernels_cpu.simd import (PATH, fma_f32x16, load_f32x16, prefetch_l2, splat_f32x16, store_f32x16, vmul,
+from kernels_cpu.simd import (PATH, fma_f32x16, hint_l2_part, load_f32x16, splat_f32x16, store_f32x16, vmul,
                               zero_f32x16)
 
 TILE = 64  # keys per tile
@@ -22,27 +21,16 @@ TILE = 64  # keys per tile
 WIDE_VALUES = PATH == "avx512vnni"
 # fast float math, but with infinities kept: -inf marks a vector that has seen no key yet
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# `ahead`: the coming tile of a decode job, hinted into L2 spread over the dimensions (scores) or keys (values) of
+# the current one; None for prompt blocks, whose tiles are widened first and worked on long enough for the hardware's
+# own prefetching. Every 4-vector group and every 64-dim slab of a tile hints the whole coming tile: a decode job has
+# one or two of them (four at Gemma's head dim 256), and a line already on its way costs a hint little.
 
 
-def _hint_part(ahead, i, n):
-    """Hint part i of n of the array ahead (contiguous, any type and shape) into L2: spread over the n steps of a
-    loop, a coming tile's lines arrive while the current one is worked on. (All of a tile's 256 hints at once held
-    the loads up as long as the misses they replaced.) ahead None: nothing, compiled to nothing (prompt blocks: their
-    tiles are widened first and worked on long enough for the hardware's own prefetching). Every 4-vector group and
-    every 64-dim slab of a tile hints the whole coming tile: a decode job has one or two of them (four at Gemma's
-    head dim 256), and a line already on its way costs a hint little."""
-
-
-@overload(_hint_part, inline="always")
-def _hint_part_impl(ahead, i, n):
-    if isinstance(ahead, types.NoneType):
-        return lambda ahead, i, n: None
-
-    def hint(ahead, i, n):
-        part = ahead.size // n
-        for e in range(i * part, (i + 1) * part, 64 // ahead.itemsize):
-            prefetch_l2(ahead, e)
-    return hint
+@njit(cache=True, inline="always")
+def _fma4(x, v0, v1, v2, v3, a0, a1, a2, a3):
+    """(a0 + x * v0, ..., a3 + x * v3): one broadcast value times four vectors, four independent chains."""
+    return fma_f32x16(x, v0, a0), fma_f32x16(x, v1, a1), fma_f32x16(x, v2, a2), fma_f32x16(x, v3, a3)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -102,21 +90,13 @@ def _scores_4x4(qs, keys, key_scales, v, d, scores, ahead):
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_f32x16()
     a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero_f32x16()
     for c in range(d):
-        _hint_part(ahead, c, d)
+        hint_l2_part(ahead, c, d)
         k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
         k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
-        x = splat_f32x16(q0[c])
-        a00, a01, a02, a03 = fma_f32x16(x, k0, a00), fma_f32x16(x, k1, a01), fma_f32x16(x, k2, a02), \
-            fma_f32x16(x, k3, a03)
-        x = splat_f32x16(q1[c])
-        a10, a11, a12, a13 = fma_f32x16(x, k0, a10), fma_f32x16(x, k1, a11), fma_f32x16(x, k2, a12), \
-            fma_f32x16(x, k3, a13)
-        x = splat_f32x16(q2[c])
-        a20, a21, a22, a23 = fma_f32x16(x, k0, a20), fma_f32x16(x, k1, a21), fma_f32x16(x, k2, a22), \
-            fma_f32x16(x, k3, a23)
-        x = splat_f32x16(q3[c])
-        a30, a31, a32, a33 = fma_f32x16(x, k0, a30), fma_f32x16(x, k1, a31), fma_f32x16(x, k2, a32), \
-            fma_f32x16(x, k3, a33)
+        a00, a01, a02, a03 = _fma4(splat_f32x16(q0[c]), k0, k1, k2, k3, a00, a01, a02, a03)
+        a10, a11, a12, a13 = _fma4(splat_f32x16(q1[c]), k0, k1, k2, k3, a10, a11, a12, a13)
+        a20, a21, a22, a23 = _fma4(splat_f32x16(q2[c]), k0, k1, k2, k3, a20, a21, a22, a23)
+        a30, a31, a32, a33 = _fma4(splat_f32x16(q3[c]), k0, k1, k2, k3, a30, a31, a32, a33)
     for b, a in enumerate((a00, a01, a02, a03)):
         store_f32x16(scores, v * TILE + b * KEY_BLOCK, a)
     for b, a in enumerate((a10, a11, a12, a13)):
@@ -198,47 +178,37 @@ def _values_4x16(weights, values, value_scales, n, v0, c0, correction, acc):
 def _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead):
     """_values_4x16 over 64 dims at once: 16 accumulators (AVX-512's 32 registers hold them; AVX2's 16 do not)."""
     d_v = acc.shape[1]
-    s0, s1 = splat_f32x16(correction[v0]), splat_f32x16(correction[v0 + 1])
-    s2, s3 = splat_f32x16(correction[v0 + 2]), splat_f32x16(correction[v0 + 3])
     r0, r1, r2, r3 = v0 * d_v + c0, (v0 + 1) * d_v + c0, (v0 + 2) * d_v + c0, (v0 + 3) * d_v + c0
-    a00, a01 = vmul(load_f32x16(acc, r0), s0), vmul(load_f32x16(acc, r0 + 16), s0)
-    a02, a03 = vmul(load_f32x16(acc, r0 + 32), s0), vmul(load_f32x16(acc, r0 + 48), s0)
-    a10, a11 = vmul(load_f32x16(acc, r1), s1), vmul(load_f32x16(acc, r1 + 16), s1)
-    a12, a13 = vmul(load_f32x16(acc, r1 + 32), s1), vmul(load_f32x16(acc, r1 + 48), s1)
-    a20, a21 = vmul(load_f32x16(acc, r2), s2), vmul(load_f32x16(acc, r2 + 16), s2)
-    a22, a23 = vmul(load_f32x16(acc, r2 + 32), s2), vmul(load_f32x16(acc, r2 + 48), s2)
-    a30, a31 = vmul(load_f32x16(acc, r3), s3), vmul(load_f32x16(acc, r3 + 16), s3)
-    a32, a33 = vmul(load_f32x16(acc, r3 + 32), s3), vmul(load_f32x16(acc, r3 + 48), s3)
+    a00, a01, a02, a03 = _load64_scaled(acc, r0, correction[v0])
+    a10, a11, a12, a13 = _load64_scaled(acc, r1, correction[v0 + 1])
+    a20, a21, a22, a23 = _load64_scaled(acc, r2, correction[v0 + 2])
+    a30, a31, a32, a33 = _load64_scaled(acc, r3, correction[v0 + 3])
     wr0, wr1, wr2, wr3 = weights[v0], weights[v0 + 1], weights[v0 + 2], weights[v0 + 3]
     for j in range(n):
-        _hint_part(ahead, j, TILE)
+        hint_l2_part(ahead, j, TILE)
         x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
         x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
-        w0 = splat_f32x16(wr0[j])
-        a00, a01, a02, a03 = fma_f32x16(w0, x0, a00), fma_f32x16(w0, x1, a01), fma_f32x16(w0, x2, a02), \
-            fma_f32x16(w0, x3, a03)
-        w1 = splat_f32x16(wr1[j])
-        a10, a11, a12, a13 = fma_f32x16(w1, x0, a10), fma_f32x16(w1, x1, a11), fma_f32x16(w1, x2, a12), \
-            fma_f32x16(w1, x3, a13)
-        w2 = splat_f32x16(wr2[j])
-        a20, a21, a22, a23 = fma_f32x16(w2, x0, a20), fma_f32x16(w2, x1, a21), fma_f32x16(w2, x2, a22), \
-            fma_f32x16(w2, x3, a23)
-        w3 = splat_f32x16(wr3[j])
-        a30, a31, a32, a33 = fma_f32x16(w3, x0, a30), fma_f32x16(w3, x1, a31), fma_f32x16(w3, x2, a32), \
-            fma_f32x16(w3, x3, a33)
-    store_f32x16(acc, r0, a00)
-    store_f32x16(acc, r0 + 16, a01)
-    store_f32x16(acc, r0 + 32, a02)
-    store_f32x16(acc, r0 + 48, a03)
-    store_f32x16(acc, r1, a10)
-    store_f32x16(acc, r1 + 16, a11)
-    store_f32x16(acc, r1 + 32, a12)
-    store_f32x16(acc, r1 + 48, a13)
-    store_f32x16(acc, r2, a20)
-    store_f32x16(acc, r2 + 16, a21)
-    store_f32x16(acc, r2 + 32, a22)
-    store_f32x16(acc, r2 + 48, a23)
-    store_f32x16(acc, r3, a30)
-    store_f32x16(acc, r3 + 16, a31)
-    store_f32x16(acc, r3 + 32, a32)
-    store_f32x16(acc, r3 + 48, a33)
+        a00, a01, a02, a03 = _fma4(splat_f32x16(wr0[j]), x0, x1, x2, x3, a00, a01, a02, a03)
+        a10, a11, a12, a13 = _fma4(splat_f32x16(wr1[j]), x0, x1, x2, x3, a10, a11, a12, a13)
+        a20, a21, a22, a23 = _fma4(splat_f32x16(wr2[j]), x0, x1, x2, x3, a20, a21, a22, a23)
+        a30, a31, a32, a33 = _fma4(splat_f32x16(wr3[j]), x0, x1, x2, x3, a30, a31, a32, a33)
+    _store64(acc, r0, a00, a01, a02, a03)
+    _store64(acc, r1, a10, a11, a12, a13)
+    _store64(acc, r2, a20, a21, a22, a23)
+    _store64(acc, r3, a30, a31, a32, a33)
+
+
+@njit(cache=True, inline="always")
+def _load64_scaled(acc, r, correction):
+    """The 64 values at acc[r:] (4 vectors), each times correction."""
+    s = splat_f32x16(correction)
+    return (vmul(load_f32x16(acc, r), s), vmul(load_f32x16(acc, r + 16), s), vmul(load_f32x16(acc, r + 32), s),
+            vmul(load_f32x16(acc, r + 48), s))
+
+
+@njit(cache=True, inline="always")
+def _store64(acc, r, a0, a1, a2, a3):
+    store_f32x16(acc, r, a0)
+    store_f32x16(acc, r + 16, a1)
+    store_f32x16(acc, r + 32, a2)
+    store_f32x16(acc, r + 48, a3)

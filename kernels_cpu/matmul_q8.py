@@ -8,15 +8,14 @@ llama.cpp). Raw ggml blocks (types without a repacked layout, or shapes that do 
 matvec_q8 over the tokens.
 """
 import numpy as np
-from numba import literally, njit, prange, types
-from numba.extending import overload
+from numba import literally, njit, prange
 
 from kernels_cpu.activations_q8 import quantize_activations_rows
 from kernels_cpu.formats import check_out
 from kernels_cpu.matvec_q8 import (GROUP, Q4_0_R, Q4_1_R, Q4_K_R, Q5_0_R, Q5_1_R, Q5_K_R, Q6_K_R, Q6_SUPER, Q8_0_R,
-                                   FASTMATH, PREFETCH_GROUPS, _layout, add_block16, add_block_k4_16,
+                                   FASTMATH, PREFETCH_GROUPS, add_block16, add_block_k4_16,
                                    add_block_q6_16, check_weights, half_block_sums, matvec_q8_dispatch, super_k4_16)
-from kernels_cpu.simd import PATH, halves_f32x16, prefetch_l2, store_f32x16, zero_f32x16
+from kernels_cpu.simd import PATH, halves_f32x16, hint_l2_part, store_f32x16, zero_f32x16
 
 TILE = 4  # tokens per tile: 4 float accumulators of 16 rows
 # On AVX-512 (32 vector registers) batches of 8 or more of Q8_0 (every LM head here) take 8 tokens per tile: each
@@ -27,24 +26,11 @@ TILE = 4  # tokens per tile: 4 float accumulators of 16 rows
 WIDE_TILE = PATH == "avx512vnni"
 
 
-def _hint_range(ahead, start, n_bytes):
-    """Hints that bring ahead[start:start + n_bytes] into L2; ahead None: nothing, compiled to nothing. A group's
-    first tile reads its weights from DRAM and computes on them for 4 tokens, so the same bytes of a later group are
-    asked for meanwhile; its other tiles find the group in L1 and hint nothing. (Into L1, as matvec_q8's hints, they
-    made the tiles slower: 5-7% over SmolLM2's matrices. Into L2, Qwen2.5's matrices for 8 rows at 2 threads took
-    20.3 ms instead of 25.5, for 13 rows 34.0 instead of 41.5. A run-time switch in the block loop instead of None
-    cost prompts 3.6%.)"""
-
-
-@overload(_hint_range, inline="always")
-def _hint_range_impl(ahead, start, n_bytes):
-    if isinstance(ahead, types.NoneType):
-        return lambda ahead, start, n_bytes: None
-
-    def hint(ahead, start, n_bytes):
-        for offset in range(start, start + n_bytes, 64):
-            prefetch_l2(ahead, offset)
-    return hint
+# A group's first tile reads its weights from DRAM and computes on them for 4 tokens, so it hints the same block of
+# the group PREFETCH_GROUPS ahead into L2 at each block (simd.hint_l2_part; `ahead` None: no hints); its other tiles
+# find the group in L1. (Into L1, as matvec_q8's hints, they made the tiles slower: 5-7% over SmolLM2's matrices.
+# Into L2, Qwen2.5's matrices for 8 rows at 2 threads took 20.3 ms instead of 25.5, for 13 rows 34.0 instead of
+# 41.5. A run-time switch in the block loop instead of None cost prompts 3.6%.)
 
 
 @njit(cache=True)
@@ -71,7 +57,7 @@ def _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_i
     if type_id == Q6_K_R:
         for sb in range(n_blocks // 8):
             o = Q6_SUPER * sb
-            _hint_range(ahead, o, Q6_SUPER)
+            hint_l2_part(ahead, sb, n_blocks // 8)
             d = halves_f32x16(w, o)
             for j in range(8):
                 b = 8 * sb + j
@@ -82,7 +68,7 @@ def _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_i
     elif type_id == Q4_K_R or type_id == Q5_K_R:
         for sb in range(n_blocks // 8):
             o, d, dmin = super_k4_16(w, sb, type_id)
-            _hint_range(ahead, o, 64 + 8 * _layout(type_id)[0])
+            hint_l2_part(ahead, sb, n_blocks // 8)
             for j in range(8):
                 b = 8 * sb + j
                 a0 = add_block_k4_16(a0, w, o, d, dmin, j, b, xq[t0], xd[t0], xs[t0], type_id)
@@ -90,9 +76,8 @@ def _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_i
                 a2 = add_block_k4_16(a2, w, o, d, dmin, j, b, xq[t2], xd[t2], xs[t2], type_id)
                 a3 = add_block_k4_16(a3, w, o, d, dmin, j, b, xq[t3], xd[t3], xs[t3], type_id)
     else:
-        stride = _layout(type_id)[0]
         for b in range(n_blocks):
-            _hint_range(ahead, stride * b, stride)
+            hint_l2_part(ahead, b, n_blocks)
             a0 = add_block16(a0, w, b, xq[t0], xd[t0], xs[t0], type_id)
             a1 = add_block16(a1, w, b, xq[t1], xd[t1], xs[t1], type_id)
             a2 = add_block16(a2, w, b, xq[t2], xd[t2], xs[t2], type_id)
@@ -135,12 +120,11 @@ def _group_tile2(w, g, t0, t1, xq, xd, xs, sums16, out, n_blocks, type_id):
 def _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, ahead):
     """out[t:t + 8, 16 g:16 g + 16] for group g of repacked Q8_0 (w: its weights): _group_tile4's steps for 8
     tokens at once."""
-    stride = _layout(Q8_0_R)[0]
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero_f32x16()
     x0, x1, x2, x3, x4, x5, x6, x7 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3], xq[t + 4], xq[t + 5], xq[t + 6], xq[t + 7]
     d0, d1, d2, d3, d4, d5, d6, d7 = xd[t], xd[t + 1], xd[t + 2], xd[t + 3], xd[t + 4], xd[t + 5], xd[t + 6], xd[t + 7]
     for b in range(n_blocks):
-        _hint_range(ahead, stride * b, stride)
+        hint_l2_part(ahead, b, n_blocks)
         a0 = add_block16(a0, w, b, x0, d0, xs[t], Q8_0_R)
         a1 = add_block16(a1, w, b, x1, d1, xs[t + 1], Q8_0_R)
         a2 = add_block16(a2, w, b, x2, d2, xs[t + 2], Q8_0_R)

@@ -25,7 +25,7 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, config
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 from kernels_cpu._fp16 import native_half_conversion
 
@@ -255,6 +255,25 @@ def prefetch_l2(typingctx, buf, offset):
     with arithmetic will read next. (Into L1, as `prefetch`, such hints held the core's few L1 miss buffers and
     streaming stalled; into L2 a decode attention layer read its cache from DRAM as fast as from L3.)"""
     return types.none(buf, types.intp), _prefetch_codegen(2)
+
+
+def hint_l2_part(ahead, i, n):
+    """Hint part i of n of the array `ahead` (contiguous, any type and shape) into L2 (prefetch_l2): called at each
+    of the n steps of a loop over the current piece of data, the next piece's lines arrive while this one is worked
+    on. (All of a piece's hints at once held the loads up as long as the misses they replaced.) ahead None: nothing,
+    compiled to nothing, for the calls that need no hints."""
+
+
+@overload(hint_l2_part, inline="always")
+def _hint_l2_part_impl(ahead, i, n):
+    if isinstance(ahead, types.NoneType):
+        return lambda ahead, i, n: None
+
+    def hint(ahead, i, n):
+        part = ahead.size // n
+        for e in range(i * part, (i + 1) * part, 64 // ahead.itemsize):
+            prefetch_l2(ahead, e)
+    return hint
 
 
 @intrinsic
