@@ -99,21 +99,23 @@ class CachedEngine:
         return logits
 
     def extend_to(self, sequence: Sequence[int]) -> np.ndarray:
-        """Logits (n_vocab,) after `sequence`: one decode step when the cache holds exactly sequence[:-1] (the usual
-        case), else evaluation past the longest common prefix (another generation used the cache in between).
-        Prefill and decode logits are bit-identical, so both give the same next token."""
+        """Logits (n_vocab,) after `sequence`: one decode step when the cache holds sequence[:-1] (the usual case;
+        rejected guesses after it are dropped), else evaluation past the longest common prefix (another generation
+        used the cache in between). Prefill and decode logits are bit-identical, so both give the same next token."""
         n = len(sequence) - 1
-        if self.engine.n_past == n and self.engine.cache.holds(0, sequence[:n]):
+        if self.engine.cache.holds_prefix(0, sequence[:n]):
+            self.truncate(n)
             return self.decode(sequence[n])
         return self.evaluate_prompt(sequence)[0]
 
     def extend_with(self, sequence: Sequence[int], draft: Sequence[int]) -> np.ndarray:
         """Logits (1 + len(draft), n_vocab) after `sequence`, after sequence + draft[:1], ... in one forward pass
-        where the cache holds sequence[:-1] (and perhaps guesses of an earlier pass after it, dropped here)."""
+        where the cache holds sequence[:-1] (and perhaps guesses of an earlier pass after it, rejected and dropped
+        here: the usual case after a rejection, which must not cost a second pass)."""
         n = len(sequence) - 1
         if not draft:
             return self.extend_to(sequence)[None]
-        if self.engine.n_past >= n and self.engine.cache.holds(0, sequence[:n]):
+        if self.engine.cache.holds_prefix(0, sequence[:n]):
             self.truncate(n)
             logits = self.engine.prefill([sequence[n], *draft], all_logits=True)
             self._check_finite(logits, n, n)

@@ -144,6 +144,11 @@ class KVCache:
         """Whether sequence seq holds exactly `tokens` (without copying its record)."""
         return self._tokens[self._check(seq)] == list(tokens)
 
+    def holds_prefix(self, seq: int, tokens: Sequence[int]) -> bool:
+        """Whether sequence seq's first positions hold exactly `tokens` (it may hold more after them)."""
+        held = self._tokens[self._check(seq)]
+        return len(held) >= len(tokens) and held[:len(tokens)] == list(tokens)
+
     def room(self, seq: int = 0) -> int:
         """Positions still free in sequence `seq`."""
         return self.n_ctx - self.length(seq)
