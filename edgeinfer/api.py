@@ -385,8 +385,8 @@ class Model:
         """Yield the continuation of `prompt` (text, or token ids in [0, n_vocab)) as text pieces while it is
         generated. Defaults are llama.cpp's (repeat_penalty 1.0: off); seed None takes the model's, -1 is random.
         speculative: "off", "ngram" (check prompt-lookup guesses every pass) or "auto" (where they pay), see
-        edgeinfer.speculative: greedy output is the same token for token; a sampled one is a sample of the same
-        distribution, but not the same sample for a seed as without speculation.
+        edgeinfer.speculative: the output is the same token for token, greedy or sampled with a seed (a guess is
+        kept where it is the token the row samples).
 
         json_schema (a JSON schema dict) or response_format (OpenAI's {"type": "json_object"} / {"type":
         "json_schema", ...}): the output is JSON that follows it, by the grammar `edgeinfer serve` uses (llguidance;

@@ -360,6 +360,16 @@ def test_every_pass_is_one_forward_after_rejected_guesses_too(model, monkeypatch
     assert forwards_per_pass and set(forwards_per_pass) == {1}, forwards_per_pass
 
 
+def test_a_seeded_sample_is_the_same_text_with_and_without_speculation(model):
+    """Guesses are kept where they equal the row's sample, drawn as plain decoding draws it: for a seed, the same
+    text whether prompt lookup guessed or not (and guesses were checked and accepted on the way)."""
+    _, m = model
+    settings = dict(max_tokens=32, temperature=0.5, top_k=20, repeat_penalty=1.05, seed=5)
+    plain = m.generate(REPEATING, speculative="off", **settings)
+    assert m.generate(REPEATING, speculative="ngram", **settings) == plain
+    assert m.last_stats.speculation.accepted > 0
+
+
 @pytest.mark.slow
 def test_sampling_with_speculation_is_reproducible_for_a_seed(model):
     _, m = model

@@ -380,3 +380,20 @@ def test_matches_llama_cpp_algorithms_on_random_and_edge_text(tokenizers, name):
         for parse_special in (False, True):
             expected = reference_encode(tok, ranks, text, parse_special)
             assert tok.encode(text, add_special=False, parse_special=parse_special) == expected, repr(text)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_all_token_bytes_are_each_tokens_bytes(tokenizers, name):
+    """The bulk pass (prompt lookup's word classes read it) gives what token_to_bytes gives each token, computed
+    apart on a fresh tokenizer (its pieces not cached yet)."""
+    with GGUFFile(model_path(name)) as f:
+        fresh = Tokenizer.from_metadata(f.metadata)
+    tok, _ = tokenizers(name)
+    assert tok.all_token_bytes() == [fresh.token_to_bytes(t) for t in range(fresh.n_vocab)]
+
+
+def test_all_token_bytes_on_made_up_vocabularies():
+    for meta in (spm_meta(SPM_PIECES), bpe_meta(BPE_MERGES, extra_tokens=[("<|end|>", CONTROL), ("<ud>", USER_DEFINED),
+                                                                          ("a b", NORMAL), ("Ā\x7f", NORMAL)])):
+        tok, fresh = Tokenizer.from_metadata(meta), Tokenizer.from_metadata(meta)
+        assert tok.all_token_bytes() == [fresh.token_to_bytes(t) for t in range(fresh.n_vocab)]

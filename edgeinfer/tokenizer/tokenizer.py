@@ -140,6 +140,10 @@ class Tokenizer:
             raise IndexError(f"token id {token_id} outside the vocabulary of {self.vocab.n_vocab}")
         return self._pieces.piece(token_id, special)
 
+    def all_token_bytes(self) -> list[bytes]:
+        """token_to_bytes of every token id, in order (special=False), in one pass over the vocabulary."""
+        return self._pieces.all_pieces()
+
     def decode_bytes(self, tokens: Iterable[int], special: bool = False) -> bytes:
         """llama_detokenize(tokens, remove_special=False, unparse_special=special) as bytes."""
         out = bytearray()
