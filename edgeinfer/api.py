@@ -24,7 +24,7 @@ from edgeinfer.generation import CachedEngine, GenerationStats, TextStream, gene
 from edgeinfer.gguf_reader import GGUFFile
 from edgeinfer.kv_cache import check_kv_type
 from edgeinfer.sampling import CHAT_REPEAT_PENALTY, Sampler, SamplingParams
-from edgeinfer.speculative import check_same_vocabulary, check_speculation
+from edgeinfer.speculative import DEFAULT_SPECULATION, check_same_vocabulary, check_speculation
 from edgeinfer.tokenizer import Tokenizer
 from edgeinfer.tokenizer.special import partition
 from edgeinfer.tokenizer.vocab import Attr
@@ -380,11 +380,13 @@ class Model:
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, speculative: str = "off", json_schema: dict | None = None,
+               stop: str | Sequence[str] | None = None, speculative: str = DEFAULT_SPECULATION,
+               json_schema: dict | None = None,
                response_format: dict | None = None) -> Completion:
         """Yield the continuation of `prompt` (text, or token ids in [0, n_vocab)) as text pieces while it is
         generated. Defaults are llama.cpp's (repeat_penalty 1.0: off); seed None takes the model's, -1 is random.
-        speculative: "off", "ngram" (check prompt-lookup guesses every pass) or "auto" (where they pay), see
+        speculative: "auto" (the default: guesses only where they pay), "ngram" (prompt lookup's every pass),
+        "draft" (the draft model's every pass) or "off", see
         edgeinfer.speculative: the output is the same token for token, greedy or sampled with a seed (a guess is
         kept where it is the token the row samples).
 
@@ -401,8 +403,11 @@ class Model:
                                                frequency_penalty=frequency_penalty, seed=seed, stop=stop,
                                                json_schema=json_schema, response_format=response_format)
         check_speculation(speculative, self.draft is not None)
-        if speculative != "off" and (json_schema, response_format) != (None, None):
-            raise InvalidArgument("json_schema and response_format need speculative=\"off\"")
+        if (json_schema, response_format) != (None, None):  # the grammar cannot follow guesses: auto does not guess
+            if speculative in ("ngram", "draft"):
+                raise InvalidArgument(f"json_schema and response_format need speculative=\"off\" or \"auto\", "
+                                      f"not {speculative!r}")
+            speculative = "off"
         self.last_stats = stats = GenerationStats()
         return Completion(self._pieces(tokens, sampler, max_tokens, stops, stats, speculative), stats, sampler)
 
@@ -454,8 +459,8 @@ class Model:
             raise TypeError(f"prompts must be a list of prompts, not {type(prompts).__name__}")
         defaults = {name: p.default for name, p in inspect.signature(Model.stream).parameters.items()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY}  # stream's settings, one source of defaults
-        if settings.get("speculative", "off") != "off":
-            raise UnsupportedError("generate_batch does not speculate (speculative=\"off\" only)")
+        if settings.get("speculative", "off") not in ("off", "auto"):  # auto: guesses where they pay, not here
+            raise UnsupportedError("generate_batch does not speculate (speculative=\"off\" or \"auto\" only)")
         settings = {key: value for key, value in settings.items() if key != "speculative"}
         defaults.pop("speculative")
         unknown = sorted(set(settings) - set(defaults))

@@ -77,8 +77,10 @@ class ThreadCounts(CountList):
 # the KV cache's element types: edgeinfer.kv_cache.KV_TYPES (not imported here: it loads numpy; a test keeps the two
 # in step)
 KV_TYPE_CHOICES = ("f32", "f16", "q8_0")
-# speculation modes: edgeinfer.speculative.SPECULATION_MODES (likewise kept in step by a test)
+# speculation modes and the default: edgeinfer.speculative's SPECULATION_MODES and DEFAULT_SPECULATION (likewise
+# kept in step by a test)
 SPECULATION_MODES = ("auto", "ngram", "draft", "off")
+DEFAULT_SPECULATION = "auto"
 KV_TYPE_HELP = "KV cache type (llama.cpp's -ctk/-ctv; q8_0 takes 28% of f32's memory; default: the budget's choice)."
 # devices: edgeinfer.backends.devices.DEVICES (not imported here, so --help stays light; a test keeps them in step)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -227,10 +229,10 @@ def speculation_options(f):
     """--spec and --draft, as run, chat and serve declare them."""
     f = click.option("--draft", default=None, metavar="MODEL",
                      help="A smaller model of the same vocabulary whose guesses --spec draft (or auto) checks.")(f)
-    return click.option("--spec", "speculative", type=click.Choice(SPECULATION_MODES), default="off",
+    return click.option("--spec", "speculative", type=click.Choice(SPECULATION_MODES), default=DEFAULT_SPECULATION,
                         show_default=True, help="Speculative decoding: 'ngram' checks prompt lookup's guesses every "
-                        "step, 'draft' those of --draft MODEL, 'auto' either where they pay; greedy output is "
-                        "unchanged.")(f)
+                        "step, 'draft' those of --draft MODEL, 'auto' either only where they pay; the output is "
+                        "unchanged (greedy, or sampled with a seed).")(f)
 
 
 def _load_model(model: str | None, n_ctx, n_threads, seed, kv_type=None, draft=None, device="auto"):

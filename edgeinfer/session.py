@@ -25,7 +25,7 @@ import numpy as np
 from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import GenerationStats, common_prefix_length
 from edgeinfer.sampling import CHAT_REPEAT_PENALTY, SamplingParams
-from edgeinfer.speculative import check_speculation
+from edgeinfer.speculative import DEFAULT_SPECULATION, check_speculation
 
 if TYPE_CHECKING:
     from edgeinfer.api import Model
@@ -258,7 +258,7 @@ class ChatSession:
         """Every setting's value in force, defaults included (seed None: the model's seed, else random)."""
         defaults = SamplingParams()
         values = {name: getattr(defaults, name) for name in SETTINGS if name not in ("max_tokens", "speculative")}
-        values["speculative"] = "off"
+        values["speculative"] = DEFAULT_SPECULATION
         return {**values, "seed": self.model.seed, **self.sampling, "max_tokens": self.max_tokens}
 
     def stats(self) -> dict:

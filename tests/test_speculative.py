@@ -388,9 +388,11 @@ def test_speculation_modes_are_checked(model):
 
 
 def test_cli_choices_are_the_speculation_modes():
-    from edgeinfer.cli import SPECULATION_MODES as CLI_MODES
+    from edgeinfer.cli import DEFAULT_SPECULATION as CLI_DEFAULT, SPECULATION_MODES as CLI_MODES
+    from edgeinfer.speculative import DEFAULT_SPECULATION
 
     assert CLI_MODES == SPECULATION_MODES
+    assert CLI_DEFAULT == DEFAULT_SPECULATION
 
 
 @pytest.mark.slow

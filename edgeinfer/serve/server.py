@@ -21,7 +21,7 @@ from edgeinfer.serve import structured
 from edgeinfer.serve.app import Served, ServerState, create_app
 from edgeinfer.serve.openai_requests import model_names
 from edgeinfer.serve.scheduler import Scheduler
-from edgeinfer.speculative import check_speculation
+from edgeinfer.speculative import DEFAULT_SPECULATION, check_speculation
 
 log = logging.getLogger("edgeinfer.serve")
 
@@ -37,7 +37,7 @@ class ServeOptions:
     n_threads: int | None = None
     kv_type: str | None = None
     device: str = "auto"  # "auto", "cpu" or "cuda" (edgeinfer.backends.devices)
-    speculative: str = "off"  # each request's speculation mode unless it names one (edgeinfer.speculative)
+    speculative: str = DEFAULT_SPECULATION  # each request's speculation mode unless it names one (edgeinfer.speculative)
     draft: Path | None = None  # a draft model of the same vocabulary (for speculative "draft" or "auto")
     api_key: str | None = None
     max_queue: int = 64
