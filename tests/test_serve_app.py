@@ -78,3 +78,46 @@ def test_connections_have_nagle_off():
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_events_from_the_scheduler_thread_reach_their_queues_in_order_with_few_wake_ups():
+    """LoopHandoff: a step's events (one per stream) wake the event loop once, not once per event; each queue gets
+    its events in order, and a closed loop is refused (so the sink cancels the request)."""
+    import asyncio
+    import threading
+
+    import pytest
+
+    from edgeinfer.serve.app import LoopHandoff
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        handoff = LoopHandoff(loop)
+        wake_ups = []
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args):
+            wake_ups.append(1)
+            return call_soon_threadsafe(*args)
+
+        loop.call_soon_threadsafe = counted
+        queues = [asyncio.Queue() for _ in range(8)]
+
+        def scheduler():  # 50 steps of one event for each of 8 streams, as the scheduler thread emits them
+            for step in range(50):
+                for i, q in enumerate(queues):
+                    handoff.put(q, (i, step))
+
+        thread = threading.Thread(target=scheduler)
+        thread.start()
+        received = [[await q.get() for _ in range(50)] for q in queues]
+        thread.join()
+        assert received == [[(i, step) for step in range(50)] for i in range(8)]
+        assert len(wake_ups) < 400
+        return handoff
+
+    loop = asyncio.new_event_loop()
+    handoff = loop.run_until_complete(main())
+    loop.close()
+    with pytest.raises(RuntimeError):
+        handoff.put(asyncio.Queue(), "late")

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -243,6 +245,36 @@ class _Handlers:
 _DISCONNECTED = object()  # put into a request's event queue when its client goes away
 
 
+class LoopHandoff:
+    """Events from the scheduler thread to the event loop's queues, with one wake-up of the loop for all the events
+    that arrive before it runs (a step's tokens of every stream): a wake-up per event cost the scheduler thread 7%
+    of its time at 8 streams (a write to the loop's wake-up pipe, and the GIL handed to the loop and back)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+
+    def put(self, queue: asyncio.Queue, event) -> None:
+        """Queue `event` for `queue` (from any thread); RuntimeError if the loop is closed."""
+        if self.loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a hand-off is scheduled already and has not run yet: it takes this one too
+        self.loop.call_soon_threadsafe(self._hand_off)
+
+    def _hand_off(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+_HANDOFFS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopHandoff]" = weakref.WeakKeyDictionary()
+
+
 class EventQueue:
     """A request's events on the event loop, and the end of its client: `get` returns an event, or None once the
     client disconnected (the request is then cancelled)."""
@@ -250,11 +282,14 @@ class EventQueue:
     def __init__(self, request: Request, r: ServeRequest):
         """Give r a sink that hands its events (from the scheduler thread) to this event loop's queue."""
         loop = asyncio.get_running_loop()
+        handoff = _HANDOFFS.get(loop)
+        if handoff is None:
+            handoff = _HANDOFFS[loop] = LoopHandoff(loop)
         self.r, self.queue = r, asyncio.Queue()
 
         def sink(event) -> None:
             try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+                handoff.put(self.queue, event)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 r.cancel()
 
