@@ -12,11 +12,14 @@ Exactness (what the model says does not change):
   a draft distribution q is kept with probability min(1, p(d) / q(d)), p the sampler's final distribution there
   (penalties, top-k/p, min-p and temperature applied); on rejection the token is drawn from max(p - q, 0),
   renormalized. Every emitted token is then distributed exactly as p. A prompt-lookup guess is a point mass
-  (q(d) = 1): it is kept with probability p(d), else the token is drawn from p without d.
+  (q(d) = 1): it is kept with probability p(d), else the token is drawn from p without d. That is sampling the row
+  as plain decoding does and keeping d if it is the sample, which `accept_draft` does: a seeded generation is the
+  same text with and without speculation.
 
 Drafts come from prompt lookup (`NgramDrafter`: the continuation of the latest earlier occurrence of the context's
 last n tokens, the big win when the answer repeats its input: code edits, quotes, summaries, tool output) or from a
-smaller model of the same vocabulary (`DraftModelDrafter`).
+smaller model of the same vocabulary (`DraftModelDrafter`); auto mode with a draft model takes the lookup's where it
+has a copy, else the model's (`LookupThenModel`).
 `DraftLength` picks k from the measured acceptance rate and the measured cost of a verify pass, and drafts nothing
 when speculation does not pay.
 """
@@ -56,10 +59,12 @@ def drafting_for(mode: str, draft_model=None, tokenizer=None):
     the source by its words (word_classes)."""
     if mode == "off":
         return None, DraftLength()
-    if mode == "draft" or (mode == "auto" and draft_model is not None):
-        return DraftModelDrafter(draft_model), DraftLength(fixed=MODEL_DRAFT if mode == "draft" else None)
-    classes = word_classes(tokenizer) if tokenizer is not None else None
-    return NgramDrafter(word_classes=classes), DraftLength(fixed=NGRAM_DRAFT if mode == "ngram" else None)
+    if mode == "draft":
+        return DraftModelDrafter(draft_model), DraftLength(fixed=MODEL_DRAFT)
+    lookup = NgramDrafter(word_classes=word_classes(tokenizer) if tokenizer is not None else None)
+    if mode == "auto" and draft_model is not None:
+        return LookupThenModel(lookup, DraftModelDrafter(draft_model)), DraftLength()
+    return lookup, DraftLength(fixed=NGRAM_DRAFT if mode == "ngram" else None)
 
 
 _WORD_CLASSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -101,8 +106,7 @@ def draft_or_free_guess(drafter, context: Sequence[int], k: int) -> tuple[list[i
     if k > 0:
         return drafter.propose(context, k), None
     if drafter.cheap:
-        lookup = drafter.propose(context, 1)
-        return [], (lookup[0] if lookup else None)
+        return [], drafter.free_guess(context)
     return [], None
 
 
@@ -162,6 +166,11 @@ class NgramDrafter:
                         "ngram": [1.0, 0.0], "words": [1.0, 0.0]}
         self._wins = {source: 0.0 for source in self._scores}  # decayed conflicts each source's guesses won
         self._chosen = [1.0, 0.0]  # decayed [right, wrong] first guesses of the source each proposal picks
+
+    def free_guess(self, context: Sequence[int]) -> int | None:
+        """The first guess after `context`, or None (what a plain pass scores against its own token)."""
+        guesses = self.propose(context, 1)
+        return guesses[0] if guesses else None
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         """Up to k guessed tokens after `context` (fewer, or none, where no n-gram of it recurs)."""
@@ -305,6 +314,29 @@ class NgramDrafter:
             tokens.append(token)
             if classes is not None and classes[token]:
                 words.append(int(classes[token]))
+
+
+class LookupThenModel:
+    """Auto mode with a draft model: prompt lookup's guesses where it finds a copy to follow (they cost nothing to
+    make, and where the answer repeats the prompt they are right far more often than a small model), else the draft
+    model's. Plain passes score the lookup's free first guess only (the draft model's would cost a decode step).
+    `model`: DraftModelDrafter, or the server's SlotDrafter."""
+
+    cheap = True  # free guesses: the lookup's
+
+    def __init__(self, lookup: NgramDrafter, model):
+        self.lookup, self.model = lookup, model
+
+    @property
+    def seconds_per_guess(self) -> float:
+        """What a guess may cost (the draft model's, where the server measures it)."""
+        return getattr(self.model, "seconds_per_guess", 0.0)
+
+    def free_guess(self, context: Sequence[int]) -> int | None:
+        return self.lookup.free_guess(context)
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        return self.lookup.propose(context, k) or self.model.propose(context, k)
 
 
 @dataclass

@@ -86,15 +86,25 @@ def test_a_request_chooses_its_own_mode_and_sampling_still_runs(model):
         scheduler.submit(ServeRequest([1, 2], Sampler(SamplingParams(), model.n_vocab), 4, speculative="fast"))
 
 
-def test_draft_model_per_slot_follows_each_request(model):
+@pytest.mark.parametrize("mode", ["draft", "auto"])
+def test_draft_model_per_slot_follows_each_request(model, mode):
     """The model as its own draft (an engine over the same weights with its own cache): every greedy guess is
-    right, so each verify pass keeps all of them, and the answers are the plain ones."""
+    right, so each verify pass keeps all of them, and the answers are the plain ones. In auto mode each slot's
+    drafter is the lookup, then the draft model on the slot's own draft sequence."""
+    from edgeinfer.serve.batch_speculation import SlotDrafter
+    from edgeinfer.speculative import LookupThenModel
+
     draft = Engine(model.config, model.runner, n_ctx=model.n_ctx, n_seq=4, n_threads=1)
     plain, _ = run_requests(model, PROMPTS[1:], 12)
-    spec, scheduler = run_requests(model, PROMPTS[1:], 12, server_mode="draft", draft_engine=draft)
+    spec, scheduler = run_requests(model, PROMPTS[1:], 12, server_mode=mode, draft_engine=draft)
     assert [[t.token for t in tokens] for tokens, _, _ in spec] == [[t.token for t in tokens] for tokens, _, _ in plain]
     totals = scheduler.speculation
-    assert totals.drafted > 0 and totals.accepted == totals.drafted
+    if mode == "draft":
+        assert totals.drafted > 0 and totals.accepted == totals.drafted
+    else:
+        r = ServeRequest([1, 2, 3], Sampler(SamplingParams(temperature=0), model.n_vocab), 4, speculative="auto")
+        scheduler._start_drafting(r, 0)
+        assert isinstance(r.drafter, LookupThenModel) and isinstance(r.drafter.model, SlotDrafter)
 
 
 def test_serve_refuses_spec_draft_without_a_draft_model_before_loading(capsys):

@@ -221,6 +221,35 @@ def test_a_replayed_story_in_ngram_mode_proposes_little():
     assert replay_lookup(recorded["prompt"], recorded["output"], "ngram", QWEN_PASS_MS)["drafted"] < 200
 
 
+class _CountingModelDrafter:
+    """A draft model stand-in: guesses 900, 901, ... and counts its proposals."""
+
+    cheap = False
+
+    def __init__(self):
+        self.calls = 0
+
+    def propose(self, context, k):
+        self.calls += 1
+        return list(range(900, 900 + k))
+
+
+def test_auto_with_a_draft_model_takes_the_lookups_copy_where_it_has_one():
+    from edgeinfer.speculative import LookupThenModel, draft_or_free_guess
+
+    model = _CountingModelDrafter()
+    drafter = LookupThenModel(NgramDrafter(max_ngram=3, min_ngram=2), model)
+    source = [1, 2, 3, 4, 5, 6]
+    assert drafter.propose(source + [7, 1, 2], 3) == [3, 4, 5]  # the copy: the model is not asked
+    assert model.calls == 0
+    assert drafter.propose([10, 11, 12, 13], 3) == [900, 901, 902]  # nothing recurs: the model's guesses
+    assert model.calls == 1
+    # a plain pass scores the lookup's free guess, never a draft model step
+    assert draft_or_free_guess(drafter, source + [7, 1, 2], 0) == ([], 3)
+    assert draft_or_free_guess(drafter, [20, 21, 22], 0) == ([], None)
+    assert model.calls == 1
+
+
 def test_draft_length_drafts_when_guesses_are_right_and_stops_when_they_are_not():
     length = DraftLength(max_draft=8)
     assert length.choose() == 0  # nothing measured yet
