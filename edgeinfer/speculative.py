@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -61,7 +61,8 @@ def drafting_for(mode: str, draft_model=None, tokenizer=None):
         return None, DraftLength()
     if mode == "draft":
         return DraftModelDrafter(draft_model), DraftLength(fixed=MODEL_DRAFT)
-    lookup = NgramDrafter(word_classes=word_classes(tokenizer) if tokenizer is not None else None)
+    # the word classes are made on the first proposal, not here: a generation's first token does not wait for them
+    lookup = NgramDrafter(word_classes=(lambda: word_classes(tokenizer)) if tokenizer is not None else None)
     if mode == "auto" and draft_model is not None:
         return LookupThenModel(lookup, DraftModelDrafter(draft_model)), DraftLength()
     return lookup, DraftLength(fixed=NGRAM_DRAFT if mode == "ngram" else None)
@@ -143,12 +144,13 @@ class NgramDrafter:
     COMPARED = 16  # tokens of each candidate copy compared with what the model said (at least the guesses)
     WORDS = 3  # words looked up by the "words" source (2 drafted as well on the replayed summary, worse on a story)
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, word_classes: np.ndarray | None = None):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2,
+                 word_classes: np.ndarray | Callable[[], np.ndarray] | None = None):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._tokens: list[int] = []
         # n -> {n-gram: end index (exclusive) of its latest occurrence before the context's end}
         self._latest: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
-        self._classes = word_classes
+        self._classes = word_classes  # or a function that makes them, called on the first proposal
         self._words: list[int] = []  # the word classes of the context's tokens that are words, in order
         self._latest_words: dict[tuple, int] = {}  # the last WORDS words -> end index of their latest occurrence
         self._resume: int | None = None  # where the copy being followed goes on
@@ -302,6 +304,8 @@ class NgramDrafter:
             self._renames, self._edit, self._replaced = {}, None, None
             self._words.clear()
             self._latest_words.clear()
+        if callable(self._classes):
+            self._classes = self._classes()
         # the n-grams ending before the last position: the last one's own would match itself
         classes, words = self._classes, self._words
         for i in range(len(tokens), len(context)):
