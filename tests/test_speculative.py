@@ -9,7 +9,8 @@ import pytest
 from conftest import MODEL_NAMES, load_reference, model_path
 from edgeinfer.errors import InvalidArgument, UnsupportedError
 from edgeinfer.sampling import Sampler, SamplingParams
-from edgeinfer.speculative import SPECULATION_MODES, DraftLength, NgramDrafter, accept_draft
+from edgeinfer.prompt_lookup import NgramDrafter
+from edgeinfer.speculative import SPECULATION_MODES, DraftLength, accept_draft
 
 
 # ---------------------------------------------------------------- prompt lookup

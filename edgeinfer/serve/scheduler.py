@@ -41,8 +41,9 @@ from edgeinfer.generation import common_prefix_length, non_finite_logits
 from edgeinfer.sampling import all_finite
 from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses
 from edgeinfer.serve.metrics import ServeMetrics
+from edgeinfer.prompt_lookup import word_classes
 from edgeinfer.speculative import (DraftLength, DraftModelDrafter, LookupThenModel, SpeculationStats, accept_draft,
-                                   check_speculation, draft_or_free_guess, drafting_for, word_classes)
+                                   check_speculation, draft_or_free_guess, drafting_for)
 from edgeinfer.tokenizer import Tokenizer
 
 log = logging.getLogger("edgeinfer.serve")
