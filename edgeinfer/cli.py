@@ -325,8 +325,9 @@ def chat_cmd(model, system, max_tokens, single, **options):
 @click.option("--kv-type", "kv_types", type=ChoiceList(KV_TYPE_CHOICES), default=None,
               help="Comma-separated KV cache types to measure (llama-bench's -ctk; default: the budget's choice).")
 @click.option("--spec", "spec_modes", type=ChoiceList(SPECULATION_MODES), default=None,
-              help="Instead of pp/tg: speculative decoding on real tasks (rewrite, quote, summarize, story), greedy, "
-                   "in each comma-separated mode against 'off' (edgeinfer.bench_spec).")
+              help="Instead of pp/tg: speculative decoding on real tasks (rewrite, quote, summarize, a story; greedy, "
+                   "and the story sampled with a seed too), in each comma-separated mode against 'off' "
+                   "(edgeinfer.bench_spec).")
 @click.option("--draft", default=None, metavar="MODEL",
               help="With --spec draft or auto: a smaller model of the same vocabulary whose guesses are checked.")
 @device_option()

@@ -436,7 +436,7 @@ def test_spec_bench_compares_each_mode_with_off():
     assert rows[0]["speedup"] == pytest.approx(1.0) and rows[1]["speedup"] > 0
     assert rows[0]["tokens"] == rows[1]["tokens"] > 0  # greedy: the same text in both modes
     table = format_spec_bench(rows)
-    assert "| quote     | ngram |       1 |" in table
+    assert "| quote         | ngram |       1 |" in table
 
 
 @pytest.mark.slow
