@@ -2,10 +2,10 @@
 
 Random tokens (the pp/tg tests) give a prompt lookup nothing to find, so this measures tasks: three grounded in
 their input (rewrite a function renaming a variable, quote a paragraph, summarize a text) where the answer repeats
-the prompt, and a free-form story where it does not, greedy and sampled with a seed. Greedy, and sampled with a seed,
-the text is the same in every mode, so the modes are compared on the same tokens. Each runs once as a warm-up and
-`reps` times measured, in each mode and thread count, the modes taking turns. Reported: decode tokens/s (after the first token), the share of guesses accepted, and
-the speed-up over mode "off" in the same run.
+the prompt, and a free-form story where it does not, greedy and sampled with a seed. Either way the text is the
+same in every mode, so the modes are compared on the same tokens. Each runs once as a warm-up and `reps` times
+measured, in each mode and thread count, the modes taking turns. Reported: decode tokens/s (after the first token),
+the share of guesses accepted, and the speed-up over mode "off" in the same run.
 
 `record_tasks` and `replay_lookup` measure prompt lookup without the model: the greedy output of each task is
 recorded once, then the lookup is replayed over it (the tokens it would guess, the passes it would take), so a change

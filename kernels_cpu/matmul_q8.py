@@ -2,9 +2,9 @@
 
 Repacked weights (16 rows interleaved, repack.repack) go through tile kernels: each thread takes a group of 16
 rows and runs it against the tokens 4 at a time (1 or 2 left over: a tile of 2), so a weight block is loaded and
-unpacked once per 4 tokens and stays in L1 for the rest. Each token's accumulation is exactly matvec_q8's (the same per-block steps, in the same
-order), so a prompt evaluated in one block gives the same logits as the same tokens decoded one at a time (as in
-llama.cpp). Raw ggml blocks (types without a repacked layout, or shapes that do not split into groups of 16) loop
+unpacked once per 4 tokens and stays in L1 for the rest. Each token's accumulation is exactly matvec_q8's (the same
+per-block steps, in the same order), so a prompt evaluated in one block gives the same logits as the same tokens
+decoded one at a time (as in llama.cpp). Raw ggml blocks (types without a repacked layout, or shapes that do not split into groups of 16) loop
 matvec_q8 over the tokens.
 """
 import numpy as np

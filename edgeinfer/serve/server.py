@@ -37,7 +37,7 @@ class ServeOptions:
     n_threads: int | None = None
     kv_type: str | None = None
     device: str = "auto"  # "auto", "cpu" or "cuda" (edgeinfer.backends.devices)
-    speculative: str = DEFAULT_SPECULATION  # each request's speculation mode unless it names one (edgeinfer.speculative)
+    speculative: str = DEFAULT_SPECULATION  # each request's mode unless it names one (edgeinfer.speculative)
     draft: Path | None = None  # a draft model of the same vocabulary (for speculative "draft" or "auto")
     api_key: str | None = None
     max_queue: int = 64
