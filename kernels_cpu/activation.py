@@ -62,8 +62,17 @@ def gated_activation_row(gate, up, gelu):
             gate[j] = _silu_mul(gate[j], up[j])
 
 
+# up to this many elements (a decode step of a few sequences) the calling thread does them: waking the workers cost
+# more (8 of SmolLM2's rows of 1536: 5.7 us alone, 6.7 us on 2 threads; 16 rows: 11.4 against 6.9)
+SERIAL_ELEMENTS = 8 * 1536
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _gated_rows(gate, up, gelu):
+    if gate.size <= SERIAL_ELEMENTS:
+        for r in range(gate.shape[0]):
+            gated_activation_row(gate[r], up[r], gelu)
+        return
     for r in prange(gate.shape[0]):
         gated_activation_row(gate[r], up[r], gelu)
 
@@ -83,6 +92,10 @@ def gated_from_fused_row(gate_up, out, gelu):
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def gated_from_fused_rows(gate_up, out, gelu):
+    if out.size <= SERIAL_ELEMENTS:
+        for r in range(out.shape[0]):
+            gated_from_fused_row(gate_up[r], out[r], gelu)
+        return
     for r in prange(out.shape[0]):
         gated_from_fused_row(gate_up[r], out[r], gelu)
 

@@ -36,7 +36,7 @@ from numba import njit, prange
 from kernels_cpu._fp16 import bits_to_f32
 from kernels_cpu.attention_tile import FASTMATH, TILE, tile_scores, tile_values
 from kernels_cpu.kv_types import KEY_BLOCK, head_view, raw_keys, raw_rows, tile_keys, tile_rows
-from kernels_cpu.simd import (add_widened, exp_f32x16, hmax, load_f32x16, splat_f32x16, store_f32x16, tree_sum, vmax,
+from kernels_cpu.simd import (add_widened, hint_l2_part, exp_f32x16, hmax, load_f32x16, splat_f32x16, store_f32x16, tree_sum, vmax,
                               vsub, where_in_range, zero_f64x16)
 
 CHUNK = 256  # keys per chunk of the fixed grid every job sums on (a multiple of TILE; see the module docstring)
@@ -59,8 +59,11 @@ READ_DIRECT = 8
 # itself: SmolLM2's layer at depth 4096 (f16, 1 thread) read its cache at 11 GB/s from DRAM, and now about as fast
 # as from L3 (measured: 1 tile ahead 198-206 us a layer, 2: 217, 4: 230; before, 283-290).
 PREFETCH_TILES = 1
-# below this many multiply-adds per call, waking the worker threads costs more than it saves
+# below this many multiply-adds per call, waking the worker threads costs more than it saves; from MANY_JOBS_WORK up,
+# a call of at least 2 jobs per thread runs in parallel too (a decode step of several sequences over short caches:
+# SmolLM2's 8 sequences at depth 32 took 1.47 ms of an 8 ms step on one thread, 0.90 on two, inside the forward)
 PARALLEL_ATTENTION_WORK = 1 << 18
+MANY_JOBS_WORK = 1 << 16
 
 # partial results of split jobs: acc (MAX_CHUNKS, PARTIAL_ROWS, n_heads, d_v), m and l (MAX_CHUNKS, PARTIAL_ROWS, n_heads;
 # l float64)
@@ -311,6 +314,30 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
 
 
 @njit(cache=True, inline="always")
+def _hint_job(positions, seqs, k_pair, v_pair, layer, window, starts, n_kv, n_parts, chunks_per_part, job):
+    """Hint into L2 the first tile of keys and values job `job` will read (nothing past the last job): a decode
+    step's jobs each start with a tile the weights streamed past since the last step evicted, and a job over a short
+    cache is nothing but that tile, so the next job's lines arrive while this one computes."""
+    parts = max(n_parts, 1)
+    if job >= (starts.shape[0] - 1) * n_kv * parts:
+        return
+    part = job % parts
+    kv_head = (job // parts) % n_kv
+    block = _zigzag(job // (parts * n_kv), starts.shape[0] - 1)
+    key_lo, key_hi = _key_range(positions, starts[block], starts[block + 1], window)
+    t0 = key_lo - key_lo % TILE
+    if n_parts > 0:
+        t0 = max(t0, (key_lo // CHUNK + part * chunks_per_part) * CHUNK)
+    t1 = min(t0 + TILE, key_hi)
+    if t1 <= t0:
+        return
+    keys, _ = head_view(k_pair[0], k_pair[1], layer, seqs[starts[block]], kv_head)
+    values, _ = head_view(v_pair[0], v_pair[1], layer, seqs[starts[block]], kv_head)
+    hint_l2_part(keys[t0 // KEY_BLOCK:(t1 + KEY_BLOCK - 1) // KEY_BLOCK], 0, 1)
+    hint_l2_part(values[t0:t1], 0, 1)
+
+
+@njit(cache=True, inline="always")
 def _fresh(acc, m, l):
     acc[:] = 0.0
     m[:] = -np.inf
@@ -377,6 +404,8 @@ def _jobs_parallel(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, wi
     for worker in prange(workers):
         work = _workspace(rows, q.shape[2], out.shape[2])
         for job in range(worker, n_jobs, workers):
+            _hint_job(positions, seqs, k_pair, v_pair, layer, window, starts, n_kv, n_parts, chunks_per_part,
+                      job + workers)
             _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l,
                  starts, n_kv, n_parts, chunks_per_part, job, work)
 
@@ -399,9 +428,12 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
         lo, hi = _key_range(positions, starts[b], starts[b + 1], window)
         work += (hi - lo) * (starts[b + 1] - starts[b])
         most_chunks = max(most_chunks, (hi + CHUNK - 1) // CHUNK - lo // CHUNK)
-    if work * n_heads * d_k < PARALLEL_ATTENTION_WORK or threads == 1:
+    work *= n_heads * d_k
+    many_jobs = n_blocks * n_kv >= 2 * threads and work >= MANY_JOBS_WORK
+    if threads == 1 or (work < PARALLEL_ATTENTION_WORK and not many_jobs):
         work = _workspace(_job_rows(starts, group), d_k, out.shape[2])
         for job in range(n_blocks * n_kv):
+            _hint_job(positions, seqs, k_pair, v_pair, layer, window, starts, n_kv, 0, 0, job + 1)
             _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials.acc, partials.m,
                  partials.l, starts, n_kv, 0, 0, job, work)
         return

@@ -28,7 +28,7 @@ from kernels_cpu.kv_types import store_key, store_row
 from kernels_cpu.matmul_q8 import matmul_tiles_dispatch
 from kernels_cpu.matvec_q8 import REPACKED, matvec_q8_dispatch, weight_rows
 from kernels_cpu.norm import rms_norm_rows, rms_norm_rows_parallel
-from kernels_cpu.rope import rope_qk_inplace
+from kernels_cpu.rope import rope_angles, rope_qk_rotate
 
 # A weight matrix: where its bytes lie (`buffer` IN_FILE: the model file; IN_PACKED: the repacked weights, at
 # `offset`), its layout (`type_id`: a ggml type or a repacked layout's id, matvec_q8), its shape and bytes per array
@@ -70,6 +70,7 @@ Scratch = namedtuple("Scratch", [
     "out",  # (n, d_model): a block's output before the residual add
     "q8_model", "q8_attn", "q8_ff",  # (values int8 (n, w), scales f32 (n, w/32), sums i32 (n, w/32)) per width
     "head_in",  # (n, d_model): final-normed rows whose logits are wanted
+    "rope_cos", "rope_sin",  # (n, rope_dims / 2) float64: the rows' RoPE angles, shared by layers of one frequency set
     "partials",  # attention's partial results when it splits keys across threads (kernels_cpu.attention)
     "threads",  # int64 (1,): the threads parallel regions run on (the engine sets it; numba's get_num_threads
                 # in compiled code would make the forward uncacheable)
@@ -96,6 +97,7 @@ def make_scratch(hp: Hyper, n: int) -> Scratch:
         out=np.zeros((n, d), f32),
         q8_model=q8(d), q8_attn=q8(heads * vd), q8_ff=q8(ff),
         head_in=np.zeros((n, d), f32),
+        rope_cos=np.zeros((n, hp.rope_dims // 2)), rope_sin=np.zeros((n, hp.rope_dims // 2)),
         partials=make_partials(heads, vd),
         threads=np.ones(1, np.int64),
     )
@@ -152,6 +154,14 @@ def _add_rows(x, y, scale):
 
 
 @njit(cache=True)
+def _same_values(a, b):
+    for i in range(a.shape[0]):
+        if a[i] != b[i]:
+            return False
+    return True
+
+
+@njit(cache=True)
 def _block_input(x, h, norm, hp):
     """h = the normed block input (pre-norm), or x itself for a post-norm-only family (OLMo 2)."""
     if hp.pre_norms:
@@ -161,9 +171,9 @@ def _block_input(x, h, norm, hp):
 
 
 @njit(cache=True)
-def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_freqs, positions, seqs, k_cache, v_cache,
-                     s, n):
-    """s.out[:n] = the attention block's output for s.x[:n] (its K/V rows stored into the cache first)."""
+def _attention_block(layer, weights, packed, mats, lv, hp, window, positions, seqs, k_cache, v_cache, s, n):
+    """s.out[:n] = the attention block's output for s.x[:n] (its K/V rows stored into the cache first; the rows'
+    RoPE angles for this layer in s.rope_cos, s.rope_sin)."""
     d, heads, kv_heads, hd, vd = hp.d_model, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.value_dim
     qd, kd = heads * hd, kv_heads * hd
     x, h, q, k, v = s.x[:n], s.h[:n], s.q[:n], s.k[:n], s.v[:n]
@@ -191,7 +201,7 @@ def _attention_block(layer, weights, packed, mats, lv, hp, window, rope_freqs, p
     elif hp.qk_norm:
         rms_norm_rows(q.reshape((n * heads, hd)), lv[V_Q_NORM, :hd], hp.norm_eps, q.reshape((n * heads, hd)))
         rms_norm_rows(k.reshape((n * kv_heads, hd)), lv[V_K_NORM, :hd], hp.norm_eps, k.reshape((n * kv_heads, hd)))
-    rope_qk_inplace(q, k, positions, rope_freqs, hp.rope_style)
+    rope_qk_rotate(q, k, s.rope_cos[:n], s.rope_sin[:n], hp.rope_style)
     for i in range(n):
         store_key(k_cache[0], k_cache[1], layer, seqs[i], positions[i], k[i])
         store_row(v_cache[0], v_cache[1], layer, seqs[i], positions[i], v[i])
@@ -254,10 +264,14 @@ def forward(tokens, positions, seqs, logit_rows, weights, packed, layer_mats, he
             for j in range(d):
                 x[i, j] *= scale
 
+    angles_of = -1  # the layer whose frequencies s.rope_cos / s.rope_sin hold the angles of
     for layer in range(layer_mats.shape[0]):
         mats, lv = layer_mats[layer], vecs[layer]
-        _attention_block(layer, weights, packed, mats, lv, hp, windows[layer], rope_freqs[layer], positions, seqs,
-                         k_cache, v_cache, s, n)
+        if angles_of < 0 or not _same_values(rope_freqs[layer], rope_freqs[angles_of]):
+            rope_angles(positions, rope_freqs[layer], s.rope_cos[:n], s.rope_sin[:n])
+            angles_of = layer
+        _attention_block(layer, weights, packed, mats, lv, hp, windows[layer], positions, seqs, k_cache, v_cache, s,
+                         n)
         _add_rows(x, s.out[:n], hp.residual_scale)
         _feed_forward_block(weights, packed, mats, lv, hp, s, n)
         _add_rows(x, s.out[:n], hp.residual_scale)

@@ -26,9 +26,12 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from kernels_cpu._fp16 import half_bits_to_f32
+from kernels_cpu._fp16 import f32_to_half_bits_native, half_bits_to_f32, native_half_conversion
 from kernels_cpu.quantize import f32_to_half_bits, round_away
 from kernels_cpu.simd import halves_f32x16, int8s_f32x16, load_f32x16, splat_f32x16, store_f32x16, vmul
+
+# float32 -> half bits for the f16 cache's stores: the hardware conversion where there is one (the same bits)
+_to_half = f32_to_half_bits_native if native_half_conversion() else f32_to_half_bits
 
 QK = 32  # values per q8_0 block
 KEY_BLOCK = 16  # positions per key block (edgeinfer.kv_cache.KEY_BLOCK; one float32 SIMD vector)
@@ -90,7 +93,7 @@ def _store_row(values, scales, layer, seq, pos, x):
         def store_f16(values, scales, layer, seq, pos, x):
             for h in range(x.shape[0]):
                 for c in range(x.shape[1]):
-                    values[layer, seq, h, pos, c] = f32_to_half_bits(x[h, c])
+                    values[layer, seq, h, pos, c] = _to_half(x[h, c])
         return store_f16
     if values.dtype == types.int8:
         def store_q8_0(values, scales, layer, seq, pos, x):
@@ -115,7 +118,7 @@ def _store_key(values, scales, layer, seq, pos, x):
             block, j = pos // KEY_BLOCK, pos % KEY_BLOCK
             for h in range(x.shape[0]):
                 for c in range(x.shape[1]):
-                    values[layer, seq, h, block, c, j] = f32_to_half_bits(x[h, c])
+                    values[layer, seq, h, block, c, j] = _to_half(x[h, c])
         return store_f16
     if values.dtype == types.int8:
         def store_q8_0(values, scales, layer, seq, pos, x):

@@ -12,6 +12,7 @@ import pytest
 
 from edgeinfer.kv_cache import KV_TYPES, decode, encode, to_key_blocks
 from kernels_cpu import ops_reference as ref
+from kernels_cpu import attention
 from kernels_cpu.attention import attention_rows, make_partials
 
 SCALE = 0.2
@@ -160,3 +161,21 @@ def test_a_rows_result_does_not_depend_on_batching_or_splitting(n_heads, n_kv, w
         for i in (0, 7):
             alone = run_kernel("f16", q[i:i + 1], positions[i:i + 1], seqs[i:i + 1], k, v, window, threads)
             assert np.array_equal(alone[0], together[i]), (threads, i)
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
+def test_a_decode_step_of_many_sequences_is_the_same_on_two_threads(kv_type):
+    """A decode step of 8 sequences over short caches runs its 24 jobs on both threads (attention.MANY_JOBS_WORK),
+    each job on one thread as before: the same bits as on one thread, and as each sequence alone."""
+    rng = np.random.default_rng(7)
+    n_heads, n_kv, n_seq = 9, 3, 8
+    lengths = rng.integers(20, 60, n_seq)
+    k, v = random_case(rng, n_seq, 64, n_heads, n_kv)
+    q = rng.standard_normal((n_seq, n_heads, 64)).astype(np.float32)
+    positions, seqs = (lengths - 1).astype(np.int64), np.arange(n_seq, dtype=np.int64)
+    assert n_seq * n_heads * 64 * int(lengths.min()) >= attention.MANY_JOBS_WORK
+    one = run_kernel(kv_type, q, positions, seqs, k, v, 0, 1)
+    assert np.array_equal(run_kernel(kv_type, q, positions, seqs, k, v, 0, 2), one)
+    for i in (0, 5):
+        alone = run_kernel(kv_type, q[i:i + 1], positions[i:i + 1], seqs[i:i + 1], k, v, 0, 2)
+        assert np.array_equal(alone[0], one[i]), i

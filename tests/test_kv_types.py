@@ -8,6 +8,7 @@ from numba import njit
 from edgeinfer.kv_cache import KEY_BLOCK, KV_TYPES, decode, encode, from_key_blocks, to_key_blocks
 from kernels_cpu import kv_types
 from kernels_cpu.kv_types import head_view, store_key, store_row, tile_keys
+from kernels_cpu.quantize import f32_to_half_bits
 
 
 @njit(cache=True)
@@ -100,3 +101,27 @@ def test_widened_key_tile_is_the_decoded_keys(kv_type, start, stop):
     want = decode(kv_type, *encode(kv_type, x[start:stop, 1]))
     np.testing.assert_array_equal(rows, want)
     assert tile.shape == (-(-stop // KEY_BLOCK) - start // KEY_BLOCK, 64, KEY_BLOCK)
+
+
+@njit(cache=True)
+def _both_half_conversions(x, native, portable):
+    for i in range(x.shape[0]):
+        native[i] = kv_types._to_half(x[i])
+        portable[i] = f32_to_half_bits(x[i])
+
+
+def test_f16_store_conversion_is_the_portable_rounding():
+    """The f16 cache's stores convert with the hardware's instruction where there is one: the same bits as the
+    portable round-to-nearest-even (and numpy's) for every float32 but NaNs, which stay NaNs."""
+    rng = np.random.default_rng(3)
+    patterns = rng.integers(0, 2 ** 32, 1_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    edges = np.array([65504.0, 65519.99, 65520.0, 1e-8, -3e-5, 6.1e-5, 2.0 ** -24, 2.0 ** -25, 0.0, -0.0, np.inf,
+                      -np.inf, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11], np.float32)
+    x = np.concatenate([patterns, edges])
+    native, portable = np.zeros(len(x), np.uint16), np.zeros(len(x), np.int64)
+    _both_half_conversions(x, native, portable)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(native[finite], portable[finite].astype(np.uint16))
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(native[finite], x[finite].astype(np.float16).view(np.uint16))
+    assert np.isnan(native[~finite].view(np.float16)).all()
