@@ -49,13 +49,15 @@ class BatchRequest:
     def done(self) -> bool:
         return self.stream is None
 
-    def sample_next(self, logits: np.ndarray, eog: frozenset[int], room: int) -> tuple[int | None, str]:
+    def sample_next(self, logits: np.ndarray, eog: frozenset[int], room: int,
+                    best: int | None = None) -> tuple[int | None, str]:
         """One generation step from the logits after the history: sample a token, apply the stop rules.
 
-        room: positions left in the request's sequence. Returns (the token sampled, None for an end-of-generation
-        token; the text it released, also added to `text`). Afterwards either `done` (stats.stop_reason says why)
-        or the token must be evaluated next."""
-        return self.take(self.sampler.sample(logits, self.history), eog, room)
+        room: positions left in the request's sequence; best: the logits' argmax, all of them finite, where the
+        caller knows it (Sampler.sample). Returns (the token sampled, None for an end-of-generation token; the text
+        it released, also added to `text`). Afterwards either `done` (stats.stop_reason says why) or the token must
+        be evaluated next."""
+        return self.take(self.sampler.sample(logits, self.history, best), eog, room)
 
     def take(self, token: int, eog: frozenset[int], room: int) -> tuple[int | None, str]:
         """sample_next for a token chosen already (by the speculative acceptance rule): the same stop rules,

@@ -293,13 +293,15 @@ class Sampler:
         ids, lg = self._filtered(logits, recent_tokens)
         return ids, _softmax32(lg)
 
-    def sample(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> int:
+    def sample(self, logits: np.ndarray, recent_tokens: Sequence[int] = (), best: int | None = None) -> int:
         """Pick the next token id from `logits` (float32, shape (n_vocab,), not modified).
 
         `recent_tokens`: the sequence so far (prompt + generated); the penalties look at its last
-        `penalty_last_n`. Greedy (temperature <= 0) does not consume randomness.
+        `penalty_last_n`. Greedy (temperature <= 0) does not consume randomness. `best`: the row's argmax where
+        the caller has it already, with every logit known finite (a server step finds both for all its rows in one
+        compiled pass: kernels_cpu.logits.row_summaries).
         """
-        ids, lg = self._filtered(logits, recent_tokens)
+        ids, lg = self._filtered(logits, recent_tokens, best)
         if self.params.temperature <= 0.0:
             return int(ids[0])
         return sample_dist(ids, lg, self._rng)
@@ -309,12 +311,14 @@ class Sampler:
         seeded run stays reproducible)."""
         return float(self._rng.random())
 
-    def _filtered(self, logits: np.ndarray, recent_tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _filtered(self, logits: np.ndarray, recent_tokens: Sequence[int],
+                  best: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
         if logits.shape != (self.n_vocab,):
             raise InvalidArgument(f"logits must have shape ({self.n_vocab},), got {logits.shape}")
-        best = _check_samplable(logits)
+        if best is None:
+            best = _check_samplable(logits)
         ids, lg = apply_penalties(
             self._ids, logits, recent_tokens, penalty_last_n=p.penalty_last_n, repeat_penalty=p.repeat_penalty,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,

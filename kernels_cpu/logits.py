@@ -16,3 +16,21 @@ def all_finite_flat(values):
         v = values[i]
         bad |= (v - v) != 0.0
     return bad == 0
+
+
+@njit(cache=True, nogil=True)
+def row_summaries(logits, best, finite):
+    """For each row r of logits (n, n_vocab) float32: best[r] = its first largest index (np.argmax's, for rows with
+    no NaN) and finite[r] = whether every value is finite, in one pass over the row. A server step asks both of
+    every row; called per row from Python (np.argmax, then all_finite) they took half the step's Python time at 8
+    sequences, most of it waiting for a core beside the event loop."""
+    for r in range(logits.shape[0]):
+        row = logits[r]
+        top, at, bad = row[0], 0, 0
+        for i in range(row.shape[0]):
+            v = row[i]
+            bad |= (v - v) != 0.0
+            if v > top:
+                top, at = v, i
+        best[r] = at
+        finite[r] = bad == 0

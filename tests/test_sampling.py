@@ -350,3 +350,40 @@ def test_all_finite_kernel_matches_numpy():
                 y = x.copy()
                 y[where] = value
                 assert all_finite_flat(y) == np.isfinite(y).all() == False  # noqa: E712
+
+
+def test_row_summaries_match_numpy():
+    """kernels_cpu.logits.row_summaries (a server step's per-row argmax and finiteness, in one pass) against
+    np.argmax (the first of a tie) and np.isfinite(row).all(), with ties, -inf masks and non-finite values."""
+    from kernels_cpu.logits import row_summaries
+
+    rng = np.random.default_rng(4)
+    rows = (rng.standard_normal((7, 1000)) * 10).astype(np.float32)
+    rows[1, [10, 500]] = 99.0  # a tie: the first
+    rows[2, :] = -np.inf
+    rows[2, 999] = 1.0  # masked but the last
+    rows[3, 5] = np.nan
+    rows[4, 7] = np.inf
+    rows[5, 0] = np.float32(1e30)  # the largest at index 0
+    rows[6, :] = -np.inf  # every token masked
+    best, finite = np.zeros(7, np.int64), np.zeros(7, np.bool_)
+    row_summaries(rows, best, finite)
+    np.testing.assert_array_equal(finite, np.isfinite(rows).all(axis=1))
+    for r in np.flatnonzero(~np.isnan(rows).any(axis=1)):
+        assert best[r] == np.argmax(rows[r]), r
+
+
+def test_a_known_argmax_gives_the_same_tokens():
+    """Sampler.sample with the row's argmax given (the server's step finds it for every row at once) picks what it
+    picks without: greedy, with penalties (which may move the argmax) and sampled with a seed."""
+    rng = np.random.default_rng(8)
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, repeat_penalty=1.5),
+                   SamplingParams(temperature=0.9, seed=3, top_k=20)):
+        plain, hinted = Sampler(params, 500), Sampler(params, 500)
+        history = [1, 2, 3]
+        for _ in range(20):
+            logits = rng.standard_normal(500).astype(np.float32)
+            logits[history[-1]] = 4.0  # the penalized token is the raw argmax
+            token = plain.sample(logits, history)
+            assert hinted.sample(logits, history, best=int(np.argmax(logits))) == token
+            history.append(token)

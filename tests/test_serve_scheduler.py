@@ -157,3 +157,22 @@ def test_max_tokens_zero_and_shutdown_tell_the_client(model):
     while not events.empty():
         last = events.get()
     assert isinstance(last, ErrorEvent) and "shutting down" in last.message
+
+
+def test_a_known_argmax_that_is_masked_is_not_taken(model):
+    """The scheduler hands each row's raw argmax to the request; with ignore_eos an end-of-generation argmax is
+    masked, so the request samples the masked row instead of taking it."""
+    import numpy as np
+
+    tokenizer = model.tokenizer
+    eog = frozenset(tokenizer.eog_ids)
+    eog_ids = np.array(sorted(eog), dtype=np.int64)
+    logits = np.zeros(model.n_vocab, np.float32)
+    stop_token = min(eog)
+    logits[stop_token], logits[42] = 10.0, 5.0
+    for ignore_eos, want in ((True, 42), (False, None)):
+        r, _ = request(model, PROMPTS[0], 4)
+        r.ignore_eos = ignore_eos
+        r.begin(tokenizer)
+        token, _ = r.step(logits.copy(), eog, eog_ids, room=100, writable=True, best=stop_token)
+        assert token == want  # None: the end-of-generation token ended the request

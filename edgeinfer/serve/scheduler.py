@@ -38,13 +38,13 @@ from edgeinfer.batch_generation import BatchRequest
 from edgeinfer.engine import Engine
 from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import common_prefix_length, non_finite_logits
-from edgeinfer.sampling import all_finite
 from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.prompt_lookup import word_classes
 from edgeinfer.speculative import (DraftLength, DraftModelDrafter, LookupThenModel, SpeculationStats, accept_draft,
                                    check_speculation, draft_or_free_guess, drafting_for)
 from edgeinfer.tokenizer import Tokenizer
+from kernels_cpu.logits import row_summaries
 
 log = logging.getLogger("edgeinfer.serve")
 
@@ -115,15 +115,20 @@ class ServeRequest(BatchRequest):
         self.cancelled = True
 
     def step(self, logits: np.ndarray, eog: frozenset[int], eog_ids: np.ndarray, room: int,
-             chosen: int | None = None, writable: bool = False) -> tuple[int | None, list[TokenEvent | DoneEvent]]:
+             chosen: int | None = None, writable: bool = False,
+             best: int | None = None) -> tuple[int | None, list[TokenEvent | DoneEvent]]:
         """One token from the logits after the history, as the scheduler and the in-process API both take it:
         sampled from the logits masked by the grammar (and the end-of-generation tokens with ignore_eos), or
         `chosen` (a token accept_draft picked from them); the stop rules of BatchRequest.sample_next; the output
         ended once the grammar is complete; log-probabilities of the raw logits when asked for. room: positions
         left in the sequence. Returns (the token, None for an end-of-generation one; the events: a TokenEvent for
         a token, then a DoneEvent if the request ended). writable: the logits are the caller's scratch (the
-        scheduler's step buffer), so ignore_eos may mask them in place where nothing reads them raw."""
+        scheduler's step buffer), so ignore_eos may mask them in place where nothing reads them raw. best: the raw
+        logits' argmax, every one of them finite (the scheduler has it for every row: kernels_cpu.logits)."""
         if chosen is None:
+            # masking the grammar's tokens may move the argmax; masking the end-of-generation ones only if it is one
+            if best is not None and (self.constraint is not None or (self.ignore_eos and best in eog)):
+                best = None
             masked = logits if self.constraint is None else self.constraint.mask(logits)
             if self.ignore_eos and writable and masked is logits and self.top_logprobs is None:
                 masked[eog_ids] = -np.inf  # (a copy of a 262k-token row was a quarter of a step's Python time)
@@ -131,7 +136,7 @@ class ServeRequest(BatchRequest):
                 if self.eog_free_row is None or self.eog_free_row.shape != masked.shape:
                     self.eog_free_row = np.empty_like(masked)
                 masked = without_eog(masked, eog_ids, self.eog_free_row)
-            token, text = self.sample_next(masked, eog, room)
+            token, text = self.sample_next(masked, eog, room, best)
         else:
             token, text = self.take(chosen, eog, room)
         events: list[TokenEvent | DoneEvent] = []
@@ -200,6 +205,7 @@ class Scheduler:
         self.eog = frozenset(tokenizer.eog_ids)
         self._eog_ids = np.array(sorted(self.eog), dtype=np.int64)
         self._logits = np.empty((0, engine.cfg.n_vocab), np.float32)  # the forward's logits, reused step after step
+        self._row_best, self._row_finite = np.empty(0, np.int64), np.empty(0, np.bool_)  # per row: argmax, finite
         self._waiting: deque[ServeRequest] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -383,6 +389,7 @@ class Scheduler:
         try:
             if self._logits.shape[0] < len(logit_rows):  # grown as needed, then reused: no page faults per step
                 self._logits = np.empty((len(logit_rows), self._logits.shape[1]), np.float32)
+                self._row_best, self._row_finite = np.empty(len(logit_rows), np.int64), np.empty(len(logit_rows), bool)
             logits = self.engine.forward(tokens, seqs, positions, logit_rows, out=self._logits[:len(logit_rows)])
         except Exception as e:  # a bug or a broken engine: fail this batch, keep serving the others
             log.exception("forward pass failed")
@@ -401,13 +408,15 @@ class Scheduler:
             cache.record(slot.seq, slot.request.prompt[first:first + n])
             slot.request.prefilled += n
         now = time.perf_counter()
+        best, finite = self._row_best[:len(logits)], self._row_finite[:len(logits)]
+        row_summaries(logits, best, finite)
         row = 0
         for slot, draft in owners:
-            r, rows = slot.request, logits[row:row + 1 + len(draft or ())]
+            first, r, rows = row, slot.request, logits[row:row + 1 + len(draft or ())]
             row += len(rows)
             if r.cancelled:
                 self._release(slot, "cancelled")
-            elif not all_finite(rows):
+            elif not finite[first:row].all():
                 error = non_finite_logits(self.name, cache.length(slot.seq) - len(rows))
                 cache.truncate(slot.seq, 0)  # its keys and values may be NaN too: never reuse them
                 self._fail(slot, str(error))
@@ -416,7 +425,7 @@ class Scheduler:
                     if draft:
                         self._accept(slot, rows, draft, now)
                     else:
-                        token = self._emit(slot, rows[0], now)
+                        token = self._emit(slot, rows[0], now, best=int(best[first]))
                         if r.free_guess is not None:
                             r.draft_length.observe_guesses(1, int(token == r.free_guess))
                 except Exception as e:  # a sampler or grammar failure ends this request only
@@ -445,12 +454,13 @@ class Scheduler:
                 break
 
     def _emit(self, slot: Slot, logits: np.ndarray, now: float, chosen: int | None = None,
-              room: int | None = None) -> int | None:
+              room: int | None = None, best: int | None = None) -> int | None:
         """Sample the request's next token from logits (or take `chosen`, a token accept_draft picked from them)
-        and send it (and the end, if it ended); the token, None for an end-of-generation one."""
+        and send it (and the end, if it ended); the token, None for an end-of-generation one. best: the logits'
+        argmax (all finite)."""
         r = slot.request
         room = self.engine.cache.room(slot.seq) if room is None else room
-        token, events = r.step(logits, self.eog, self._eog_ids, room, chosen, writable=True)
+        token, events = r.step(logits, self.eog, self._eog_ids, room, chosen, writable=True, best=best)
         if token is not None:
             if r.next_token is None and r.stats.generated_tokens == 1:
                 r.stats.time_to_first_token = now - r.submitted_at
