@@ -206,6 +206,8 @@ class Scheduler:
         self._eog_ids = np.array(sorted(self.eog), dtype=np.int64)
         self._logits = np.empty((0, engine.cfg.n_vocab), np.float32)  # the forward's logits, reused step after step
         self._row_best, self._row_finite = np.empty(0, np.int64), np.empty(0, np.bool_)  # per row: argmax, finite
+        # a step's token events, handed to their sinks all at once when the step's Python is done (_deliver)
+        self._outbox: list[tuple[Callable[[Event], None], Event]] = []
         self._waiting: deque[ServeRequest] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -262,6 +264,8 @@ class Scheduler:
         try:
             while True:
                 with self._wake:
+                    if not self._stopping and not self._waiting and not self._running():
+                        self._deliver()  # the last step's events: nothing else will send them
                     while not self._stopping and not self._waiting and not self._running():
                         self._wake.wait()
                     if self._stopping:
@@ -269,8 +273,20 @@ class Scheduler:
                 self._admit()
                 if self._running():
                     self._step()
+                else:
+                    self._deliver()
         finally:
             self._fail_all("the server is shutting down")
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the events queued since the last delivery to their sinks, in order. Called when the scheduler is
+        about to let go of the GIL (the forward pass, or a wait): the HTTP layer's event loop, which a sink wakes,
+        then finds it free, where at the step's first event it would have passed the GIL back and forth with the
+        scheduler's Python for the rest of the step."""
+        outbox, self._outbox = self._outbox, []
+        for sink, event in outbox:
+            sink(event)
 
     def _running(self) -> list[ServeRequest]:
         return [s.request for s in self.slots if s.request is not None]
@@ -385,6 +401,7 @@ class Scheduler:
                 logit_rows.append(len(tokens) - 1)
                 owners.append((slot, None))
         self.metrics.step_rows.observe(len(tokens))
+        self._deliver()
         started = time.perf_counter()
         try:
             if self._logits.shape[0] < len(logit_rows):  # grown as needed, then reused: no page faults per step
@@ -470,8 +487,7 @@ class Scheduler:
             r.last_token_at = now
             self.metrics.generated_tokens.inc()
         r.next_token = None if r.done else token
-        for event in events:
-            r.sink(event)
+        self._outbox += [(r.sink, event) for event in events]
         if r.done:
             self._release(slot, FINISH_REASONS[r.stats.stop_reason])
         return token
@@ -483,6 +499,7 @@ class Scheduler:
         self.metrics.running.set(len(self._running()))
 
     def _fail(self, slot: Slot, message: str) -> None:
+        self._deliver()  # its tokens before its error
         slot.request.sink(ErrorEvent(message))
         self._release(slot, "error")
 
