@@ -36,8 +36,8 @@ from numba import njit, prange
 from kernels_cpu._fp16 import bits_to_f32
 from kernels_cpu.attention_tile import FASTMATH, TILE, tile_scores, tile_values
 from kernels_cpu.kv_types import KEY_BLOCK, head_view, raw_keys, raw_rows, tile_keys, tile_rows
-from kernels_cpu.simd import (add_widened, hint_l2_part, exp_f32x16, hmax, load_f32x16, splat_f32x16, store_f32x16, tree_sum, vmax,
-                              vsub, where_in_range, zero_f64x16)
+from kernels_cpu.simd import (add_widened, exp_f32x16, hint_l2_part, hmax, load_f32x16, splat_f32x16, store_f32x16,
+                              tree_sum, vmax, vsub, where_in_range, zero_f64x16)
 
 CHUNK = 256  # keys per chunk of the fixed grid every job sums on (a multiple of TILE; see the module docstring)
 QUERY_VECTORS = 64  # query vectors (rows x heads of a group) per job at most: a block's rows are 64 // group
@@ -256,10 +256,7 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     chunks_per_part of them), each chunk's (acc, m, l) into the partials at its slot (chunk - first), merged after
     by _merge_partials (passed as arrays, not the Partials tuple: numba loses writes through a named tuple's fields
     inside prange). work: the calling thread's _workspace."""
-    parts = max(n_parts, 1)
-    part = job % parts
-    kv_head = (job // parts) % n_kv
-    block = _zigzag(job // (parts * n_kv), starts.shape[0] - 1)
+    part, kv_head, block = _job_place(job, starts, n_kv, n_parts)
     r0, r1 = starts[block], starts[block + 1]
     key_lo, key_hi = _key_range(positions, r0, r1, window)
     n_heads, d_k, d_v = q.shape[1], q.shape[2], out.shape[2]
@@ -314,16 +311,20 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
 
 
 @njit(cache=True, inline="always")
+def _job_place(job, starts, n_kv, n_parts):
+    """(part, KV head, block) of job number `job` (parts vary fastest, blocks slowest, in zigzag order)."""
+    parts = max(n_parts, 1)
+    return job % parts, (job // parts) % n_kv, _zigzag(job // (parts * n_kv), starts.shape[0] - 1)
+
+
+@njit(cache=True, inline="always")
 def _hint_job(positions, seqs, k_pair, v_pair, layer, window, starts, n_kv, n_parts, chunks_per_part, job):
     """Hint into L2 the first tile of keys and values job `job` will read (nothing past the last job): a decode
     step's jobs each start with a tile the weights streamed past since the last step evicted, and a job over a short
     cache is nothing but that tile, so the next job's lines arrive while this one computes."""
-    parts = max(n_parts, 1)
-    if job >= (starts.shape[0] - 1) * n_kv * parts:
+    if job >= (starts.shape[0] - 1) * n_kv * max(n_parts, 1):
         return
-    part = job % parts
-    kv_head = (job // parts) % n_kv
-    block = _zigzag(job // (parts * n_kv), starts.shape[0] - 1)
+    part, kv_head, block = _job_place(job, starts, n_kv, n_parts)
     key_lo, key_hi = _key_range(positions, starts[block], starts[block + 1], window)
     t0 = key_lo - key_lo % TILE
     if n_parts > 0:

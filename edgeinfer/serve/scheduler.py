@@ -273,8 +273,6 @@ class Scheduler:
                 self._admit()
                 if self._running():
                     self._step()
-                else:
-                    self._deliver()
         finally:
             self._fail_all("the server is shutting down")
             self._deliver()
