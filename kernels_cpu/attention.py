@@ -35,7 +35,7 @@ from numba import njit, prange
 
 from kernels_cpu._fp16 import bits_to_f32
 from kernels_cpu.attention_tile import FASTMATH, TILE, tile_scores, tile_values
-from kernels_cpu.kv_types import KEY_BLOCK, head_view, raw_keys, raw_rows, tile_keys, tile_rows
+from kernels_cpu.kv_types import KEY_BLOCK, head_view, quantize_queries, raw_keys, raw_rows, tile_keys, tile_rows
 from kernels_cpu.simd import (add_widened, exp_f32x16, hint_l2_part, hmax, load_f32x16, splat_f32x16, store_f32x16,
                               tree_sum, vmax, vsub, where_in_range, zero_f64x16)
 
@@ -102,11 +102,12 @@ def _key_range(positions, r0, r1, window):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
-def _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, key_lo, key_hi, key_buf, value_buf,
-            scores, correction, tile_max, acc, m, l):
-    """Absorb keys key_lo..key_hi-1 into (acc, m, l) of a job's nv query vectors: qs (rows, d_k) holds query vector v
-    (already scaled) in row v, low/high[v] the first and last key it sees. acc (rows, d_v), m, l (rows,) start at 0,
-    -inf, 0; rows past nv are padding (4 vectors at a time share each value load).
+def _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, nv, key_lo, key_hi, key_buf,
+            value_buf, scores, correction, tile_max, acc, m, l):
+    """Absorb keys key_lo..key_hi-1 into (acc, m, l) of a job's nv query vectors: queries (attention_tile's
+    tile_scores) hold query vector v (already scaled) in row v, low/high[v] the first and last key it sees. acc
+    (rows, d_v), m, l (rows,) start at 0, -inf, 0; rows past nv are padding (4 vectors at a time share each value
+    load).
 
     Each tile goes through three register-blocked steps (scores, online softmax, weighted values) in which every
     query vector's arithmetic is the same whichever row or job it is in: a row's result does not depend on its
@@ -121,20 +122,21 @@ def _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, 
             ahead_keys, ahead_values = keys[a0 // KEY_BLOCK:(a1 + KEY_BLOCK - 1) // KEY_BLOCK], values[a0:a1]
             tile_keys_, tile_key_scales = raw_keys(keys, key_scales, t0, t1)
             tile_values, tile_value_scales = raw_rows(values, value_scales, t0, t1)
-            _tile_step(qs, tile_keys_, tile_key_scales, tile_values, tile_value_scales, softcap, t0, t1, low, high,
-                       nv, scores, correction, tile_max, acc, m, l, ahead_keys, ahead_values)
+            _tile_step(queries, tile_keys_, tile_key_scales, tile_values, tile_value_scales, softcap, t0, t1, low,
+                       high, nv, scores, correction, tile_max, acc, m, l, ahead_keys, ahead_values)
         else:
-            _tile_step(qs, tile_keys(keys, key_scales, t0, t1, key_buf), key_scales,
-                       tile_rows(values, value_scales, t0, t1, value_buf), value_scales, softcap, t0, t1, low, high,
-                       nv, scores, correction, tile_max, acc, m, l, None, None)
+            tile_keys_, tile_key_scales = tile_keys(keys, key_scales, t0, t1, key_buf)
+            _tile_step(queries, tile_keys_, tile_key_scales, tile_rows(values, value_scales, t0, t1, value_buf),
+                       value_scales, softcap, t0, t1, low, high, nv, scores, correction, tile_max, acc, m, l, None,
+                       None)
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
-def _tile_step(qs, keys, key_scales, values, value_scales, softcap, t0, t1, low, high, nv, scores, correction,
+def _tile_step(queries, keys, key_scales, values, value_scales, softcap, t0, t1, low, high, nv, scores, correction,
                tile_max, acc, m, l, ahead_keys, ahead_values):
     """One tile: scores, online softmax, weighted values (keys and values float32, or in the cache's type); the
     cache's ahead_keys and ahead_values (a coming tile) hinted into L2 meanwhile."""
-    tile_scores(qs, keys, key_scales, nv, softcap, scores, ahead_keys)
+    tile_scores(queries, keys, key_scales, nv, softcap, scores, ahead_keys)
     _tile_softmax(scores, keys.shape[0], t0, low, high, nv, m, l, correction, tile_max)
     tile_values(scores, values, value_scales, t1 - t0, nv, correction, acc, ahead_values)
 
@@ -228,6 +230,9 @@ def _workspace(rows, d_k, d_v):
     not once per job (a dozen allocations per job took a fifth of an 8-sequence SmolLM2 step's attention at depth 16:
     38 -> 31 us for its 24 jobs on 2 threads)."""
     qs = _aligned_f32(rows, d_k, 0)  # the query vectors by rows, scaled
+    q8 = np.empty((rows, d_k), np.int8)  # and as q8_0 (for q8_0 keys): values, scales, dot_i8_biased's start
+    qd = np.empty((rows, d_k // 32), np.float32)
+    q_bias = np.empty((rows, d_k // 32), np.int32)
     key_buf = _aligned_f32(TILE // KEY_BLOCK * d_k, KEY_BLOCK, 1).reshape((TILE // KEY_BLOCK, d_k, KEY_BLOCK))
     value_buf = _aligned_f32(TILE, d_v, 2)
     scores = _aligned_f32(rows, TILE, 3)
@@ -236,7 +241,7 @@ def _workspace(rows, d_k, d_v):
     vectors_f32 = np.empty((4, rows), np.float32)  # correction, tile_max, m, total_m
     vectors_f64 = np.empty((2, rows), np.float64)  # l, total_l
     limits = np.empty((2, rows), np.int64)  # low, high
-    return qs, key_buf, value_buf, scores, acc, total_acc, vectors_f32, vectors_f64, limits
+    return (qs, q8, qd, q_bias), key_buf, value_buf, scores, acc, total_acc, vectors_f32, vectors_f64, limits
 
 
 @njit(cache=True, inline="always")
@@ -265,13 +270,16 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     rows = (nv + 3) // 4 * 4  # query vectors with padding: the values step takes them in fours
     keys, key_scales = head_view(k_pair[0], k_pair[1], layer, seqs[r0], kv_head)
     values, value_scales = head_view(v_pair[0], v_pair[1], layer, seqs[r0], kv_head)
-    qs_all, key_buf, value_buf, scores_all, acc_all, total_acc_all, vectors_f32, vectors_f64, limits = work
+    (qs_all, q8_all, qd_all, q_bias_all), key_buf, value_buf, scores_all, acc_all, total_acc_all, vectors_f32, \
+        vectors_f64, limits = work
     qs = qs_all[:rows]  # the query vectors by rows, scaled; padding rows 0
     qs[:] = 0.0
     for r in range(r0, r1):
         for g in range(group):
             for c in range(d_k):
                 qs[(r - r0) * group + g, c] = q[r, kv_head * group + g, c] * np.float32(scale)
+    queries = (qs, q8_all[:rows], qd_all[:rows], q_bias_all[:rows])
+    quantize_queries(keys, qs, nv, queries[1], queries[2], queries[3])
     low, high = limits[0, :rows], limits[1, :rows]
     _vector_limits(positions, r0, r1, window, group, low, high)
     scores = scores_all[:rows]
@@ -287,8 +295,9 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
             c = first + slot
             _fresh(acc, m, l)
             if c < end:
-                _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
-                        min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction, tile_max, acc, m, l)
+                _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, nv,
+                        max(key_lo, c * CHUNK), min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores,
+                        correction, tile_max, acc, m, l)
             for v in range(nv):  # every slot is written (-inf: nothing), so no earlier call's partial survives
                 r, h = r0 + v // group, kv_head * group + v % group
                 part_m[slot, r, h] = m[v]
@@ -302,7 +311,7 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     total_l[:] = 0.0
     for c in range(first, end):
         _fresh(acc, m, l)
-        _attend(qs, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
+        _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
                 min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction, tile_max, acc, m, l)
         for v in range(nv):
             _merge_chunk(total_acc[v], total_m, total_l, v, acc[v], m[v], l[v])

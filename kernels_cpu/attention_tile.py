@@ -3,17 +3,21 @@
 kernels_cpu.attention runs jobs (a block of rows against one KV head's cache) tile by tile; for each tile it calls
 `tile_scores` (query vectors . keys), its own online softmax, then `tile_values` (the softmax weights times the
 values). Keys arrive in blocks of 16 positions, one SIMD vector per dimension (kernels_cpu.kv_types), so 16 keys are
-scored per instruction however few query vectors a job has. Keys and values are float32 (a widened tile) or the
-cache's own f16 / q8_0 arrays (a decode row's job, which converts each vector as it loads it): `key_vector` and
-`value_vector` read either, and both give the same float32 values. Each score and each output lane is one chain of
-fused multiply-adds in a fixed order, so a row's result does not depend on which kernel or batch computed it.
+scored per instruction however few query vectors a job has. f32 and f16 keys and values are float32 (a widened tile)
+or the cache's own arrays (a decode row's job, which converts each vector as it loads it): `key_vector` and
+`value_vector` read either, and both give the same float32 values. q8_0 keys are scored in int8 against the job's
+queries quantized to q8_0 (`_q8_scores_*`): one dot-product instruction takes 4 dimensions of 16 keys, each 32
+dimensions' integer sum then times the key's and the query's scales. Each score and each output lane is one chain of
+fused multiply-adds in a fixed order (integer sums are exact), so a row's result does not depend on which kernel or
+batch computed it.
 """
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
-from kernels_cpu.kv_types import KEY_BLOCK, key_vector, value_vector
-from kernels_cpu.simd import (PATH, fma_f32x16, hint_l2_part, load_f32x16, splat_f32x16, store_f32x16, vmul,
-                              zero_f32x16)
+from kernels_cpu.kv_types import KEY_BLOCK, QK, key_vector, value_vector
+from kernels_cpu.simd import (PATH, dot_i8_biased, fma_f32x16, hint_l2_part, key_quads_i8x64, load_f32x16, scaled,
+                              splat4_i8x64, splat_f32x16, splat_i32x16, store_f32x16, to_float, vmul, zero_f32x16)
 
 TILE = 64  # keys per tile
 # 32 vector registers: the weighted values in blocks of 4 vectors x 64 dims, the scores of 4 query vectors x 4 key
@@ -33,14 +37,44 @@ def _fma4(x, v0, v1, v2, v3, a0, a1, a2, a3):
     return fma_f32x16(x, v0, a0), fma_f32x16(x, v1, a1), fma_f32x16(x, v2, a2), fma_f32x16(x, v3, a3)
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def tile_scores(qs, keys, key_scales, nv, softcap, scores, ahead):
+def tile_scores(queries, keys, key_scales, nv, softcap, scores, ahead):
     """scores[v, j] = the key at position j of the tile . query vector v, for the tile's key blocks keys (n_blocks,
-    d_k, 16) and the first nv vectors: 16 keys per SIMD vector, each score one chain of fused multiply-adds over the
-    dimensions in order (float32); with softcap > 0 capped to softcap * tanh(score / softcap) (Gemma 2's attention
-    logit soft-capping, as llama.cpp's flash attention). Positions past the tile's end get scores too (of whatever
-    the block holds there): the softmax masks them. qs and scores have nv rounded up to a multiple of 4 rows (qs's
-    padding rows zero)."""
+    d_k, 16) and the first nv vectors, with softcap > 0 capped to softcap * tanh(score / softcap) (Gemma 2's
+    attention logit soft-capping, as llama.cpp's flash attention). queries: (qs, q8, qd, q_bias), the vectors in
+    float32 (rows, d_k), and for q8_0 keys as q8_0 (kernels_cpu.kv_types.quantize_queries). Positions past the
+    tile's end get scores too (of whatever the block holds there): the softmax masks them. The query arrays and
+    scores have nv rounded up to a multiple of 4 rows (the padding rows zero)."""
+
+
+@overload(tile_scores, inline="always")
+def _tile_scores(queries, keys, key_scales, nv, softcap, scores, ahead):
+    if keys.dtype == types.int8:
+        def scores_q8_0(queries, keys, key_scales, nv, softcap, scores, ahead):
+            _q8_scores(queries[1], queries[2], queries[3], keys, key_scales, nv, scores, ahead)
+            _cap(scores, keys.shape[0], nv, softcap)
+        return scores_q8_0
+
+    def scores_f32(queries, keys, key_scales, nv, softcap, scores, ahead):
+        _f32_scores(queries[0], keys, key_scales, nv, scores, ahead)
+        _cap(scores, keys.shape[0], nv, softcap)
+    return scores_f32
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _cap(scores, n_blocks, nv, softcap):
+    if softcap > 0.0:
+        cap = np.float32(softcap)
+        inverse = np.float32(1.0 / softcap)
+        for v in range(nv):
+            row_scores = scores[v]
+            for j in range(n_blocks * KEY_BLOCK):
+                row_scores[j] = cap * np.tanh(row_scores[j] * inverse)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _f32_scores(qs, keys, key_scales, nv, scores, ahead):
+    """tile_scores for float32 keys (or raw f16 ones): 16 keys per SIMD vector, each score one chain of fused
+    multiply-adds over the dimensions in order."""
     n_blocks, d = keys.shape[0], keys.shape[1]
     v = 0
     if WIDE_VALUES:  # 4 vectors x 4 blocks: 16 independent chains, each key load shared by 4 vectors. A last group
@@ -73,13 +107,6 @@ def tile_scores(qs, keys, key_scales, nv, softcap, scores, ahead):
                 a0 = fma_f32x16(splat_f32x16(qv[c]), key_vector(keys, key_scales, b, c), a0)
             store_f32x16(scores, v * TILE + b * KEY_BLOCK, a0)
         v += 1
-    if softcap > 0.0:
-        cap = np.float32(softcap)
-        inverse = np.float32(1.0 / softcap)
-        for v in range(nv):
-            row_scores = scores[v]
-            for j in range(n_blocks * KEY_BLOCK):
-                row_scores[j] = cap * np.tanh(row_scores[j] * inverse)
 
 
 @njit(cache=True, inline="always")
@@ -134,6 +161,103 @@ def _scores_4x1(qs, keys, key_scales, v, b, d, scores):
         a0, a1 = fma_f32x16(splat_f32x16(q0[c]), k, a0), fma_f32x16(splat_f32x16(q1[c]), k, a1)
         a2, a3 = fma_f32x16(splat_f32x16(q2[c]), k, a2), fma_f32x16(splat_f32x16(q3[c]), k, a3)
     for i, a in enumerate((a0, a1, a2, a3)):
+        store_f32x16(scores, (v + i) * TILE + b * KEY_BLOCK, a)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _q8_scores(q8, qd, q_bias, keys, key_scales, nv, scores, ahead):
+    """tile_scores for q8_0 keys (n_blocks, d_k, 16) int8 with scales (n_blocks, d_k / 32, 16), against the query
+    vectors as q8_0 (q8 (rows, d_k), qd and q_bias (rows, d_k / 32)): per 32 dimensions an exact int32 sum of
+    products (dot_i8_biased, from q_bias), then score += float(sum) * (key scale * query scale), one fused
+    multiply-add chain over the blocks in order. In groups of 4 vectors (the padding rows are zero)."""
+    n_blocks = keys.shape[0]
+    for v in range(0, nv, 4):
+        if WIDE_VALUES and n_blocks == 4:
+            _q8_scores_4x4(q8, qd, q_bias, keys, key_scales, v, scores, ahead)
+        else:
+            for b in range(n_blocks):
+                _q8_scores_4x1(q8, qd, q_bias, keys, key_scales, v, b, scores)
+
+
+@njit(cache=True, inline="always")
+def _q8_scale(key_scales, b, kb, qd):
+    """The 16 keys' scales of block b, dimensions 32 kb.., times the query's (the factor an int32 sum is scored
+    with)."""
+    return scaled(load_f32x16(key_scales, (b * key_scales.shape[1] + kb) * KEY_BLOCK), qd)
+
+
+@njit(cache=True, inline="always")
+def _q8_scores_4x4(q8, qd, q_bias, keys, key_scales, v, scores, ahead):
+    """Scores of query vectors v..v+3 against a whole tile (4 key blocks): 16 int32 sums per 32 dimensions, each key
+    load (4 dimensions of 16 keys) shared by the 4 vectors."""
+    d = keys.shape[1]
+    f00 = f01 = f02 = f03 = f10 = f11 = f12 = f13 = zero_f32x16()
+    f20 = f21 = f22 = f23 = f30 = f31 = f32 = f33 = zero_f32x16()
+    for kb in range(d // QK):
+        i00 = i01 = i02 = i03 = splat_i32x16(q_bias[v, kb])
+        i10 = i11 = i12 = i13 = splat_i32x16(q_bias[v + 1, kb])
+        i20 = i21 = i22 = i23 = splat_i32x16(q_bias[v + 2, kb])
+        i30 = i31 = i32 = i33 = splat_i32x16(q_bias[v + 3, kb])
+        for c in range(kb * QK, kb * QK + QK, 4):
+            hint_l2_part(ahead, c // 4, d // 4)
+            k0, k1 = key_quads_i8x64(keys, c * KEY_BLOCK), key_quads_i8x64(keys, (d + c) * KEY_BLOCK)
+            k2, k3 = key_quads_i8x64(keys, (2 * d + c) * KEY_BLOCK), key_quads_i8x64(keys, (3 * d + c) * KEY_BLOCK)
+            x = splat4_i8x64(q8, v * d + c)
+            i00, i01, i02, i03 = _dot4(x, k0, k1, k2, k3, i00, i01, i02, i03)
+            x = splat4_i8x64(q8, (v + 1) * d + c)
+            i10, i11, i12, i13 = _dot4(x, k0, k1, k2, k3, i10, i11, i12, i13)
+            x = splat4_i8x64(q8, (v + 2) * d + c)
+            i20, i21, i22, i23 = _dot4(x, k0, k1, k2, k3, i20, i21, i22, i23)
+            x = splat4_i8x64(q8, (v + 3) * d + c)
+            i30, i31, i32, i33 = _dot4(x, k0, k1, k2, k3, i30, i31, i32, i33)
+        f00, f01, f02, f03 = _scale4(key_scales, kb, qd[v, kb], i00, i01, i02, i03, f00, f01, f02, f03)
+        f10, f11, f12, f13 = _scale4(key_scales, kb, qd[v + 1, kb], i10, i11, i12, i13, f10, f11, f12, f13)
+        f20, f21, f22, f23 = _scale4(key_scales, kb, qd[v + 2, kb], i20, i21, i22, i23, f20, f21, f22, f23)
+        f30, f31, f32, f33 = _scale4(key_scales, kb, qd[v + 3, kb], i30, i31, i32, i33, f30, f31, f32, f33)
+    for b, a in enumerate((f00, f01, f02, f03)):
+        store_f32x16(scores, v * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((f10, f11, f12, f13)):
+        store_f32x16(scores, (v + 1) * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((f20, f21, f22, f23)):
+        store_f32x16(scores, (v + 2) * TILE + b * KEY_BLOCK, a)
+    for b, a in enumerate((f30, f31, f32, f33)):
+        store_f32x16(scores, (v + 3) * TILE + b * KEY_BLOCK, a)
+
+
+@njit(cache=True, inline="always")
+def _dot4(x, k0, k1, k2, k3, a0, a1, a2, a3):
+    """One query's 4 bytes (in every lane) against 4 key vectors: four independent int32 sums."""
+    return dot_i8_biased(a0, k0, x), dot_i8_biased(a1, k1, x), dot_i8_biased(a2, k2, x), dot_i8_biased(a3, k3, x)
+
+
+@njit(cache=True, inline="always")
+def _scale4(key_scales, kb, qd, i0, i1, i2, i3, f0, f1, f2, f3):
+    """f_b + float(i_b) * (key scales of block b x qd), for the 4 key blocks of a tile."""
+    return (fma_f32x16(to_float(i0), _q8_scale(key_scales, 0, kb, qd), f0),
+            fma_f32x16(to_float(i1), _q8_scale(key_scales, 1, kb, qd), f1),
+            fma_f32x16(to_float(i2), _q8_scale(key_scales, 2, kb, qd), f2),
+            fma_f32x16(to_float(i3), _q8_scale(key_scales, 3, kb, qd), f3))
+
+
+@njit(cache=True, inline="always")
+def _q8_scores_4x1(q8, qd, q_bias, keys, key_scales, v, b, scores):
+    """Scores of query vectors v..v+3 against key block b: _q8_scores_4x4's arithmetic, one block at a time."""
+    d = keys.shape[1]
+    f0 = f1 = f2 = f3 = zero_f32x16()
+    for kb in range(d // QK):
+        i0, i1 = splat_i32x16(q_bias[v, kb]), splat_i32x16(q_bias[v + 1, kb])
+        i2, i3 = splat_i32x16(q_bias[v + 2, kb]), splat_i32x16(q_bias[v + 3, kb])
+        for c in range(kb * QK, kb * QK + QK, 4):
+            k = key_quads_i8x64(keys, (b * d + c) * KEY_BLOCK)
+            i0 = dot_i8_biased(i0, k, splat4_i8x64(q8, v * d + c))
+            i1 = dot_i8_biased(i1, k, splat4_i8x64(q8, (v + 1) * d + c))
+            i2 = dot_i8_biased(i2, k, splat4_i8x64(q8, (v + 2) * d + c))
+            i3 = dot_i8_biased(i3, k, splat4_i8x64(q8, (v + 3) * d + c))
+        f0 = fma_f32x16(to_float(i0), _q8_scale(key_scales, b, kb, qd[v, kb]), f0)
+        f1 = fma_f32x16(to_float(i1), _q8_scale(key_scales, b, kb, qd[v + 1, kb]), f1)
+        f2 = fma_f32x16(to_float(i2), _q8_scale(key_scales, b, kb, qd[v + 2, kb]), f2)
+        f3 = fma_f32x16(to_float(i3), _q8_scale(key_scales, b, kb, qd[v + 3, kb]), f3)
+    for i, a in enumerate((f0, f1, f2, f3)):
         store_f32x16(scores, (v + i) * TILE + b * KEY_BLOCK, a)
 
 

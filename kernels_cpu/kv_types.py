@@ -12,15 +12,15 @@ decode row's few query vectors score 16 keys per instruction) and still broadcas
 Each primitive below is one Python name with an implementation per values dtype (numba's @overload picks it when the
 caller compiles), so the attention kernels are written once for all three types. They work on one (layer, sequence,
 KV head) at a time: `head_view` gives its rows (or key blocks), which lie contiguously, `tile_rows` a tile of value
-rows as float32 and `tile_keys` a tile of key blocks as float32.
+rows as float32 and `tile_keys` a tile of key blocks as the scoring reads them.
 
-Keys of every type are scored against float32 queries. A job with many query vectors (a prompt block: every head of a
-GQA group, every row of the block) widens an f16 or q8_0 tile to float32 once (`tile_keys`, `tile_rows`); a job with
-few (a decode row) converts each vector as it loads it (`raw_keys`/`raw_rows` with `key_vector`/`value_vector`), so a
-long cache streams from memory without widened copies crowding the L1 cache. Both give the same float32 values.
-llama.cpp quantizes the queries to int8 for q8_0 keys instead; that adds the queries' own rounding (KL against f32
-0.0075 instead of 0.0063 on SmolLM2, 0.0069 instead of 0.0043 on Gemma 3, measured) for no gain where widening a key
-is shared by several queries.
+f32 and f16 keys are scored against float32 queries. A job with many query vectors (a prompt block: every head of a
+GQA group, every row of the block) widens an f16 tile to float32 once (`tile_keys`, `tile_rows`); a job with few (a
+decode row) converts each vector as it loads it (`raw_keys`/`raw_rows` with `key_vector`/`value_vector`), so a long
+cache streams from memory without widened copies crowding the L1 cache. Both give the same float32 values.
+q8_0 keys are scored as llama.cpp scores them: the query vectors quantized to q8_0 too (`quantize_queries`), int8
+dot products per 32 dimensions (4 dimensions of 16 keys per instruction), float32 only for the blocks' scales. That
+is a quarter of float32's multiply-adds, and q8_0 keys are never widened. q8_0 values are widened like f16.
 """
 import numpy as np
 from numba import njit, types
@@ -28,7 +28,8 @@ from numba.extending import overload
 
 from kernels_cpu._fp16 import f32_to_half_bits_native, half_bits_to_f32, native_half_conversion
 from kernels_cpu.quantize import f32_to_half_bits, round_away
-from kernels_cpu.simd import halves_f32x16, int8s_f32x16, load_f32x16, splat_f32x16, store_f32x16, vmul
+from kernels_cpu.simd import (I8_DOT_BIAS, absmax_f32x32, halves_f32x16, int8s_f32x16, load_f32x16,
+                              round_store_i8x32, splat_f32x16, store_f32x16, vmul)
 
 # float32 -> half bits for the f16 cache's stores: the hardware conversion where there is one (the same bits)
 _to_half = f32_to_half_bits_native if native_half_conversion() else f32_to_half_bits
@@ -55,9 +56,10 @@ def tile_rows(rows, row_scales, start, stop, buf):
 
 
 def tile_keys(blocks, block_scales, start, stop, buf):
-    """The key blocks holding positions start..stop-1 (start a multiple of KEY_BLOCK) of a head_view as float32
-    (n_blocks, dim, KEY_BLOCK): a view for f32, else widened into buf (TILE / KEY_BLOCK, dim, KEY_BLOCK). Positions
-    past stop in the last block hold whatever was stored there: the caller masks them."""
+    """(blocks, scales): the key blocks holding positions start..stop-1 (start a multiple of KEY_BLOCK) of a
+    head_view as tile_scores reads them: float32 (n_blocks, dim, KEY_BLOCK) for f32 (a view) and f16 (widened into
+    buf (TILE / KEY_BLOCK, dim, KEY_BLOCK)); q8_0's own int8 blocks and their scales (views: scored in int8).
+    Positions past stop in the last block hold whatever was stored there: the caller masks them."""
 
 
 def raw_keys(blocks, block_scales, start, stop):
@@ -71,8 +73,15 @@ def raw_rows(rows, row_scales, start, stop):
 
 
 def key_vector(blocks, block_scales, b, c):
-    """Dimension c of the 16 keys of block b (of tile_keys' float32 blocks, or of raw_keys' in any type) as a
+    """Dimension c of the 16 keys of block b (of tile_keys' float32 blocks, or of raw_keys' f32 / f16 ones) as a
     float32 SIMD vector: the same float32 values tile_keys would widen them to."""
+
+
+def quantize_queries(blocks, qs, nv, q8, qd, q_bias):
+    """For q8_0 keys: query vectors 0..nv-1 of qs (rows, dim) as q8_0, ggml's quantize_row_q8_0 (per 32 values d =
+    max|x| / 127 rounded to a half, q = roundf(x / d)) into q8 (rows, dim) int8 and qd (rows, dim / 32) float32, and
+    q_bias = -I8_DOT_BIAS x each block's sum of q (what dot_i8_biased's sums start from); the rows from nv on are
+    zeroed (padding). Nothing for other key types."""
 
 
 def value_vector(rows, row_scales, j, c):
@@ -165,13 +174,13 @@ def _tile_rows(rows, row_scales, start, stop, buf):
 @overload(tile_keys, inline="always")
 def _tile_keys(blocks, block_scales, start, stop, buf):
     if blocks.dtype == types.float32:
-        return lambda blocks, block_scales, start, stop, buf: blocks[start // KEY_BLOCK:_blocks_end(stop)]
+        return lambda blocks, block_scales, start, stop, buf: (blocks[start // KEY_BLOCK:_blocks_end(stop)],
+                                                               block_scales)
     if blocks.dtype == types.uint16:
-        return lambda blocks, block_scales, start, stop, buf: _widen_f16(
-            blocks[start // KEY_BLOCK:_blocks_end(stop)], buf)
+        return lambda blocks, block_scales, start, stop, buf: (
+            _widen_f16(blocks[start // KEY_BLOCK:_blocks_end(stop)], buf), block_scales)
     if blocks.dtype == types.int8:
-        return lambda blocks, block_scales, start, stop, buf: _widen_q8_0_keys(
-            blocks[start // KEY_BLOCK:_blocks_end(stop)], block_scales[start // KEY_BLOCK:_blocks_end(stop)], buf)
+        return lambda blocks, block_scales, start, stop, buf: raw_keys(blocks, block_scales, start, stop)
     return None
 
 
@@ -196,11 +205,14 @@ def _key_vector(blocks, block_scales, b, c):
         return lambda blocks, block_scales, b, c: load_f32x16(blocks, (b * blocks.shape[1] + c) * KEY_BLOCK)
     if blocks.dtype == types.uint16:
         return lambda blocks, block_scales, b, c: halves_f32x16(blocks, (b * blocks.shape[1] + c) * KEY_BLOCK)
-    if blocks.dtype == types.int8:  # each value times its key's scale, in float32
-        return lambda blocks, block_scales, b, c: vmul(
-            int8s_f32x16(blocks, (b * blocks.shape[1] + c) * KEY_BLOCK),
-            load_f32x16(block_scales, (b * block_scales.shape[1] + c // QK) * KEY_BLOCK))
     return None
+
+
+@overload(quantize_queries, inline="always")
+def _quantize_queries(blocks, qs, nv, q8, qd, q_bias):
+    if blocks.dtype == types.int8:
+        return lambda blocks, qs, nv, q8, qd, q_bias: _quantize_q8_0_rows(qs, nv, q8, qd, q_bias)
+    return lambda blocks, qs, nv, q8, qd, q_bias: None
 
 
 @overload(value_vector, inline="always")
@@ -234,16 +246,24 @@ def _widen_halves(bits, out):
         i += 1
 
 
-@njit(cache=True)
-def _widen_q8_0_keys(q, d, buf):
-    """q8_0 key blocks (n, dim, KEY_BLOCK) with scales (n, dim / 32, KEY_BLOCK) -> float32 in buf, one key_vector
-    per dimension of a block."""
-    out = buf[:q.shape[0]]
-    dim = q.shape[1]
-    for b in range(q.shape[0]):
-        for c in range(dim):
-            store_f32x16(out, (b * dim + c) * KEY_BLOCK, key_vector(q, d, b, c))
-    return out
+@njit(cache=True, fastmath=False)
+def _quantize_q8_0_rows(x, n, q8, qd, q_bias):
+    """quantize_queries for q8_0 keys (rows of x, q8 C-contiguous). fastmath=False said explicitly: a callee left
+    unset inherits its caller's flags, and the attention kernels' fast math let 1 / d become an approximate
+    reciprocal, so a product of exactly k + 0.5 came out just under it and rounded the other way (seen in 2% of
+    random test cases)."""
+    q8[n:] = 0
+    qd[n:] = 0.0
+    q_bias[n:] = 0
+    dim = x.shape[1]
+    for r in range(n):
+        for b in range(dim // QK):
+            amax = absmax_f32x32(x, r * dim + b * QK)
+            d = amax / np.float32(127.0)
+            inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            total = round_store_i8x32(x[r], b * QK, inverse, q8[r])
+            qd[r, b] = half_bits_to_f32(f32_to_half_bits(d))
+            q_bias[r, b] = -I8_DOT_BIAS * total
 
 
 @njit(cache=True)

@@ -286,6 +286,22 @@ def splat4_i8x64(typingctx, buf, offset):
     return i8x64(buf, types.intp), codegen
 
 
+# output byte 4j + i <- input byte 16i + j: 4 rows of 16 bytes become 16 lanes of 4
+_QUADS_OF_ROWS = [16 * i + j for j in range(16) for i in range(4)]
+
+
+@intrinsic
+def key_quads_i8x64(typingctx, buf, offset):
+    """The 64 bytes at buf[offset:] taken as 4 rows of 16 (dimensions c..c+3 of 16 keys, as a key block stores
+    them) and transposed, so that int32 lane j holds key j's 4 bytes: what a dot product with splat4_i8x64's
+    query bytes wants (one vpermb where the CPU has AVX512-VBMI)."""
+    def codegen(context, builder, signature, args):
+        rows = _load(context, builder, signature.args[0], args[0], args[1], _vec(_I8, 64))
+        return _shuffle(builder, rows, rows, _QUADS_OF_ROWS)
+
+    return i8x64(buf, types.intp), codegen
+
+
 @intrinsic
 def store_f32x16(typingctx, buf, offset, v):
     """buf[offset:offset + 16] = v (float32 array)."""

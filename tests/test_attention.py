@@ -30,11 +30,15 @@ def cache_pair(kv_type, x, keys=False):
 
 
 def expected_rows(kv_type, q, positions, seqs, k, v, window, softcap=0.0):
+    """The reference over the cache decoded to float32; for a q8_0 cache the queries (scaled) rounded through q8_0
+    as well, as the kernel scores q8_0 keys in int8 (llama.cpp does the same)."""
     kd = decode(kv_type, *encode(kv_type, k))
     vd = decode(kv_type, *encode(kv_type, v))
     out = []
     for i, (p, s) in enumerate(zip(positions, seqs)):
         qi = q[i:i + 1] * np.float32(SCALE)
+        if kv_type == "q8_0":
+            qi = decode("q8_0", *encode("q8_0", qi))
         out.append(ref.attention(qi.astype(np.float32), kd[s, :p + 1], vd[s, :p + 1], positions[i:i + 1], 1.0,
                                  window, softcap))
     return np.concatenate(out)
@@ -146,8 +150,9 @@ def test_soft_capped_scores_match_reference(case):
         np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-5, err_msg=f"{threads} thread(s)")
 
 
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])  # float keys (widened in a block); int8 keys (never widened)
 @pytest.mark.parametrize("n_heads,n_kv,window", [(9, 3, 0), (4, 1, 700), (14, 2, 0)])
-def test_a_rows_result_does_not_depend_on_batching_or_splitting(n_heads, n_kv, window):
+def test_a_rows_result_does_not_depend_on_batching_or_splitting(n_heads, n_kv, window, kv_type):
     """Bit for bit: a row alone, in a block of draft rows, on one thread (no split) and on two (its keys split into
     chunks that run in parallel and are merged after) gives the same result, because every path sums the same
     fixed chunk grid and merges it with the same function (speculative decoding compares logits exactly)."""
@@ -155,11 +160,11 @@ def test_a_rows_result_does_not_depend_on_batching_or_splitting(n_heads, n_kv, w
     k, v = random_case(rng, 1, 3000, n_heads, n_kv)
     q = rng.standard_normal((8, n_heads, 64)).astype(np.float32)
     positions, seqs = np.arange(2992, 3000, dtype=np.int64), np.zeros(8, np.int64)
-    together = run_kernel("f16", q, positions, seqs, k, v, window, 1)
+    together = run_kernel(kv_type, q, positions, seqs, k, v, window, 1)
     for threads in (1, 2):
-        assert np.array_equal(run_kernel("f16", q, positions, seqs, k, v, window, threads), together), threads
+        assert np.array_equal(run_kernel(kv_type, q, positions, seqs, k, v, window, threads), together), threads
         for i in (0, 7):
-            alone = run_kernel("f16", q[i:i + 1], positions[i:i + 1], seqs[i:i + 1], k, v, window, threads)
+            alone = run_kernel(kv_type, q[i:i + 1], positions[i:i + 1], seqs[i:i + 1], k, v, window, threads)
             assert np.array_equal(alone[0], together[i]), (threads, i)
 
 

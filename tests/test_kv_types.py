@@ -1,6 +1,6 @@
 """The KV cache's element types: the compiled stores (kernels_cpu.kv_types.store_row, and store_key into blocks of
 16 positions) write exactly what the numpy encoding (edgeinfer.kv_cache.encode, to_key_blocks) writes, decoding gives
-the values back within each type's precision, and the widened key tiles are the decoded keys."""
+the values back within each type's precision, and the key tiles the attention kernels read are the decoded keys."""
 import numpy as np
 import pytest
 from numba import njit
@@ -24,9 +24,10 @@ def _store_keys(values, scales, x):
 
 
 @njit(cache=True)
-def _widened_tile(values, scales, kv_head, start, stop, buf):
+def _key_tile(values, scales, kv_head, start, stop, buf):
     keys, key_scales = head_view(values, scales, 0, 0, kv_head)
-    return tile_keys(keys, key_scales, start, stop, buf).copy()
+    tile, tile_scales = tile_keys(keys, key_scales, start, stop, buf)
+    return tile.copy(), tile_scales.copy()
 
 
 def compiled_store(kv_type, x):
@@ -91,14 +92,21 @@ def test_compiled_key_store_equals_numpy_blocks(kv_type):
 
 @pytest.mark.parametrize("kv_type", list(KV_TYPES))
 @pytest.mark.parametrize("start,stop", [(0, 64), (64, 100), (32, 33)])
-def test_widened_key_tile_is_the_decoded_keys(kv_type, start, stop):
+def test_key_tile_is_the_decoded_keys(kv_type, start, stop):
+    """f32 and f16 key tiles come as float32 (f16 widened); q8_0's as its own blocks and scales (scored in int8),
+    which decode to the same keys."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((100, 2, 64)).astype(np.float32)
     values, scales = key_cache(kv_type, x)
     buf = np.empty((4, 64, KEY_BLOCK), np.float32)
-    tile = _widened_tile(values, scales, 1, start, stop, buf)
-    rows = from_key_blocks(tile, stop - start)
+    tile, tile_scales = _key_tile(values, scales, 1, start, stop, buf)
     want = decode(kv_type, *encode(kv_type, x[start:stop, 1]))
+    if kv_type == "q8_0":
+        assert tile.dtype == np.int8
+        rows = decode("q8_0", from_key_blocks(tile, stop - start), from_key_blocks(tile_scales, stop - start))
+    else:
+        assert tile.dtype == np.float32
+        rows = from_key_blocks(tile, stop - start)
     np.testing.assert_array_equal(rows, want)
     assert tile.shape == (-(-stop // KEY_BLOCK) - start // KEY_BLOCK, 64, KEY_BLOCK)
 
@@ -125,3 +133,32 @@ def test_f16_store_conversion_is_the_portable_rounding():
     with np.errstate(over="ignore"):
         np.testing.assert_array_equal(native[finite], x[finite].astype(np.float16).view(np.uint16))
     assert np.isnan(native[~finite].view(np.float16)).all()
+
+
+@njit(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
+def _quantized_queries_in_fast_math(keys, qs, nv, q8, qd, q_bias):
+    """quantize_queries called as the attention kernels call it: from code compiled with fast math."""
+    kv_types.quantize_queries(keys, qs, nv, q8, qd, q_bias)
+
+
+def test_queries_for_q8_0_keys_are_ggml_q8_0():
+    """The query vectors scored against q8_0 keys are quantized as the cache's rows are (numpy encode: ggml's
+    quantize_row_q8_0), even from fast-math code, including a product of exactly k + 0.5 (a failing case once: 1 / d
+    became an approximate reciprocal); padding rows are zero, and q_bias is what dot_i8_biased's sums start from."""
+    rng = np.random.default_rng(4)
+    qs = (rng.standard_normal((300, 64)) * 0.2).astype(np.float32)
+    qs[0, :32] = 0.0
+    qs[0, 32:] = 0.0
+    qs[0, 32] = np.float32(0.48894938826560974)  # d = this / 127, and the next one times 1 / d is 64.5 in float32
+    qs[0, 33] = np.float32(0.2483246624469757)
+    nv = 297
+    q8, qd = np.full((300, 64), 7, np.int8), np.full((300, 2), 7.0, np.float32)
+    q_bias = np.full((300, 2), 7, np.int32)
+    _quantized_queries_in_fast_math(np.zeros((1, 1, 1), np.int8), qs, nv, q8, qd, q_bias)
+    want, want_d = encode("q8_0", qs[:nv])
+    assert want[0, 33] == 65  # the tie, rounded away from zero
+    np.testing.assert_array_equal(q8[:nv], want)
+    np.testing.assert_array_equal(qd[:nv], want_d)
+    sums = want.reshape(nv, 2, 32).astype(np.int32).sum(axis=-1)
+    np.testing.assert_array_equal(q_bias[:nv], -kv_types.I8_DOT_BIAS * sums)
+    assert not q8[nv:].any() and not qd[nv:].any() and not q_bias[nv:].any()
