@@ -356,8 +356,9 @@ def _fresh(acc, m, l):
 
 # The merge and the final division are the only arithmetic that differs between one job and a split one: each is one
 # compiled function without fast-math (no contraction into fused multiply-adds, no reassociation), so it computes
-# the same bits wherever it is called from.
-@njit(cache=True, error_model="numpy")
+# the same bits wherever it is called from. fastmath=False is said explicitly: a function that leaves it unset
+# inherits its caller's flags, and _job's are fast.
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _merge_chunk(total_acc, total_m, total_l, v, acc, m, l):
     """Fold one chunk's (acc, m, l) of vector v into the running (total_acc (d_v,), total_m[v], total_l[v])."""
     if m == -np.inf:  # the vector saw no key of this chunk
@@ -372,7 +373,7 @@ def _merge_chunk(total_acc, total_m, total_l, v, acc, m, l):
     total_m[v] = new_m
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _finish(total_acc, total_l, out):
     inverse = np.float32(1.0 / total_l)
     for i in range(out.shape[0]):
