@@ -124,14 +124,15 @@ def _scores_4x4(qs, keys, key_scales, v, d, scores, ahead):
         a10, a11, a12, a13 = _fma4(splat_f32x16(q1[c]), k0, k1, k2, k3, a10, a11, a12, a13)
         a20, a21, a22, a23 = _fma4(splat_f32x16(q2[c]), k0, k1, k2, k3, a20, a21, a22, a23)
         a30, a31, a32, a33 = _fma4(splat_f32x16(q3[c]), k0, k1, k2, k3, a30, a31, a32, a33)
-    for b, a in enumerate((a00, a01, a02, a03)):
-        store_f32x16(scores, v * TILE + b * KEY_BLOCK, a)
-    for b, a in enumerate((a10, a11, a12, a13)):
-        store_f32x16(scores, (v + 1) * TILE + b * KEY_BLOCK, a)
-    for b, a in enumerate((a20, a21, a22, a23)):
-        store_f32x16(scores, (v + 2) * TILE + b * KEY_BLOCK, a)
-    for b, a in enumerate((a30, a31, a32, a33)):
-        store_f32x16(scores, (v + 3) * TILE + b * KEY_BLOCK, a)
+    _store_4x4(scores, v, ((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23), (a30, a31, a32, a33)))
+
+
+@njit(cache=True, inline="always")
+def _store_4x4(scores, v, rows):
+    """The scores of query vectors v..v+3 (rows[i]: vector v + i's 4 key blocks) into their rows of scores."""
+    for i, row in enumerate(rows):
+        for b, a in enumerate(row):
+            store_f32x16(scores, (v + i) * TILE + b * KEY_BLOCK, a)
 
 
 @njit(cache=True, inline="always")
@@ -214,14 +215,7 @@ def _q8_scores_4x4(q8, qd, q_bias, keys, key_scales, v, scores, ahead):
         f10, f11, f12, f13 = _scale4(key_scales, kb, qd[v + 1, kb], i10, i11, i12, i13, f10, f11, f12, f13)
         f20, f21, f22, f23 = _scale4(key_scales, kb, qd[v + 2, kb], i20, i21, i22, i23, f20, f21, f22, f23)
         f30, f31, f32, f33 = _scale4(key_scales, kb, qd[v + 3, kb], i30, i31, i32, i33, f30, f31, f32, f33)
-    for b, a in enumerate((f00, f01, f02, f03)):
-        store_f32x16(scores, v * TILE + b * KEY_BLOCK, a)
-    for b, a in enumerate((f10, f11, f12, f13)):
-        store_f32x16(scores, (v + 1) * TILE + b * KEY_BLOCK, a)
-    for b, a in enumerate((f20, f21, f22, f23)):
-        store_f32x16(scores, (v + 2) * TILE + b * KEY_BLOCK, a)
-    for b, a in enumerate((f30, f31, f32, f33)):
-        store_f32x16(scores, (v + 3) * TILE + b * KEY_BLOCK, a)
+    _store_4x4(scores, v, ((f00, f01, f02, f03), (f10, f11, f12, f13), (f20, f21, f22, f23), (f30, f31, f32, f33)))
 
 
 @njit(cache=True, inline="always")

@@ -27,9 +27,9 @@ from numba import njit, types
 from numba.extending import overload
 
 from kernels_cpu._fp16 import f32_to_half_bits_native, half_bits_to_f32, native_half_conversion
+from kernels_cpu.activations_q8 import quantize_activations
 from kernels_cpu.quantize import f32_to_half_bits, round_away
-from kernels_cpu.simd import (I8_DOT_BIAS, absmax_f32x32, halves_f32x16, int8s_f32x16, load_f32x16,
-                              round_store_i8x32, splat_f32x16, store_f32x16, vmul)
+from kernels_cpu.simd import I8_DOT_BIAS, halves_f32x16, int8s_f32x16, load_f32x16, splat_f32x16, store_f32x16, vmul
 
 # float32 -> half bits for the f16 cache's stores: the hardware conversion where there is one (the same bits)
 _to_half = f32_to_half_bits_native if native_half_conversion() else f32_to_half_bits
@@ -248,22 +248,17 @@ def _widen_halves(bits, out):
 
 @njit(cache=True, fastmath=False)
 def _quantize_q8_0_rows(x, n, q8, qd, q_bias):
-    """quantize_queries for q8_0 keys (rows of x, q8 C-contiguous). fastmath=False said explicitly: a callee left
-    unset inherits its caller's flags, and the attention kernels' fast math let 1 / d become an approximate
-    reciprocal, so a product of exactly k + 0.5 came out just under it and rounded the other way (seen in 2% of
-    random test cases)."""
+    """quantize_queries for q8_0 keys (rows of x C-contiguous): the matvec kernels' activation quantization (the same
+    rounding), then each scale rounded to a half and each sum turned into dot_i8_biased's start. fastmath=False, as
+    quantize_activations says why."""
     q8[n:] = 0
     qd[n:] = 0.0
     q_bias[n:] = 0
-    dim = x.shape[1]
     for r in range(n):
-        for b in range(dim // QK):
-            amax = absmax_f32x32(x, r * dim + b * QK)
-            d = amax / np.float32(127.0)
-            inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            total = round_store_i8x32(x[r], b * QK, inverse, q8[r])
-            qd[r, b] = half_bits_to_f32(f32_to_half_bits(d))
-            q_bias[r, b] = -I8_DOT_BIAS * total
+        quantize_activations(x[r], q8[r], qd[r], q_bias[r])
+        for b in range(qd.shape[1]):
+            qd[r, b] = half_bits_to_f32(f32_to_half_bits(qd[r, b]))
+            q_bias[r, b] *= -I8_DOT_BIAS
 
 
 @njit(cache=True)
