@@ -67,6 +67,8 @@ MISTAKES = [
     ("bench-directory", ["bench", DIR], 1, ["is a directory, not a GGUF file"]),
     ("chat-directory", ["chat", DIR], 1, ["is a directory, not a GGUF file"]),
     ("kl-base-directory", ["perplexity", MODEL, "text.txt", "--kl-base", DIR], 1, ["is a directory, not a GGUF"]),
+    ("bench-serve-not-a-url", ["bench-serve", "localhost:9"], 1, ["localhost:9", "not an http:// or https:// URL"]),
+    ("bench-serve-unreachable", ["bench-serve", "http://127.0.0.1:9"], 1, ["http://127.0.0.1:9", "cannot reach"]),
     ("unknown-option", ["run", MODEL, "hi", "--tmep", "0"], 2, ["No such option", "--tmep", "edgeinfer run --help"]),
     ("missing-argument", ["run"], 2, ["Missing argument 'MODEL'"]),
 ]

@@ -7,7 +7,7 @@ between content chunks, its tokens the usage the server reports (include_usage; 
 Aggregate tokens/s is all completion tokens over the wall time of the round. The agent round sends 1-token
 completions whose prompt is a shared ~500-token prefix plus ~20 new tokens (the prefix cached after the first).
 One unmeasured request warms the server up first. Only the HTTP API is used, so the same command measures any
-server on the same model.
+server on the same model. The HTTP client is edgeinfer.serve.http_stream (why: there).
 """
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ import asyncio
 import json
 import statistics
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 
 from edgeinfer.errors import EdgeInferError
+from edgeinfer.serve.http_stream import Connection
+
+REQUEST_TIMEOUT_S = 600  # one request, sent to its stream's end
 
 TOPICS = ["rivers", "mountains", "bread", "bicycles", "owls", "glass", "trains", "tea", "maps", "bees", "salt",
           "clocks", "copper", "lighthouses", "paper", "wolves"]
@@ -58,33 +63,39 @@ def _ms(values: list[float], q: int) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000, 1)
 
 
-async def _stream_one(client, url: str, body: dict, result: RoundResult) -> None:
+async def _stream_one(conn: Connection, body: dict, result: RoundResult) -> None:
     sent = time.perf_counter()
     last, finished, chunks, usage_tokens = None, False, 0, None
+
+    async def read() -> None:
+        nonlocal last, finished, chunks, usage_tokens
+        status, events = await conn.post("/v1/chat/completions", body)
+        if status != 200:
+            text = "".join([t async for t in events])
+            raise EdgeInferError(f"HTTP {status}: {text[:200]}")
+        async for data in events:
+            if data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise EdgeInferError(str(chunk["error"])[:200])
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"].get("completion_tokens")
+            for choice in chunk.get("choices") or []:
+                content = (choice.get("delta") or {}).get("content") or choice.get("text")
+                if content:
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft.append(now - sent)
+                    else:
+                        result.itl.append(now - last)
+                    last, chunks = now, chunks + 1
+                finished |= bool(choice.get("finish_reason"))
+
     try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode("utf-8", "replace")
-                raise EdgeInferError(f"HTTP {response.status_code}: {text[:200]}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise EdgeInferError(str(chunk["error"])[:200])
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-                for choice in chunk.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content") or choice.get("text")
-                    if content:
-                        now = time.perf_counter()
-                        if last is None:
-                            result.ttft.append(now - sent)
-                        else:
-                            result.itl.append(now - last)
-                        last, chunks = now, chunks + 1
-                    finished |= bool(choice.get("finish_reason"))
+        await asyncio.wait_for(read(), REQUEST_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 (counted and reported, never fatal to the run)
+        await conn.close()  # whatever it was in the middle of
         result.errors += 1
         result.error_samples.append(f"{type(e).__name__}: {e}"[:200])
         return
@@ -96,13 +107,12 @@ async def _stream_one(client, url: str, body: dict, result: RoundResult) -> None
 
 async def _round(base_url: str, model: str, concurrency: int, requests: int, max_tokens: int, api_key: str | None,
                  agent: bool) -> RoundResult:
-    import httpx
-
     result = RoundResult(concurrency)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600, limits=limits) as client:
-        async def worker(w: int) -> None:
+
+    async def worker(w: int) -> None:
+        conn = Connection(base_url, headers)  # one keep-alive connection per client
+        try:
             for i in range(requests):
                 topic = TOPICS[(w * requests + i) % len(TOPICS)]
                 if agent:
@@ -116,38 +126,61 @@ async def _round(base_url: str, model: str, concurrency: int, requests: int, max
                         "stream": True, "stream_options": {"include_usage": True}}
                 if not agent:
                     body["ignore_eos"] = True  # llama-server's: every request decodes max_tokens
-                await _stream_one(client, "/v1/chat/completions", body, result)
+                await _stream_one(conn, body, result)
+        finally:
+            await conn.close()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        result.wall = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    result.wall = time.perf_counter() - start
     return result
+
+
+def _run(coroutine):
+    """Run on uvloop where it is installed (serve's own dependency): less of the client's CPU per token."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def _first_model(base: str, api_key: str | None) -> str:
+    request = urllib.request.Request(base + "/v1/models",
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            listed = json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        raise EdgeInferError(f"{base}/v1/models answered HTTP {e.code}: "
+                             f"{e.read().decode('utf-8', 'replace')[:200]}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise EdgeInferError(f"{base}: cannot reach the server ({getattr(e, 'reason', e)})") from None
+    except ValueError:
+        raise EdgeInferError(f"{base}/v1/models did not answer JSON") from None
+    try:
+        return listed["data"][0]["id"]
+    except (KeyError, IndexError, TypeError):
+        raise EdgeInferError(f"{base}/v1/models lists no model") from None
 
 
 def run_bench_serve(url: str, *, model: str | None = None, concurrency: tuple[int, ...] = (1, 4, 8, 16),
                     requests: int = 4, max_tokens: int = 64, api_key: str | None = None,
                     agent_requests: int = 20) -> dict:
     """Every round's summary (see RoundResult.summary), and the agent round's when agent_requests > 0."""
-    import httpx
-
     base = url.rstrip("/").removesuffix("/v1")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        listed = httpx.get(base + "/v1/models", headers=headers, timeout=30)
-    except httpx.HTTPError as e:
-        raise EdgeInferError(f"{base}: cannot reach the server ({e})") from None
-    if listed.status_code != 200:
-        raise EdgeInferError(f"{base}/v1/models answered HTTP {listed.status_code}: {listed.text[:200]}")
-    model = model or listed.json()["data"][0]["id"]
+    if not base.startswith(("http://", "https://")):
+        raise EdgeInferError(f"{url}: not an http:// or https:// URL")
+    model = model or _first_model(base, api_key)
     # One request first, not measured: a server's first one may compile kernels or fill caches (ours took ~2 s
     # on Gemma 3), which would otherwise count as the one-client round's time to first token and throughput.
-    asyncio.run(_round(base, model, 1, 1, 4, api_key, agent=False))
-    rounds = [asyncio.run(_round(base, model, c, requests, max_tokens, api_key, agent=False)).summary()
+    _run(_round(base, model, 1, 1, 4, api_key, agent=False))
+    rounds = [_run(_round(base, model, c, requests, max_tokens, api_key, agent=False)).summary()
               for c in concurrency]
     out = {"url": base, "model": model, "max_tokens": max_tokens, "rounds": rounds}
     if agent_requests:
-        asyncio.run(_round(base, model, 1, 1, 1, api_key, agent=True))  # caches the shared prefix
-        agent = asyncio.run(_round(base, model, 1, agent_requests, 1, api_key, agent=True))
+        _run(_round(base, model, 1, 1, 1, api_key, agent=True))  # caches the shared prefix
+        agent = _run(_round(base, model, 1, agent_requests, 1, api_key, agent=True))
         lat = agent.latency
         out["agent"] = {"requests": agent.requests, "errors": agent.errors, "p50_ms": _ms(lat, 50),
                         "p99_ms": _ms(lat, 99)}
