@@ -27,6 +27,7 @@ from numba import njit, prange
 from kernels_cpu._fp16 import bf16_bits_to_f32, f16_at, half_bits_to_f32
 from kernels_cpu.formats import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QK,
                                  QK_K, check_out, check_raw)
+from kernels_cpu.kernel_thread import call_parallel
 
 # ---------------------------------------------------------------- shared block-field decoders (used by matvec too)
 
@@ -343,5 +344,5 @@ def dequantize(ggml_type: int, raw: np.ndarray, n_cols: int, out: np.ndarray | N
     """
     raw = check_raw(ggml_type, raw, n_cols)
     out = check_out(out, (raw.shape[0], n_cols))
-    DEQUANTIZE_KERNELS[int(ggml_type)](raw, out)
+    call_parallel(DEQUANTIZE_KERNELS[int(ggml_type)], raw, out)
     return out

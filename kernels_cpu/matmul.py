@@ -17,6 +17,7 @@ from numba import njit, prange
 
 from kernels_cpu.dequant import dequant_row
 from kernels_cpu.formats import check_out, check_raw, check_x
+from kernels_cpu.kernel_thread import call_parallel
 from kernels_cpu.matvec import FASTMATH
 
 TILE_FLOATS = 64 * 1024  # float32 elements of W dequantized per tile (256 KB)
@@ -109,5 +110,5 @@ def matmul(ggml_type: int, raw: np.ndarray, x: np.ndarray, out: np.ndarray | Non
     x = check_x(x, 2)
     raw = check_raw(ggml_type, raw, x.shape[1])
     out = check_out(out, (x.shape[0], raw.shape[0]))
-    matmul_kernel(int(ggml_type), raw, x, out, tile_rows_for(x.shape[1]))
+    call_parallel(matmul_kernel, int(ggml_type), raw, x, out, tile_rows_for(x.shape[1]))
     return out

@@ -12,6 +12,7 @@ from numba import literally, njit, prange
 
 from kernels_cpu.activations_q8 import quantize_activations_rows
 from kernels_cpu.formats import check_out
+from kernels_cpu.kernel_thread import call_parallel
 from kernels_cpu.matvec_q8 import (GROUP, Q4_0_R, Q4_1_R, Q4_K_R, Q5_0_R, Q5_1_R, Q5_K_R, Q6_K_R, Q6_SUPER, Q8_0_R,
                                    FASTMATH, PREFETCH_GROUPS, add_block16, add_block_k4_16,
                                    add_block_q6_16, check_weights, half_block_sums, matvec_q8_dispatch, super_k4_16)
@@ -266,9 +267,9 @@ def matmul_q8(type_id: int, weights: np.ndarray, x: np.ndarray, out: np.ndarray 
     quantize_activations_rows(x, xq, xd, xs)
     kernel = TILE_KERNELS.get(int(type_id))
     if kernel is not None:
-        kernel(weights, xq, xd, xs, out)
+        call_parallel(kernel, weights, xq, xd, xs, out)
     else:
-        matmul_rows(int(type_id), weights, xq, xd, xs, out)
+        call_parallel(matmul_rows, int(type_id), weights, xq, xd, xs, out)
     return out
 
 

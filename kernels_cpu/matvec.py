@@ -14,6 +14,7 @@ from kernels_cpu._fp16 import bf16_bits_to_f32, f16_at, half_bits_to_f32
 from kernels_cpu.dequant import q3_k_scale, scale_min_k4, u32_at
 from kernels_cpu.formats import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QK,
                                  QK_K, check_out, check_raw, check_x)
+from kernels_cpu.kernel_thread import call_parallel
 
 FASTMATH = {"reassoc", "contract", "nsz"}
 
@@ -295,5 +296,5 @@ def matvec(ggml_type: int, raw: np.ndarray, x: np.ndarray, out: np.ndarray | Non
     x = check_x(x, 1)
     raw = check_raw(ggml_type, raw, x.shape[0])
     out = check_out(out, (raw.shape[0],))
-    MATVEC_KERNELS[int(ggml_type)](raw, x, out)
+    call_parallel(MATVEC_KERNELS[int(ggml_type)], raw, x, out)
     return out

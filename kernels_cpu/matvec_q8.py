@@ -36,6 +36,7 @@ from numba import literally, njit, prange
 from kernels_cpu._fp16 import f16_at
 from kernels_cpu.formats import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K,
                                  Q8_0, QK, check_out, check_raw)
+from kernels_cpu.kernel_thread import call_parallel
 from kernels_cpu.matvec import dot_row_bf16, dot_row_f16, dot_row_f32
 from kernels_cpu.simd import (I8_DOT_BIAS, bits_i8x32, bits_i8x64, bitfields_i8x64, bytes_or, dot_i8, dot_i8_biased, dot_u8,
                               fields_i8x64, fma_lanes, fma_splat, halves_f32x16, halves_pair_splat, hsum, iadd,
@@ -545,7 +546,8 @@ def matvec_q8(ggml_type: int, raw: np.ndarray, xq: np.ndarray, xd: np.ndarray, x
     n = check_activations(xq, xd, xs)
     raw, n_rows = check_weights(ggml_type, raw, n)
     out = check_out(out, (n_rows,))
-    matvec_q8_dispatch(int(ggml_type), raw, xq, xd, xs, out)  # (calling a literally() kernel from Python costs ~50 ms)
+    # (the dispatch: calling a literally() kernel from Python costs ~50 ms)
+    call_parallel(matvec_q8_dispatch, int(ggml_type), raw, xq, xd, xs, out)
     return out
 
 

@@ -9,6 +9,7 @@ from numba import njit, prange
 
 from kernels_cpu.dequant import scale_min_k4, u32_at
 from kernels_cpu.formats import BLOCK_SIZES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QK
+from kernels_cpu.kernel_thread import call_parallel
 from kernels_cpu.matvec_q8 import GROUP, REPACKED, _layout, repacked_row_bytes
 
 
@@ -120,6 +121,6 @@ def repack(ggml_type: int, raw: np.ndarray) -> tuple:
     raw = np.ascontiguousarray(raw).view()
     raw.flags.writeable = False  # one specialization for file views and arrays
     # (one parallel kernel only: a serial twin for small tensors would save milliseconds and cost 5 s of compiling)
-    _repack16_parallel(ggml_type, raw, packed, row_bytes // block_bytes * elements // QK)
+    call_parallel(_repack16_parallel, ggml_type, raw, packed, row_bytes // block_bytes * elements // QK)
     packed.flags.writeable = False  # as raw views are: one Numba specialization for both
     return REPACKED + ggml_type, packed

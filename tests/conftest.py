@@ -88,3 +88,15 @@ def compiled_kernels():
     with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=64, n_threads=1) as model:
         model.engine.prefill([1, 2, 3])
         model.engine.decode(4)
+
+
+@pytest.fixture(autouse=True)
+def _one_openmp_team():
+    """Tests call parallel kernels straight from this (the main) thread, bypassing kernels_cpu.kernel_thread; once
+    some test has run a model from another thread (servers, schedulers), the main thread's OpenMP team, left alive,
+    would make the kernel thread's forwards pay libgomp's throttled waits for the rest of the process. Given back
+    after each test."""
+    yield
+    from kernels_cpu.kernel_thread import release_thread_team
+
+    release_thread_team()

@@ -9,7 +9,6 @@ compiled for that model's weight types (kernels_cpu.specialize). Kept apart from
 from __future__ import annotations
 
 import os
-import threading
 
 import numba
 import numpy as np
@@ -19,15 +18,10 @@ from edgeinfer.backends.cpu_repack import Repacked, repack_weights
 from edgeinfer.backends.cpu_tables import NO_REPACKING, ForwardTables
 from edgeinfer.kv_cache import KVCache
 from kernels_cpu.forward import Scratch, make_scratch
+from kernels_cpu.kernel_thread import call_parallel, release_main_team
 from kernels_cpu.specialize import forward_for
 
 __all__ = ["CPUBackend", "CPURunner"]
-
-# One forward at a time in this process. The compiled forward releases the GIL (so a server's event loop, or another
-# model's Python, runs while it computes), and two of them at once would run parallel regions from two threads: Numba's
-# workqueue threading layer (where neither OpenMP nor TBB is installed) aborts the process on that, and the others
-# would only split the same cores between them.
-_FORWARD_LOCK = threading.Lock()
 
 
 class CPUBackend:
@@ -48,7 +42,9 @@ class CPUBackend:
         """The model ready to run: its matrices repacked (made once per model file and cached under
         $EDGEINFER_HOME/repacked, memory-mapped afterwards; in memory without use_cache or a writable home)."""
         repacked = repack_weights(weights, model_path, use_cache=use_cache) if self.repack else NO_REPACKING
-        return CPURunner(cfg, weights, repacked)
+        runner = CPURunner(cfg, weights, repacked)
+        release_main_team()  # loaded on the main thread and run from another: no second OpenMP team left behind
+        return runner
 
     def allocate_cache(self, cfg: DecoderConfig, n_ctx: int, n_seq: int, kv_type: str) -> KVCache:
         """n_seq sequences sharing n_ctx positions, in host memory, stored as kv_type."""
@@ -74,10 +70,12 @@ class CPURunner:
         scratch = self._borrow_scratch(len(tokens))
         try:
             scratch.threads[0] = n_threads  # what attention splits its work for
-            with _FORWARD_LOCK:
-                numba.set_num_threads(n_threads)
-                self._compiled(*self.tables.arguments(tokens, positions, seqs, logit_rows, cache.k, cache.v, scratch,
-                                                      logits))
+            # where the process keeps its one OpenMP team (kernels_cpu.kernel_thread: the main thread, or the kernel
+            # thread for any other), one forward at a time. The compiled forward releases the GIL meanwhile, so a
+            # server's event loop, or another model's Python, runs while it computes.
+            call_parallel(_run_compiled, self._compiled, n_threads,
+                          self.tables.arguments(tokens, positions, seqs, logit_rows, cache.k, cache.v, scratch,
+                                                logits))
         finally:
             self._free_scratch.append(scratch)
 
@@ -94,3 +92,8 @@ class CPURunner:
         if scratch is None or scratch.x.shape[0] < n_rows:  # a smaller one is dropped (batches stop at n_batch)
             scratch = make_scratch(self.tables.hyper, n_rows)
         return scratch
+
+
+def _run_compiled(compiled, n_threads: int, arguments: tuple) -> None:
+    numba.set_num_threads(n_threads)  # (per thread: this is the kernel thread's setting)
+    compiled(*arguments)

@@ -1,0 +1,137 @@
+"""Where the compiled kernels' parallel regions start: the main thread, or one kernel thread for every other thread.
+
+Numba's OpenMP threading layer (libgomp) gives every thread that starts a parallel region a team of worker threads of
+its own, kept for that thread's life. Once two threads hold teams, the process manages more threads than it has
+CPUs, and libgomp then cuts its workers' spin at the end of a region to a few hundred iterations (its "throttled"
+spin count, which no environment variable lifts): a worker sleeps between regions, and each of a forward pass's
+~150 regions pays a futex wake. Measured on 2 cores (SmolLM2, a model loaded on the main thread and run from
+another): one decode row 3.4 -> 8-11 ms, eight rows 6.6 -> 18-25 ms. An app that loads a model at start-up and
+generates from a worker thread (a GUI, a web framework's thread pool) paid that on every token.
+
+So `call_parallel` runs a kernel call
+- on the main thread itself while no other thread has asked for one (the command line's case: no hand-off);
+- else on one long-lived kernel thread, whichever thread asks (the main thread too, once it has given its own team
+  back), so however many threads call there is one team. A hand-off costs 70-80 us at 2 threads here (the caller
+  wakes while the team's worker still spins), against a decode step's 3-8 ms.
+Calls run one at a time, in the order they came (also what keeps two forward passes from running at once: they would
+split the same cores, and Numba's workqueue layer aborts the process on concurrent regions). `release_main_team`
+gives the main thread's team back after a model has loaded (repacking starts regions), so an app that loads on the
+main thread and generates on another holds one team. One case is left: a main thread that has run a model and then
+never calls again keeps its team (it is given back at its next call), and other threads' calls meanwhile pay
+libgomp's throttled waits.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import queue
+import threading
+from typing import Any, Callable
+
+_lock = threading.RLock()  # one kernel call at a time in the process
+_jobs: queue.SimpleQueue | None = None
+_thread: threading.Thread | None = None
+_start_lock = threading.Lock()
+
+
+def call_parallel(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), a call that starts parallel regions, run where the process keeps its one team (see the
+    module docstring); its result, or its exception raised here. From another thread than the main one, an
+    interrupt that arrives while it runs is raised once it has finished, as after a call made on this thread."""
+    caller = threading.current_thread()
+    if caller is _thread:  # a kernel call inside one
+        return fn(*args, **kwargs)
+    if caller is threading.main_thread():
+        with _lock:
+            if _thread is None:  # the main thread alone so far: its own team, no hand-off
+                return fn(*args, **kwargs)
+            release_thread_team()  # other threads have called: from now on the kernel thread's team only
+    jobs = _jobs if _jobs is not None else _start()
+    done = threading.Lock()
+    done.acquire()
+    box: list = []
+    jobs.put((fn, args, kwargs, box, done))
+    try:
+        done.acquire()
+    except BaseException:
+        done.acquire()  # the call is under way and writes into the caller's arrays: let it finish first
+        raise
+    result, error = box
+    if error is not None:
+        raise error
+    return result
+
+
+def release_main_team() -> None:
+    """On the main thread, give its team back (after a model has loaded: other threads may run it from now on, and
+    the main thread's team, kept, would throttle the kernel thread's); the main thread's next kernel call makes a new
+    one. Elsewhere nothing: other threads hold no team."""
+    if threading.current_thread() is threading.main_thread():
+        with _lock:
+            release_thread_team()
+
+
+def _start() -> queue.SimpleQueue:
+    global _jobs, _thread
+    with _start_lock:
+        if _jobs is None:
+            jobs: queue.SimpleQueue = queue.SimpleQueue()
+            _thread = threading.Thread(target=_serve, args=(jobs,), name="edgeinfer-kernels", daemon=True)
+            _thread.start()
+            _jobs = jobs
+    return _jobs
+
+
+def _serve(jobs: queue.SimpleQueue) -> None:
+    while True:
+        fn, args, kwargs, box, done = jobs.get()
+        try:
+            with _lock:
+                box += [fn(*args, **kwargs), None]
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            box += [None, e]
+        finally:
+            del fn, args, kwargs  # the caller's arrays are not kept alive until the next call
+            done.release()
+
+
+def _forget_after_fork() -> None:
+    """A forked child has no kernel thread (only the forking thread survives a fork): it starts its own."""
+    global _jobs, _thread, _lock
+    _jobs, _thread, _lock = None, None, threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def release_thread_team() -> None:
+    """Give back the calling thread's OpenMP team, if it has one (libgomp's omp_pause_resource_all: its workers
+    exit); the next parallel region it starts makes a new one. A no-op where Numba's threads are not libgomp's."""
+    libgomp = _libgomp()
+    if libgomp is not None:
+        libgomp.omp_pause_resource_all(1)  # omp_pause_soft
+
+
+_LIBGOMP: list = []  # [the libgomp handle, or None where Numba's threads are not libgomp's], once known
+
+
+def _libgomp():
+    if _LIBGOMP:
+        return _LIBGOMP[0]
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run in this process: there is no team to give back
+        return None
+    lib = None
+    if layer == "omp":
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("gomp") or "libgomp.so.1")
+            lib.omp_pause_resource_all.argtypes, lib.omp_pause_resource_all.restype = [ctypes.c_int], ctypes.c_int
+        except (OSError, AttributeError):  # another OpenMP runtime, or a libgomp older than OpenMP 5.0
+            lib = None
+    _LIBGOMP.append(lib)
+    return lib

@@ -1,0 +1,134 @@
+"""kernels_cpu.kernel_thread: the kernels' parallel regions start on the main thread while it alone calls, else on one
+kernel thread whichever thread calls, so the process keeps one OpenMP team (a second team makes libgomp throttle its
+workers' waits: forwards 2-3x slower)."""
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numba
+import numpy as np
+import psutil
+import pytest
+from numba import njit, prange
+
+from conftest import model_path
+from kernels_cpu.kernel_thread import call_parallel, release_thread_team
+
+
+def test_calls_run_on_one_thread_in_order_with_results_and_errors():
+    seen = []
+
+    def job(i):
+        seen.append((i, threading.get_ident()))
+        return i * i
+
+    callers = [threading.Thread(target=lambda i=i: job_results.append(call_parallel(job, i))) for i in range(4)]
+    job_results = []
+    for t in callers:
+        t.start()
+        t.join()
+    assert sorted(job_results) == [0, 1, 4, 9]
+    assert call_parallel(job, 5) == 25
+    assert len({ident for _, ident in seen}) == 1 and seen[0][1] != threading.get_ident()
+
+    def nested():  # a kernel-thread call that asks again runs directly (no deadlock)
+        return call_parallel(threading.get_ident), threading.get_ident()
+
+    inner, outer = call_parallel(nested)
+    assert inner == outer
+
+    def fails():
+        raise ValueError("bad shape")
+
+    with pytest.raises(ValueError, match="bad shape"):
+        call_parallel(fails)
+    assert call_parallel(lambda a, b=0: a + b, 1, b=2) == 3  # still serving after an error
+
+
+@njit(parallel=True)
+def _parallel_sum(x):
+    total = 0.0
+    for i in prange(x.shape[0]):
+        total += x[i]
+    return total
+
+
+def test_forwards_from_several_threads_share_one_team():
+    """The model is loaded here (the main thread) and run from three threads that stay alive: the process's thread
+    count is what one team needs, not one team per calling thread."""
+    import edgeinfer
+
+    release_thread_team()
+    with edgeinfer.load(model_path("smollm2-135m-instruct"), n_ctx=64, n_threads=2) as model:
+        model.engine.prefill([1, 2, 3])
+        process = psutil.Process()
+        before = process.num_threads()
+        go_on, counted = threading.Event(), []
+
+        def decode(token):
+            model.logits([1, 2, token])
+            counted.append(process.num_threads())
+            go_on.wait(60)
+
+        callers = [threading.Thread(target=decode, args=(t,)) for t in (5, 6, 7)]
+        for t in callers:
+            t.start()
+        while len(counted) < 3:
+            go_on.wait(0.01)
+        during = process.num_threads()
+        go_on.set()
+        for t in callers:
+            t.join()
+    assert during == before + 3, (before, during)  # the three callers themselves, no workers of their own
+
+
+def test_release_thread_team_gives_back_this_threads_workers():
+    numba.set_num_threads(2)
+    process = psutil.Process()
+    release_thread_team()
+    before = process.num_threads()
+    _parallel_sum(np.ones(1000))  # a parallel region started here: this thread's own team
+    with_team = process.num_threads()
+    release_thread_team()
+    after = process.num_threads()
+    if numba.threading_layer() == "omp" and with_team > before:  # libgomp: its worker exits
+        assert after == before, (before, with_team, after)
+    else:  # other layers keep one pool for the process: nothing to give back, and nothing breaks
+        assert after <= with_team
+    assert _parallel_sum(np.ones(1000)) == 1000.0  # a new region after the release makes a new team
+    release_thread_team()
+
+
+def test_the_main_thread_alone_runs_inline_until_another_thread_calls():
+    """In a fresh process (the module's state is per process): the main thread's calls run on it, no kernel thread;
+    after a worker's call, the main thread's calls go to the kernel thread too."""
+    script = textwrap.dedent(f"""
+        import threading
+        import numpy as np
+        from numba import njit, prange
+        from kernels_cpu import kernel_thread
+
+        @njit(parallel=True)
+        def total(x):
+            s = 0.0
+            for i in prange(x.shape[0]):
+                s += x[i]
+            return s
+
+        def where(x):
+            return total(x), threading.current_thread().name
+
+        x = np.ones(100)
+        assert kernel_thread.call_parallel(where, x) == (100.0, "MainThread")
+        assert kernel_thread._thread is None
+        worker = []
+        t = threading.Thread(target=lambda: worker.append(kernel_thread.call_parallel(where, x)), name="worker")
+        t.start()
+        t.join()
+        assert worker == [(100.0, "edgeinfer-kernels")], worker
+        assert kernel_thread.call_parallel(where, x) == (100.0, "edgeinfer-kernels")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
