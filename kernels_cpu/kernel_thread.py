@@ -98,8 +98,8 @@ def _serve(jobs: queue.SimpleQueue) -> None:
 
 def _forget_after_fork() -> None:
     """A forked child has no kernel thread (only the forking thread survives a fork): it starts its own."""
-    global _jobs, _thread, _lock
-    _jobs, _thread, _lock = None, None, threading.RLock()
+    global _jobs, _thread, _lock, _start_lock
+    _jobs, _thread, _lock, _start_lock = None, None, threading.RLock(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):  # (POSIX)

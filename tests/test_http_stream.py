@@ -134,6 +134,12 @@ def test_answers_that_are_not_http_are_named(answer, message):
         asyncio.run(main())
 
 
+def test_the_host_header_names_the_port_and_brackets_ipv6():
+    assert Connection("http://[::1]:8080").headers["Host"] == "[::1]:8080"
+    assert Connection("https://example.com/v1").headers["Host"] == "example.com"
+    assert Connection("https://example.com/v1").port == 443 and Connection("http://h").port == 80
+
+
 @pytest.mark.parametrize("url", ["ftp://host/", "localhost:8080", "http://"])
 def test_urls_it_cannot_use_are_refused(url):
     with pytest.raises(EdgeInferError, match="not an http"):

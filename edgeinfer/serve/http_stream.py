@@ -34,7 +34,8 @@ class Connection:
         self.host, self.tls = parts.hostname, parts.scheme == "https"
         self.port = parts.port or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
-        host_header = self.host if parts.port is None else f"{self.host}:{parts.port}"
+        host_header = f"[{self.host}]" if ":" in self.host else self.host  # (an IPv6 address in brackets)
+        host_header += "" if parts.port is None else f":{parts.port}"
         self.headers = {"Host": host_header, "Accept": "text/event-stream, application/json", **(headers or {})}
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
