@@ -371,6 +371,19 @@ def test_row_summaries_match_numpy():
     np.testing.assert_array_equal(finite, np.isfinite(rows).all(axis=1))
     for r in np.flatnonzero(~np.isnan(rows).any(axis=1)):
         assert best[r] == np.argmax(rows[r]), r
+    # the largest value is found per chunk of 256, then in one chunk: ties across chunks, -0.0 against 0.0, a
+    # largest value in the tail past the last whole chunk, +-inf, rows shorter than a chunk
+    for trial in range(300):
+        n = int(rng.integers(1, 1200))
+        rows = rng.integers(-3, 3, (3, n)).astype(np.float32)
+        rows[0, rng.integers(0, n, 3)] = -0.0
+        rows[1, rng.integers(0, n)] = np.inf if trial % 3 == 0 else rows[1].max()
+        if trial % 4 == 0:
+            rows[2, :] = -np.inf
+        best, finite = np.zeros(3, np.int64), np.zeros(3, np.bool_)
+        row_summaries(rows, best, finite)
+        np.testing.assert_array_equal(best, np.argmax(rows, axis=1), err_msg=f"trial {trial}, {n} values")
+        np.testing.assert_array_equal(finite, np.isfinite(rows).all(axis=1))
 
 
 def test_a_known_argmax_gives_the_same_tokens():
