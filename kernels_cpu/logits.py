@@ -1,4 +1,4 @@
-"""Checks on a forward pass's logits, in one pass over them.
+"""Checks on a forward pass's logits, in compiled passes over each row.
 
 A server step has a row of logits per sequence (Gemma 3: 262k floats, 1 MB each); numpy's two reductions per row
 (min and max: NaN reaches both) read each row twice and were a third of the step's Python time at 8 sequences.
