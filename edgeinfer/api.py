@@ -363,8 +363,11 @@ class Model:
 
         ModelError (naming the file and position) where they are NaN or inf: those are never a valid answer."""
         tokens = self._prompt_ids(tokens, "tokens")
-        with self._use() as cached:
-            return cached.evaluate_all(tokens)
+        try:
+            with self._use() as cached:
+                return cached.evaluate_all(tokens)
+        finally:
+            self._call_ended()
 
     def _prompt_ids(self, prompt, name: str) -> list[int]:
         """Checked prompt token ids: text is tokenized; empty or longer than the context raises InvalidArgument."""
@@ -430,14 +433,17 @@ class Model:
     def _pieces(self, tokens: list[int], sampler: Sampler, max_tokens: int, stop: list[str],
                 stats: GenerationStats, speculative: str = "off") -> Iterator[str]:
         text = TextStream(self.tokenizer, stop)
-        for token in generate_tokens(self._use, sampler, tokens, max_tokens, self.tokenizer.eog_ids, stats,
-                                     speculative, self.draft, self.tokenizer):
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                stats.stop_reason = "stop"
-                return
+        try:
+            for token in generate_tokens(self._use, sampler, tokens, max_tokens, self.tokenizer.eog_ids, stats,
+                                         speculative, self.draft, self.tokenizer):
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    stats.stop_reason = "stop"
+                    return
+        finally:
+            self._call_ended()
         rest = text.finish()
         if rest:
             yield rest
@@ -472,8 +478,12 @@ class Model:
             mine = {key: values[i] for key, values in per_prompt.items()}
             tokens, sampler, stops = self._request(prompt, f"prompts[{i}]", **mine)
             requests.append(BatchRequest(tokens, sampler, mine["max_tokens"], stops))
-        with self._use() as cached:
-            BatchGenerator(cached.engine, self.tokenizer, self.tokenizer.eog_ids, name=str(self.path)).run(requests)
+        try:
+            with self._use() as cached:
+                BatchGenerator(cached.engine, self.tokenizer, self.tokenizer.eog_ids,
+                               name=str(self.path)).run(requests)
+        finally:
+            self._call_ended()
         self.last_batch_stats = [r.stats for r in requests]
         return [r.text for r in requests]
 
@@ -546,6 +556,14 @@ class Model:
     def _check_open(self) -> None:
         if self._closed:
             raise ModelClosed(f"model {self.path.name} is closed")
+
+    def _call_ended(self) -> None:
+        """A public call (or a stream) is over: the runner may give back what the calling thread holds between calls
+        (the CPU runner: the main thread's OpenMP team; see CPURunner.idle)."""
+        engine = self.engine
+        idle = getattr(engine.runner, "idle", None) if engine is not None else None
+        if idle is not None:
+            idle()
 
     @contextmanager
     def _use(self) -> Iterator[CachedEngine]:

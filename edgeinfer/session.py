@@ -239,10 +239,13 @@ class ChatSession:
         a = self._tokens(head + [{"role": "user", "content": "a"}])
         b = self._tokens(head + [{"role": "user", "content": "b"}])
         prefix = a[:max(1, common_prefix_length(a, b))]
-        with self.model._use() as cached:
-            cached.evaluate_prompt(prefix)
-            cached.decode(prefix[-1])  # a throw-away position: only the compiled decode step matters
-            cached.truncate(len(prefix))
+        try:
+            with self.model._use() as cached:
+                cached.evaluate_prompt(prefix)
+                cached.decode(prefix[-1])  # a throw-away position: only the compiled decode step matters
+                cached.truncate(len(prefix))
+        finally:
+            self.model._call_ended()
 
     # -- settings ---------------------------------------------------------------------------------------------
     def set(self, **settings) -> None:

@@ -15,10 +15,10 @@ So `call_parallel` runs a kernel call
   wakes while the team's worker still spins), against a decode step's 3-8 ms.
 Calls run one at a time, in the order they came (also what keeps two forward passes from running at once: they would
 split the same cores, and Numba's workqueue layer aborts the process on concurrent regions). `release_main_team`
-gives the main thread's team back after a model has loaded (repacking starts regions), so an app that loads on the
-main thread and generates on another holds one team. One case is left: a main thread that has run a model and then
-never calls again keeps its team (it is given back at its next call), and other threads' calls meanwhile pay
-libgomp's throttled waits.
+gives the main thread's team back: after a model has loaded (repacking starts regions), and at the end of each public
+API call made on the main thread (edgeinfer.backends.cpu.CPURunner.idle: ~70 us, plus ~100 us for a new team at the
+next call). So an app that loads the model, or warms it up, on its main thread and then generates from others holds
+one team (measured: 64 tokens from a pool thread after a warm-up on the main thread, 543-650 -> 264-301 ms).
 """
 from __future__ import annotations
 

@@ -132,3 +132,47 @@ def test_the_main_thread_alone_runs_inline_until_another_thread_calls():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_api_calls_on_the_main_thread_leave_no_team_behind():
+    """An app that warms the model up on its main thread and then generates from a thread pool: each public call on
+    the main thread gives the main thread's team back when it ends (CPURunner.idle), so the pool's calls find one
+    team in the process, the kernel thread's (a team left on the main thread made them 2-3x slower). In a fresh
+    process, where the main thread runs inline."""
+    script = textwrap.dedent(f"""
+        import threading
+        import numba
+        import psutil
+        import edgeinfer
+        from kernels_cpu import kernel_thread
+
+        process = psutil.Process()
+        model = edgeinfer.load({str(model_path("smollm2-135m-instruct"))!r}, n_ctx=64, n_threads=2)
+        before = process.num_threads()
+        model.logits([1, 2, 3])
+        assert kernel_thread._thread is None  # ran inline on the main thread
+        assert process.num_threads() == before, ("logits", before, process.num_threads())
+        pieces = model.stream([1, 2, 3], max_tokens=4, temperature=0, speculative="off")
+        next(pieces)
+        team = process.num_threads() - before  # the main thread's workers, while its stream runs
+        if numba.threading_layer() == "omp":
+            assert team == numba.get_num_threads() - 1, (before, team)
+        pieces.close()  # a stream abandoned early
+        assert process.num_threads() == before, ("closed stream", before, process.num_threads())
+        "".join(model.stream([1, 2, 3], max_tokens=4, temperature=0, speculative="off"))
+        assert process.num_threads() == before, ("stream", before, process.num_threads())
+        model.generate_batch([[1, 2, 3], [4, 5]], max_tokens=2, temperature=0)
+        assert process.num_threads() == before, ("generate_batch", before, process.num_threads())
+        model.create_completion([1, 2, 3], max_tokens=2, temperature=0)
+        assert process.num_threads() == before, ("create_completion", before, process.num_threads())
+        model.session().warm_up()
+        assert process.num_threads() == before, ("session warm-up", before, process.num_threads())
+        worker = threading.Thread(target=model.logits, args=([1, 2, 3],))
+        worker.start()
+        worker.join()
+        # now: the kernel thread and its team only
+        assert process.num_threads() == before + 1 + team, ("pool", before, team, process.num_threads())
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -63,6 +63,13 @@ class CPURunner:
         self._compiled = forward_for(self.tables.type_ids, self.tables.embedding_type)
         self._free_scratch: list[Scratch] = []  # returned by finished calls; list.pop/append are atomic
 
+    def idle(self) -> None:
+        """The calling thread's request is over: on the main thread, give its OpenMP team back (~70 us, and ~100 us
+        to make a new one at its next call), so that threads which run the model afterwards find one team in the
+        process (kernels_cpu.kernel_thread: an app that warmed the model up on its main thread and then generated
+        from a thread pool ran at half speed). Nothing on other threads."""
+        release_main_team()
+
     def forward(self, tokens: np.ndarray, positions: np.ndarray, seqs: np.ndarray, logit_rows: np.ndarray,
                 cache: KVCache, logits: np.ndarray, n_threads: int) -> None:
         """Evaluate tokens[i] (int64) at positions[i] of sequence seqs[i], storing each row's K/V in cache; write the

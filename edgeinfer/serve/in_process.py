@@ -63,20 +63,23 @@ def run(model: Any, r: ServeRequest) -> Iterator[TokenEvent | DoneEvent]:
     tokenizer = model.tokenizer
     eog = frozenset(tokenizer.eog_ids)
     eog_ids = np.array(sorted(eog), dtype=np.int64)
-    with model._use() as cached:
-        if r.max_tokens <= 0:  # nothing to generate: done without evaluating anything, as the scheduler
-            keep = min(common_prefix_length(cached.tokens, r.prompt), len(r.prompt) - 1)
-            yield DoneEvent("length", "", len(r.prompt), 0, keep)
-            return
-        logits, evaluated = cached.evaluate_prompt(r.prompt)
-    r.begin(tokenizer)
-    r.cached_tokens, r.stats.prompt_tokens_evaluated = len(r.prompt) - evaluated, evaluated
-    while True:
-        yield from r.step(logits, eog, eog_ids, model.n_ctx - len(r.history))[1]
-        if r.done:
-            return
+    try:
         with model._use() as cached:
-            logits = cached.extend_to(r.history)
+            if r.max_tokens <= 0:  # nothing to generate: done without evaluating anything, as the scheduler
+                keep = min(common_prefix_length(cached.tokens, r.prompt), len(r.prompt) - 1)
+                yield DoneEvent("length", "", len(r.prompt), 0, keep)
+                return
+            logits, evaluated = cached.evaluate_prompt(r.prompt)
+        r.begin(tokenizer)
+        r.cached_tokens, r.stats.prompt_tokens_evaluated = len(r.prompt) - evaluated, evaluated
+        while True:
+            yield from r.step(logits, eog, eog_ids, model.n_ctx - len(r.history))[1]
+            if r.done:
+                return
+            with model._use() as cached:
+                logits = cached.extend_to(r.history)
+    finally:
+        model._call_ended()
 
 
 def constrained_sampler(model: Any, sampler, json_schema: dict | None, response_format: dict | None):
