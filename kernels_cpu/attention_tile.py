@@ -263,7 +263,11 @@ def tile_values(weights, values, value_scales, n, nv, correction, acc, ahead):
     d_v = values.shape[1]
     for v0 in range(0, nv, 4):
         c0 = 0
-        if WIDE_VALUES:
+        if WIDE_VALUES and nv - v0 == 3:  # a GQA group of 3 (SmolLM2; Qwen2.5's 7 = 4 + 3): no padding vector's work
+            while c0 + 64 <= d_v:
+                _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead)
+                c0 += 64
+        elif WIDE_VALUES:
             while c0 + 64 <= d_v:
                 _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead)
                 c0 += 64
@@ -314,6 +318,27 @@ def _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahea
     _store64(acc, r1, a10, a11, a12, a13)
     _store64(acc, r2, a20, a21, a22, a23)
     _store64(acc, r3, a30, a31, a32, a33)
+
+
+@njit(cache=True, inline="always")
+def _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahead):
+    """_values_4x64 for vectors v0..v0+2 only: 12 accumulators, each lane's chain the same as there."""
+    d_v = acc.shape[1]
+    r0, r1, r2 = v0 * d_v + c0, (v0 + 1) * d_v + c0, (v0 + 2) * d_v + c0
+    a00, a01, a02, a03 = _load64_scaled(acc, r0, correction[v0])
+    a10, a11, a12, a13 = _load64_scaled(acc, r1, correction[v0 + 1])
+    a20, a21, a22, a23 = _load64_scaled(acc, r2, correction[v0 + 2])
+    wr0, wr1, wr2 = weights[v0], weights[v0 + 1], weights[v0 + 2]
+    for j in range(n):
+        hint_l2_part(ahead, j, TILE)
+        x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
+        x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
+        a00, a01, a02, a03 = _fma4(splat_f32x16(wr0[j]), x0, x1, x2, x3, a00, a01, a02, a03)
+        a10, a11, a12, a13 = _fma4(splat_f32x16(wr1[j]), x0, x1, x2, x3, a10, a11, a12, a13)
+        a20, a21, a22, a23 = _fma4(splat_f32x16(wr2[j]), x0, x1, x2, x3, a20, a21, a22, a23)
+    _store64(acc, r0, a00, a01, a02, a03)
+    _store64(acc, r1, a10, a11, a12, a13)
+    _store64(acc, r2, a20, a21, a22, a23)
 
 
 @njit(cache=True, inline="always")
