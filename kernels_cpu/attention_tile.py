@@ -43,7 +43,8 @@ def tile_scores(queries, keys, key_scales, nv, softcap, scores, ahead):
     attention logit soft-capping, as llama.cpp's flash attention). queries: (qs, q8, qd, q_bias), the vectors in
     float32 (rows, d_k), and for q8_0 keys as q8_0 (kernels_cpu.kv_types.quantize_queries). Positions past the
     tile's end get scores too (of whatever the block holds there): the softmax masks them. The query arrays and
-    scores have nv rounded up to a multiple of 4 rows (the padding rows zero)."""
+    scores have nv rounded up to a multiple of 4 rows (the padding rows zero); a last group of 3 vectors is scored
+    without its padding row."""
 
 
 @overload(tile_scores, inline="always")
@@ -81,7 +82,9 @@ def _f32_scores(qs, keys, key_scales, nv, scores, ahead):
         # of fewer than 4 takes the zero padding rows along (their scores are never read): a decode row of SmolLM2
         # (3 vectors) ran its third vector alone in 2 chains, as long as the first two together.
         while v < nv:
-            if n_blocks == 4:
+            if n_blocks == 4 and nv - v == 3:  # a GQA group of 3: no padding vector's work
+                _scores_3x4(qs, keys, key_scales, v, d, scores, ahead)
+            elif n_blocks == 4:
                 _scores_4x4(qs, keys, key_scales, v, d, scores, ahead)
             else:  # the last tile of a range (a prompt block's causal edge): 4 vectors x 2 blocks, then x 1
                 for b in range(0, n_blocks - 1, 2):
@@ -125,6 +128,21 @@ def _scores_4x4(qs, keys, key_scales, v, d, scores, ahead):
         a20, a21, a22, a23 = _fma4(splat_f32x16(q2[c]), k0, k1, k2, k3, a20, a21, a22, a23)
         a30, a31, a32, a33 = _fma4(splat_f32x16(q3[c]), k0, k1, k2, k3, a30, a31, a32, a33)
     _store_4x4(scores, v, ((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23), (a30, a31, a32, a33)))
+
+
+@njit(cache=True, inline="always")
+def _scores_3x4(qs, keys, key_scales, v, d, scores, ahead):
+    """_scores_4x4 for query vectors v..v+2 only: 12 accumulators, each score's chain the same as there."""
+    q0, q1, q2 = qs[v], qs[v + 1], qs[v + 2]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = zero_f32x16()
+    for c in range(d):
+        hint_l2_part(ahead, c, d)
+        k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
+        k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
+        a00, a01, a02, a03 = _fma4(splat_f32x16(q0[c]), k0, k1, k2, k3, a00, a01, a02, a03)
+        a10, a11, a12, a13 = _fma4(splat_f32x16(q1[c]), k0, k1, k2, k3, a10, a11, a12, a13)
+        a20, a21, a22, a23 = _fma4(splat_f32x16(q2[c]), k0, k1, k2, k3, a20, a21, a22, a23)
+    _store_4x4(scores, v, ((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23)))
 
 
 @njit(cache=True, inline="always")
@@ -173,7 +191,9 @@ def _q8_scores(q8, qd, q_bias, keys, key_scales, nv, scores, ahead):
     multiply-add chain over the blocks in order. In groups of 4 vectors (the padding rows are zero)."""
     n_blocks = keys.shape[0]
     for v in range(0, nv, 4):
-        if WIDE_VALUES and n_blocks == 4:
+        if WIDE_VALUES and n_blocks == 4 and nv - v == 3:  # a GQA group of 3: no padding vector's work
+            _q8_scores_3x4(q8, qd, q_bias, keys, key_scales, v, scores, ahead)
+        elif WIDE_VALUES and n_blocks == 4:
             _q8_scores_4x4(q8, qd, q_bias, keys, key_scales, v, scores, ahead)
         else:
             for b in range(n_blocks):
@@ -219,6 +239,31 @@ def _q8_scores_4x4(q8, qd, q_bias, keys, key_scales, v, scores, ahead):
 
 
 @njit(cache=True, inline="always")
+def _q8_scores_3x4(q8, qd, q_bias, keys, key_scales, v, scores, ahead):
+    """_q8_scores_4x4 for query vectors v..v+2 only: 12 int32 sums per 32 dimensions."""
+    d = keys.shape[1]
+    f00 = f01 = f02 = f03 = f10 = f11 = f12 = f13 = f20 = f21 = f22 = f23 = zero_f32x16()
+    for kb in range(d // QK):
+        i00 = i01 = i02 = i03 = splat_i32x16(q_bias[v, kb])
+        i10 = i11 = i12 = i13 = splat_i32x16(q_bias[v + 1, kb])
+        i20 = i21 = i22 = i23 = splat_i32x16(q_bias[v + 2, kb])
+        for c in range(kb * QK, kb * QK + QK, 4):
+            hint_l2_part(ahead, c // 4, d // 4)
+            k0, k1 = key_quads_i8x64(keys, c * KEY_BLOCK), key_quads_i8x64(keys, (d + c) * KEY_BLOCK)
+            k2, k3 = key_quads_i8x64(keys, (2 * d + c) * KEY_BLOCK), key_quads_i8x64(keys, (3 * d + c) * KEY_BLOCK)
+            x = splat4_i8x64(q8, v * d + c)
+            i00, i01, i02, i03 = _dot4(x, k0, k1, k2, k3, i00, i01, i02, i03)
+            x = splat4_i8x64(q8, (v + 1) * d + c)
+            i10, i11, i12, i13 = _dot4(x, k0, k1, k2, k3, i10, i11, i12, i13)
+            x = splat4_i8x64(q8, (v + 2) * d + c)
+            i20, i21, i22, i23 = _dot4(x, k0, k1, k2, k3, i20, i21, i22, i23)
+        f00, f01, f02, f03 = _scale4(key_scales, kb, qd[v, kb], i00, i01, i02, i03, f00, f01, f02, f03)
+        f10, f11, f12, f13 = _scale4(key_scales, kb, qd[v + 1, kb], i10, i11, i12, i13, f10, f11, f12, f13)
+        f20, f21, f22, f23 = _scale4(key_scales, kb, qd[v + 2, kb], i20, i21, i22, i23, f20, f21, f22, f23)
+    _store_4x4(scores, v, ((f00, f01, f02, f03), (f10, f11, f12, f13), (f20, f21, f22, f23)))
+
+
+@njit(cache=True, inline="always")
 def _dot4(x, k0, k1, k2, k3, a0, a1, a2, a3):
     """One query's 4 bytes (in every lane) against 4 key vectors: four independent int32 sums."""
     return dot_i8_biased(a0, k0, x), dot_i8_biased(a1, k1, x), dot_i8_biased(a2, k2, x), dot_i8_biased(a3, k3, x)
@@ -258,8 +303,8 @@ def _q8_scores_4x1(q8, qd, q_bias, keys, key_scales, v, b, scores):
 @njit(cache=True, fastmath=FASTMATH)
 def tile_values(weights, values, value_scales, n, nv, correction, acc, ahead):
     """acc[v] = acc[v] * correction[v] + sum over the tile's n keys j of weights[v, j] * values[j], for the first nv
-    query vectors (in fours: rows past nv are padding): each output lane one chain of fused multiply-adds over the
-    keys in order, blocks of 4 vectors x 64 (or x 16) dims held in registers across the tile."""
+    query vectors (in fours, a last group of 3 alone: rows past nv are padding): each output lane one chain of fused
+    multiply-adds over the keys in order, blocks of 4 vectors x 64 (or x 16) dims held in registers across the tile."""
     d_v = values.shape[1]
     for v0 in range(0, nv, 4):
         c0 = 0
