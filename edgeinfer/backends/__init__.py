@@ -22,8 +22,9 @@ go into each forward call and keeps the cache's record; it needs nothing of a ba
 
 A backend also has a `name` ("cpu") and `max_threads`; a runner may offer `weight_bytes_per_step()` (the
 weight bytes one call reads, which the benchmark reports) and `idle()` (the calling thread's request is over, for
-now: give back what that thread holds between requests; the API calls it at the end of each public call). Backends: `cpu` (edgeinfer.backends.cpu: kernels_cpu's
-compiled Numba forward, whose tables `cpu_tables` builds, over weights `cpu_repack` repacks).
+now: give back what that thread holds between requests; the API calls it at the end of each public call).
+Backends: `cpu` (edgeinfer.backends.cpu: kernels_cpu's compiled Numba forward, whose tables `cpu_tables` builds,
+over weights `cpu_repack` repacks).
 """
 from __future__ import annotations
 
