@@ -8,9 +8,12 @@ runs at positions d and on. Each KV-cache type asked for loads the model once wi
 Beside each tg row: the bytes one decode step reads and the read rate that makes (decode is bound by it): the
 weights (once per step whatever B is) plus, for each of the B sequences, the KV cache of the positions the step
 attends to (K and V of every layer at the cache type; a sliding-window layer only its window), averaged over the
-test's steps at positions d .. d+N-1. Each test runs after one warm-up and is repeated; mean and standard deviation
-are reported. With `compare_llama_cpp`, llama.cpp (through llama-cpp-python) runs the same tests on the same file
-in the same run (in a child process), so the ratio column compares like with like.
+test's steps at positions d .. d+N-1. On the CPU, the memory read rate at each thread count (the wall decode is bound
+by: kernels_cpu.memory_read) is measured in the same run, before and after that thread count's tests (on a shared
+machine it moves by tens of percent within minutes), and each tg row says what fraction of it the step reads. Each
+test runs after one warm-up and is repeated; mean and standard deviation are reported. With `compare_llama_cpp`,
+llama.cpp (through llama-cpp-python) runs the same tests on the same file in the same run (in a child process), so
+the ratio column compares like with like.
 Time to first token and peak RSS are measured in fresh subprocesses, since both are properties of a whole process.
 The model runs on the device asked for (auto, cpu, cuda: edgeinfer.backends.devices); the result names it and why,
 and each row its device (llama.cpp's rows run on the CPU: no layers are offloaded).
@@ -124,6 +127,32 @@ def cache_bytes_per_step(cfg, kv_type: str, first_position: int, n_steps: int) -
         window = cfg.layer_window(layer)
         total += int(np.minimum(attended, window).sum()) if window else int(attended.sum())
     return total * per_layer_position / max(1, n_steps)
+
+
+WALL_BYTES = 256 << 20  # the read probe's buffer: 8x a large last-level cache (32 MB), read in ~5 ms
+WALL_READS = 3  # the best of this many reads, after a first
+
+
+class MemoryWall:
+    """The machine's memory read rate per thread count, each measured before and after that count's tests."""
+
+    def __init__(self, n_bytes: int = WALL_BYTES):
+        self.n_bytes = n_bytes
+        self._buffer = None
+        self.readings: dict[int, list[float]] = {}  # threads -> GB/s readings
+
+    def measure(self, n_threads: int) -> None:
+        from kernels_cpu.memory_read import read_buffer, read_rate
+        if self._buffer is None:
+            self._buffer = read_buffer(self.n_bytes)
+        self.readings.setdefault(n_threads, []).append(read_rate(self._buffer, n_threads, WALL_READS))
+
+    def gb_per_s(self, n_threads: int) -> float | None:
+        readings = self.readings.get(n_threads)
+        return statistics.fmean(readings) if readings else None
+
+    def as_dict(self) -> dict:
+        return {str(t): {"gb_per_s": self.gb_per_s(t), "readings": r} for t, r in self.readings.items()}
 
 
 def read_figures(row: BenchRow, cfg, weight_bytes: int) -> dict:
@@ -273,6 +302,7 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
     if any(b < 1 for b in batches):
         raise BenchError(f"--batch values must be >= 1, got {','.join(map(str, batches))}")
     kv_bytes_per_position, loaded_types = {}, []
+    wall = MemoryWall()
     for kv_type in dict.fromkeys(DEFAULT_KV_TYPE if t is None else t for t in kv_types):
         with load(path, n_ctx=n_ctx, n_seq=max(batches), kv_type=kv_type, device=device) as model:
             chosen = {"name": model.device.name, "reason": model.device.reason}
@@ -281,7 +311,11 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
             loaded_types.append(model.kv_type)
             weight_bytes = model.engine.runner.weight_bytes_per_step()
             kv_bytes_per_position[model.kv_type] = KVCache.nbytes_for(model.config, 1, 1, model.kv_type)
-            rows += _edgeinfer_rows(model, prompt_tokens, gen_tokens, threads, reps, batches, depths, weight_bytes)
+            rows += _edgeinfer_rows(model, prompt_tokens, gen_tokens, threads, reps, batches, depths, weight_bytes,
+                                    wall if model.device.name == "cpu" and gen_tokens else None)
+    for row in rows:  # each thread count's readings, from every depth and cache type, are its wall
+        if "read_gb_per_s" in row and wall.gb_per_s(row["n_threads"]):
+            row["wall_fraction"] = row["read_gb_per_s"] / wall.gb_per_s(row["n_threads"])
     if compare_llama_cpp:
         rows += [dict(asdict(r), mean=r.mean, sd=r.sd) for r in
                  _llama_cpp_rows(path, prompt_tokens, gen_tokens, threads, reps, n_ctx, depths, loaded_types)]
@@ -294,6 +328,8 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
         "kv_bytes_per_position": kv_bytes_per_position,  # one sequence, all layers, K and V
         "rows": rows,
     }
+    if wall.readings:
+        result["memory_wall"] = wall.as_dict()  # threads -> the read rate measured in this run
     if process:
         result["process"] = {"edgeinfer": process_figures(path, "edgeinfer", 2048, max(threads), 128,
                                                           chosen["name"])}
@@ -302,17 +338,23 @@ def run_bench(model_path: str, *, prompt_tokens: int = 512, gen_tokens: int = 12
     return result
 
 
-def _edgeinfer_rows(model, prompt_tokens, gen_tokens, threads, reps, batches, depths, weight_bytes) -> list[dict]:
-    """Every test on one loaded model, depth by depth (each filled once, with the most threads asked for)."""
+def _edgeinfer_rows(model, prompt_tokens, gen_tokens, threads, reps, batches, depths, weight_bytes,
+                    wall: MemoryWall | None = None) -> list[dict]:
+    """Every test on one loaded model, depth by depth (each filled once, with the most threads asked for); with a
+    wall, the memory read rate is measured before and after each thread count's tests."""
     rows = []
     depth_tokens = _random_tokens(max(depths), model.n_vocab, DEPTH_SEED)
     for depth in depths:
         model.engine.n_threads = max(threads)
         fill_depth(model, depth, depth_tokens)
         for n_threads in threads:
+            if wall is not None:
+                wall.measure(n_threads)
             timed = [time_edgeinfer(model, "pp", prompt_tokens, n_threads, reps, depth=depth)] if prompt_tokens else []
             timed += [time_edgeinfer(model, "tg", gen_tokens, n_threads, reps, batch, depth)
                       for batch in (batches if gen_tokens else ())]
+            if wall is not None:
+                wall.measure(n_threads)
             for r in timed:
                 row = dict(asdict(r), mean=r.mean, sd=r.sd)
                 if r.test.startswith("tg"):
@@ -332,17 +374,21 @@ def format_bench(result: dict) -> str:
     step_bytes = result.get("weight_bytes_per_step")
     per_position = ", ".join(f"{t} {b / 1024:.0f} KB" for t, b in result.get("kv_bytes_per_position", {}).items())
     test_width = max([6] + [len(r["test"]) for r in result["rows"]])
+    walls = result.get("memory_wall", {})
     lines = [f"model: {result['model']} ({result['model_size_bytes'] / 1e6:.0f} MB)"
              + (f"; a decode step reads {step_bytes / 1e6:.0f} MB of weights" if step_bytes else "")
              + (f" and the KV cache of each attended position ({per_position})" if per_position else ""),
              *([f"device: {result['device']['name']} ({result['device']['reason'].partition(': ')[2]})"]
                if "device" in result else []),
+             *([f"memory read wall, measured in this run ({WALL_BYTES >> 20} MiB read by the threads): "
+                + ", ".join(f"{t} thread{'s' if t != '1' else ''} {w['gb_per_s']:.1f} GB/s" for t, w in walls.items())]
+               if walls else []),
              f"| {'backend':9} | {'test':{test_width}} | kv   | batch | threads | {'tokens/s':>16} | vs llama.cpp "
-             f"| {READ_HEADER} | GB/s  |",
+             f"| {READ_HEADER} | GB/s  | wall |",
              f"|-----------|-{'-' * test_width}-|------|-------|---------|------------------|--------------"
-             f"|-{'-' * len(READ_HEADER)}-|-------|"]
+             f"|-{'-' * len(READ_HEADER)}-|-------|------|"]
     for r in result["rows"]:
-        ratio = read = rate = ""
+        ratio = read = rate = of_wall = ""
         batch, kv_type = r.get("batch", 1), r.get("kv_type", "")
         key = (r["test"], r["n_threads"], kv_type)
         if r["backend"] == "edgeinfer" and batch == 1 and key in theirs:
@@ -351,8 +397,11 @@ def format_bench(result: dict) -> str:
             parts = r["read_bytes_per_step"]
             read = f"{parts['weights'] / 1e6:.0f} + {parts['kv_cache'] / 1e6:.1f}"
             rate = f"{r['read_gb_per_s']:.1f}"
+        if "wall_fraction" in r:
+            of_wall = f"{100 * r['wall_fraction']:.0f}%"
         lines.append(f"| {r['backend']:9} | {r['test']:{test_width}} | {kv_type:4} | {batch:5} | {r['n_threads']:7} | "
-                     f"{r['mean']:8.1f} ± {r['sd']:5.1f} | {ratio:>12} | {read:>{len(READ_HEADER)}} | {rate:>5} |")
+                     f"{r['mean']:8.1f} ± {r['sd']:5.1f} | {ratio:>12} | {read:>{len(READ_HEADER)}} | {rate:>5} "
+                     f"| {of_wall:>4} |")
     for backend, fig in result.get("process", {}).items():
         if "error" in fig:
             lines.append(f"{backend}: process figures failed: {fig['error']}")

@@ -67,6 +67,7 @@ def test_a_small_run_at_two_depths(prefills):
     assert prefills.count((32, 0)) == 1
     assert [held for n, held in prefills if n == 8] == [0, 0, 32, 32]
     weights, per_position = result["weight_bytes_per_step"], result["kv_bytes_per_position"][DEFAULT_KV_TYPE]
+    wall = result["memory_wall"]["1"]
     for r in rows:
         assert len(r["samples"]) == 1 and r["mean"] > 0
         if r["test"].startswith("pp"):
@@ -77,7 +78,14 @@ def test_a_small_run_at_two_depths(prefills):
                                                                                   * per_position)}
         steps_per_second = r["mean"] / r["batch"]
         assert r["read_gb_per_s"] == pytest.approx(sum(r["read_bytes_per_step"].values()) * steps_per_second / 1e9)
+        assert r["wall_fraction"] == pytest.approx(r["read_gb_per_s"] / wall["gb_per_s"])
     text = format_bench(result)
+    # the memory read rate at each thread count: measured before and after its tests at each depth, in this run
+    assert list(result["memory_wall"]) == ["1"] and len(wall["readings"]) == 4 and min(wall["readings"]) > 0
+    assert wall["gb_per_s"] == pytest.approx(sum(wall["readings"]) / 4)
+    assert "memory read wall, measured in this run" in text and f"1 thread {wall['gb_per_s']:.1f} GB/s" in text
+    percent = f"{100 * rows[1]['wall_fraction']:.0f}%"
+    assert f"| {percent:>4} |" in next(line for line in text.splitlines() if "| tg4 " in line)
     assert READ_HEADER in text and "GB/s" in text and "| tg4 @ d32 |" in text
     assert f"{DEFAULT_KV_TYPE} {per_position / 1024:.0f} KB" in text
     line = next(line for line in text.splitlines() if "tg4 @ d32" in line and "|     2 |" in line)
