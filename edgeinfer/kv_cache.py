@@ -120,6 +120,16 @@ class KVCache:
         """(values, scales) zeroed (f32 and f16 caches' scales: a stand-in, one element)."""
         return np.zeros(shape, dtype=KV_TYPES[self.kv_type][0]), np.zeros(scale_shape, dtype=np.float32)
 
+    def map_pages(self, n_threads: int = 1) -> None:
+        """Have the OS map every page of this (empty) cache now rather than at first use (kernels_cpu.memory_pages:
+        a server's first burst of requests otherwise maps gigabytes while its clients wait). ValueError while a
+        sequence holds positions: the pages are written with zeros."""
+        if any(self._tokens):
+            raise ValueError("map_pages writes zeros into the cache: call it before any sequence holds positions")
+        from kernels_cpu.memory_pages import zero_pages
+        for array in self._stored_arrays():
+            zero_pages(array, n_threads)
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._stored_arrays())

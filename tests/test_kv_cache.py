@@ -175,3 +175,23 @@ def test_export_restore_and_prefix_copy_through_key_blocks(kv_type):
     np.testing.assert_array_equal(k_prefix, k_back[:, :21])
     np.testing.assert_array_equal(v_prefix, v_back[:, :21])
     assert not cache.restore(seq, list(range(51)), k, v)  # more positions than the context: refused, unchanged
+
+
+def test_map_pages_maps_an_empty_cache_and_refuses_one_that_holds_positions():
+    """A server maps its whole cache while it loads (kernels_cpu.memory_pages), not during its first requests."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from edgeinfer.kv_cache import KVCache
+
+    cfg = SimpleNamespace(n_layers=4, n_kv_heads=2, head_dim=64, value_dim=64)
+    cache = KVCache(cfg, n_ctx=16384, n_seq=4, kv_type="f16")  # 64 MiB, only reserved so far
+    process = psutil.Process()
+    before = process.memory_info().rss
+    cache.map_pages(n_threads=2 if psutil.cpu_count() >= 2 else 1)
+    assert process.memory_info().rss - before >= 0.9 * cache.nbytes  # every page is there now
+    assert not any(a.any() for a in cache._stored_arrays())  # and still all zeros
+    cache.record(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="before any sequence holds positions"):
+        cache.map_pages()

@@ -31,6 +31,9 @@ class CUDAKVCache(KVCache):
         """(values, scales) on the device, zeroed; scales (..., dim / 32) for q8_0, a one-element stand-in else."""
         return self._ops.zeros(shape, DEVICE_DTYPES[self.kv_type]), self._ops.zeros(scale_shape, np.float32)
 
+    def map_pages(self, n_threads: int = 1) -> None:
+        """Nothing to do: device memory is allocated whole."""
+
     def _copy_positions(self, a, src: int, dst: int, n: int) -> None:
         self._ops.copy_positions(a, src, dst, n)
 

@@ -146,11 +146,14 @@ def _load(path: Path, options: ServeOptions, state: ServerState, model_id: str, 
                   kv_type=options.kv_type, device=options.device)
     try:
         say(format_plan(model.plan))
+        # every page of the KV cache mapped before the server is ready, not during its first burst of requests
+        model.engine.cache.map_pages(model.n_threads)
         model.engine.warm_up()  # compiles on a first run (a minute or two), else loads the compiled kernels
         if options.draft is not None:
             # closed with the model; InvalidArgument if its vocabulary is not the model's
             model.use_draft(Model(options.draft, n_ctx=model.n_ctx, n_threads=model.n_threads,
                                   n_seq=options.parallel + 1, kv_type=model.kv_type, device=model.device.name))
+            model.draft.engine.cache.map_pages(model.n_threads)
             model.draft.engine.warm_up()
         scheduler = Scheduler(model.engine, model.tokenizer, name=str(path), max_queue=options.max_queue,
                               metrics=state.metrics, speculative=options.speculative,
