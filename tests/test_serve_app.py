@@ -121,3 +121,19 @@ def test_events_from_the_scheduler_thread_reach_their_queues_in_order_with_few_w
     loop.close()
     with pytest.raises(RuntimeError):
         handoff.put(asyncio.Queue(), "late")
+
+
+def test_what_loading_made_is_left_out_of_full_collections():
+    """The server freezes the objects loading made (freeze_loaded_objects, called once the model is ready): a full
+    collection no longer walks them, so it pauses requests in flight for milliseconds, not ~75 ms."""
+    import gc
+
+    from edgeinfer.serve.server import freeze_loaded_objects
+
+    made_by_loading = [{"token": i} for i in range(10_000)]
+    try:
+        freeze_loaded_objects()
+        assert gc.get_freeze_count() >= len(made_by_loading)
+        assert not any(gc.is_tracked(o) and o in gc.get_objects(generation=2) for o in made_by_loading[:3])
+    finally:
+        gc.unfreeze()  # this test process goes on

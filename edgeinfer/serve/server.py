@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import signal
 import socket
@@ -79,6 +80,15 @@ def bound_malloc_growth() -> None:
     mallopt(m_arena_max, 2)
 
 
+def freeze_loaded_objects() -> None:
+    """Take what loading made (the tokenizer's tables, the model's and the scheduler's Python objects: ~190,000 of
+    them) out of the garbage collector's full collections: they live as long as the server, and walking them all
+    held the GIL, so every request in flight waited, 75 ms at a time while serving (SmolLM2; 9 ms without them,
+    measured with gc.callbacks)."""
+    gc.collect()
+    gc.freeze()
+
+
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -104,6 +114,7 @@ def serve(path: Path, options: ServeOptions, say: Callable[[str], None] = print)
     def load() -> None:
         try:
             state.served = _load(path, options, state, model_id, say)
+            freeze_loaded_objects()
             draft = state.served.model.draft
             say(f"ready: {url}/v1 (model {model_id!r}, {options.parallel} slots, device: "
                 f"{state.served.model.device.summary}, speculation: {options.speculative}"
