@@ -103,11 +103,12 @@ def _key_range(positions, r0, r1, window):
 
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, nv, key_lo, key_hi, key_buf,
-            value_buf, scores, correction, tile_max, acc, m, l):
+            value_buf, scores, correction, tile_max, acc, m, l, hint_end):
     """Absorb keys key_lo..key_hi-1 into (acc, m, l) of a job's nv query vectors: queries (attention_tile's
     tile_scores) hold query vector v (already scaled) in row v, low/high[v] the first and last key it sees. acc
     (rows, d_v), m, l (rows,) start at 0, -inf, 0; rows past nv are padding (4 vectors at a time share each value
-    load).
+    load). Coming tiles are hinted up to hint_end, the end of the keys this job reads (past it: positions nobody
+    reads, or another thread's part).
 
     Each tile goes through three register-blocked steps (scores, online softmax, weighted values) in which every
     query vector's arithmetic is the same whichever row or job it is in: a row's result does not depend on its
@@ -117,8 +118,8 @@ def _attend(queries, keys, key_scales, values, value_scales, softcap, low, high,
         t1 = min(t0 + TILE, key_hi)
         if nv <= READ_DIRECT:
             # the tile whose keys and values are hinted in meanwhile (the next chunk's too: this call sees one chunk)
-            a0 = min(t0 + PREFETCH_TILES * TILE, values.shape[0])
-            a1 = min(a0 + TILE, values.shape[0])
+            a0 = min(t0 + PREFETCH_TILES * TILE, hint_end)
+            a1 = min(a0 + TILE, hint_end)
             ahead_keys, ahead_values = keys[a0 // KEY_BLOCK:(a1 + KEY_BLOCK - 1) // KEY_BLOCK], values[a0:a1]
             tile_keys_, tile_key_scales = raw_keys(keys, key_scales, t0, t1)
             tile_values, tile_value_scales = raw_rows(values, value_scales, t0, t1)
@@ -291,13 +292,14 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     first, end = key_lo // CHUNK, (key_hi + CHUNK - 1) // CHUNK  # the block's chunks: first..end-1
     if n_parts > 0:
         first_slot = part * chunks_per_part
+        part_end = min(key_hi, (first + first_slot + chunks_per_part) * CHUNK)  # the next part is another job's
         for slot in range(first_slot, min(first_slot + chunks_per_part, part_m.shape[0])):
             c = first + slot
             _fresh(acc, m, l)
             if c < end:
                 _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, nv,
                         max(key_lo, c * CHUNK), min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores,
-                        correction, tile_max, acc, m, l)
+                        correction, tile_max, acc, m, l, part_end)
             for v in range(nv):  # every slot is written (-inf: nothing), so no earlier call's partial survives
                 r, h = r0 + v // group, kv_head * group + v % group
                 part_m[slot, r, h] = m[v]
@@ -312,7 +314,7 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     for c in range(first, end):
         _fresh(acc, m, l)
         _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, nv, max(key_lo, c * CHUNK),
-                min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction, tile_max, acc, m, l)
+                min(key_hi, (c + 1) * CHUNK), key_buf, value_buf, scores, correction, tile_max, acc, m, l, key_hi)
         for v in range(nv):
             _merge_chunk(total_acc[v], total_m, total_l, v, acc[v], m[v], l[v])
     for v in range(nv):
