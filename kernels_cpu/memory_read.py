@@ -1,7 +1,7 @@
 """The machine's memory read rate at a number of threads: the wall a decode step's GB/s is measured against.
 
 Decode reads every weight once per step, so its speed is bounded by how fast the cores can read memory. That rate is
-a property of the machine at the moment of measuring, not a constant: on a shared VM it moved between 46 and 81 GB/s
+a property of the machine at the moment of measuring, not a constant: on a shared VM it moved between 46 and 88 GB/s
 at 2 threads within an hour (Zen 5, 2 vCPUs), so `edgeinfer bench` reads it in the same run as the tests it compares.
 The probe XORs a buffer much larger than the last-level cache, each thread a contiguous share (as the matvec kernels
 split a matrix) read as two streams, as 64-bit words: integer XOR vectorizes, does no arithmetic the cores could be
