@@ -130,6 +130,7 @@ def cache_bytes_per_step(cfg, kv_type: str, first_position: int, n_steps: int) -
 
 
 WALL_BYTES = 256 << 20  # the read probe's buffer: 8x a large last-level cache (32 MB), read in ~5 ms
+WALL_MEMORY_SHARE = 8  # at most this fraction (1 / 8) of the memory available, on a small device
 WALL_READS = 3  # the best of this many reads, after a first
 
 
@@ -142,8 +143,11 @@ class MemoryWall:
         self.readings: dict[int, list[float]] = {}  # threads -> GB/s readings
 
     def measure(self, n_threads: int) -> None:
+        import psutil
+
         from kernels_cpu.memory_read import read_buffer, read_rate
         if self._buffer is None:
+            self.n_bytes = min(self.n_bytes, psutil.virtual_memory().available // WALL_MEMORY_SHARE)
             self._buffer = read_buffer(self.n_bytes)
         self.readings.setdefault(n_threads, []).append(read_rate(self._buffer, n_threads, WALL_READS))
 
@@ -152,7 +156,8 @@ class MemoryWall:
         return statistics.fmean(readings) if readings else None
 
     def as_dict(self) -> dict:
-        return {str(t): {"gb_per_s": self.gb_per_s(t), "readings": r} for t, r in self.readings.items()}
+        return {str(t): {"gb_per_s": self.gb_per_s(t), "readings": r, "buffer_bytes": self._buffer.nbytes}
+                for t, r in self.readings.items()}
 
 
 def read_figures(row: BenchRow, cfg, weight_bytes: int) -> dict:
@@ -380,7 +385,8 @@ def format_bench(result: dict) -> str:
              + (f" and the KV cache of each attended position ({per_position})" if per_position else ""),
              *([f"device: {result['device']['name']} ({result['device']['reason'].partition(': ')[2]})"]
                if "device" in result else []),
-             *([f"memory read wall, measured in this run ({WALL_BYTES >> 20} MiB read by the threads): "
+             *([f"memory read wall, measured in this run ({next(iter(walls.values()))['buffer_bytes'] >> 20} MiB read "
+                f"by the threads): "
                 + ", ".join(f"{t} thread{'s' if t != '1' else ''} {w['gb_per_s']:.1f} GB/s" for t, w in walls.items())]
                if walls else []),
              f"| {'backend':9} | {'test':{test_width}} | kv   | batch | threads | {'tokens/s':>16} | vs llama.cpp "

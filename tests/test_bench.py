@@ -82,7 +82,7 @@ def test_a_small_run_at_two_depths(prefills):
     text = format_bench(result)
     # the memory read rate at each thread count: measured before and after its tests at each depth, in this run
     assert list(result["memory_wall"]) == ["1"] and len(wall["readings"]) == 4 and min(wall["readings"]) > 0
-    assert wall["gb_per_s"] == pytest.approx(sum(wall["readings"]) / 4)
+    assert wall["gb_per_s"] == pytest.approx(sum(wall["readings"]) / 4) and wall["buffer_bytes"] <= 256 << 20
     assert "memory read wall, measured in this run" in text and f"1 thread {wall['gb_per_s']:.1f} GB/s" in text
     percent = f"{100 * rows[1]['wall_fraction']:.0f}%"
     assert f"| {percent:>4} |" in next(line for line in text.splitlines() if "| tg4 " in line)
@@ -99,3 +99,17 @@ def test_bench_command_with_depth_and_kv_type():
     rows = json.loads(result.stdout)["rows"]
     assert [(r["test"], r["kv_type"]) for r in rows] == [("pp4", "f32"), ("tg2", "f32"), ("pp4 @ d8", "f32"),
                                                          ("tg2 @ d8", "f32")]
+
+
+def test_the_wall_probe_takes_at_most_an_eighth_of_the_memory_available(monkeypatch):
+    """On a small device the read probe's buffer shrinks (a 256 MiB buffer could not be had there)."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from edgeinfer.bench import MemoryWall
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=80 << 20))
+    wall = MemoryWall()
+    wall.measure(1)
+    assert wall.as_dict()["1"]["buffer_bytes"] == 10 << 20 and wall.gb_per_s(1) > 0
