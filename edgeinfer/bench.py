@@ -255,7 +255,8 @@ def process_figures(path: str, backend: str, n_ctx: int, n_threads: int, n_gen: 
     body = _EDGEINFER_BODY if backend == "edgeinfer" else _LLAMA_CPP_BODY
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", _CHILD_GENERATE.format(body=body), path, str(n_ctx),
-                             str(n_threads), str(n_gen), device], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(n_threads), str(n_gen), device], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     first, peak = None, None
     for line in proc.stdout:
         if line.startswith("FIRST_TOKEN") and first is None:
