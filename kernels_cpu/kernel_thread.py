@@ -29,6 +29,8 @@ import queue
 import threading
 from typing import Any, Callable
 
+import numba
+
 _lock = threading.RLock()  # one kernel call at a time in the process
 _jobs: queue.SimpleQueue | None = None
 _thread: threading.Thread | None = None
@@ -61,6 +63,17 @@ def call_parallel(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if error is not None:
         raise error
     return result
+
+
+def call_with_threads(n_threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """call_parallel(fn, *args) with its parallel regions on n_threads threads. Numba's thread count is a setting of
+    each thread, so it is made on the thread that runs the call, not on the caller's."""
+    return call_parallel(_with_threads, int(n_threads), fn, args)
+
+
+def _with_threads(n_threads: int, fn: Callable[..., Any], args: tuple) -> Any:
+    numba.set_num_threads(n_threads)
+    return fn(*args)
 
 
 def release_main_team() -> None:

@@ -7,11 +7,10 @@ tokens, so a server's first burst of requests mapped nearly the whole cache at o
 positions) held every first token of that burst for 1.8-2.6 s (time to first token, p99, on a 2-vCPU VM). Mapping the
 pages while the server loads, as llama.cpp clears its KV buffer at creation, moves that cost before it is ready.
 """
-import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels_cpu.kernel_thread import call_parallel
+from kernels_cpu.kernel_thread import call_with_threads
 
 PAGE = 4096  # bytes: one write per small page maps it (and its huge page, where it has one)
 
@@ -28,9 +27,5 @@ def zero_pages(array: np.ndarray, n_threads: int = 1) -> None:
     if not array.flags.c_contiguous:
         raise ValueError("zero_pages needs a C-contiguous array")
     if array.size:
-        call_parallel(_zero_pages, array.reshape(-1).view(np.uint8), int(n_threads))
+        call_with_threads(n_threads, _zero_one_byte_per_page, array.reshape(-1).view(np.uint8), PAGE)
 
-
-def _zero_pages(flat: np.ndarray, n_threads: int) -> None:
-    numba.set_num_threads(n_threads)  # (per thread: this is the calling thread's setting)
-    _zero_one_byte_per_page(flat, PAGE)

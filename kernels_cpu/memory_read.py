@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels_cpu.kernel_thread import call_parallel
+from kernels_cpu.kernel_thread import call_with_threads
 
 PARTS_PER_THREAD = 16  # contiguous parts of the buffer; static scheduling gives each thread consecutive ones
 
@@ -59,11 +59,10 @@ def read_rate(buffer: np.ndarray, n_threads: int, reps: int = 3) -> float:
     if buffer.size < n_parts:
         raise ValueError(f"{n_threads} threads cannot split a buffer of {buffer.size} words")
     parts = buffer[:buffer.size // n_parts * n_parts].reshape(n_parts, -1)
-    return call_parallel(_timed_reads, parts, int(n_threads), int(reps))
+    return call_with_threads(n_threads, _timed_reads, parts, int(reps))
 
 
-def _timed_reads(parts: np.ndarray, n_threads: int, reps: int) -> float:
-    numba.set_num_threads(n_threads)  # (per thread: this is the calling thread's setting)
+def _timed_reads(parts: np.ndarray, reps: int) -> float:
     xor_parts(parts)  # compiled or loaded, and the threads awake
     best = float("inf")
     for _ in range(max(1, reps)):

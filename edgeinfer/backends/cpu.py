@@ -18,7 +18,7 @@ from edgeinfer.backends.cpu_repack import Repacked, repack_weights
 from edgeinfer.backends.cpu_tables import NO_REPACKING, ForwardTables
 from edgeinfer.kv_cache import KVCache
 from kernels_cpu.forward import Scratch, make_scratch
-from kernels_cpu.kernel_thread import call_parallel, release_main_team
+from kernels_cpu.kernel_thread import call_with_threads, release_main_team
 from kernels_cpu.specialize import forward_for
 
 __all__ = ["CPUBackend", "CPURunner"]
@@ -80,9 +80,9 @@ class CPURunner:
             # where the process keeps its one OpenMP team (kernels_cpu.kernel_thread: the main thread, or the kernel
             # thread for any other), one forward at a time. The compiled forward releases the GIL meanwhile, so a
             # server's event loop, or another model's Python, runs while it computes.
-            call_parallel(_run_compiled, self._compiled, n_threads,
-                          self.tables.arguments(tokens, positions, seqs, logit_rows, cache.k, cache.v, scratch,
-                                                logits))
+            call_with_threads(n_threads, self._compiled,
+                              *self.tables.arguments(tokens, positions, seqs, logit_rows, cache.k, cache.v, scratch,
+                                                     logits))
         finally:
             self._free_scratch.append(scratch)
 
@@ -100,7 +100,3 @@ class CPURunner:
             scratch = make_scratch(self.tables.hyper, n_rows)
         return scratch
 
-
-def _run_compiled(compiled, n_threads: int, arguments: tuple) -> None:
-    numba.set_num_threads(n_threads)  # (per thread: this is the kernel thread's setting)
-    compiled(*arguments)
