@@ -168,6 +168,32 @@ def test_a_rows_result_does_not_depend_on_batching_or_splitting(n_heads, n_kv, w
             assert np.array_equal(alone[0], together[i]), (threads, i)
 
 
+def test_batches_of_more_than_16_rows_split_their_keys_when_jobs_are_few():
+    """The partials hold PARTIAL_SLOTS (chunk, row) pairs, so a batch of n rows may split jobs of up to
+    PARTIAL_SLOTS // n chunks: an agent's 20 new rows after a 500-token prefix (3 jobs of 3 chunks on 2 threads) run
+    as 9 jobs; more rows leave fewer chunk slots; jobs enough for the threads, or one chunk, stay whole."""
+    assert attention.split_plan(3, 3, attention.PARTIAL_SLOTS // 20, 2) == (3, 1)
+    assert attention.split_plan(3, 40, attention.PARTIAL_SLOTS // 64, 2) == (0, 0)  # 16 slots for 64 rows
+    assert attention.split_plan(3, 16, attention.PARTIAL_SLOTS // 64, 2) == (6, 3)
+    assert attention.split_plan(16, 8, 64, 2) == (0, 0)
+    assert attention.split_plan(3, 1, 64, 2) == (0, 0)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_a_block_of_40_rows_is_the_same_split_on_two_threads(kv_type):
+    """40 rows of one sequence (2 blocks of a GQA group of 3, 6 jobs) over 1,000 keys split into 4-chunk jobs on 2
+    threads, merged on both threads: the same bits as on one thread (unsplit) and as a row alone."""
+    rng = np.random.default_rng(9)
+    k, v = random_case(rng, 1, 1024, 9, 3)
+    q = rng.standard_normal((40, 9, 64)).astype(np.float32)
+    positions, seqs = np.arange(960, 1000, dtype=np.int64), np.zeros(40, np.int64)
+    assert attention.split_plan(6, 4, attention.PARTIAL_SLOTS // 40, 2) != (0, 0)
+    one = run_kernel(kv_type, q, positions, seqs, k, v, 0, 1)
+    assert np.array_equal(run_kernel(kv_type, q, positions, seqs, k, v, 0, 2), one)
+    alone = run_kernel(kv_type, q[25:26], positions[25:26], seqs[25:26], k, v, 0, 2)
+    assert np.array_equal(alone[0], one[25])
+
+
 @pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
 def test_a_decode_step_of_many_sequences_is_the_same_on_two_threads(kv_type):
     """A decode step of 8 sequences over short caches runs its 24 jobs on both threads (attention.MANY_JOBS_WORK),
