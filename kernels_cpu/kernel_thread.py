@@ -127,6 +127,35 @@ def release_thread_team() -> None:
         libgomp.omp_pause_resource_all(1)  # omp_pause_soft
 
 
+# Iterations an OpenMP worker spins at the end of a region before it sleeps, where the kernel threads take every CPU.
+# libgomp's default (300,000) keeps a worker spinning ~4.4 ms after each region here (the CPU time it burns while the
+# main thread sleeps), so between an agent's requests it held one of 2 vCPUs while the server's event loop and the
+# client worked, and the next forward pass waited for it: SmolLM2's 1-token answers after a cached prefix, 3 x 100
+# over HTTP, p99 17.6-32 ms against p50 10.7-15.5. At 30,000 (~0.8 ms) the worker sleeps through such a gap and
+# wakes when the next pass starts: p99 13.0-15.1 ms, p50 11.2-11.4. At 10,000 decode steps of 8 streams paid a
+# wake each (-10-15% tokens/s); at 30,000 -3% (4 interleaved pairs, within this VM's noise); at 100,000 the p99
+# came back (21-25 ms).
+SHARED_CPUS_SPIN_COUNT = 30000
+
+
+def spin_briefly_if_cpus_are_shared(n_threads: int) -> bool:
+    """Set libgomp's spin count (GOMP_SPINCOUNT) to SHARED_CPUS_SPIN_COUNT where n_threads kernel threads take every
+    CPU this process may use, so that other threads (a server's event loop, its clients) get the CPU a finished
+    region's worker would have spun on. libgomp reads it once, when it loads (at the process's first parallel region):
+    later, and where the user set GOMP_SPINCOUNT or OMP_WAIT_POLICY, nothing is changed. Returns whether it was set."""
+    import numba.np.ufunc.parallel as numba_parallel
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not Linux)
+        cpus = os.cpu_count() or 1
+    if (n_threads < cpus or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
+            or getattr(numba_parallel, "_is_initialized", True)):
+        return False
+    os.environ["GOMP_SPINCOUNT"] = str(SHARED_CPUS_SPIN_COUNT)
+    return True
+
+
 _LIBGOMP: list = []  # [the libgomp handle, or None where Numba's threads are not libgomp's], once known
 
 

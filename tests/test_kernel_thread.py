@@ -190,3 +190,35 @@ def test_api_calls_on_the_main_thread_leave_no_team_behind():
              "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=quiet)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_a_server_whose_threads_take_every_cpu_cuts_libgomps_spin_before_its_first_region():
+    """spin_briefly_if_cpus_are_shared sets GOMP_SPINCOUNT where the kernel threads take every CPU, so a finished
+    region's worker sleeps instead of holding a CPU the event loop needs (serve calls it before loading); never
+    with fewer threads than CPUs, over the user's own setting, or once libgomp has loaded (it reads it once)."""
+    script = textwrap.dedent("""
+        import os, sys
+        import numpy as np
+        from numba import njit, prange
+        from kernels_cpu.kernel_thread import SHARED_CPUS_SPIN_COUNT, spin_briefly_if_cpus_are_shared as spin
+        cpus = len(os.sched_getaffinity(0))
+        user = os.environ.get("GOMP_SPINCOUNT")
+        assert not spin(cpus - 1) or cpus == 1
+        if user is not None:
+            assert not spin(cpus) and os.environ["GOMP_SPINCOUNT"] == user
+            sys.exit(0)
+        assert spin(cpus) and os.environ["GOMP_SPINCOUNT"] == str(SHARED_CPUS_SPIN_COUNT)
+        del os.environ["GOMP_SPINCOUNT"]
+
+        @njit(parallel=True)
+        def region(a):
+            for i in prange(a.shape[0]):
+                a[i] += 1.0
+        region(np.zeros(8))
+        assert not spin(cpus) and "GOMP_SPINCOUNT" not in os.environ  # too late: libgomp has read its settings
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    for extra in ({}, {"GOMP_SPINCOUNT": "1234"}):
+        done = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, (extra, done.stderr[-2000:])

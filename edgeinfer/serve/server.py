@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from edgeinfer.budget import read_system_state, threads_for_power
 from edgeinfer.errors import EdgeInferError
 from edgeinfer.serve import structured
 from edgeinfer.serve.app import Served, ServerState, create_app
 from edgeinfer.serve.openai_requests import model_names
 from edgeinfer.serve.scheduler import Scheduler
 from edgeinfer.speculative import DEFAULT_SPECULATION, check_speculation
+from kernels_cpu.kernel_thread import spin_briefly_if_cpus_are_shared
 
 log = logging.getLogger("edgeinfer.serve")
 
@@ -103,6 +105,7 @@ def serve(path: Path, options: ServeOptions, say: Callable[[str], None] = print)
     check_speculation(options.speculative, options.draft is not None)  # before anything is bound or loaded
     sock = bind(options.host, options.port)
     bound_malloc_growth()
+    spin_briefly_if_cpus_are_shared(threads_for_power(read_system_state(), n_threads=options.n_threads))
     state = ServerState(api_key=options.api_key)
     config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=max(0.1, options.drain_seconds))
