@@ -28,4 +28,3 @@ def zero_pages(array: np.ndarray, n_threads: int = 1) -> None:
         raise ValueError("zero_pages needs a C-contiguous array")
     if array.size:
         call_with_threads(n_threads, _zero_one_byte_per_page, array.reshape(-1).view(np.uint8), PAGE)
-
