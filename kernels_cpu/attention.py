@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels_cpu._fp16 import bits_to_f32
+from kernels_cpu.borrow import borrowed
 from kernels_cpu.attention_tile import FASTMATH, TILE, tile_scores, tile_values
 from kernels_cpu.kv_types import KEY_BLOCK, head_view, quantize_queries, raw_keys, raw_rows, tile_keys, tile_rows
 from kernels_cpu.simd import (add_widened, exp_f32x16, hint_l2_part, hmax, load_f32x16, splat_f32x16, store_f32x16,
@@ -283,6 +284,11 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
     values, value_scales = head_view(v_pair[0], v_pair[1], layer, seqs[r0], kv_head)
     (qs_all, q8_all, qd_all, q_bias_all), key_buf, value_buf, scores_all, acc_all, total_acc_all, vectors_f32, \
         vectors_f64, limits = work
+    # the workspace's arrays without reference counting: the caller's `work` holds them through every job
+    qs_all, q8_all, qd_all, q_bias_all = borrowed(qs_all), borrowed(q8_all), borrowed(qd_all), borrowed(q_bias_all)
+    key_buf, value_buf, scores_all = borrowed(key_buf), borrowed(value_buf), borrowed(scores_all)
+    acc_all, total_acc_all, limits = borrowed(acc_all), borrowed(total_acc_all), borrowed(limits)
+    vectors_f32, vectors_f64 = borrowed(vectors_f32), borrowed(vectors_f64)
     qs = qs_all[:rows]  # the query vectors by rows, scaled; padding rows 0
     qs[:] = 0.0
     for r in range(r0, r1):
@@ -455,6 +461,10 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
     threads: how many threads the parallel regions run on (numba's get_num_threads in compiled code would make the
     caller uncacheable).
     Small work (one query over a short cache) runs on the calling thread: waking the workers would cost more."""
+    # views without reference counting (kernels_cpu.borrow): the caller holds these arrays through the call, and a
+    # job takes dozens of views of them (both threads at once, of the same arrays)
+    q, positions, seqs, out = borrowed(q), borrowed(positions), borrowed(seqs), borrowed(out)
+    k_pair, v_pair = (borrowed(k_pair[0]), borrowed(k_pair[1])), (borrowed(v_pair[0]), borrowed(v_pair[1]))
     n, n_heads, d_k = q.shape
     n_kv = k_pair[0].shape[2]
     group = n_heads // n_kv
@@ -468,6 +478,7 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
     work *= n_heads * d_k
     many_jobs = n_blocks * n_kv >= 2 * threads and work >= MANY_JOBS_WORK
     part_acc, part_m, part_l = _partials_view(partials, n, n_heads, out.shape[2])
+    part_acc, part_m, part_l = borrowed(part_acc), borrowed(part_m), borrowed(part_l)
     if threads == 1 or (work < PARALLEL_ATTENTION_WORK and not many_jobs):
         work = _workspace(_job_rows(starts, group), d_k, out.shape[2])
         for job in range(n_blocks * n_kv):

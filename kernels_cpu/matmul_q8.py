@@ -11,6 +11,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from kernels_cpu.activations_q8 import quantize_activations_rows
+from kernels_cpu.borrow import borrowed
 from kernels_cpu.formats import check_out
 from kernels_cpu.kernel_thread import call_parallel
 from kernels_cpu.matvec_q8 import (GROUP, Q4_0_R, Q4_1_R, Q4_K_R, Q5_0_R, Q5_1_R, Q5_K_R, Q6_K_R, Q6_SUPER, Q8_0_R,
@@ -157,6 +158,8 @@ def matmul_tiles16(packed, xq, xd, xs, out, type_id):
         for t in range(n_tokens):
             sums16[t] = half_block_sums(xq[t])
     n_tiles, last = _tiles_and_last(n_tokens)
+    # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
+    packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
         w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
         for tile in range(n_tiles):
@@ -179,6 +182,8 @@ def matmul_tiles16_q8_0_wide(packed, xq, xd, xs, out):
     wide = n_tokens // 8 * 8
     rest = n_tokens - wide
     n_tiles, last = _tiles_and_last(rest)
+    # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
+    packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
         w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
         for t in range(0, wide, 8):  # the first tile hints

@@ -34,6 +34,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from kernels_cpu._fp16 import f16_at
+from kernels_cpu.borrow import borrowed
 from kernels_cpu.formats import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K,
                                  Q8_0, QK, check_out, check_raw)
 from kernels_cpu.kernel_thread import call_parallel
@@ -371,6 +372,8 @@ def add_block16(acc, w, b, xq, xd, xs, ggml_type):
 def matvec_blocks16(packed, xq, xd, xs, out, ggml_type):
     """Repacked Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (ggml_type the repacked id, a constant)."""
     literally(ggml_type)
+    # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
+    packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
         w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
         stride = _layout(ggml_type)[0]
@@ -402,6 +405,8 @@ def add_block_k4_16(acc, w, o, d, dmin, j, b, xq, xd, xs, ggml_type):
 def matvec_k4_16(packed, xq, xd, xs, out, ggml_type):
     """Repacked Q4_K, Q5_K (ggml_type the repacked id, a constant)."""
     literally(ggml_type)
+    # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
+    packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
         w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
         acc = zero_f32x16()
@@ -442,6 +447,8 @@ Q6_SUPER = 3360  # _SUPER_BYTES[Q6_K]
 def matvec_q6_k16(packed, xq, xd, xs, out):
     """Repacked Q6_K."""
     sums16 = half_block_sums(xq)
+    # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
+    packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
         w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
         acc = zero_f32x16()
