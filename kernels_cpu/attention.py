@@ -35,8 +35,8 @@ import numpy as np
 from numba import njit, prange
 
 from kernels_cpu._fp16 import bits_to_f32
-from kernels_cpu.borrow import borrowed
 from kernels_cpu.attention_tile import FASTMATH, TILE, tile_scores, tile_values
+from kernels_cpu.borrow import borrowed
 from kernels_cpu.kv_types import KEY_BLOCK, head_view, quantize_queries, raw_keys, raw_rows, tile_keys, tile_rows
 from kernels_cpu.simd import (add_widened, exp_f32x16, hint_l2_part, hmax, load_f32x16, splat_f32x16, store_f32x16,
                               tree_sum, vmax, vsub, where_in_range, zero_f64x16)
