@@ -80,11 +80,12 @@ def make_partials(n_heads: int, d_v: int) -> Partials:
 
 @njit(cache=True, inline="always")
 def _partials_view(partials, n, n_heads, d_v):
-    """The partials as (chunk slots, n rows, n_heads[, d_v]) arrays for a call of n rows: PARTIAL_SLOTS // n slots."""
+    """The partials as (chunk slots, n rows, n_heads[, d_v]) arrays for a call of n rows: PARTIAL_SLOTS // n slots.
+    Borrowed views (kernels_cpu.borrow): the caller holds `partials` through the call."""
     slots = partials.m.shape[0] // n_heads // n
-    return (partials.acc[:slots * n * n_heads * d_v].reshape((slots, n, n_heads, d_v)),
-            partials.m[:slots * n * n_heads].reshape((slots, n, n_heads)),
-            partials.l[:slots * n * n_heads].reshape((slots, n, n_heads)))
+    return (borrowed(partials.acc[:slots * n * n_heads * d_v].reshape((slots, n, n_heads, d_v))),
+            borrowed(partials.m[:slots * n * n_heads].reshape((slots, n, n_heads))),
+            borrowed(partials.l[:slots * n * n_heads].reshape((slots, n, n_heads))))
 
 
 @njit(cache=True)
@@ -478,7 +479,6 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
     work *= n_heads * d_k
     many_jobs = n_blocks * n_kv >= 2 * threads and work >= MANY_JOBS_WORK
     part_acc, part_m, part_l = _partials_view(partials, n, n_heads, out.shape[2])
-    part_acc, part_m, part_l = borrowed(part_acc), borrowed(part_m), borrowed(part_l)
     if threads == 1 or (work < PARALLEL_ATTENTION_WORK and not many_jobs):
         work = _workspace(_job_rows(starts, group), d_k, out.shape[2])
         for job in range(n_blocks * n_kv):

@@ -10,8 +10,9 @@ decode step at depth 4096 on one thread: 8.1-8.4 -> 6.3 ms without them). Where 
 the cores at every view.
 
 `borrowed(a)` is `a` without the link to its owner: views of it are counted against nobody (Numba's NRT_incref and
-NRT_decref return at once for a null owner). The caller must keep `a` itself alive while the view is used: borrow a
-function's arguments (the caller holds them) or arrays a live variable holds, never a temporary.
+NRT_decref return at once for a null owner). The memory must stay alive while the view is used: borrow a function's
+arguments (the caller holds them), views of them, or arrays a live variable holds; never a fresh allocation that
+nothing else holds.
 """
 from numba import types
 from numba.core import cgutils, ir_utils
