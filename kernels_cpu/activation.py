@@ -82,12 +82,18 @@ def gated_from_fused_row(gate_up, out, gelu):
     """One row: out (d,) <- GELU-tanh(gate) * up if gelu else SiLU(gate) * up, where gate_up (2d,) is the fused
     gate|up projection: read where the projection left them, not copied apart first."""
     d = out.shape[0]
+    gated_row(gate_up[:d], gate_up[d:2 * d], out, gelu)
+
+
+@njit(cache=True, error_model="numpy")
+def gated_row(gate, up, out, gelu):
+    """out (d,) <- GELU-tanh(gate) * up if gelu else SiLU(gate) * up (out may be gate): a row, or a part of one."""
     if gelu:
-        for j in range(d):
-            out[j] = _gelu_mul(gate_up[j], gate_up[d + j])
+        for j in range(out.shape[0]):
+            out[j] = _gelu_mul(gate[j], up[j])
     else:
-        for j in range(d):
-            out[j] = _silu_mul(gate_up[j], gate_up[d + j])
+        for j in range(out.shape[0]):
+            out[j] = _silu_mul(gate[j], up[j])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

@@ -491,3 +491,64 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
                    starts, n_kv, n_parts, chunks_per_part, threads)
     if n_parts > 0:
         _merge_partials(part_acc, part_m, part_l, min(n_parts * chunks_per_part, part_m.shape[0]), out)
+
+
+# ---------------------------------------------------------------- a layer's attention shared by a team (forward.py)
+
+@njit(cache=True)
+def team_blocks(seqs, n_heads, n_kv):
+    """The blocks (as _blocks) a batch's rows form for any layer: the same in every layer of one forward pass."""
+    return _blocks(seqs, max(1, QUERY_VECTORS // (n_heads // n_kv)))
+
+
+@njit(cache=True)
+def team_workspace(starts, n_heads, n_kv, d_k, d_v):
+    """One team thread's buffers for the attention jobs of a forward pass (as _workspace), and a pair of
+    one-element arrays for its merges (a running maximum and normalizer)."""
+    work = _workspace(_job_rows(starts, n_heads // n_kv), d_k, d_v)
+    return work, np.empty(1, np.float32), np.empty(1, np.float64)
+
+
+@njit(cache=True)
+def team_split(positions, starts, window, n_heads, n_kv, d_k, n_rows, partials, threads):
+    """(parts per job, chunks per part) for a team of `threads` over one layer: split as attention_rows splits
+    (never on one thread, or where the work is too small to be worth a merge), else (0, 0)."""
+    work, most_chunks = 0, 0
+    for b in range(starts.shape[0] - 1):
+        lo, hi = _key_range(positions, starts[b], starts[b + 1], window)
+        work += (hi - lo) * (starts[b + 1] - starts[b])
+        most_chunks = max(most_chunks, (hi + CHUNK - 1) // CHUNK - lo // CHUNK)
+    if threads == 1 or work * n_heads * d_k < PARALLEL_ATTENTION_WORK:
+        return 0, 0
+    return split_plan((starts.shape[0] - 1) * n_kv, most_chunks, partials.m.shape[0] // n_heads // n_rows, threads)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def team_jobs(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials, starts, n_kv, n_parts,
+              chunks_per_part, job0, job1, hint, work):
+    """Attention jobs job0..job1-1 of a layer (as _jobs_parallel runs them) on the calling team thread, with its
+    workspace `work`, each job hinting the first tile of the next (the last: of job `hint`, the one this thread
+    will likely claim next) into L2 first. The caller's arrays come borrowed (kernels_cpu.borrow)."""
+    part_acc, part_m, part_l = _partials_view(partials, q.shape[0], q.shape[1], out.shape[2])
+    for job in range(job0, job1):
+        _hint_job(positions, seqs, k_pair, v_pair, layer, window, starts, n_kv, n_parts, chunks_per_part,
+                  job + 1 if job + 1 < job1 else hint)
+        _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, part_acc, part_m, part_l, starts,
+             n_kv, n_parts, chunks_per_part, job, work)
+
+
+@njit(cache=True, error_model="numpy")
+def team_merge(partials, n_slots, out, i0, i1, total_m, total_l):
+    """_merge_partials' (row, head) pairs i0..i1-1 (i = row * n_heads + head) on the calling team thread;
+    total_m, total_l: its one-element buffers."""
+    n, n_heads, d_v = out.shape
+    part_acc, part_m, part_l = _partials_view(partials, n, n_heads, d_v)
+    for i in range(i0, i1):
+        r, h = i // n_heads, i % n_heads
+        total_acc = out[r, h]
+        total_acc[:] = 0.0
+        total_m[0], total_l[0] = -np.inf, 0.0
+        for slot in range(n_slots):
+            _merge_chunk(total_acc, total_m, total_l, 0, part_acc[slot, r, h], part_m[slot, r, h],
+                         part_l[slot, r, h])
+        _finish(total_acc, total_l[0], total_acc)

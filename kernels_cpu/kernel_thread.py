@@ -3,9 +3,10 @@
 Numba's OpenMP threading layer (libgomp) gives every thread that starts a parallel region a team of worker threads of
 its own, kept for that thread's life. Once two threads hold teams, the process manages more threads than it has
 CPUs, and libgomp then cuts its workers' spin at the end of a region to a few hundred iterations (its "throttled"
-spin count, which no environment variable lifts): a worker sleeps between regions, and each of a forward pass's
-~150 regions pays a futex wake. Measured on 2 cores (SmolLM2, a model loaded on the main thread and run from
-another): one decode row 3.4 -> 8-11 ms, eight rows 6.6 -> 18-25 ms. An app that loads a model at start-up and
+spin count, which no environment variable lifts): a worker sleeps between regions, and each region pays a futex
+wake. Measured on 2 cores when each op of a forward pass was a region of its own, ~150 of them (the pass is one
+region now, kernels_cpu.forward, but each call still starts one), SmolLM2, a model loaded on the main thread and run
+from another: one decode row 3.4 -> 8-11 ms, eight rows 6.6 -> 18-25 ms. An app that loads a model at start-up and
 generates from a worker thread (a GUI, a web framework's thread pool) paid that on every token.
 
 So `call_parallel` runs a kernel call

@@ -145,62 +145,99 @@ def _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, ahead):
     store_f32x16(out[t + 7], GROUP * g, a7)
 
 
+@njit(cache=True, inline="always")
+def _sums16(xq, type_id):
+    """Q6_K's offsets need x's sums per 16 elements (the other layouts: none, an empty array)."""
+    n_tokens = xq.shape[0]
+    sums16 = np.zeros((n_tokens, xq.shape[1] // 16 if type_id == Q6_K_R else 0), np.int32)
+    if type_id == Q6_K_R:
+        for t in range(n_tokens):
+            sums16[t] = half_block_sums(xq[t])
+    return sums16
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def matmul_tiles16(packed, xq, xd, xs, out, type_id):
     """out[t, 16 g:16 g + 16] for every token t and group g of a repacked layout (type_id a constant);
     xq (n_tokens, n), xd/xs (n_tokens, n // 32), out (n_tokens, n_rows). Each token's sums are the same whichever
     tile it is in."""
     literally(type_id)
-    n_tokens, n_blocks = xd.shape
-    # Q6_K's offsets need x's sums per 16 elements (the other layouts: none)
-    sums16 = np.zeros((n_tokens, xq.shape[1] // 16 if type_id == Q6_K_R else 0), np.int32)
-    if type_id == Q6_K_R:
-        for t in range(n_tokens):
-            sums16[t] = half_block_sums(xq[t])
-    n_tiles, last = _tiles_and_last(n_tokens)
+    sums16 = _sums16(xq, type_id)
     # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
     packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
-        w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
-        for tile in range(n_tiles):
-            t0, t1, t2, t3 = _tile_tokens(tile, n_tokens)
-            if tile == 0 and n_tokens >= TILE:  # (a tile of repeated tokens hinting: 3-9% slower)
-                _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_id, ahead)
-            else:
-                _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_id, None)
-        if last > 0:
-            t = TILE * n_tiles
-            _group_tile2(w, g, t, t + last - 1, xq, xd, xs, sums16, out, n_blocks, type_id)
+        _tiles16_group(packed, g, xq, xd, xs, sums16, out, type_id)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def matmul_tiles16_part(packed, xq, xd, xs, out, type_id, g0, g1):
+    """matmul_tiles16's groups g0..g1-1 on the calling thread: a share of a team's matrix product (the caller's
+    arrays borrowed: kernels_cpu.borrow)."""
+    literally(type_id)
+    sums16 = _sums16(xq, type_id)
+    packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
+    for g in range(g0, g1):
+        _tiles16_group(packed, g, xq, xd, xs, sums16, out, type_id)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _tiles16_group(packed, g, xq, xd, xs, sums16, out, type_id):
+    n_tokens, n_blocks = xd.shape
+    n_tiles, last = _tiles_and_last(n_tokens)
+    w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
+    for tile in range(n_tiles):
+        t0, t1, t2, t3 = _tile_tokens(tile, n_tokens)
+        if tile == 0 and n_tokens >= TILE:  # (a tile of repeated tokens hinting: 3-9% slower)
+            _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_id, ahead)
+        else:
+            _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_id, None)
+    if last > 0:
+        t = TILE * n_tiles
+        _group_tile2(w, g, t, t + last - 1, xq, xd, xs, sums16, out, n_blocks, type_id)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def matmul_tiles16_q8_0_wide(packed, xq, xd, xs, out):
     """matmul_tiles16 for repacked Q8_0 with the tokens in tiles of 8, the rest in tiles of 4 (AVX-512 only: the 8
     accumulators and a block's 8 vectors of weights need its 32 registers)."""
-    n_tokens, n_blocks = xd.shape
-    no_sums16 = np.zeros((n_tokens, 0), np.int32)
-    wide = n_tokens // 8 * 8
-    rest = n_tokens - wide
-    n_tiles, last = _tiles_and_last(rest)
+    no_sums16 = np.zeros((xq.shape[0], 0), np.int32)
     # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
     packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
-        w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
-        for t in range(0, wide, 8):  # the first tile hints
-            if t == 0:
-                _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, ahead)
-            else:
-                _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, None)
-        for tile in range(n_tiles):
-            t0, t1, t2, t3 = _tile_tokens(tile, rest)
-            if wide == 0 and tile == 0 and rest >= TILE:
-                _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, no_sums16, out, n_blocks, Q8_0_R, ahead)
-            else:
-                _group_tile4(w, g, wide + t0, wide + t1, wide + t2, wide + t3, xq, xd, xs, no_sums16, out,
-                             n_blocks, Q8_0_R, None)
-        if last > 0:
-            t = wide + TILE * n_tiles
-            _group_tile2(w, g, t, t + last - 1, xq, xd, xs, no_sums16, out, n_blocks, Q8_0_R)
+        _wide_group(packed, g, xq, xd, xs, no_sums16, out)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def matmul_tiles16_q8_0_wide_part(packed, xq, xd, xs, out, g0, g1):
+    """matmul_tiles16_q8_0_wide's groups g0..g1-1 on the calling thread."""
+    no_sums16 = np.zeros((xq.shape[0], 0), np.int32)
+    packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
+    for g in range(g0, g1):
+        _wide_group(packed, g, xq, xd, xs, no_sums16, out)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _wide_group(packed, g, xq, xd, xs, no_sums16, out):
+    n_tokens, n_blocks = xd.shape
+    wide = n_tokens // 8 * 8
+    rest = n_tokens - wide
+    n_tiles, last = _tiles_and_last(rest)
+    w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
+    for t in range(0, wide, 8):  # the first tile hints
+        if t == 0:
+            _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, ahead)
+        else:
+            _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, None)
+    for tile in range(n_tiles):
+        t0, t1, t2, t3 = _tile_tokens(tile, rest)
+        if wide == 0 and tile == 0 and rest >= TILE:
+            _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, no_sums16, out, n_blocks, Q8_0_R, ahead)
+        else:
+            _group_tile4(w, g, wide + t0, wide + t1, wide + t2, wide + t3, xq, xd, xs, no_sums16, out,
+                         n_blocks, Q8_0_R, None)
+    if last > 0:
+        t = wide + TILE * n_tiles
+        _group_tile2(w, g, t, t + last - 1, xq, xd, xs, no_sums16, out, n_blocks, Q8_0_R)
 
 
 # One small compiled entry per repacked type, picked in Python: a compiled if-chain over all types would compile every
@@ -279,22 +316,31 @@ def matmul_q8(type_id: int, weights: np.ndarray, x: np.ndarray, out: np.ndarray 
 
 
 @njit(cache=True)
-def matmul_tiles_dispatch(type_id, w, xq, xd, xs, out):
-    """matmul_tiles16 for compiled callers: an if-chain over the repacked layouts (kernels_cpu.specialize keeps only
-    a model's branches). An unknown id leaves out as it is."""
+def matmul_tiles_part(type_id, w, xq, xd, xs, out, g0, g1):
+    """Groups g0..g1-1 of any repacked layout's tile kernel on the calling thread (a share of a team's matrix
+    product): an if-chain over the repacked layouts (kernels_cpu.specialize keeps only a model's branches). An unknown
+    id leaves out as it is."""
     if type_id == Q4_1_R:
-        matmul_tiles16(w, xq, xd, xs, out, Q4_1_R)
+        matmul_tiles16_part(w, xq, xd, xs, out, Q4_1_R, g0, g1)
     elif type_id == Q8_0_R:
-        _tiles_q8_0(w, xq, xd, xs, out)
+        _tiles_q8_0_part(w, xq, xd, xs, out, g0, g1)
     elif type_id == Q4_K_R:
-        matmul_tiles16(w, xq, xd, xs, out, Q4_K_R)
+        matmul_tiles16_part(w, xq, xd, xs, out, Q4_K_R, g0, g1)
     elif type_id == Q6_K_R:
-        matmul_tiles16(w, xq, xd, xs, out, Q6_K_R)
+        matmul_tiles16_part(w, xq, xd, xs, out, Q6_K_R, g0, g1)
     elif type_id == Q5_0_R:
-        matmul_tiles16(w, xq, xd, xs, out, Q5_0_R)
+        matmul_tiles16_part(w, xq, xd, xs, out, Q5_0_R, g0, g1)
     elif type_id == Q4_0_R:
-        matmul_tiles16(w, xq, xd, xs, out, Q4_0_R)
+        matmul_tiles16_part(w, xq, xd, xs, out, Q4_0_R, g0, g1)
     elif type_id == Q5_1_R:
-        matmul_tiles16(w, xq, xd, xs, out, Q5_1_R)
+        matmul_tiles16_part(w, xq, xd, xs, out, Q5_1_R, g0, g1)
     elif type_id == Q5_K_R:
-        matmul_tiles16(w, xq, xd, xs, out, Q5_K_R)
+        matmul_tiles16_part(w, xq, xd, xs, out, Q5_K_R, g0, g1)
+
+
+@njit(cache=True)
+def _tiles_q8_0_part(w, xq, xd, xs, out, g0, g1):
+    if WIDE_TILE:
+        matmul_tiles16_q8_0_wide_part(w, xq, xd, xs, out, g0, g1)
+    else:
+        matmul_tiles16_part(w, xq, xd, xs, out, Q8_0_R, g0, g1)

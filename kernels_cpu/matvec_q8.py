@@ -143,29 +143,43 @@ def matvec_blocks(raw, xq, xd, xs, out, ggml_type):
     """Raw Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (ggml_type a constant)."""
     literally(ggml_type)
     xds = _x_sums(xd, xs)
+    for g in prange((raw.shape[0] + 3) // 4):
+        _blocks_group(raw, g, xq, xd, xs, xds, out, ggml_type)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def matvec_blocks_part(raw, xq, xd, xs, out, ggml_type, g0, g1):
+    """matvec_blocks' row groups (of 4) g0..g1-1 on the calling thread: a share of a team's matvec."""
+    literally(ggml_type)
+    xds = _x_sums(xd, xs)
+    for g in range(g0, g1):
+        _blocks_group(raw, g, xq, xd, xs, xds, out, ggml_type)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _blocks_group(raw, g, xq, xd, xs, xds, out, ggml_type):
     n_rows = raw.shape[0]
-    for g in prange((n_rows + 3) // 4):
-        stride, _, _, has_min = _layout(ggml_type)
-        r0, r1, r2, r3 = _group_rows(g, n_rows)
-        w0, w1, w2, w3 = raw[r0], raw[r1], raw[r2], raw[r3]
-        a0 = a1 = a2 = a3 = zero_f32x8()
-        m0 = m1 = m2 = m3 = np.float32(0.0)
-        ahead = raw[min(r3 + 1, n_rows - 1)]  # the next group's first row: its lines reach the cache meanwhile
-        for b in range(xd.shape[0]):
-            o, xv, xdb = stride * b, load_i8x32(xq, QK * b), xd[b]
-            prefetch(ahead, 4 * o)
-            prefetch(ahead, 4 * o + 64)
-            sums = lane_sums(xv)
-            a0 = _block(a0, w0, o, xv, sums, xdb, ggml_type)
-            a1 = _block(a1, w1, o, xv, sums, xdb, ggml_type)
-            a2 = _block(a2, w2, o, xv, sums, xdb, ggml_type)
-            a3 = _block(a3, w3, o, xv, sums, xdb, ggml_type)
-            if has_min:
-                m0 += f16_at(w0, o + 2) * xds[b]
-                m1 += f16_at(w1, o + 2) * xds[b]
-                m2 += f16_at(w2, o + 2) * xds[b]
-                m3 += f16_at(w3, o + 2) * xds[b]
-        out[r0], out[r1], out[r2], out[r3] = hsum(a0) + m0, hsum(a1) + m1, hsum(a2) + m2, hsum(a3) + m3
+    stride, _, _, has_min = _layout(ggml_type)
+    r0, r1, r2, r3 = _group_rows(g, n_rows)
+    w0, w1, w2, w3 = raw[r0], raw[r1], raw[r2], raw[r3]
+    a0 = a1 = a2 = a3 = zero_f32x8()
+    m0 = m1 = m2 = m3 = np.float32(0.0)
+    ahead = raw[min(r3 + 1, n_rows - 1)]  # the next group's first row: its lines reach the cache meanwhile
+    for b in range(xd.shape[0]):
+        o, xv, xdb = stride * b, load_i8x32(xq, QK * b), xd[b]
+        prefetch(ahead, 4 * o)
+        prefetch(ahead, 4 * o + 64)
+        sums = lane_sums(xv)
+        a0 = _block(a0, w0, o, xv, sums, xdb, ggml_type)
+        a1 = _block(a1, w1, o, xv, sums, xdb, ggml_type)
+        a2 = _block(a2, w2, o, xv, sums, xdb, ggml_type)
+        a3 = _block(a3, w3, o, xv, sums, xdb, ggml_type)
+        if has_min:
+            m0 += f16_at(w0, o + 2) * xds[b]
+            m1 += f16_at(w1, o + 2) * xds[b]
+            m2 += f16_at(w2, o + 2) * xds[b]
+            m3 += f16_at(w3, o + 2) * xds[b]
+    out[r0], out[r1], out[r2], out[r3] = hsum(a0) + m0, hsum(a1) + m1, hsum(a2) + m2, hsum(a3) + m3
 
 
 # ---------------------------------------------------------------- raw K-quants: 256-element super-blocks
@@ -196,22 +210,36 @@ def matvec_k4(raw, xq, xd, xs, out, ggml_type):
     """Raw Q4_K, Q5_K (ggml_type a constant): sub-blocks of 32 with a 6-bit scale and minimum."""
     literally(ggml_type)
     xds = _x_sums(xd, xs)
+    for g in prange((raw.shape[0] + 3) // 4):
+        _k4_group(raw, g, xq, xd, xds, out, ggml_type)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def matvec_k4_part(raw, xq, xd, xs, out, ggml_type, g0, g1):
+    """matvec_k4's row groups (of 4) g0..g1-1 on the calling thread."""
+    literally(ggml_type)
+    xds = _x_sums(xd, xs)
+    for g in range(g0, g1):
+        _k4_group(raw, g, xq, xd, xds, out, ggml_type)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _k4_group(raw, g, xq, xd, xds, out, ggml_type):
     n_rows = raw.shape[0]
-    for g in prange((n_rows + 3) // 4):
-        stride = _layout(ggml_type)[0]
-        r0, r1, r2, r3 = _group_rows(g, n_rows)
-        w0, w1, w2, w3 = raw[r0], raw[r1], raw[r2], raw[r3]
-        a0 = a1 = a2 = a3 = m0 = m1 = m2 = m3 = zero_f32x16()
-        for sb in range(xd.shape[0] // 8):
-            o, e = stride * sb, 256 * sb
-            xx = join(load_f32x8(xd, 8 * sb), load_f32x8(xds, 8 * sb))
-            x0, x1, x2, x3 = load_i8x64(xq, e), load_i8x64(xq, e + 64), load_i8x64(xq, e + 128), load_i8x64(xq, e + 192)
-            a0, m0 = _super_k4(a0, m0, w0, o, xx, x0, x1, x2, x3, ggml_type)
-            a1, m1 = _super_k4(a1, m1, w1, o, xx, x0, x1, x2, x3, ggml_type)
-            a2, m2 = _super_k4(a2, m2, w2, o, xx, x0, x1, x2, x3, ggml_type)
-            a3, m3 = _super_k4(a3, m3, w3, o, xx, x0, x1, x2, x3, ggml_type)
-        out[r0], out[r1] = hsum(a0) - hsum(upper_half(m0)), hsum(a1) - hsum(upper_half(m1))
-        out[r2], out[r3] = hsum(a2) - hsum(upper_half(m2)), hsum(a3) - hsum(upper_half(m3))
+    stride = _layout(ggml_type)[0]
+    r0, r1, r2, r3 = _group_rows(g, n_rows)
+    w0, w1, w2, w3 = raw[r0], raw[r1], raw[r2], raw[r3]
+    a0 = a1 = a2 = a3 = m0 = m1 = m2 = m3 = zero_f32x16()
+    for sb in range(xd.shape[0] // 8):
+        o, e = stride * sb, 256 * sb
+        xx = join(load_f32x8(xd, 8 * sb), load_f32x8(xds, 8 * sb))
+        x0, x1, x2, x3 = load_i8x64(xq, e), load_i8x64(xq, e + 64), load_i8x64(xq, e + 128), load_i8x64(xq, e + 192)
+        a0, m0 = _super_k4(a0, m0, w0, o, xx, x0, x1, x2, x3, ggml_type)
+        a1, m1 = _super_k4(a1, m1, w1, o, xx, x0, x1, x2, x3, ggml_type)
+        a2, m2 = _super_k4(a2, m2, w2, o, xx, x0, x1, x2, x3, ggml_type)
+        a3, m3 = _super_k4(a3, m3, w3, o, xx, x0, x1, x2, x3, ggml_type)
+    out[r0], out[r1] = hsum(a0) - hsum(upper_half(m0)), hsum(a1) - hsum(upper_half(m1))
+    out[r2], out[r3] = hsum(a2) - hsum(upper_half(m2)), hsum(a3) - hsum(upper_half(m3))
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -248,24 +276,38 @@ def matvec_k16(raw, xq, xd, xs, out, ggml_type):
     """Raw Q6_K, Q3_K, Q2_K (ggml_type a constant): sub-blocks of 16 elements."""
     literally(ggml_type)
     sums16 = half_block_sums(xq)
+    for g in prange((raw.shape[0] + 3) // 4):
+        _k16_group(raw, g, xq, xd, sums16, out, ggml_type)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def matvec_k16_part(raw, xq, xd, xs, out, ggml_type, g0, g1):
+    """matvec_k16's row groups (of 4) g0..g1-1 on the calling thread."""
+    literally(ggml_type)
+    sums16 = half_block_sums(xq)
+    for g in range(g0, g1):
+        _k16_group(raw, g, xq, xd, sums16, out, ggml_type)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _k16_group(raw, g, xq, xd, sums16, out, ggml_type):
     n_rows = raw.shape[0]
-    for g in prange((n_rows + 3) // 4):
-        stride, _, offset, _ = _layout(ggml_type)
-        r0, r1, r2, r3 = _group_rows(g, n_rows)
-        w0, w1, w2, w3 = raw[r0], raw[r1], raw[r2], raw[r3]
-        a0 = a1 = a2 = a3 = zero_f32x16()
-        for sb in range(xd.shape[0] // 8):
-            o, e = stride * sb, 256 * sb
-            x0, x1, x2, x3 = load_i8x64(xq, e), load_i8x64(xq, e + 64), load_i8x64(xq, e + 128), load_i8x64(xq, e + 192)
-            i0, i1 = times(lane_sums(x0), offset), times(lane_sums(x1), offset)
-            i2, i3 = times(lane_sums(x2), offset), times(lane_sums(x3), offset)
-            xd16 = spread_pairs(xd, 8 * sb)
-            xs16 = vmul(xd16, to_float(load_i32x16(sums16, 16 * sb)))
-            a0 = _super_k16(a0, w0, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
-            a1 = _super_k16(a1, w1, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
-            a2 = _super_k16(a2, w2, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
-            a3 = _super_k16(a3, w3, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
-        out[r0], out[r1], out[r2], out[r3] = hsum(a0), hsum(a1), hsum(a2), hsum(a3)
+    stride, _, offset, _ = _layout(ggml_type)
+    r0, r1, r2, r3 = _group_rows(g, n_rows)
+    w0, w1, w2, w3 = raw[r0], raw[r1], raw[r2], raw[r3]
+    a0 = a1 = a2 = a3 = zero_f32x16()
+    for sb in range(xd.shape[0] // 8):
+        o, e = stride * sb, 256 * sb
+        x0, x1, x2, x3 = load_i8x64(xq, e), load_i8x64(xq, e + 64), load_i8x64(xq, e + 128), load_i8x64(xq, e + 192)
+        i0, i1 = times(lane_sums(x0), offset), times(lane_sums(x1), offset)
+        i2, i3 = times(lane_sums(x2), offset), times(lane_sums(x3), offset)
+        xd16 = spread_pairs(xd, 8 * sb)
+        xs16 = vmul(xd16, to_float(load_i32x16(sums16, 16 * sb)))
+        a0 = _super_k16(a0, w0, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
+        a1 = _super_k16(a1, w1, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
+        a2 = _super_k16(a2, w2, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
+        a3 = _super_k16(a3, w3, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
+    out[r0], out[r1], out[r2], out[r3] = hsum(a0), hsum(a1), hsum(a2), hsum(a3)
 
 
 # ---------------------------------------------------------------- raw float weights: x dequantized back to float32
@@ -285,12 +327,26 @@ def matvec_float(raw, xq, xd, xs, out, ggml_type):
     literally(ggml_type)
     x = _dequantized_x(xq, xd)
     for r in prange(raw.shape[0]):
-        if ggml_type == F32:
-            out[r] = dot_row_f32(raw[r], x)
-        elif ggml_type == F16:
-            out[r] = dot_row_f16(raw[r], x)
-        else:
-            out[r] = dot_row_bf16(raw[r], x)
+        _float_row(raw, r, x, out, ggml_type)
+
+
+@njit(cache=True)
+def matvec_float_part(raw, xq, xd, xs, out, ggml_type, r0, r1):
+    """matvec_float's rows r0..r1-1 on the calling thread."""
+    literally(ggml_type)
+    x = _dequantized_x(xq, xd)
+    for r in range(r0, r1):
+        _float_row(raw, r, x, out, ggml_type)
+
+
+@njit(cache=True, inline="always")
+def _float_row(raw, r, x, out, ggml_type):
+    if ggml_type == F32:
+        out[r] = dot_row_f32(raw[r], x)
+    elif ggml_type == F16:
+        out[r] = dot_row_f16(raw[r], x)
+    else:
+        out[r] = dot_row_bf16(raw[r], x)
 
 
 # ---------------------------------------------------------------- repacked: 16 rows interleaved
@@ -375,13 +431,27 @@ def matvec_blocks16(packed, xq, xd, xs, out, ggml_type):
     # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
     packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
-        w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
-        stride = _layout(ggml_type)[0]
-        acc = zero_f32x16()
-        for b in range(xd.shape[0]):
-            _prefetch_range(ahead, stride * b, stride)
-            acc = add_block16(acc, w, b, xq, xd, xs, ggml_type)
-        store_f32x16(out, GROUP * g, acc)
+        _blocks16_group(packed, g, xq, xd, xs, out, ggml_type)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def matvec_blocks16_part(packed, xq, xd, xs, out, ggml_type, g0, g1):
+    """matvec_blocks16's groups g0..g1-1 on the calling thread: a share of a team's matvec (the caller's arrays
+    borrowed: kernels_cpu.borrow)."""
+    literally(ggml_type)
+    for g in range(g0, g1):
+        _blocks16_group(packed, g, xq, xd, xs, out, ggml_type)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _blocks16_group(packed, g, xq, xd, xs, out, ggml_type):
+    w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
+    stride = _layout(ggml_type)[0]
+    acc = zero_f32x16()
+    for b in range(xd.shape[0]):
+        _prefetch_range(ahead, stride * b, stride)
+        acc = add_block16(acc, w, b, xq, xd, xs, ggml_type)
+    store_f32x16(out, GROUP * g, acc)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -408,14 +478,27 @@ def matvec_k4_16(packed, xq, xd, xs, out, ggml_type):
     # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
     packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
-        w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
-        acc = zero_f32x16()
-        for sb in range(xd.shape[0] // 8):
-            o, d, dmin = super_k4_16(w, sb, ggml_type)
-            _prefetch_range(ahead, o, 64 + 8 * _layout(ggml_type)[0])
-            for j in range(8):
-                acc = add_block_k4_16(acc, w, o, d, dmin, j, 8 * sb + j, xq, xd, xs, ggml_type)
-        store_f32x16(out, GROUP * g, acc)
+        _k4_16_group(packed, g, xq, xd, xs, out, ggml_type)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def matvec_k4_16_part(packed, xq, xd, xs, out, ggml_type, g0, g1):
+    """matvec_k4_16's groups g0..g1-1 on the calling thread."""
+    literally(ggml_type)
+    for g in range(g0, g1):
+        _k4_16_group(packed, g, xq, xd, xs, out, ggml_type)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _k4_16_group(packed, g, xq, xd, xs, out, ggml_type):
+    w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
+    acc = zero_f32x16()
+    for sb in range(xd.shape[0] // 8):
+        o, d, dmin = super_k4_16(w, sb, ggml_type)
+        _prefetch_range(ahead, o, 64 + 8 * _layout(ggml_type)[0])
+        for j in range(8):
+            acc = add_block_k4_16(acc, w, o, d, dmin, j, 8 * sb + j, xq, xd, xs, ggml_type)
+    store_f32x16(out, GROUP * g, acc)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -450,15 +533,28 @@ def matvec_q6_k16(packed, xq, xd, xs, out):
     # without reference counting (kernels_cpu.borrow): both threads take views of these arrays for every group
     packed, xq, xd, xs, out = borrowed(packed), borrowed(xq), borrowed(xd), borrowed(xs), borrowed(out)
     for g in prange(packed.shape[0]):
-        w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
-        acc = zero_f32x16()
-        for sb in range(xd.shape[0] // 8):
-            o = Q6_SUPER * sb
-            _prefetch_range(ahead, o, Q6_SUPER)
-            d = halves_f32x16(w, o)
-            for j in range(8):
-                acc = add_block_q6_16(acc, w, o, d, j, 8 * sb + j, xq, xd, sums16)
-        store_f32x16(out, GROUP * g, acc)
+        _q6_k16_group(packed, g, xq, xd, sums16, out)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def matvec_q6_k16_part(packed, xq, xd, xs, out, g0, g1):
+    """matvec_q6_k16's groups g0..g1-1 on the calling thread."""
+    sums16 = half_block_sums(xq)
+    for g in range(g0, g1):
+        _q6_k16_group(packed, g, xq, xd, sums16, out)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _q6_k16_group(packed, g, xq, xd, sums16, out):
+    w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
+    acc = zero_f32x16()
+    for sb in range(xd.shape[0] // 8):
+        o = Q6_SUPER * sb
+        _prefetch_range(ahead, o, Q6_SUPER)
+        d = halves_f32x16(w, o)
+        for j in range(8):
+            acc = add_block_q6_16(acc, w, o, d, j, 8 * sb + j, xq, xd, sums16)
+    store_f32x16(out, GROUP * g, acc)
 
 
 def repacked_row_bytes(ggml_type: int, n_cols: int) -> int:
@@ -524,6 +620,64 @@ def matvec_q8_dispatch(ggml_type, raw, xq, xd, xs, out):
         matvec_float(raw, xq, xd, xs, out, F16)
     elif ggml_type == BF16:
         matvec_float(raw, xq, xd, xs, out, BF16)
+
+
+@njit(cache=True)
+def matvec_q8_part(ggml_type, raw, xq, xd, xs, out, u0, u1):
+    """matvec_q8_dispatch's units u0..u1-1 on the calling thread (a share of a team's matvec; matvec_units gives
+    the count): groups of 16 rows of a repacked layout, of 4 rows of raw blocks, rows of float weights."""
+    if ggml_type == Q4_1_R:
+        matvec_blocks16_part(raw, xq, xd, xs, out, Q4_1_R, u0, u1)
+    elif ggml_type == Q5_0_R:
+        matvec_blocks16_part(raw, xq, xd, xs, out, Q5_0_R, u0, u1)
+    elif ggml_type == Q8_0_R:
+        matvec_blocks16_part(raw, xq, xd, xs, out, Q8_0_R, u0, u1)
+    elif ggml_type == Q4_K_R:
+        matvec_k4_16_part(raw, xq, xd, xs, out, Q4_K_R, u0, u1)
+    elif ggml_type == Q6_K_R:
+        matvec_q6_k16_part(raw, xq, xd, xs, out, u0, u1)
+    elif ggml_type == Q4_0_R:
+        matvec_blocks16_part(raw, xq, xd, xs, out, Q4_0_R, u0, u1)
+    elif ggml_type == Q5_1_R:
+        matvec_blocks16_part(raw, xq, xd, xs, out, Q5_1_R, u0, u1)
+    elif ggml_type == Q5_K_R:
+        matvec_k4_16_part(raw, xq, xd, xs, out, Q5_K_R, u0, u1)
+    elif ggml_type == Q4_1:
+        matvec_blocks_part(raw, xq, xd, xs, out, Q4_1, u0, u1)
+    elif ggml_type == Q5_0:
+        matvec_blocks_part(raw, xq, xd, xs, out, Q5_0, u0, u1)
+    elif ggml_type == Q8_0:
+        matvec_blocks_part(raw, xq, xd, xs, out, Q8_0, u0, u1)
+    elif ggml_type == Q4_K:
+        matvec_k4_part(raw, xq, xd, xs, out, Q4_K, u0, u1)
+    elif ggml_type == Q6_K:
+        matvec_k16_part(raw, xq, xd, xs, out, Q6_K, u0, u1)
+    elif ggml_type == Q4_0:
+        matvec_blocks_part(raw, xq, xd, xs, out, Q4_0, u0, u1)
+    elif ggml_type == Q5_1:
+        matvec_blocks_part(raw, xq, xd, xs, out, Q5_1, u0, u1)
+    elif ggml_type == Q5_K:
+        matvec_k4_part(raw, xq, xd, xs, out, Q5_K, u0, u1)
+    elif ggml_type == Q3_K:
+        matvec_k16_part(raw, xq, xd, xs, out, Q3_K, u0, u1)
+    elif ggml_type == Q2_K:
+        matvec_k16_part(raw, xq, xd, xs, out, Q2_K, u0, u1)
+    elif ggml_type == F32:
+        matvec_float_part(raw, xq, xd, xs, out, F32, u0, u1)
+    elif ggml_type == F16:
+        matvec_float_part(raw, xq, xd, xs, out, F16, u0, u1)
+    elif ggml_type == BF16:
+        matvec_float_part(raw, xq, xd, xs, out, BF16, u0, u1)
+
+
+@njit(cache=True)
+def matvec_units(type_id, n_rows):
+    """How many units (the items matvec_q8_part shares out) a matrix of n_rows weight rows has."""
+    if type_id >= REPACKED:
+        return n_rows // GROUP
+    if type_id == F32 or type_id == F16 or type_id == BF16:
+        return n_rows
+    return (n_rows + 3) // 4
 
 
 @njit(cache=True)

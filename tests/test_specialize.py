@@ -6,8 +6,8 @@ import pytest
 
 from kernels_cpu import formats as F
 from kernels_cpu.dequant import dequant_row
-from kernels_cpu.matvec_q8 import Q4_1_R, Q8_0_R, REPACKED, matvec_q8_dispatch
-from kernels_cpu.matmul_q8 import matmul_tiles_dispatch
+from kernels_cpu.matvec_q8 import Q4_1_R, Q8_0_R, REPACKED, matvec_q8_part
+from kernels_cpu.matmul_q8 import matmul_tiles_part
 from kernels_cpu.specialize import _generated_path, forward_for, pruned_source
 
 
@@ -17,11 +17,11 @@ def branch_types(source: str) -> list[str]:
 
 
 def test_pruned_dispatch_keeps_only_the_given_types():
-    source = pruned_source(matvec_q8_dispatch, [Q8_0_R, Q4_1_R, F.Q6_K])
+    source = pruned_source(matvec_q8_part, [Q8_0_R, Q4_1_R, F.Q6_K])
     assert branch_types(source) == ["Q4_1_R", "Q8_0_R", "Q6_K"]  # the original order
-    assert "matvec_k16(raw, xq, xd, xs, out, Q6_K)" in source and "matvec_k4" not in source
+    assert "matvec_k16_part(raw, xq, xd, xs, out, Q6_K, u0, u1)" in source and "matvec_k4" not in source
     assert source.startswith("from kernels_cpu.matvec_q8 import ")
-    tiles = pruned_source(matmul_tiles_dispatch, [Q8_0_R, F.Q6_K])  # Q6_K (raw) has no tile kernel
+    tiles = pruned_source(matmul_tiles_part, [Q8_0_R, F.Q6_K])  # Q6_K (raw) has no tile kernel
     assert branch_types(tiles) == ["Q8_0_R"]
     only_q8 = pruned_source(dequant_row, [F.Q8_0])
     assert branch_types(only_q8) == ["Q8_0"] and "raise" not in only_q8

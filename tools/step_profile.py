@@ -24,16 +24,14 @@ from pathlib import Path
 import numpy as np
 
 # role -> a no-op definition of the functions the forward calls for it (same names and parameters); "matrices" are
-# the projections with their activations' int8 quantization, the LM head included where the step wants logits
+# the projections, the LM head included where the step wants logits ("norms" takes the Q/K norms too)
 ROLES = {
-    "attention": "def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out, partials, threads,"
-                 " softcap=0.0):\n    return\n",
-    "matrices": "def _linear(weights, packed, m, x, out, q8):\n    return\n",
-    "norms": "def _rms_norm(x, weight, eps, out):\n    return\n",
-    "activation": "def gated_from_fused_rows(gate_up, out, gelu):\n    return\n\n\n@njit(cache=True)\n"
-                  "def gated_from_fused_row(gate_up, out, gelu):\n    return\n\n\n@njit(cache=True)\n"
-                  "def _gated_rows(gate, up, gelu):\n    return\n\n\n@njit(cache=True)\n"
-                  "def gated_activation_row(gate, up, gelu):\n    return\n",
+    "attention": "def team_jobs(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out, partials, "
+                 "starts, n_kv, n_parts, chunks_per_part, job0, job1, hint, work):\n    return\n\n\n@njit(cache=True)\n"
+                 "def team_merge(partials, n_slots, out, i0, i1, total_m, total_l):\n    return\n",
+    "matrices": "def _linear(sync, phase, threads, weights, packed, m, n, q8, out):\n    return 0\n",
+    "norms": "def rms_norm_rows(x, weight, eps, out):\n    return\n",
+    "activation": "def gated_row(gate, up, out, gelu):\n    return\n",
     "kv_store": "def store_key(values, scales, layer, seq, position, x):\n    return\n\n\n@njit(cache=True)\n"
                 "def store_row(values, scales, layer, seq, position, x):\n    return\n",
     "rope": "def rope_qk_rotate(q, k, cos, sin, style):\n    return\n",

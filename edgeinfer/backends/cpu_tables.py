@@ -36,7 +36,8 @@ def hyper(cfg: DecoderConfig) -> fw.Hyper:
         qk_norm_whole=bool(cfg.qk_norm_whole), norm_eps=float(cfg.norm_eps),
         embedding_scale=float(cfg.embedding_scale), attention_scale=float(cfg.scale),
         logit_softcap=float(cfg.final_logit_softcap), attn_softcap=float(cfg.attn_logit_softcap),
-        residual_scale=float(cfg.residual_scale), logit_scale=float(cfg.logit_scale))
+        residual_scale=float(cfg.residual_scale), logit_scale=float(cfg.logit_scale),
+        n_layers=int(cfg.n_layers))
 
 
 NO_MATRIX = (0, 0, 0, 0, 0, fw.IN_FILE)
