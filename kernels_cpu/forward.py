@@ -13,12 +13,11 @@ both take the same per-block steps, so a token's logits are bit-identical whiche
 The whole pass is one parallel region, a team of s.threads[0] threads (kernels_cpu.team), as llama.cpp runs its graph
 on a thread pool: every thread walks every op in the same order, and each op is a phase whose items (a chunk of a
 matrix's rows, a block of 4 rows of a norm, a chunk of attention jobs) the threads claim, then wait for the phase to
-be done before the next. Before, each op started a region of its own (~180 per SmolLM2 step) and the small ops ran on
-the calling thread while the other waited. Measured on the 2-vCPU Zen 5 (in process, old and new taking turns),
-SmolLM2 at depth 32: one row 1.90 / 1.93 ms, eight rows 3.63 / 3.72 ms (the same within the noise); under a
-server's load (its event loop and 8 streaming clients on the same 2 vCPUs) the 99th percentile of the time between
-tokens went from 15-18 ms to 9-10 ms: a thread that the OS takes away holds up the items it claimed, not half of
-every op.
+be done before the next; a thread with nothing left to claim in a small op hints the next matrix's first bytes into
+L2 meanwhile (team.wait_warming). Before, each op started a region of its own (~180 per SmolLM2 step) and the small
+ops ran on the calling thread while the other waited. Measured on the 2-vCPU Zen 5 (in process, min of 280 calls,
+the old forward and this one taking turns), SmolLM2 at 2 threads: one row at depth 32 1.54-1.58 ms against
+1.65-1.73, eight rows 3.31-4.56 against 3.68-4.91, one row at depth 4096 4.37 against 4.60; one thread: the same.
 
 Knows nothing of GGUF: weights arrive as two uint8 buffers (the memory-mapped file and the repacked weights) plus a
 table of where each matrix lies (`MATRIX`, a record dtype); the small float vectors (norms, biases) as one padded
@@ -41,7 +40,7 @@ from kernels_cpu.matmul_q8 import matmul_tiles_part
 from kernels_cpu.matvec_q8 import REPACKED, matvec_q8_part, matvec_units, weight_rows
 from kernels_cpu.norm import rms_norm_rows
 from kernels_cpu.rope import rope_angles, rope_qk_rotate
-from kernels_cpu.team import chunks, claim, done_and_claim, item_range, make_sync, wait_done
+from kernels_cpu.team import chunks, claim, done_and_claim, item_range, make_sync, wait_done, wait_warming
 
 # A weight matrix: where its bytes lie (`buffer` IN_FILE: the model file; IN_PACKED: the repacked weights, at
 # `offset`), its layout (`type_id`: a ggml type or a repacked layout's id, matvec_q8), its shape and bytes per array
@@ -92,11 +91,13 @@ Scratch = namedtuple("Scratch", [
 ])
 
 
-# The team (kernels_cpu.team) claims each op's items: a matrix's units in about ITEMS_PER_THREAD items per thread (a
-# thread that the OS takes away holds up one item, not half the op), ITEMS_PER_THREAD_MANY_ROWS from MANY_ROWS rows
-# on (a prompt: an item is long, and even shares matter more than claims), each of at least ITEM_BYTES of weights
-# times rows (a claim costs ~50-100 ns when the counter's cache line moves between the cores).
-ITEMS_PER_THREAD = 4
+# The team (kernels_cpu.team) claims each op's items: a matrix's units in ITEMS_PER_THREAD items per thread for a
+# decode step (each thread streams one long run of rows, which the hardware prefetcher follows best; SmolLM2's
+# 1-row step at 2 threads, min of 280 calls: 4 items per thread 1.83-1.98 ms, 2 1.69-1.89, 1 1.54-1.58, against
+# 1.63-1.80 for the old region per op, taking turns), ITEMS_PER_THREAD_MANY_ROWS from MANY_ROWS rows on (a prompt:
+# items are long, and even shares matter more than claims), each of at least ITEM_BYTES of weights times rows (a
+# claim costs ~50-100 ns when the counter's cache line moves between the cores).
+ITEMS_PER_THREAD = 1
 ITEMS_PER_THREAD_MANY_ROWS = 16
 MANY_ROWS = 16
 ITEM_BYTES = 32 * 1024
@@ -107,6 +108,9 @@ PHASES_OUTSIDE = 8
 # rows per item of the small ops (norms, RoPE, quantizing): a norm's float64 sum is a chain of dependent adds, and
 # rms_norm_rows runs four rows' chains side by side (one row alone: ~0.5 us of latency)
 ROWS_PER_ITEM = 4
+# bytes of the next matrix a thread with no item left hints into L2 while a small op's other items finish (a 1-row
+# step's small ops are one item: the other thread would wait, and the memory bus idle, ~10 us a layer)
+WARM_BYTES = 64 * 1024
 # attention jobs are claimed in chunks of about this many per thread (a call per job cost 30% of a short job)
 JOB_ITEMS_PER_THREAD = 4
 # an activation row's columns per item (a multiple of the 32-element blocks it is quantized in)
@@ -168,6 +172,14 @@ def _linear(sync, phase, threads, weights, packed, m, n, q8, out):
                 matvec_q8_part(m.type_id, w, xq[t], xd[t], xs[t], out[t], u0, u1)
         i = done_and_claim(sync, phase)
     return n_items
+
+
+@njit(cache=True)
+def _first_bytes(weights, packed, m):
+    """The first WARM_BYTES of the matrix that table record m describes (1-D uint8), for wait_warming."""
+    buffer = packed if m.buffer == IN_PACKED else weights
+    size = weight_rows(m.type_id, m.n_rows) * m.row_bytes
+    return buffer[m.offset:m.offset + min(size, WARM_BYTES)]
 
 
 @njit(cache=True)
@@ -292,9 +304,9 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
             rope_angles(positions[r0:r1], freqs, s.rope_cos[r0:r1], s.rope_sin[r0:r1])
         _block_input_rows(x, h, r0, r1, lv[V_ATTN_NORM, :d], hp, s.q8_model)
         i = done_and_claim(sync, phase)
-    phase = wait_done(sync, phase, n_blocks)
-    # -- Q, K, V: one fused matrix or three, whose items are claimed without waiting in between (independent)
     fused = mats[M_QKV].n_rows > 0
+    phase = wait_warming(sync, phase, n_blocks, _first_bytes(weights, packed, mats[M_QKV if fused else M_Q]))
+    # -- Q, K, V: one fused matrix or three, whose items are claimed without waiting in between (independent)
     if fused:
         phase = wait_done(sync, phase, _linear(sync, phase, threads, weights, packed, mats[M_QKV], n, s.q8_model,
                                                s.qkv))
@@ -314,7 +326,8 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
         for r in range(i * ROWS_PER_ITEM, min(i * ROWS_PER_ITEM + ROWS_PER_ITEM, n)):
             _qkv_row(r, layer, lv, hp, positions, seqs, k_cache, v_cache, s, fused)
         i = done_and_claim(sync, phase)
-    phase = wait_done(sync, phase, n_blocks)
+    warm_o = _first_bytes(weights, packed, mats[M_O])
+    phase = wait_warming(sync, phase, n_blocks, warm_o)
     # -- attention: runs of jobs per item (jobs split into parts, then merged, where there are too few for the threads)
     q, attn = s.q[:n], s.attn[:n]
     n_parts, chunks_per_part = team_split(positions, starts, window, heads, kv_heads, hp.head_dim, n, s.partials,
@@ -328,7 +341,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
                   s.partials, starts, kv_heads, n_parts, chunks_per_part, job0, job1,
                   job1 + (threads - 1) * (job1 - job0), work)
         i = done_and_claim(sync, phase)
-    phase = wait_done(sync, phase, n_items)
+    phase = wait_warming(sync, phase, n_items, warm_o)
     if n_parts > 0:
         pairs = n * heads
         n_items = chunks(pairs, threads, 2, 1)
@@ -345,7 +358,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
     while i < n_blocks:
         _quantize_rows(attn2, i * ROWS_PER_ITEM, min(i * ROWS_PER_ITEM + ROWS_PER_ITEM, n), s.q8_attn)
         i = done_and_claim(sync, phase)
-    phase = wait_done(sync, phase, n_blocks)
+    phase = wait_warming(sync, phase, n_blocks, warm_o)
     phase = wait_done(sync, phase, _linear(sync, phase, threads, weights, packed, mats[M_O], n, s.q8_attn, s.out))
     # -- the residual add, the feed-forward block's input: ROWS_PER_ITEM rows per item
     i = claim(sync, phase)
@@ -354,9 +367,9 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
         _residual_rows(x, s.out, r0, r1, lv[V_POST_ATTN, :d], hp)
         _block_input_rows(x, h, r0, r1, lv[V_FFN_NORM, :d], hp, s.q8_model)
         i = done_and_claim(sync, phase)
-    phase = wait_done(sync, phase, n_blocks)
-    # -- gate and up: one fused matrix or two
     fused = mats[M_GATE_UP].n_rows > 0
+    phase = wait_warming(sync, phase, n_blocks, _first_bytes(weights, packed, mats[M_GATE_UP if fused else M_GATE]))
+    # -- gate and up: one fused matrix or two
     if fused:
         phase = wait_done(sync, phase, _linear(sync, phase, threads, weights, packed, mats[M_GATE_UP], n,
                                                s.q8_model, s.gate_up))
@@ -374,7 +387,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
         _activation_part(s, r, c * ACTIVATION_COLUMNS, min(c * ACTIVATION_COLUMNS + ACTIVATION_COLUMNS, ff), fused,
                          hp.gelu)
         i = done_and_claim(sync, phase)
-    phase = wait_done(sync, phase, n * per_row)
+    phase = wait_warming(sync, phase, n * per_row, _first_bytes(weights, packed, mats[M_DOWN]))
     # -- the down projection (its residual add: the next layer's first op, or the head's)
     return wait_done(sync, phase, _linear(sync, phase, threads, weights, packed, mats[M_DOWN], n, s.q8_ff, s.out))
 
@@ -424,7 +437,7 @@ def _team_thread(tokens, positions, seqs, logit_rows, weights, packed, layer_mat
         rms_norm_rows(head_in[r0:r1], output_norm, hp.norm_eps, head_in[r0:r1])
         _quantize_rows(head_in, r0, r1, s.q8_model)
         i = done_and_claim(sync, phase)
-    phase = wait_done(sync, phase, m_blocks)
+    phase = wait_warming(sync, phase, m_blocks, _first_bytes(weights, packed, head_mats[H_OUTPUT]))
     phase = wait_done(sync, phase, _linear(sync, phase, threads, weights, packed, head_mats[H_OUTPUT], m, s.q8_model,
                                            logits))
     if hp.logit_scale == 1.0 and hp.logit_softcap == 0.0:

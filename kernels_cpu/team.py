@@ -24,6 +24,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from kernels_cpu.simd import prefetch_l2
+
 # spins (atomic reads of a shared line, ~20-50 ns each) before a waiting thread yields its CPU at each further spin:
 # where other threads want the CPUs (a server's event loop and clients), one that holds a claimed item may be
 # waiting for a CPU while the other spins on it
@@ -97,6 +99,24 @@ def wait_done(sync, phase, n_items):
     counters = sync[phase]
     spins = 0
     while atomic_load(counters, 1) < n_items:
+        spins += 1
+        if spins > SPINS_BEFORE_YIELD:
+            yield_cpu()
+    return phase + 1
+
+
+@njit(cache=True, inline="always")
+def wait_warming(sync, phase, n_items, ahead):
+    """wait_done, hinting the lines of `ahead` (uint8, 1-D: the first bytes of the op after next) into L2 one per
+    spin meanwhile: a thread with no item left waits on the others, and the memory bus would idle."""
+    counters = sync[phase]
+    spins = 0
+    e = 0
+    while atomic_load(counters, 1) < n_items:
+        if e < ahead.shape[0]:
+            prefetch_l2(ahead, e)
+            e += 64
+            continue
         spins += 1
         if spins > SPINS_BEFORE_YIELD:
             yield_cpu()
