@@ -4,12 +4,13 @@ A forward pass as a parallel region per op started ~180 regions for a SmolLM2 de
 small ops between them (norms, quantizing x, RoPE, the SiLU) on the calling thread while the worker waited: the
 worker spent 31% of an 8-row step waiting in libgomp. Here the whole pass is one region (`for tid in
 prange(threads)`), as llama.cpp's graph runs on its thread pool, and each op is a *phase*: a number of items (a
-chunk of a matrix's rows, a row of a norm, an attention job) that the threads claim one at a time from the phase's
-counter (llama.cpp's `current_chunk`), then wait until all of them are done before the next phase starts.
+run of a matrix's rows, a block of rows of a norm, a run of attention jobs) that the threads claim one at a time from
+the phase's counter (llama.cpp's `current_chunk`), then wait until all of them are done before the next phase
+starts (kernels_cpu.forward sizes the items).
 
 Claiming, not a fixed share per thread id, for two reasons:
 - a thread that the OS preempts (a server's event loop, a client, another guest on the same host) holds up only
-  the items it has claimed, not a fixed half of every op;
+  the items it has claimed: one it has not reached yet is taken by the others;
 - it cannot deadlock: a thread waits only for items that a running thread has claimed. Where the threads of the
   region do not run at once (a runtime that runs the iterations one after another), the first claims every item
   and the others find every phase done.
@@ -107,8 +108,8 @@ def wait_done(sync, phase, n_items):
 
 @njit(cache=True, inline="always")
 def wait_warming(sync, phase, n_items, ahead):
-    """wait_done, hinting the lines of `ahead` (uint8, 1-D: the first bytes of the op after next) into L2 one per
-    spin meanwhile: a thread with no item left waits on the others, and the memory bus would idle."""
+    """wait_done, hinting the lines of `ahead` (uint8, 1-D: the first bytes of the next matrix) into L2 one per spin
+    meanwhile: a thread with no item left waits on the others, and the memory bus would idle."""
     counters = sync[phase]
     spins = 0
     e = 0
