@@ -19,7 +19,11 @@ The counters live in a `sync` array of int64, one cache line (8 int64) per phase
 [phase, 1] items done. The caller zeroes the phases a pass uses before the region starts. Phases are numbered in
 program order, which is the same on every thread.
 """
+import ctypes
+import sys
+
 import numpy as np
+from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -73,12 +77,31 @@ def atomic_load(typingctx, array, index):
 
 @intrinsic
 def yield_cpu(typingctx):
-    """sched_yield(): let another thread that waits for this CPU run (a preempted team thread, the event loop)."""
+    """sched_yield(): let another thread that waits for this CPU run (a preempted team thread, the event loop).
+    Nothing where the C library has no sched_yield (Windows): the wait stays a spin there."""
     def codegen(context, builder, signature, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
-        builder.call(fn, [])
+        if _SCHED_YIELD:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(fn, [])
         return context.get_dummy_value()
     return types.void(), codegen
+
+
+def _find_sched_yield() -> bool:
+    """Whether POSIX's sched_yield is there, its address made known to the JIT's linker (it resolves the symbol
+    from the process on Linux and macOS anyway; this makes sure)."""
+    if sys.platform == "win32":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        address = ctypes.cast(libc.sched_yield, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return False
+    llvm_binding.add_symbol("sched_yield", address)
+    return True
+
+
+_SCHED_YIELD = _find_sched_yield()
 
 
 @njit(cache=True, inline="always")

@@ -5,7 +5,8 @@ import pytest
 from numba import njit, prange
 
 from conftest import model_path
-from kernels_cpu.team import atomic_add, atomic_load, chunks, claim, done_and_claim, item_range, make_sync, wait_done
+from kernels_cpu.team import (atomic_add, atomic_load, chunks, claim, done_and_claim, item_range, make_sync, wait_done,
+                              yield_cpu)
 
 
 @njit
@@ -18,6 +19,17 @@ def test_atomic_add_returns_the_value_before_and_the_load_sees_the_sum():
     a = np.array([5, 40], np.int64)
     assert _add_and_read(a, 1, 2) == (40, 42)
     assert list(a) == [5, 42]
+
+
+@njit
+def _yield_times(n):
+    for _ in range(n):
+        yield_cpu()
+    return n
+
+
+def test_yielding_the_cpu_compiles_links_and_returns():
+    assert _yield_times(3) == 3
 
 
 @njit(parallel=True)
