@@ -102,6 +102,17 @@ def _blocks(seqs, rows_per_block):
     return starts[:k + 1]
 
 
+@njit(cache=True, inline="always")
+def _extent(positions, starts, window):
+    """(keys seen x rows, summed over the blocks; the most chunks one block's keys span)."""
+    work, most_chunks = 0, 0
+    for b in range(starts.shape[0] - 1):
+        lo, hi = _key_range(positions, starts[b], starts[b + 1], window)
+        work += (hi - lo) * (starts[b + 1] - starts[b])
+        most_chunks = max(most_chunks, (hi + CHUNK - 1) // CHUNK - lo // CHUNK)
+    return work, most_chunks
+
+
 @njit(cache=True)
 def _key_range(positions, r0, r1, window):
     """[first, end) of the keys any row r0..r1-1 can see."""
@@ -413,16 +424,22 @@ def _merge_partials(part_acc, part_m, part_l, n_slots, out):
     500-token prefix merged their 540 chunks in 34 us a layer, 1 ms a step; now 9.5 us. One row at depth 4096: 8.5
     -> 5.0 us.)"""
     n_heads = out.shape[1]
-    total_m = np.full(out.shape[0] * n_heads, -np.inf, np.float32)
-    total_l = np.zeros(out.shape[0] * n_heads, np.float64)
+    total_m = np.empty(out.shape[0] * n_heads, np.float32)
+    total_l = np.empty(out.shape[0] * n_heads, np.float64)
     for i in prange(out.shape[0] * n_heads):
-        r, h = i // n_heads, i % n_heads
-        total_acc = out[r, h]  # the sums are built in place, then divided by the normalizer
-        total_acc[:] = 0.0
-        for slot in range(n_slots):
-            _merge_chunk(total_acc, total_m, total_l, i, part_acc[slot, r, h], part_m[slot, r, h],
-                         part_l[slot, r, h])
-        _finish(total_acc, total_l[i], total_acc)
+        _merge_pair(part_acc, part_m, part_l, n_slots, out, i // n_heads, i % n_heads, total_m, total_l, i)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _merge_pair(part_acc, part_m, part_l, n_slots, out, r, h, total_m, total_l, v):
+    """out[r, h] = the partials of slots 0..n_slots-1 merged in order (total_m[v], total_l[v]: the running maximum
+    and normalizer). The sums are built in place in out, then divided by the normalizer."""
+    total_acc = out[r, h]
+    total_acc[:] = 0.0
+    total_m[v], total_l[v] = -np.inf, 0.0
+    for slot in range(n_slots):
+        _merge_chunk(total_acc, total_m, total_l, v, part_acc[slot, r, h], part_m[slot, r, h], part_l[slot, r, h])
+    _finish(total_acc, total_l[v], total_acc)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -471,11 +488,7 @@ def attention_rows(q, positions, seqs, k_pair, v_pair, layer, scale, window, out
     group = n_heads // n_kv
     starts = _blocks(seqs, max(1, QUERY_VECTORS // group))
     n_blocks = starts.shape[0] - 1
-    work, most_chunks = 0, 0
-    for b in range(n_blocks):
-        lo, hi = _key_range(positions, starts[b], starts[b + 1], window)
-        work += (hi - lo) * (starts[b + 1] - starts[b])
-        most_chunks = max(most_chunks, (hi + CHUNK - 1) // CHUNK - lo // CHUNK)
+    work, most_chunks = _extent(positions, starts, window)
     work *= n_heads * d_k
     many_jobs = n_blocks * n_kv >= 2 * threads and work >= MANY_JOBS_WORK
     part_acc, part_m, part_l = _partials_view(partials, n, n_heads, out.shape[2])
@@ -513,11 +526,7 @@ def team_workspace(starts, n_heads, n_kv, d_k, d_v):
 def team_split(positions, starts, window, n_heads, n_kv, d_k, n_rows, partials, threads):
     """(parts per job, chunks per part) for a team of `threads` over one layer: split as attention_rows splits
     (never on one thread, or where the work is too small to be worth a merge), else (0, 0)."""
-    work, most_chunks = 0, 0
-    for b in range(starts.shape[0] - 1):
-        lo, hi = _key_range(positions, starts[b], starts[b + 1], window)
-        work += (hi - lo) * (starts[b + 1] - starts[b])
-        most_chunks = max(most_chunks, (hi + CHUNK - 1) // CHUNK - lo // CHUNK)
+    work, most_chunks = _extent(positions, starts, window)
     if threads == 1 or work * n_heads * d_k < PARALLEL_ATTENTION_WORK:
         return 0, 0
     return split_plan((starts.shape[0] - 1) * n_kv, most_chunks, partials.m.shape[0] // n_heads // n_rows, threads)
@@ -544,11 +553,4 @@ def team_merge(partials, n_slots, out, i0, i1, total_m, total_l):
     n, n_heads, d_v = out.shape
     part_acc, part_m, part_l = _partials_view(partials, n, n_heads, d_v)
     for i in range(i0, i1):
-        r, h = i // n_heads, i % n_heads
-        total_acc = out[r, h]
-        total_acc[:] = 0.0
-        total_m[0], total_l[0] = -np.inf, 0.0
-        for slot in range(n_slots):
-            _merge_chunk(total_acc, total_m, total_l, 0, part_acc[slot, r, h], part_m[slot, r, h],
-                         part_l[slot, r, h])
-        _finish(total_acc, total_l[0], total_acc)
+        _merge_pair(part_acc, part_m, part_l, n_slots, out, i // n_heads, i % n_heads, total_m, total_l, 0)

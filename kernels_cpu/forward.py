@@ -102,7 +102,7 @@ ITEMS_PER_THREAD_MANY_ROWS = 16
 MANY_ROWS = 16
 ITEM_BYTES = 32 * 1024
 # ops in a layer at most (norm, Q, K, V, RoPE + store, attention, merge, quantize, O, norm, gate, up, activation,
-# down), and before and after the layers (embedding; final norm, head, logit scaling)
+# down), and before and after the layers (embedding; last residual add, final norm, head, logit scaling)
 PHASES_PER_LAYER = 16
 PHASES_OUTSIDE = 8
 # rows per item of the small ops (norms, RoPE, quantizing): a norm's float64 sum is a chain of dependent adds, and
@@ -177,9 +177,14 @@ def _linear(sync, phase, threads, weights, packed, m, n, q8, out):
 @njit(cache=True)
 def _first_bytes(weights, packed, m):
     """The first WARM_BYTES of the matrix that table record m describes (1-D uint8), for wait_warming."""
-    buffer = packed if m.buffer == IN_PACKED else weights
-    size = weight_rows(m.type_id, m.n_rows) * m.row_bytes
-    return buffer[m.offset:m.offset + min(size, WARM_BYTES)]
+    w = _matrix(weights, packed, m)
+    return w.reshape(w.size)[:WARM_BYTES]
+
+
+@njit(cache=True, inline="always")
+def _rows_of(i, n):
+    """[r0, r1): the rows of item i of a small op over n rows (ROWS_PER_ITEM each)."""
+    return i * ROWS_PER_ITEM, min(i * ROWS_PER_ITEM + ROWS_PER_ITEM, n)
 
 
 @njit(cache=True)
@@ -226,22 +231,6 @@ def _residual_rows(x, out, r0, r1, post_norm, hp):
     if hp.post_norms:
         rms_norm_rows(out[r0:r1], post_norm, hp.norm_eps, out[r0:r1])
     _add_rows(x, out, r0, r1, hp.residual_scale)
-
-
-@njit(cache=True)
-def _final_residual_row(x, out, row, post_norm, hp, head_in, r):
-    """head_in[r] = x[row] + the last block's output row (post-normed where the family has post-norms), scaled: the
-    same float operations as _residual_rows, into head_in."""
-    head_in[r] = out[row]
-    if hp.post_norms:
-        rms_norm_rows(head_in[r:r + 1], post_norm, hp.norm_eps, head_in[r:r + 1])
-    if hp.residual_scale == 1.0:
-        for j in range(x.shape[1]):
-            head_in[r, j] = x[row, j] + head_in[r, j]
-        return
-    f = np.float32(hp.residual_scale)
-    for j in range(x.shape[1]):
-        head_in[r, j] = x[row, j] + head_in[r, j] * f
 
 
 @njit(cache=True)
@@ -297,7 +286,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
     n_blocks = (n + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     i = claim(sync, phase)
     while i < n_blocks:
-        r0, r1 = i * ROWS_PER_ITEM, min(i * ROWS_PER_ITEM + ROWS_PER_ITEM, n)
+        r0, r1 = _rows_of(i, n)
         if layer > 0:
             _residual_rows(x, s.out, r0, r1, prev_post_ffn, hp)
         if fresh_angles:
@@ -323,7 +312,8 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
     # -- split, bias, Q/K norms, RoPE, K and V into the cache: ROWS_PER_ITEM rows per item
     i = claim(sync, phase)
     while i < n_blocks:
-        for r in range(i * ROWS_PER_ITEM, min(i * ROWS_PER_ITEM + ROWS_PER_ITEM, n)):
+        r0, r1 = _rows_of(i, n)
+        for r in range(r0, r1):
             _qkv_row(r, layer, lv, hp, positions, seqs, k_cache, v_cache, s, fused)
         i = done_and_claim(sync, phase)
     warm_o = _first_bytes(weights, packed, mats[M_O])
@@ -356,14 +346,15 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
     attn2 = s.attn.reshape((s.attn.shape[0], heads * vd))
     i = claim(sync, phase)
     while i < n_blocks:
-        _quantize_rows(attn2, i * ROWS_PER_ITEM, min(i * ROWS_PER_ITEM + ROWS_PER_ITEM, n), s.q8_attn)
+        r0, r1 = _rows_of(i, n)
+        _quantize_rows(attn2, r0, r1, s.q8_attn)
         i = done_and_claim(sync, phase)
     phase = wait_warming(sync, phase, n_blocks, warm_o)
     phase = wait_done(sync, phase, _linear(sync, phase, threads, weights, packed, mats[M_O], n, s.q8_attn, s.out))
     # -- the residual add, the feed-forward block's input: ROWS_PER_ITEM rows per item
     i = claim(sync, phase)
     while i < n_blocks:
-        r0, r1 = i * ROWS_PER_ITEM, min(i * ROWS_PER_ITEM + ROWS_PER_ITEM, n)
+        r0, r1 = _rows_of(i, n)
         _residual_rows(x, s.out, r0, r1, lv[V_POST_ATTN, :d], hp)
         _block_input_rows(x, h, r0, r1, lv[V_FFN_NORM, :d], hp, s.q8_model)
         i = done_and_claim(sync, phase)
@@ -426,14 +417,21 @@ def _team_thread(tokens, positions, seqs, logit_rows, weights, packed, layer_mat
     m = logit_rows.shape[0]
     if m == 0:  # a prompt chunk before the last one: its keys and values are all that is wanted
         return
-    # -- the last residual add, the final norm (quantized): ROWS_PER_ITEM logit rows per item
+    # -- the last residual add (ROWS_PER_ITEM rows per item), then the final norm of the logit rows (quantized)
+    n_blocks = (n + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    i = claim(sync, phase)
+    while i < n_blocks:
+        r0, r1 = _rows_of(i, n)
+        _residual_rows(x, s.out, r0, r1, vecs[n_layers - 1, V_POST_FFN, :d], hp)
+        i = done_and_claim(sync, phase)
+    phase = wait_done(sync, phase, n_blocks)
     head_in = s.head_in
     m_blocks = (m + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     i = claim(sync, phase)
     while i < m_blocks:
-        r0, r1 = i * ROWS_PER_ITEM, min(i * ROWS_PER_ITEM + ROWS_PER_ITEM, m)
-        for r in range(r0, r1):  # x and s.out stay as they are: a row may be asked for twice
-            _final_residual_row(x, s.out, logit_rows[r], vecs[n_layers - 1, V_POST_FFN, :d], hp, head_in, r)
+        r0, r1 = _rows_of(i, m)
+        for r in range(r0, r1):
+            head_in[r] = x[logit_rows[r]]
         rms_norm_rows(head_in[r0:r1], output_norm, hp.norm_eps, head_in[r0:r1])
         _quantize_rows(head_in, r0, r1, s.q8_model)
         i = done_and_claim(sync, phase)

@@ -131,20 +131,15 @@ def wait_done(sync, phase, n_items):
 
 @njit(cache=True, inline="always")
 def wait_warming(sync, phase, n_items, ahead):
-    """wait_done, hinting the lines of `ahead` (uint8, 1-D: the first bytes of the next matrix) into L2 one per spin
-    meanwhile: a thread with no item left waits on the others, and the memory bus would idle."""
+    """wait_done, first hinting the lines of `ahead` (uint8, 1-D: the first bytes of the next matrix) into L2, one
+    per check of the count while the phase is unfinished: a thread with no item left waits on the others, and the
+    memory bus would idle."""
     counters = sync[phase]
-    spins = 0
     e = 0
-    while atomic_load(counters, 1) < n_items:
-        if e < ahead.shape[0]:
-            prefetch_l2(ahead, e)
-            e += 64
-            continue
-        spins += 1
-        if spins > SPINS_BEFORE_YIELD:
-            yield_cpu()
-    return phase + 1
+    while e < ahead.shape[0] and atomic_load(counters, 1) < n_items:
+        prefetch_l2(ahead, e)
+        e += 64
+    return wait_done(sync, phase, n_items)
 
 
 @njit(cache=True, inline="always")
