@@ -335,6 +335,13 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
                 for i in range(d_v):
                     part_acc[slot, r, h, i] = acc[v, i]
         return
+    if end - first == 1:  # one chunk: merging it into nothing gives its own sums (total = acc, l exactly)
+        _fresh(acc, m, l)
+        _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, nv, key_lo, key_hi, key_buf,
+                value_buf, scores, correction, tile_max, acc, m, l, key_hi)
+        for v in range(nv):
+            _finish(acc[v], l[v], out[r0 + v // group, kv_head * group + v % group])
+        return
     total_acc, total_m, total_l = total_acc_all[:nv], vectors_f32[3, :nv], vectors_f64[1, :nv]
     total_acc[:] = 0.0
     total_m[:] = -np.inf
@@ -373,8 +380,9 @@ def _hint_job(positions, seqs, k_pair, v_pair, layer, window, starts, n_kv, n_pa
         return
     keys, _ = head_view(k_pair[0], k_pair[1], layer, seqs[starts[block]], kv_head)
     values, _ = head_view(v_pair[0], v_pair[1], layer, seqs[starts[block]], kv_head)
-    hint_l2_part(keys[t0 // KEY_BLOCK:(t1 + KEY_BLOCK - 1) // KEY_BLOCK], 0, 1)
-    hint_l2_part(values[t0:t1], 0, 1)
+    first_keys, first_values = keys[t0 // KEY_BLOCK:(t1 + KEY_BLOCK - 1) // KEY_BLOCK], values[t0:t1]
+    hint_l2_part(first_keys, 0, first_keys.size)
+    hint_l2_part(first_values, 0, first_values.size)
 
 
 @njit(cache=True, inline="always")

@@ -16,7 +16,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from kernels_cpu.kv_types import KEY_BLOCK, QK, key_vector, value_vector
-from kernels_cpu.simd import (PATH, dot_i8_biased, fma_f32x16, hint_l2_part, key_quads_i8x64, load_f32x16, scaled,
+from kernels_cpu.simd import (PATH, dot_i8_biased, fma_f32x16, hint_l2_part, hint_share, key_quads_i8x64, load_f32x16, scaled,
                               splat4_i8x64, splat_f32x16, splat_i32x16, store_f32x16, to_float, vmul, zero_f32x16)
 
 TILE = 64  # keys per tile
@@ -119,8 +119,9 @@ def _scores_4x4(qs, keys, key_scales, v, d, scores, ahead):
     q0, q1, q2, q3 = qs[v], qs[v + 1], qs[v + 2], qs[v + 3]
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_f32x16()
     a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero_f32x16()
+    share = hint_share(ahead, d)
     for c in range(d):
-        hint_l2_part(ahead, c, d)
+        hint_l2_part(ahead, c, share)
         k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
         k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
         a00, a01, a02, a03 = _fma4(splat_f32x16(q0[c]), k0, k1, k2, k3, a00, a01, a02, a03)
@@ -135,8 +136,9 @@ def _scores_3x4(qs, keys, key_scales, v, d, scores, ahead):
     """_scores_4x4 for query vectors v..v+2 only: 12 accumulators, each score's chain the same as there."""
     q0, q1, q2 = qs[v], qs[v + 1], qs[v + 2]
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = zero_f32x16()
+    share = hint_share(ahead, d)
     for c in range(d):
-        hint_l2_part(ahead, c, d)
+        hint_l2_part(ahead, c, share)
         k0, k1 = key_vector(keys, key_scales, 0, c), key_vector(keys, key_scales, 1, c)
         k2, k3 = key_vector(keys, key_scales, 2, c), key_vector(keys, key_scales, 3, c)
         a00, a01, a02, a03 = _fma4(splat_f32x16(q0[c]), k0, k1, k2, k3, a00, a01, a02, a03)
@@ -214,13 +216,14 @@ def _q8_scores_4x4(q8, qd, q_bias, keys, key_scales, v, scores, ahead):
     d = keys.shape[1]
     f00 = f01 = f02 = f03 = f10 = f11 = f12 = f13 = zero_f32x16()
     f20 = f21 = f22 = f23 = f30 = f31 = f32 = f33 = zero_f32x16()
+    share = hint_share(ahead, d // 4)
     for kb in range(d // QK):
         i00 = i01 = i02 = i03 = splat_i32x16(q_bias[v, kb])
         i10 = i11 = i12 = i13 = splat_i32x16(q_bias[v + 1, kb])
         i20 = i21 = i22 = i23 = splat_i32x16(q_bias[v + 2, kb])
         i30 = i31 = i32 = i33 = splat_i32x16(q_bias[v + 3, kb])
         for c in range(kb * QK, kb * QK + QK, 4):
-            hint_l2_part(ahead, c // 4, d // 4)
+            hint_l2_part(ahead, c // 4, share)
             k0, k1 = key_quads_i8x64(keys, c * KEY_BLOCK), key_quads_i8x64(keys, (d + c) * KEY_BLOCK)
             k2, k3 = key_quads_i8x64(keys, (2 * d + c) * KEY_BLOCK), key_quads_i8x64(keys, (3 * d + c) * KEY_BLOCK)
             x = splat4_i8x64(q8, v * d + c)
@@ -243,12 +246,13 @@ def _q8_scores_3x4(q8, qd, q_bias, keys, key_scales, v, scores, ahead):
     """_q8_scores_4x4 for query vectors v..v+2 only: 12 int32 sums per 32 dimensions."""
     d = keys.shape[1]
     f00 = f01 = f02 = f03 = f10 = f11 = f12 = f13 = f20 = f21 = f22 = f23 = zero_f32x16()
+    share = hint_share(ahead, d // 4)
     for kb in range(d // QK):
         i00 = i01 = i02 = i03 = splat_i32x16(q_bias[v, kb])
         i10 = i11 = i12 = i13 = splat_i32x16(q_bias[v + 1, kb])
         i20 = i21 = i22 = i23 = splat_i32x16(q_bias[v + 2, kb])
         for c in range(kb * QK, kb * QK + QK, 4):
-            hint_l2_part(ahead, c // 4, d // 4)
+            hint_l2_part(ahead, c // 4, share)
             k0, k1 = key_quads_i8x64(keys, c * KEY_BLOCK), key_quads_i8x64(keys, (d + c) * KEY_BLOCK)
             k2, k3 = key_quads_i8x64(keys, (2 * d + c) * KEY_BLOCK), key_quads_i8x64(keys, (3 * d + c) * KEY_BLOCK)
             x = splat4_i8x64(q8, v * d + c)
@@ -351,8 +355,9 @@ def _values_4x64(weights, values, value_scales, n, v0, c0, correction, acc, ahea
     a20, a21, a22, a23 = _load64_scaled(acc, r2, correction[v0 + 2])
     a30, a31, a32, a33 = _load64_scaled(acc, r3, correction[v0 + 3])
     wr0, wr1, wr2, wr3 = weights[v0], weights[v0 + 1], weights[v0 + 2], weights[v0 + 3]
+    share = hint_share(ahead, TILE)
     for j in range(n):
-        hint_l2_part(ahead, j, TILE)
+        hint_l2_part(ahead, j, share)
         x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
         x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
         a00, a01, a02, a03 = _fma4(splat_f32x16(wr0[j]), x0, x1, x2, x3, a00, a01, a02, a03)
@@ -374,8 +379,9 @@ def _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahea
     a10, a11, a12, a13 = _load64_scaled(acc, r1, correction[v0 + 1])
     a20, a21, a22, a23 = _load64_scaled(acc, r2, correction[v0 + 2])
     wr0, wr1, wr2 = weights[v0], weights[v0 + 1], weights[v0 + 2]
+    share = hint_share(ahead, TILE)
     for j in range(n):
-        hint_l2_part(ahead, j, TILE)
+        hint_l2_part(ahead, j, share)
         x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
         x2, x3 = value_vector(values, value_scales, j, c0 + 32), value_vector(values, value_scales, j, c0 + 48)
         a00, a01, a02, a03 = _fma4(splat_f32x16(wr0[j]), x0, x1, x2, x3, a00, a01, a02, a03)

@@ -17,7 +17,7 @@ from kernels_cpu.kernel_thread import call_parallel
 from kernels_cpu.matvec_q8 import (GROUP, Q4_0_R, Q4_1_R, Q4_K_R, Q5_0_R, Q5_1_R, Q5_K_R, Q6_K_R, Q6_SUPER, Q8_0_R,
                                    FASTMATH, PREFETCH_GROUPS, add_block16, add_block_k4_16,
                                    add_block_q6_16, check_weights, half_block_sums, matvec_q8_dispatch, super_k4_16)
-from kernels_cpu.simd import PATH, halves_f32x16, hint_l2_part, store_f32x16, zero_f32x16
+from kernels_cpu.simd import PATH, halves_f32x16, hint_l2_part, hint_share, store_f32x16, zero_f32x16
 
 TILE = 4  # tokens per tile: 4 float accumulators of 16 rows
 # On AVX-512 (32 vector registers) batches of 8 or more of Q8_0 (every LM head here) take 8 tokens per tile: each
@@ -57,9 +57,10 @@ def _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_i
     `ahead` (a later group; None: no hints) as the loop goes."""
     a0 = a1 = a2 = a3 = zero_f32x16()
     if type_id == Q6_K_R:
+        share = hint_share(ahead, n_blocks // 8)
         for sb in range(n_blocks // 8):
             o = Q6_SUPER * sb
-            hint_l2_part(ahead, sb, n_blocks // 8)
+            hint_l2_part(ahead, sb, share)
             d = halves_f32x16(w, o)
             for j in range(8):
                 b = 8 * sb + j
@@ -68,9 +69,10 @@ def _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_i
                 a2 = add_block_q6_16(a2, w, o, d, j, b, xq[t2], xd[t2], sums16[t2])
                 a3 = add_block_q6_16(a3, w, o, d, j, b, xq[t3], xd[t3], sums16[t3])
     elif type_id == Q4_K_R or type_id == Q5_K_R:
+        share = hint_share(ahead, n_blocks // 8)
         for sb in range(n_blocks // 8):
             o, d, dmin = super_k4_16(w, sb, type_id)
-            hint_l2_part(ahead, sb, n_blocks // 8)
+            hint_l2_part(ahead, sb, share)
             for j in range(8):
                 b = 8 * sb + j
                 a0 = add_block_k4_16(a0, w, o, d, dmin, j, b, xq[t0], xd[t0], xs[t0], type_id)
@@ -78,8 +80,9 @@ def _group_tile4(w, g, t0, t1, t2, t3, xq, xd, xs, sums16, out, n_blocks, type_i
                 a2 = add_block_k4_16(a2, w, o, d, dmin, j, b, xq[t2], xd[t2], xs[t2], type_id)
                 a3 = add_block_k4_16(a3, w, o, d, dmin, j, b, xq[t3], xd[t3], xs[t3], type_id)
     else:
+        share = hint_share(ahead, n_blocks)
         for b in range(n_blocks):
-            hint_l2_part(ahead, b, n_blocks)
+            hint_l2_part(ahead, b, share)
             a0 = add_block16(a0, w, b, xq[t0], xd[t0], xs[t0], type_id)
             a1 = add_block16(a1, w, b, xq[t1], xd[t1], xs[t1], type_id)
             a2 = add_block16(a2, w, b, xq[t2], xd[t2], xs[t2], type_id)
@@ -125,8 +128,9 @@ def _group_tile8_q8_0(w, g, t, xq, xd, xs, out, n_blocks, ahead):
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero_f32x16()
     x0, x1, x2, x3, x4, x5, x6, x7 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3], xq[t + 4], xq[t + 5], xq[t + 6], xq[t + 7]
     d0, d1, d2, d3, d4, d5, d6, d7 = xd[t], xd[t + 1], xd[t + 2], xd[t + 3], xd[t + 4], xd[t + 5], xd[t + 6], xd[t + 7]
+    share = hint_share(ahead, n_blocks)
     for b in range(n_blocks):
-        hint_l2_part(ahead, b, n_blocks)
+        hint_l2_part(ahead, b, share)
         a0 = add_block16(a0, w, b, x0, d0, xs[t], Q8_0_R)
         a1 = add_block16(a1, w, b, x1, d1, xs[t + 1], Q8_0_R)
         a2 = add_block16(a2, w, b, x2, d2, xs[t + 2], Q8_0_R)

@@ -257,21 +257,35 @@ def prefetch_l2(typingctx, buf, offset):
     return types.none(buf, types.intp), _prefetch_codegen(2)
 
 
-def hint_l2_part(ahead, i, n):
-    """Hint part i of n of the array `ahead` (contiguous, any type and shape) into L2 (prefetch_l2): called at each
-    of the n steps of a loop over the current piece of data, the next piece's lines arrive while this one is worked
-    on. (All of a piece's hints at once held the loads up as long as the misses they replaced.) ahead None: nothing,
-    compiled to nothing, for the calls that need no hints."""
+def hint_share(ahead, n):
+    """How many elements of `ahead` each of n steps hints (hint_l2_part's `share`): computed once, before the loop,
+    since a division in the loop (n known only at run time) cost as much as the loop's arithmetic. 0 for None."""
+
+
+@overload(hint_share, inline="always")
+def _hint_share_impl(ahead, n):
+    if isinstance(ahead, types.NoneType):
+        return lambda ahead, n: 0
+    return lambda ahead, n: ahead.size // n
+
+
+def hint_l2_part(ahead, i, share):
+    """Hint part i of the array `ahead` (contiguous, any type and shape), `share` elements from i * share
+    (hint_share), into L2 (prefetch_l2): called at each of the n steps of a loop over the current piece of data, the
+    next piece's lines arrive while this one is worked on. (All of a piece's hints at once held the loads up as long
+    as the misses they replaced.) ahead None: nothing, compiled to nothing, for the calls that need no hints."""
 
 
 @overload(hint_l2_part, inline="always")
-def _hint_l2_part_impl(ahead, i, n):
+def _hint_l2_part_impl(ahead, i, share):
     if isinstance(ahead, types.NoneType):
-        return lambda ahead, i, n: None
+        return lambda ahead, i, share: None
 
-    def hint(ahead, i, n):
-        part = ahead.size // n
-        for e in range(i * part, (i + 1) * part, 64 // ahead.itemsize):
+    line = 64 // (ahead.dtype.bitwidth // 8)  # elements per cache line: a constant (ahead.itemsize is read at run
+                                              # time, and the range's trip count was a division per call)
+
+    def hint(ahead, i, share):
+        for e in range(i * share, (i + 1) * share, line):
             prefetch_l2(ahead, e)
     return hint
 
