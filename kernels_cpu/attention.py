@@ -335,7 +335,10 @@ def _job(q, positions, seqs, k_pair, v_pair, layer, scale, softcap, window, out,
                 for i in range(d_v):
                     part_acc[slot, r, h, i] = acc[v, i]
         return
-    if end - first == 1:  # one chunk: merging it into nothing gives its own sums (total = acc, l exactly)
+    # One chunk: merging it into nothing gives its own sums (total = acc, l exactly), so it finishes from them. (A
+    # first-chunk copy inside _merge_chunk instead, for every job, was slower: 8 SmolLM2 rows at depth 32, warm, 1
+    # thread, 17.1-18.8 us a layer against 15.3.)
+    if end - first == 1:
         _fresh(acc, m, l)
         _attend(queries, keys, key_scales, values, value_scales, softcap, low, high, nv, key_lo, key_hi, key_buf,
                 value_buf, scores, correction, tile_max, acc, m, l, key_hi)
