@@ -16,10 +16,14 @@ import tempfile
 from pathlib import Path
 
 
+# modules that compile nothing (the cache logic here; where kernel calls run): editing them need not recompile
+_NO_KERNELS = ("__init__.py", "kernel_thread.py")
+
+
 def _sources_hash() -> str:
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
-        if path.name == "__init__.py":  # compiles nothing: editing the cache logic need not recompile the kernels
+        if path.name in _NO_KERNELS:
             continue
         digest.update(path.name.encode())
         digest.update(path.read_bytes())

@@ -222,3 +222,77 @@ def test_a_server_whose_threads_take_every_cpu_cuts_libgomps_spin_before_its_fir
         done = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, (extra, done.stderr[-2000:])
+
+
+def test_a_hosting_thread_runs_its_calls_itself_and_others_still_get_theirs():
+    """kernel_thread.hosting (a server's scheduler): the host's calls run on it, the kernel thread's team is given
+    back meanwhile, so the process keeps one; a guest's call runs on the guest with a team given back after it; a
+    second host is refused quietly; once hosting ends, calls go to the kernel thread again. In a fresh process."""
+    script = textwrap.dedent("""
+        import threading, time
+        import numba
+        import numpy as np
+        import psutil
+        from numba import njit, prange
+        from kernels_cpu import kernel_thread
+
+        @njit(parallel=True)
+        def total(x):
+            s = 0.0
+            for i in prange(x.shape[0]):
+                s += x[i]
+            return s
+
+        def where(x):
+            return total(x), threading.current_thread().name
+
+        def on_thread(name, fn):
+            box = []
+            t = threading.Thread(target=lambda: box.append(fn()), name=name)
+            t.start()
+            t.join()
+            return box[0]
+
+        process = psutil.Process()
+        def settled():  # (a released worker leaves the thread list a moment after the release returns)
+            for _ in range(100):
+                n = process.num_threads()
+                time.sleep(0.01)
+                if process.num_threads() == n:
+                    return n
+            return process.num_threads()
+
+        x = np.ones(100)
+        numba.set_num_threads(2)
+        assert on_thread("worker", lambda: kernel_thread.call_parallel(where, x)) == (100.0, "edgeinfer-kernels")
+        one_team = settled()  # main, the kernel thread and its team's worker
+        in_host, seen = threading.Event(), []
+
+        def host():
+            with kernel_thread.hosting() as hosts:
+                seen.append(hosts)
+                seen.append(kernel_thread.call_parallel(where, x))
+                seen.append(settled())
+                in_host.set()
+                go_on.wait(60)
+                seen.append(kernel_thread.call_parallel(where, x))
+
+        go_on = threading.Event()
+        h = threading.Thread(target=host, name="host")
+        h.start()
+        in_host.wait(60)
+        assert seen[:2] == [True, (100.0, "host")], seen
+        omp = numba.threading_layer() == "omp"  # (other layers keep one pool for the process)
+        assert seen[2] == one_team + 1 or not omp, (one_team, seen)  # + the host; the kernel thread's worker is gone
+        assert on_thread("guest", lambda: kernel_thread.call_parallel(where, x)) == (100.0, "guest")
+        assert settled() == one_team + 1 or not omp  # the guest's team went with the call
+        assert on_thread("second", lambda: kernel_thread.hosting().__enter__()) is False
+        go_on.set()
+        h.join()
+        assert seen[3] == (100.0, "host") and kernel_thread._host is None
+        assert on_thread("worker", lambda: kernel_thread.call_parallel(where, x)) == (100.0, "edgeinfer-kernels")
+        print("ok")
+    """)
+    quiet = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=quiet)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

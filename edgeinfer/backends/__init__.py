@@ -22,7 +22,9 @@ go into each forward call and keeps the cache's record; it needs nothing of a ba
 
 A backend also has a `name` ("cpu") and `max_threads`; a runner may offer `weight_bytes_per_step()` (the
 weight bytes one call reads, which the benchmark reports) and `idle()` (the calling thread's request is over, for
-now: give back what that thread holds between requests; the API calls it at the end of each public call).
+now: give back what that thread holds between requests; the API calls it at the end of each public call) and
+`hosting()` (a context manager: the calling thread makes nearly all calls for a while, a server's scheduler; the CPU
+runner then runs them on that thread instead of handing each to its kernel thread).
 Backends: `cpu` (edgeinfer.backends.cpu: kernels_cpu's compiled Numba forward, whose tables `cpu_tables` builds,
 over weights `cpu_repack` repacks).
 """

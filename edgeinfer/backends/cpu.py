@@ -18,7 +18,7 @@ from edgeinfer.backends.cpu_repack import Repacked, repack_weights
 from edgeinfer.backends.cpu_tables import NO_REPACKING, ForwardTables
 from edgeinfer.kv_cache import KVCache
 from kernels_cpu.forward import Scratch, make_scratch
-from kernels_cpu.kernel_thread import call_with_threads, release_main_team
+from kernels_cpu.kernel_thread import call_with_threads, hosting, release_main_team
 from kernels_cpu.specialize import forward_for
 
 __all__ = ["CPUBackend", "CPURunner"]
@@ -69,6 +69,11 @@ class CPURunner:
         process (kernels_cpu.kernel_thread: an app that warmed the model up on its main thread and then generated
         from a thread pool ran at half speed). Nothing on other threads."""
         release_main_team()
+
+    def hosting(self):
+        """A context in which the calling thread's forwards run on it, not handed to the kernel thread: for a thread
+        that makes nearly all of them for a while (a server's scheduler; kernels_cpu.kernel_thread.hosting)."""
+        return hosting()
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, seqs: np.ndarray, logit_rows: np.ndarray,
                 cache: KVCache, logits: np.ndarray, n_threads: int) -> None:

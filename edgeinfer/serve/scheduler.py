@@ -25,6 +25,7 @@ in it (edgeinfer.serve.batch_speculation). The draft model, if any, has its own 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -261,6 +262,13 @@ class Scheduler:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        # this thread makes the engine's forwards (the draft model's too): where the runner can, they run on it,
+        # with no hand-off to another thread at each step (edgeinfer.backends: hosting)
+        hosting = getattr(self.engine.runner, "hosting", None)
+        with hosting() if hosting is not None else contextlib.nullcontext():
+            self._loop()
+
+    def _loop(self) -> None:
         try:
             while True:
                 with self._wake:
