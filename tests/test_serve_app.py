@@ -1,5 +1,8 @@
 """The starlette app without a model: 503 while loading, 429 with Retry-After when the scheduler's queue is full, and
 the error shape of what the router refuses (starlette's TestClient drives the ASGI app in-process)."""
+import gc
+import time
+import weakref
 from types import SimpleNamespace
 
 from starlette.testclient import TestClient
@@ -151,3 +154,40 @@ def test_what_loading_made_is_left_out_of_full_collections():
         assert not any(gc.is_tracked(o) and o in gc.get_objects(generation=2) for o in made_by_loading[:3])
     finally:
         gc.unfreeze()  # this test process goes on
+
+
+class EchoScheduler:
+    """Answers each request at once with one token and its end, and keeps only a weak reference to it."""
+    n_ctx, n_slots, slots = 64, 1, [SimpleNamespace(request=None)]
+
+    def __init__(self):
+        self.requests = []
+
+    def submit(self, request):
+        from edgeinfer.serve.scheduler import DoneEvent, TokenEvent
+
+        self.requests.append(weakref.ref(request))
+        request.sink(TokenEvent(5, "hi"))
+        request.sink(DoneEvent("length", "", 3, 1, 0))
+
+
+def test_a_finished_request_is_freed_without_the_garbage_collector():
+    """A request (and its vocabulary-sized buffers) goes when its response does: no reference cycle keeps it until
+    one of the collector's rare full passes (the watcher task's CancelledError held the frame holding the request's
+    event queue; its sink referred to it), which made a server's RSS rise and fall by 100-200 MB."""
+    scheduler = EchoScheduler()
+    state = ServerState()
+    state.served = Served(fake_model(), scheduler, "fake")
+    client = TestClient(create_app(state))
+    gc.disable()
+    try:
+        whole = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        streamed = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "stream": True})
+        assert whole.json()["choices"][0]["text"] == "hi" and streamed.text.endswith("data: [DONE]\n\n")
+        for _ in range(100):  # (the cancelled watcher task ends at the event loop's next turn)
+            if all(ref() is None for ref in scheduler.requests):
+                break
+            time.sleep(0.01)
+        assert len(scheduler.requests) == 2 and all(ref() is None for ref in scheduler.requests)
+    finally:
+        gc.enable()

@@ -309,9 +309,20 @@ class EventQueue:
         return event
 
     def close(self) -> None:
-        """The response is over (or abandoned): stop watching; cancel the request if it still runs."""
-        self.watcher.cancel()
+        """The response is over (or abandoned): stop watching; cancel the request if it still runs. Two references
+        that made cycles are dropped, each holding the request (and its vocabulary-sized buffers) until one of the
+        garbage collector's rare full passes: the watcher task (its CancelledError's traceback holds the frame that
+        holds this object) and the request's sink (which refers to the request). Kept, they made the server's RSS
+        rise and fall by 100-200 MB every few hundred requests (Qwen2.5, 16 clients)."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
         self.r.cancel()
+        self.r.sink = _no_listener
+
+
+def _no_listener(event) -> None:
+    """The sink of a request whose response is over: its events have nobody to go to."""
 
 
 async def _collect(events: EventQueue) -> list:
