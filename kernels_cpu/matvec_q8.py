@@ -21,332 +21,23 @@ A repacked matrix is a uint8 array (n_rows // 16, repacked_row_bytes(type, n_col
 gives its first dimension to compiled code. Kernels of one family share a body specialized per type id
 (numba.literally): call them with a constant type id, e.g. matvec_blocks(raw, xq, xd, xs, out, Q8_0), from compiled
 code only (from Python each call re-resolves the literal, ~50 ms), or use matvec_q8_dispatch / matvec_q8.
-
-Raw kernels (simd.py has the instructions) take rows in groups of 4: one load of x serves four rows and four
-accumulators hide the float latency; a group past the last row repeats it (the same value is written twice). A
-32-element block's integer dot leaves 8 int32 lanes, converted and scaled by d_w * xd[b] into a float vector summed
-once per row. Offsets (Q4_0 q - 8, Q5_0 q - 16, Q6_K q - 32, Q3_K q - 4) start the integer dot at
--offset * lane_sums(x); minimums (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K) add m * xd * xs per (sub-)block. K-quants take 64
-elements (two x blocks) per dot; its 16 lanes get their scales by pick_pairs (32-wide sub-blocks) or pick_quads
-(16-wide sub-blocks).
+The raw-block kernels are in kernels_cpu.matvec_q8_raw; the type ids and block layouts both share, in
+kernels_cpu.q8_layouts.
 """
 import numpy as np
 from numba import literally, njit, prange
 
-from kernels_cpu._fp16 import f16_at
 from kernels_cpu.borrow import borrowed
 from kernels_cpu.formats import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K,
                                  Q8_0, QK, check_out, check_raw)
 from kernels_cpu.kernel_thread import call_parallel
-from kernels_cpu.matvec import dot_row_bf16, dot_row_f16, dot_row_f32
-from kernels_cpu.simd import (I8_DOT_BIAS, bits_i8x32, bits_i8x64, bitfields_i8x64, bytes_or, dot_i8, dot_i8_biased, dot_u8,
-                              fields_i8x64, fma_lanes, fma_splat, halves_f32x16, halves_pair_splat, hsum, iadd,
-                              int8s_f32x16, join, k4_scales_f32x16, lane_sums, load_f32x8, load_i8x32, load_i8x64,
-                              load_i32x16, nibble_scales_f32x16, nibbles_i8x32, pick_pairs, pick_quads, prefetch,
-                              q3k_scales_f32x16, scaled, splat4_i8x64, splat_i32x16, spread_pairs, store_f32x16, times,
-                              to_float, uint8s_f32x16, upper_half, vadd, vmul, vsub, zero_f32x8, zero_f32x16,
-                              zero_i32x8, zero_i32x16)
-
-FASTMATH = {"reassoc", "contract", "nsz"}
-REPACKED = 1000  # type id of a repacked layout = REPACKED + ggml type
-Q4_0_R, Q4_1_R, Q5_0_R, Q5_1_R, Q8_0_R = (REPACKED + t for t in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0))
-Q4_K_R, Q5_K_R, Q6_K_R = (REPACKED + t for t in (Q4_K, Q5_K, Q6_K))
-GROUP = 16  # rows per group of a repacked layout
-
-
-@njit(cache=True)
-def _layout(ggml_type):
-    """(bytes per block (repacked: per block of the 16 rows), bytes of quants before the block's scales, offset of
-    the stored quants, has a minimum) of a type id. Called inside a parallel loop with a constant type id it folds to
-    constants; computed before the loop it would reach the loop body (a separate function) as a run-time argument."""
-    if ggml_type == Q4_0:
-        return 18, 16, -8, False
-    if ggml_type == Q4_1:
-        return 20, 16, 0, True
-    if ggml_type == Q5_0:
-        return 22, 16, -16, False
-    if ggml_type == Q5_1:
-        return 24, 16, 0, True
-    if ggml_type == Q8_0:
-        return 34, 32, -128, False
-    if ggml_type == Q4_K:
-        return 144, 128, 0, True
-    if ggml_type == Q5_K:
-        return 176, 160, 0, True
-    if ggml_type == Q6_K:
-        return 210, 192, -32, False
-    if ggml_type == Q3_K:
-        return 110, 96, -4, False
-    if ggml_type == Q2_K:
-        return 84, 64, 0, True
-    if ggml_type == Q4_0_R:
-        return 288, 256, -8, False
-    if ggml_type == Q4_1_R:
-        return 320, 256, 0, True
-    if ggml_type == Q5_0_R:
-        return 352, 320, -16, False
-    if ggml_type == Q5_1_R:
-        return 384, 320, 0, True
-    if ggml_type == Q8_0_R:
-        return 544, 512, -I8_DOT_BIAS, False
-    if ggml_type == Q4_K_R:
-        return 288, 256, 0, True
-    return 352, 320, 0, True  # Q5_K_R
-
-
-@njit(cache=True)
-def _group_rows(g, n_rows):
-    """Rows 4g .. 4g + 3, the last row repeated past the end."""
-    last = n_rows - 1
-    return min(4 * g, last), min(4 * g + 1, last), min(4 * g + 2, last), min(4 * g + 3, last)
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _x_sums(xd, xs):
-    """xd * xs as float32: the x side of a minimum term."""
-    out = np.empty(xd.shape[0], np.float32)
-    for b in range(xd.shape[0]):
-        out[b] = xd[b] * np.float32(xs[b])
-    return out
-
-
-@njit(cache=True)
-def half_block_sums(xq):
-    """Sums of xq over each 16 elements (int32): the x side of offsets and minimums of 16-element sub-blocks."""
-    sums = np.zeros(xq.shape[0] // 16, np.int32)
-    for i in range(xq.shape[0]):
-        sums[i // 16] += xq[i]
-    return sums
-
-
-# ---------------------------------------------------------------- raw 32-element block formats
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _block(acc, row, o, xv, sums, xdb, ggml_type):
-    """acc + one block of one row (at row[o:]) times x (32 int8 xv, lane_sums sums, scale xdb), minimum left out."""
-    if ggml_type == Q8_0:
-        dots = dot_i8(zero_i32x8(), load_i8x32(row, o + 2), xv, sums)
-    elif ggml_type == Q4_0:
-        dots = dot_u8(times(sums, -8), nibbles_i8x32(row, o + 2), xv)
-    elif ggml_type == Q4_1:
-        dots = dot_u8(zero_i32x8(), nibbles_i8x32(row, o + 4), xv)
-    elif ggml_type == Q5_0:
-        dots = dot_u8(times(sums, -16), bytes_or(nibbles_i8x32(row, o + 6), bits_i8x32(row, o + 2, 16)), xv)
-    else:  # Q5_1
-        dots = dot_u8(zero_i32x8(), bytes_or(nibbles_i8x32(row, o + 8), bits_i8x32(row, o + 4, 16)), xv)
-    return fma_splat(acc, dots, f16_at(row, o) * xdb)
-
-
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def matvec_blocks(raw, xq, xd, xs, out, ggml_type):
-    """Raw Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (ggml_type a constant)."""
-    literally(ggml_type)
-    xds = _x_sums(xd, xs)
-    for g in prange((raw.shape[0] + 3) // 4):
-        _blocks_group(raw, g, xq, xd, xs, xds, out, ggml_type)
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def matvec_blocks_part(raw, xq, xd, xs, out, ggml_type, g0, g1):
-    """matvec_blocks' row groups (of 4) g0..g1-1 on the calling thread: a share of a team's matvec."""
-    literally(ggml_type)
-    xds = _x_sums(xd, xs)
-    for g in range(g0, g1):
-        _blocks_group(raw, g, xq, xd, xs, xds, out, ggml_type)
-
-
-@njit(cache=True, inline="always", fastmath=FASTMATH)
-def _blocks_group(raw, g, xq, xd, xs, xds, out, ggml_type):
-    n_rows = raw.shape[0]
-    stride, _, _, has_min = _layout(ggml_type)
-    r0, r1, r2, r3 = _group_rows(g, n_rows)
-    w0, w1, w2, w3 = raw[r0], raw[r1], raw[r2], raw[r3]
-    a0 = a1 = a2 = a3 = zero_f32x8()
-    m0 = m1 = m2 = m3 = np.float32(0.0)
-    ahead = raw[min(r3 + 1, n_rows - 1)]  # the next group's first row: its lines reach the cache meanwhile
-    for b in range(xd.shape[0]):
-        o, xv, xdb = stride * b, load_i8x32(xq, QK * b), xd[b]
-        prefetch(ahead, 4 * o)
-        prefetch(ahead, 4 * o + 64)
-        sums = lane_sums(xv)
-        a0 = _block(a0, w0, o, xv, sums, xdb, ggml_type)
-        a1 = _block(a1, w1, o, xv, sums, xdb, ggml_type)
-        a2 = _block(a2, w2, o, xv, sums, xdb, ggml_type)
-        a3 = _block(a3, w3, o, xv, sums, xdb, ggml_type)
-        if has_min:
-            m0 += f16_at(w0, o + 2) * xds[b]
-            m1 += f16_at(w1, o + 2) * xds[b]
-            m2 += f16_at(w2, o + 2) * xds[b]
-            m3 += f16_at(w3, o + 2) * xds[b]
-    out[r0], out[r1], out[r2], out[r3] = hsum(a0) + m0, hsum(a1) + m1, hsum(a2) + m2, hsum(a3) + m3
-
-
-# ---------------------------------------------------------------- raw K-quants: 256-element super-blocks
-# x0..x3: the 4 x 64 int8 of x under a super-block; one dot covers sub-blocks (of 32) 2k, 2k + 1
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _k4_pair(row, o, k, ggml_type):
-    """Quants of sub-blocks 2k, 2k + 1 (64 bytes) of the Q4_K/Q5_K super-block at row[o:]."""
-    if ggml_type == Q4_K:
-        return bitfields_i8x64(row, o + 16 + 32 * k, 0, 4, 15, 0)
-    return bytes_or(bitfields_i8x64(row, o + 48 + 32 * k, 0, 4, 15, 0), bitfields_i8x64(row, o + 16, 2 * k, 1, 1, 4))
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _super_k4(acc, mins, row, o, xx, x0, x1, x2, x3, ggml_type):
-    # t = [d * scale_j * xd_j | dmin * min_j * xd_j * xs_j], j < 8 (xx = [xd_j | xd_j * xs_j])
-    t = vmul(vmul(k4_scales_f32x16(row, o + 4), halves_pair_splat(row, o)), xx)
-    acc = fma_lanes(acc, dot_u8(zero_i32x16(), _k4_pair(row, o, 0, ggml_type), x0), pick_pairs(t, 0))
-    acc = fma_lanes(acc, dot_u8(zero_i32x16(), _k4_pair(row, o, 1, ggml_type), x1), pick_pairs(t, 1))
-    acc = fma_lanes(acc, dot_u8(zero_i32x16(), _k4_pair(row, o, 2, ggml_type), x2), pick_pairs(t, 2))
-    acc = fma_lanes(acc, dot_u8(zero_i32x16(), _k4_pair(row, o, 3, ggml_type), x3), pick_pairs(t, 3))
-    return acc, vadd(mins, t)
-
-
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def matvec_k4(raw, xq, xd, xs, out, ggml_type):
-    """Raw Q4_K, Q5_K (ggml_type a constant): sub-blocks of 32 with a 6-bit scale and minimum."""
-    literally(ggml_type)
-    xds = _x_sums(xd, xs)
-    for g in prange((raw.shape[0] + 3) // 4):
-        _k4_group(raw, g, xq, xd, xds, out, ggml_type)
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def matvec_k4_part(raw, xq, xd, xs, out, ggml_type, g0, g1):
-    """matvec_k4's row groups (of 4) g0..g1-1 on the calling thread."""
-    literally(ggml_type)
-    xds = _x_sums(xd, xs)
-    for g in range(g0, g1):
-        _k4_group(raw, g, xq, xd, xds, out, ggml_type)
-
-
-@njit(cache=True, inline="always", fastmath=FASTMATH)
-def _k4_group(raw, g, xq, xd, xds, out, ggml_type):
-    n_rows = raw.shape[0]
-    stride = _layout(ggml_type)[0]
-    r0, r1, r2, r3 = _group_rows(g, n_rows)
-    w0, w1, w2, w3 = raw[r0], raw[r1], raw[r2], raw[r3]
-    a0 = a1 = a2 = a3 = m0 = m1 = m2 = m3 = zero_f32x16()
-    for sb in range(xd.shape[0] // 8):
-        o, e = stride * sb, 256 * sb
-        xx = join(load_f32x8(xd, 8 * sb), load_f32x8(xds, 8 * sb))
-        x0, x1, x2, x3 = load_i8x64(xq, e), load_i8x64(xq, e + 64), load_i8x64(xq, e + 128), load_i8x64(xq, e + 192)
-        a0, m0 = _super_k4(a0, m0, w0, o, xx, x0, x1, x2, x3, ggml_type)
-        a1, m1 = _super_k4(a1, m1, w1, o, xx, x0, x1, x2, x3, ggml_type)
-        a2, m2 = _super_k4(a2, m2, w2, o, xx, x0, x1, x2, x3, ggml_type)
-        a3, m3 = _super_k4(a3, m3, w3, o, xx, x0, x1, x2, x3, ggml_type)
-    out[r0], out[r1] = hsum(a0) - hsum(upper_half(m0)), hsum(a1) - hsum(upper_half(m1))
-    out[r2], out[r3] = hsum(a2) - hsum(upper_half(m2)), hsum(a3) - hsum(upper_half(m3))
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _k16_pair(row, o, h, p, ggml_type):
-    """Quants (unsigned) of 32-blocks 4h + 2p, 4h + 2p + 1 (64 bytes) of the Q6_K/Q3_K/Q2_K super-block at row[o:]."""
-    if ggml_type == Q6_K:
-        return bytes_or(fields_i8x64(load_i8x64(row, o + 64 * h), 4 * p, 15),
-                        bitfields_i8x64(row, o + 128 + 32 * h, 4 * p, 2, 3, 4))
-    if ggml_type == Q3_K:
-        return bytes_or(bitfields_i8x64(row, o + 32 + 32 * h, 4 * p, 2, 3, 0),
-                        bitfields_i8x64(row, o, 4 * h + 2 * p, 1, 1, 2))
-    return bitfields_i8x64(row, o + 16 + 32 * h, 4 * p, 2, 3, 0)
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _super_k16(acc, row, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type):
-    """acc + one Q6_K/Q3_K/Q2_K super-block of one row; i0..i3 start the dots (-offset * lane_sums), xd16 = the x scale
-    of each 16-element sub-block, xs16 = xd16 * its x sum (for Q2_K's minimums)."""
-    if ggml_type == Q6_K:
-        s = vmul(int8s_f32x16(row, o + 192), scaled(xd16, f16_at(row, o + 208)))
-    elif ggml_type == Q3_K:
-        s = vmul(q3k_scales_f32x16(row, o + 96), scaled(xd16, f16_at(row, o + 108)))
-    else:
-        s = vmul(nibble_scales_f32x16(row, o, 0), scaled(xd16, f16_at(row, o + 80)))
-        acc = vsub(acc, vmul(nibble_scales_f32x16(row, o, 1), scaled(xs16, f16_at(row, o + 82))))
-    acc = fma_lanes(acc, dot_u8(i0, _k16_pair(row, o, 0, 0, ggml_type), x0), pick_quads(s, 0))
-    acc = fma_lanes(acc, dot_u8(i1, _k16_pair(row, o, 0, 1, ggml_type), x1), pick_quads(s, 4))
-    acc = fma_lanes(acc, dot_u8(i2, _k16_pair(row, o, 1, 0, ggml_type), x2), pick_quads(s, 8))
-    return fma_lanes(acc, dot_u8(i3, _k16_pair(row, o, 1, 1, ggml_type), x3), pick_quads(s, 12))
-
-
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def matvec_k16(raw, xq, xd, xs, out, ggml_type):
-    """Raw Q6_K, Q3_K, Q2_K (ggml_type a constant): sub-blocks of 16 elements."""
-    literally(ggml_type)
-    sums16 = half_block_sums(xq)
-    for g in prange((raw.shape[0] + 3) // 4):
-        _k16_group(raw, g, xq, xd, sums16, out, ggml_type)
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def matvec_k16_part(raw, xq, xd, xs, out, ggml_type, g0, g1):
-    """matvec_k16's row groups (of 4) g0..g1-1 on the calling thread."""
-    literally(ggml_type)
-    sums16 = half_block_sums(xq)
-    for g in range(g0, g1):
-        _k16_group(raw, g, xq, xd, sums16, out, ggml_type)
-
-
-@njit(cache=True, inline="always", fastmath=FASTMATH)
-def _k16_group(raw, g, xq, xd, sums16, out, ggml_type):
-    n_rows = raw.shape[0]
-    stride, _, offset, _ = _layout(ggml_type)
-    r0, r1, r2, r3 = _group_rows(g, n_rows)
-    w0, w1, w2, w3 = raw[r0], raw[r1], raw[r2], raw[r3]
-    a0 = a1 = a2 = a3 = zero_f32x16()
-    for sb in range(xd.shape[0] // 8):
-        o, e = stride * sb, 256 * sb
-        x0, x1, x2, x3 = load_i8x64(xq, e), load_i8x64(xq, e + 64), load_i8x64(xq, e + 128), load_i8x64(xq, e + 192)
-        i0, i1 = times(lane_sums(x0), offset), times(lane_sums(x1), offset)
-        i2, i3 = times(lane_sums(x2), offset), times(lane_sums(x3), offset)
-        xd16 = spread_pairs(xd, 8 * sb)
-        xs16 = vmul(xd16, to_float(load_i32x16(sums16, 16 * sb)))
-        a0 = _super_k16(a0, w0, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
-        a1 = _super_k16(a1, w1, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
-        a2 = _super_k16(a2, w2, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
-        a3 = _super_k16(a3, w3, o, x0, x1, x2, x3, i0, i1, i2, i3, xd16, xs16, ggml_type)
-    out[r0], out[r1], out[r2], out[r3] = hsum(a0), hsum(a1), hsum(a2), hsum(a3)
-
-
-# ---------------------------------------------------------------- raw float weights: x dequantized back to float32
-
-
-@njit(cache=True)
-def _dequantized_x(xq, xd):
-    x = np.empty(xq.shape[0], np.float32)
-    for i in range(xq.shape[0]):
-        x[i] = np.float32(xq[i]) * xd[i // QK]
-    return x
-
-
-@njit(cache=True, parallel=True)
-def matvec_float(raw, xq, xd, xs, out, ggml_type):
-    """Raw F32, F16, BF16 (ggml_type a constant): float dots (kernels_cpu.matvec) with x = xd * xq."""
-    literally(ggml_type)
-    x = _dequantized_x(xq, xd)
-    for r in prange(raw.shape[0]):
-        _float_row(raw, r, x, out, ggml_type)
-
-
-@njit(cache=True)
-def matvec_float_part(raw, xq, xd, xs, out, ggml_type, r0, r1):
-    """matvec_float's rows r0..r1-1 on the calling thread."""
-    literally(ggml_type)
-    x = _dequantized_x(xq, xd)
-    for r in range(r0, r1):
-        _float_row(raw, r, x, out, ggml_type)
-
-
-@njit(cache=True, inline="always")
-def _float_row(raw, r, x, out, ggml_type):
-    if ggml_type == F32:
-        out[r] = dot_row_f32(raw[r], x)
-    elif ggml_type == F16:
-        out[r] = dot_row_f16(raw[r], x)
-    else:
-        out[r] = dot_row_bf16(raw[r], x)
+from kernels_cpu.matvec_q8_raw import (matvec_blocks, matvec_blocks_part, matvec_float, matvec_float_part, matvec_k4,
+                                       matvec_k4_part, matvec_k16, matvec_k16_part)
+from kernels_cpu.q8_layouts import (FASTMATH, GROUP, Q4_0_R, Q4_1_R, Q4_K_R, Q5_0_R, Q5_1_R, Q5_K_R, Q6_K_R, Q8_0_R,
+                                    REPACKED, block_layout, half_block_sums)
+from kernels_cpu.simd import (bits_i8x64, bytes_or, dot_i8_biased, dot_u8, fields_i8x64, fma_lanes, halves_f32x16, iadd,
+                              int8s_f32x16, load_i8x64, prefetch, scaled, splat4_i8x64, splat_i32x16, store_f32x16,
+                              uint8s_f32x16, vadd, vmul, vsub, zero_f32x16, zero_i32x16)
 
 
 # ---------------------------------------------------------------- repacked: 16 rows interleaved
@@ -415,7 +106,7 @@ def _prefetch_range(buf, start, n_bytes):
 def add_block16(acc, w, b, xq, xd, xs, ggml_type):
     """acc + block b of the 16 rows in w (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 repacked) times x's block b. matvec and
     the prefill tiles (matmul_q8) both take this step, so a token's result is the same in either."""
-    stride, quants, offset, has_min = _layout(ggml_type)
+    stride, quants, offset, has_min = block_layout(ggml_type)
     o = stride * b
     dots = _block16(w, o, xq, QK * b, splat_i32x16(offset * xs[b]), ggml_type)
     acc = fma_lanes(acc, dots, scaled(halves_f32x16(w, o + quants), xd[b]))
@@ -446,7 +137,7 @@ def matvec_blocks16_part(packed, xq, xd, xs, out, ggml_type, g0, g1):
 @njit(cache=True, inline="always", fastmath=FASTMATH)
 def _blocks16_group(packed, g, xq, xd, xs, out, ggml_type):
     w, ahead = packed[g], packed[min(g + PREFETCH_GROUPS, packed.shape[0] - 1)]
-    stride = _layout(ggml_type)[0]
+    stride = block_layout(ggml_type)[0]
     acc = zero_f32x16()
     for b in range(xd.shape[0]):
         _prefetch_range(ahead, stride * b, stride)
@@ -457,14 +148,14 @@ def _blocks16_group(packed, g, xq, xd, xs, out, ggml_type):
 @njit(cache=True, fastmath=FASTMATH)
 def super_k4_16(w, sb, ggml_type):
     """(offset, d, dmin) of super-block sb of the 16 rows in w (Q4_K, Q5_K repacked)."""
-    o = (64 + 8 * _layout(ggml_type)[0]) * sb
+    o = (64 + 8 * block_layout(ggml_type)[0]) * sb
     return o, halves_f32x16(w, o), halves_f32x16(w, o + 32)
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def add_block_k4_16(acc, w, o, d, dmin, j, b, xq, xd, xs, ggml_type):
     """acc + block j of the super-block at w[o:] (d, dmin from super_k4_16) times x's block b = 8 sb + j."""
-    block = _layout(ggml_type)[0]
+    block = block_layout(ggml_type)[0]
     ob = o + 64 + block * j
     dots = _block16(w, ob, xq, QK * b, zero_i32x16(), ggml_type)
     acc = fma_lanes(acc, dots, vmul(uint8s_f32x16(w, ob + block - 32), scaled(d, xd[b])))
@@ -495,7 +186,7 @@ def _k4_16_group(packed, g, xq, xd, xs, out, ggml_type):
     acc = zero_f32x16()
     for sb in range(xd.shape[0] // 8):
         o, d, dmin = super_k4_16(w, sb, ggml_type)
-        _prefetch_range(ahead, o, 64 + 8 * _layout(ggml_type)[0])
+        _prefetch_range(ahead, o, 64 + 8 * block_layout(ggml_type)[0])
         for j in range(8):
             acc = add_block_k4_16(acc, w, o, d, dmin, j, 8 * sb + j, xq, xd, xs, ggml_type)
     store_f32x16(out, GROUP * g, acc)

@@ -10,7 +10,8 @@ from numba import njit, prange
 from kernels_cpu.dequant import scale_min_k4, u32_at
 from kernels_cpu.formats import BLOCK_SIZES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QK
 from kernels_cpu.kernel_thread import call_parallel
-from kernels_cpu.matvec_q8 import GROUP, REPACKED, _layout, repacked_row_bytes
+from kernels_cpu.matvec_q8 import repacked_row_bytes
+from kernels_cpu.q8_layouts import GROUP, REPACKED, block_layout
 
 
 @njit(cache=True)
@@ -20,7 +21,7 @@ def _block_quants(ggml_type, row, j, q):
         for l in range(32):
             q[l] = row[34 * j + 2 + l]
     elif ggml_type == Q4_0 or ggml_type == Q4_1 or ggml_type == Q5_0 or ggml_type == Q5_1:
-        size, first, bits = _layout(ggml_type)[0], 2 if ggml_type == Q4_0 or ggml_type == Q5_0 else 4, -1
+        size, first, bits = block_layout(ggml_type)[0], 2 if ggml_type == Q4_0 or ggml_type == Q5_0 else 4, -1
         if ggml_type == Q5_0 or ggml_type == Q5_1:  # 32 5th bits before the nibbles
             bits = u32_at(row, size * j + first)
             first += 4
@@ -50,11 +51,11 @@ def _repack_group(ggml_type, raw, out, g, n_blocks):
     q = np.empty((GROUP, 32), np.uint8)
     for j in range(n_blocks):
         if ggml_type < Q2_K:  # legacy: blocks one after the other
-            o, quants = j * _layout(REPACKED + ggml_type)[0], _layout(REPACKED + ggml_type)[1]
+            o, quants = j * block_layout(REPACKED + ggml_type)[0], block_layout(REPACKED + ggml_type)[1]
         elif ggml_type == Q6_K:  # d of the super-block first
             o, quants = 3360 * (j // 8) + 32 + 416 * (j % 8), 384
         else:
-            block = _layout(REPACKED + ggml_type)[0]
+            block = block_layout(REPACKED + ggml_type)[0]
             o, quants = (64 + 8 * block) * (j // 8) + 64 + block * (j % 8), block - 32
         for r in range(GROUP):
             _block_quants(ggml_type, raw[GROUP * g + r], j, q[r])
@@ -81,7 +82,7 @@ def _repack_group(ggml_type, raw, out, g, n_blocks):
         for r in range(GROUP):
             row = raw[GROUP * g + r]
             if ggml_type < Q2_K:
-                size = _layout(ggml_type)[0]
+                size = block_layout(ggml_type)[0]
                 out[o + quants + 2 * r], out[o + quants + 2 * r + 1] = row[size * j], row[size * j + 1]
                 if ggml_type == Q4_1 or ggml_type == Q5_1:
                     out[o + quants + 32 + 2 * r], out[o + quants + 33 + 2 * r] = row[size * j + 2], row[size * j + 3]

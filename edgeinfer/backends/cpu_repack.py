@@ -34,7 +34,7 @@ import numpy as np
 
 from edgeinfer.arch.decoder import DecoderWeights, QuantMatrix
 from edgeinfer.paths import home, warn, writable_home
-from kernels_cpu import matvec_q8
+from kernels_cpu import matvec_q8, q8_layouts
 from kernels_cpu import repack as repack_module
 from kernels_cpu.repack import repack
 
@@ -125,8 +125,8 @@ def layout_digest(matrices: list[tuple[str, QuantMatrix]], offsets: list[int]) -
 def cache_path(model_path: str | os.PathLike, size: int, layout: str = "") -> Path:
     """Where the repacked weights of this model file (as it is now), of that size and `layout_digest`, are cached."""
     st = os.stat(model_path)
-    # the layouts (matvec_q8) and the conversion to them (repack)
-    layout_code = Path(matvec_q8.__file__).read_bytes() + Path(repack_module.__file__).read_bytes()
+    # the layouts (q8_layouts' table, described in matvec_q8) and the conversion to them (repack)
+    layout_code = b"".join(Path(module.__file__).read_bytes() for module in (q8_layouts, matvec_q8, repack_module))
     key = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{size}|{layout}".encode() + layout_code).hexdigest()[:16]
     return home() / "repacked" / f"{_cache_prefix(model_path)}{key}.bin"
 
