@@ -191,3 +191,23 @@ def test_a_finished_request_is_freed_without_the_garbage_collector():
         assert len(scheduler.requests) == 2 and all(ref() is None for ref in scheduler.requests)
     finally:
         gc.enable()
+
+
+def test_a_plain_tokens_event_from_its_frame_is_the_chunk_serialized():
+    """StreamChunks.events renders a plain token's event from a frame made once per stream: byte for byte what
+    serializing the whole chunk gives, for chat and completions, with and without usage, whatever the text holds."""
+    from edgeinfer.sampling import Sampler, SamplingParams
+    from edgeinfer.serve.openai_schema import ResponseHead
+    from edgeinfer.serve.responses import ChatShape, CompletionShape, StreamChunks, sse_event
+    from edgeinfer.serve.scheduler import DoneEvent, ServeRequest, TokenEvent
+
+    texts = ["Hello", ' "quoted" \\ back', "line\nbreak\ttab", "é ü 漢字 🙂", "\x00\x1f", "</script>"]
+    for shape, kind in ((ChatShape(None), "chat.completion"), (CompletionShape(None), "text_completion")):
+        for include_usage in (False, True):
+            r = ServeRequest([1, 2], Sampler(SamplingParams(temperature=0), 10), 4)
+            chunks = StreamChunks(ResponseHead("id-1", kind, "m", created=7), shape, r, include_usage)
+            for text in texts:
+                event = TokenEvent(5, text)
+                assert chunks.events(event) == [sse_event(c) for c in chunks.of(event)], (kind, text)
+            done = DoneEvent("length", "", 2, 4, 0)
+            assert chunks.events(done) == [sse_event(c) for c in chunks.of(done)]

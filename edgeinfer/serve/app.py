@@ -32,7 +32,7 @@ from edgeinfer.serve import openai_schema as schema
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.serve.openai_requests import OpenAIModel, Prepared
 from edgeinfer.serve.openai_schema import APIError, InvalidRequest
-from edgeinfer.serve.responses import StreamChunks, whole_response
+from edgeinfer.serve.responses import StreamChunks, sse_event, whole_response
 from edgeinfer.serve.scheduler import DoneEvent, ErrorEvent, QueueFull, Scheduler, ServeRequest
 from edgeinfer.serve.structured import GrammarVocabulary
 
@@ -340,21 +340,18 @@ async def _collect(events: EventQueue) -> list:
 
 async def _sse(events: EventQueue, chunks: StreamChunks) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: `data: {chunk}` lines, `data: [DONE]` last."""
-    def data(chunk: dict) -> str:
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
     try:
         for chunk in chunks.opening():
-            yield data(chunk)
+            yield sse_event(chunk)
         while True:
             event = await events.get()
             if event is None:
                 return
             if isinstance(event, ErrorEvent):  # headers are sent: the error goes in the stream, as OpenAI's
-                yield data(APIError(event.message, 500, type="server_error").body())
+                yield sse_event(APIError(event.message, 500, type="server_error").body())
                 return
-            for chunk in chunks.of(event):
-                yield data(chunk)
+            for line in chunks.events(event):
+                yield line
             if isinstance(event, DoneEvent):
                 yield "data: [DONE]\n\n"
                 return

@@ -8,6 +8,7 @@ the legacy logprobs).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Sequence
 
@@ -35,6 +36,7 @@ class StreamChunks:
         self.head, self.shape, self.r = replace(head, object=chunk_object), shape, r
         self.include_usage = include_usage
         self._held: list[str] = []  # a buffered shape's text until the end
+        self._text_frame: tuple[str, str] | None = None  # a plain token's event around its JSON-quoted text
 
     def _chunk(self, choices: list[dict], **fields) -> dict:
         extra = {"usage": None} if self.include_usage else {}
@@ -43,6 +45,20 @@ class StreamChunks:
     def opening(self) -> list[dict]:
         first = self.shape.first_delta()
         return [] if first is None else [self._chunk([first])]
+
+    def events(self, event: TokenEvent | DoneEvent) -> list[str]:
+        """The server-sent events (`data: {chunk}` lines) of `of(event)`. A plain token's (text, no logprobs) come
+        from a frame rendered once per stream, around the one part that changes, its text: serializing the whole
+        chunk at each token was a fifth of the event loop's time per streamed token."""
+        if isinstance(event, TokenEvent) and event.text and event.logprob is None and not self.shape.buffered:
+            if self._text_frame is None:
+                marker = "\x00text\x00"
+                before, after = sse_event(self._chunk([self.shape.delta(marker, [], None, self.r)])).split(
+                    json.dumps(marker))
+                self._text_frame = before, after
+            before, after = self._text_frame
+            return [before + json.dumps(event.text, ensure_ascii=False) + after]
+        return [sse_event(chunk) for chunk in self.of(event)]
 
     def of(self, event: TokenEvent | DoneEvent) -> list[dict]:
         """The chunks an event gives (none for a token whose text is held back); the last ones for its DoneEvent."""
@@ -63,6 +79,11 @@ class StreamChunks:
             chunks.append(self._chunk([], usage=schema.usage(event.prompt_tokens, event.completion_tokens,
                                                               event.cached_tokens)))
         return chunks
+
+
+def sse_event(chunk: dict) -> str:
+    """A chunk as one server-sent event."""
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
 
 class Shape:
