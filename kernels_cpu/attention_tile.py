@@ -16,8 +16,9 @@ from numba import njit, types
 from numba.extending import overload
 
 from kernels_cpu.kv_types import KEY_BLOCK, QK, key_vector, value_vector
-from kernels_cpu.simd import (PATH, dot_i8_biased, fma_f32x16, hint_l2_part, hint_share, key_quads_i8x64, load_f32x16, scaled,
-                              splat4_i8x64, splat_f32x16, splat_i32x16, store_f32x16, to_float, vmul, zero_f32x16)
+from kernels_cpu.simd import (PATH, dot_i8_biased, fma_f32x16, hint_l2_part, hint_share, key_quads_i8x64, load_f32x16,
+                              scaled, splat4_i8x64, splat_f32x16, splat_i32x16, store_f32x16, to_float, vmul,
+                              zero_f32x16)
 
 TILE = 64  # keys per tile
 # 32 vector registers: the weighted values in blocks of 4 vectors x 64 dims, the scores of 4 query vectors x 4 key

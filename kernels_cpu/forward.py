@@ -37,8 +37,9 @@ from kernels_cpu.borrow import borrowed
 from kernels_cpu.dequant import dequant_row
 from kernels_cpu.kv_types import store_key, store_row
 from kernels_cpu.matmul_q8 import matmul_tiles_part
-from kernels_cpu.matvec_q8 import REPACKED, matvec_q8_part, matvec_units, weight_rows
+from kernels_cpu.matvec_q8 import matvec_q8_part, matvec_units, weight_rows
 from kernels_cpu.norm import rms_norm_rows
+from kernels_cpu.q8_layouts import REPACKED
 from kernels_cpu.rope import rope_angles, rope_qk_rotate
 from kernels_cpu.team import chunks, claim, done_and_claim, item_range, make_sync, wait_done, wait_warming
 

@@ -25,8 +25,9 @@ A thread that makes nearly every call for a long while (a server's scheduler) ca
 its calls then run on it, with no hand-off; the kernel thread gives its team back meanwhile, so the process still
 has one. Measured in `edgeinfer serve` on SmolLM2 (2 cores, where the event loop and the clients compete for the
 CPUs and a woken kernel thread may wait for one), 6 rounds taking turns with the hand-off: one stream 333 -> 355
-tokens/s (means), eight streams 1396 -> 1459. A call from another thread while a host is there runs on its own thread with a team of its own, given back
-after the call: slower (a new team each time, and libgomp throttles both teams' spin during it), never blocked.
+tokens/s (means), eight streams 1396 -> 1459. A call from another thread while a host is there runs on its own
+thread with a team of its own, given back after the call: slower (a new team each time, and libgomp throttles both
+teams' spin during it), never blocked.
 """
 from __future__ import annotations
 

@@ -14,9 +14,10 @@ from kernels_cpu.activations_q8 import quantize_activations_rows
 from kernels_cpu.borrow import borrowed
 from kernels_cpu.formats import check_out
 from kernels_cpu.kernel_thread import call_parallel
-from kernels_cpu.matvec_q8 import (GROUP, Q4_0_R, Q4_1_R, Q4_K_R, Q5_0_R, Q5_1_R, Q5_K_R, Q6_K_R, Q6_SUPER, Q8_0_R,
-                                   FASTMATH, PREFETCH_GROUPS, add_block16, add_block_k4_16,
-                                   add_block_q6_16, check_weights, half_block_sums, matvec_q8_dispatch, super_k4_16)
+from kernels_cpu.matvec_q8 import (Q6_SUPER, PREFETCH_GROUPS, add_block16, add_block_k4_16, add_block_q6_16,
+                                   check_weights, matvec_q8_dispatch, super_k4_16)
+from kernels_cpu.q8_layouts import (FASTMATH, GROUP, Q4_0_R, Q4_1_R, Q4_K_R, Q5_0_R, Q5_1_R, Q5_K_R, Q6_K_R, Q8_0_R,
+                                    half_block_sums)
 from kernels_cpu.simd import PATH, halves_f32x16, hint_l2_part, hint_share, store_f32x16, zero_f32x16
 
 TILE = 4  # tokens per tile: 4 float accumulators of 16 rows

@@ -101,25 +101,29 @@ def test_release_thread_team_gives_back_this_threads_workers():
     release_thread_team()
 
 
+# the start of the fresh-process scripts below: a parallel region, and where (on which thread) a call ran it
+_WHERE = textwrap.dedent("""
+    import threading
+    import numpy as np
+    from numba import njit, prange
+    from kernels_cpu import kernel_thread
+
+    @njit(parallel=True)
+    def total(x):
+        s = 0.0
+        for i in prange(x.shape[0]):
+            s += x[i]
+        return s
+
+    def where(x):
+        return total(x), threading.current_thread().name
+""")
+
+
 def test_the_main_thread_alone_runs_inline_until_another_thread_calls():
     """In a fresh process (the module's state is per process): the main thread's calls run on it, no kernel thread;
     after a worker's call, the main thread's calls go to the kernel thread too."""
-    script = textwrap.dedent(f"""
-        import threading
-        import numpy as np
-        from numba import njit, prange
-        from kernels_cpu import kernel_thread
-
-        @njit(parallel=True)
-        def total(x):
-            s = 0.0
-            for i in prange(x.shape[0]):
-                s += x[i]
-            return s
-
-        def where(x):
-            return total(x), threading.current_thread().name
-
+    script = _WHERE + textwrap.dedent("""
         x = np.ones(100)
         assert kernel_thread.call_parallel(where, x) == (100.0, "MainThread")
         assert kernel_thread._thread is None
@@ -228,23 +232,10 @@ def test_a_hosting_thread_runs_its_calls_itself_and_others_still_get_theirs():
     """kernel_thread.hosting (a server's scheduler): the host's calls run on it, the kernel thread's team is given
     back meanwhile, so the process keeps one; a guest's call runs on the guest with a team given back after it; a
     second host is refused quietly; once hosting ends, calls go to the kernel thread again. In a fresh process."""
-    script = textwrap.dedent("""
-        import threading, time
+    script = _WHERE + textwrap.dedent("""
+        import time
         import numba
-        import numpy as np
         import psutil
-        from numba import njit, prange
-        from kernels_cpu import kernel_thread
-
-        @njit(parallel=True)
-        def total(x):
-            s = 0.0
-            for i in prange(x.shape[0]):
-                s += x[i]
-            return s
-
-        def where(x):
-            return total(x), threading.current_thread().name
 
         def on_thread(name, fn):
             box = []
