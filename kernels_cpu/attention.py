@@ -37,7 +37,8 @@ from numba import njit, prange
 from kernels_cpu._fp16 import bits_to_f32
 from kernels_cpu.attention_tile import FASTMATH, TILE, tile_scores, tile_values
 from kernels_cpu.borrow import borrowed
-from kernels_cpu.kv_types import KEY_BLOCK, head_view, quantize_queries, raw_keys, raw_rows, tile_keys, tile_rows
+from kernels_cpu.kv_types import (KEY_BLOCK, head_view, hint_scales, quantize_queries, raw_keys, raw_rows, tile_keys,
+                                  tile_rows)
 from kernels_cpu.simd import (add_widened, exp_f32x16, hint_l2_part, hmax, load_f32x16, splat_f32x16, store_f32x16,
                               tree_sum, vmax, vsub, where_in_range, zero_f64x16)
 
@@ -144,6 +145,7 @@ def _attend(queries, keys, key_scales, values, value_scales, softcap, low, high,
             a0 = min(t0 + PREFETCH_TILES * TILE, hint_end)
             a1 = min(a0 + TILE, hint_end)
             ahead_keys, ahead_values = keys[a0 // KEY_BLOCK:(a1 + KEY_BLOCK - 1) // KEY_BLOCK], values[a0:a1]
+            hint_scales(keys, key_scales, value_scales, a0, a1)
             tile_keys_, tile_key_scales = raw_keys(keys, key_scales, t0, t1)
             tile_values, tile_value_scales = raw_rows(values, value_scales, t0, t1)
             _tile_step(queries, tile_keys_, tile_key_scales, tile_values, tile_value_scales, softcap, t0, t1, low,
