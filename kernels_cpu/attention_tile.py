@@ -45,7 +45,7 @@ def tile_scores(queries, keys, key_scales, nv, softcap, scores, ahead):
     float32 (rows, d_k), and for q8_0 keys as q8_0 (kernels_cpu.kv_types.quantize_queries). Positions past the
     tile's end get scores too (of whatever the block holds there): the softmax masks them. The query arrays and
     scores have nv rounded up to a multiple of 4 rows (the padding rows zero); a last group of 3 vectors is scored
-    without its padding row."""
+    without its padding row, and a decode row's group of 7 (f32 and f16 keys) 7 vectors at a time."""
 
 
 @overload(tile_scores, inline="always")
@@ -78,6 +78,10 @@ def _f32_scores(qs, keys, key_scales, nv, scores, ahead):
     """tile_scores for float32 keys (or raw f16 ones): 16 keys per SIMD vector, each score one chain of fused
     multiply-adds over the dimensions in order."""
     n_blocks, d = keys.shape[0], keys.shape[1]
+    if WIDE_VALUES and nv == 7 and n_blocks == 4:  # a decode row of a GQA group of 7 (Qwen2.5): see _scores_7x2
+        _scores_7x2(qs, keys, key_scales, 0, d, scores, ahead)
+        _scores_7x2(qs, keys, key_scales, 2, d, scores, ahead)
+        return
     v = 0
     if WIDE_VALUES:  # 4 vectors x 4 blocks: 16 independent chains, each key load shared by 4 vectors. A last group
         # of fewer than 4 takes the zero padding rows along (their scores are never read): a decode row of SmolLM2
@@ -146,6 +150,37 @@ def _scores_3x4(qs, keys, key_scales, v, d, scores, ahead):
         a10, a11, a12, a13 = _fma4(splat_f32x16(q1[c]), k0, k1, k2, k3, a10, a11, a12, a13)
         a20, a21, a22, a23 = _fma4(splat_f32x16(q2[c]), k0, k1, k2, k3, a20, a21, a22, a23)
     _store_4x4(scores, v, ((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23)))
+
+
+@njit(cache=True, inline="always")
+def _scores_7x2(qs, keys, key_scales, b, d, scores, ahead):
+    """Scores of query vectors 0..6 (a GQA group of 7, one decode row) against key blocks b, b+1: 14 accumulators,
+    so each key vector is converted once for all 7 vectors (as 4 + 3 vectors x 4 blocks it was twice); each
+    score's chain the same as there. Called for blocks 0-1, then 2-3: each call hints half the coming tile."""
+    q0, q1, q2, q3, q4, q5, q6 = qs[0], qs[1], qs[2], qs[3], qs[4], qs[5], qs[6]
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = a60 = a61 = zero_f32x16()
+    share = hint_share(ahead, 2 * d)
+    for c in range(d):
+        hint_l2_part(ahead, (b // 2) * d + c, share)
+        k0, k1 = key_vector(keys, key_scales, b, c), key_vector(keys, key_scales, b + 1, c)
+        x = splat_f32x16(q0[c])
+        a00, a01 = fma_f32x16(x, k0, a00), fma_f32x16(x, k1, a01)
+        x = splat_f32x16(q1[c])
+        a10, a11 = fma_f32x16(x, k0, a10), fma_f32x16(x, k1, a11)
+        x = splat_f32x16(q2[c])
+        a20, a21 = fma_f32x16(x, k0, a20), fma_f32x16(x, k1, a21)
+        x = splat_f32x16(q3[c])
+        a30, a31 = fma_f32x16(x, k0, a30), fma_f32x16(x, k1, a31)
+        x = splat_f32x16(q4[c])
+        a40, a41 = fma_f32x16(x, k0, a40), fma_f32x16(x, k1, a41)
+        x = splat_f32x16(q5[c])
+        a50, a51 = fma_f32x16(x, k0, a50), fma_f32x16(x, k1, a51)
+        x = splat_f32x16(q6[c])
+        a60, a61 = fma_f32x16(x, k0, a60), fma_f32x16(x, k1, a61)
+    for i, (a, a_next) in enumerate(((a00, a01), (a10, a11), (a20, a21), (a30, a31), (a40, a41), (a50, a51),
+                                     (a60, a61))):
+        store_f32x16(scores, i * TILE + b * KEY_BLOCK, a)
+        store_f32x16(scores, i * TILE + (b + 1) * KEY_BLOCK, a_next)
 
 
 @njit(cache=True, inline="always")
@@ -308,9 +343,14 @@ def _q8_scores_4x1(q8, qd, q_bias, keys, key_scales, v, b, scores):
 @njit(cache=True, fastmath=FASTMATH)
 def tile_values(weights, values, value_scales, n, nv, correction, acc, ahead):
     """acc[v] = acc[v] * correction[v] + sum over the tile's n keys j of weights[v, j] * values[j], for the first nv
-    query vectors (in fours, a last group of 3 alone: rows past nv are padding): each output lane one chain of fused
-    multiply-adds over the keys in order, blocks of 4 vectors x 64 (or x 16) dims held in registers across the tile."""
+    query vectors (in fours, a last group of 3 alone, a decode row's group of 7 at once: rows past nv are padding):
+    each output lane one chain of fused multiply-adds over the keys in order, blocks of 4 vectors x 64 (or x 16) dims
+    (7 x 32) held in registers across the tile."""
     d_v = values.shape[1]
+    if WIDE_VALUES and nv == 7 and d_v % 32 == 0:  # a decode row of a GQA group of 7 (Qwen2.5): see _values_7x32
+        for c0 in range(0, d_v, 32):
+            _values_7x32(weights, values, value_scales, n, c0, correction, acc, ahead)
+        return
     for v0 in range(0, nv, 4):
         c0 = 0
         if WIDE_VALUES and nv - v0 == 3:  # a GQA group of 3 (SmolLM2; Qwen2.5's 7 = 4 + 3): no padding vector's work
@@ -391,6 +431,52 @@ def _values_3x64(weights, values, value_scales, n, v0, c0, correction, acc, ahea
     _store64(acc, r0, a00, a01, a02, a03)
     _store64(acc, r1, a10, a11, a12, a13)
     _store64(acc, r2, a20, a21, a22, a23)
+
+
+@njit(cache=True, inline="always")
+def _values_7x32(weights, values, value_scales, n, c0, correction, acc, ahead):
+    """The weighted values of query vectors 0..6 (a GQA group of 7, one decode row), dims c0..c0+31: 14
+    accumulators, so each value vector is loaded (converted, and for q8_0 scaled) once for all 7 vectors (as 4 + 3
+    vectors x 64 dims it was twice); each lane's chain the same as there. Each call hints its share of the coming
+    tile (d_v / 32 calls)."""
+    d_v = acc.shape[1]
+    a00, a01 = _load32_scaled(acc, c0, correction[0])
+    a10, a11 = _load32_scaled(acc, d_v + c0, correction[1])
+    a20, a21 = _load32_scaled(acc, 2 * d_v + c0, correction[2])
+    a30, a31 = _load32_scaled(acc, 3 * d_v + c0, correction[3])
+    a40, a41 = _load32_scaled(acc, 4 * d_v + c0, correction[4])
+    a50, a51 = _load32_scaled(acc, 5 * d_v + c0, correction[5])
+    a60, a61 = _load32_scaled(acc, 6 * d_v + c0, correction[6])
+    w0, w1, w2, w3, w4, w5, w6 = weights[0], weights[1], weights[2], weights[3], weights[4], weights[5], weights[6]
+    share = hint_share(ahead, TILE * (d_v // 32))
+    for j in range(n):
+        hint_l2_part(ahead, (c0 // 32) * TILE + j, share)
+        x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
+        w = splat_f32x16(w0[j])
+        a00, a01 = fma_f32x16(w, x0, a00), fma_f32x16(w, x1, a01)
+        w = splat_f32x16(w1[j])
+        a10, a11 = fma_f32x16(w, x0, a10), fma_f32x16(w, x1, a11)
+        w = splat_f32x16(w2[j])
+        a20, a21 = fma_f32x16(w, x0, a20), fma_f32x16(w, x1, a21)
+        w = splat_f32x16(w3[j])
+        a30, a31 = fma_f32x16(w, x0, a30), fma_f32x16(w, x1, a31)
+        w = splat_f32x16(w4[j])
+        a40, a41 = fma_f32x16(w, x0, a40), fma_f32x16(w, x1, a41)
+        w = splat_f32x16(w5[j])
+        a50, a51 = fma_f32x16(w, x0, a50), fma_f32x16(w, x1, a51)
+        w = splat_f32x16(w6[j])
+        a60, a61 = fma_f32x16(w, x0, a60), fma_f32x16(w, x1, a61)
+    for i, (a, a_next) in enumerate(((a00, a01), (a10, a11), (a20, a21), (a30, a31), (a40, a41), (a50, a51),
+                                     (a60, a61))):
+        store_f32x16(acc, i * d_v + c0, a)
+        store_f32x16(acc, i * d_v + c0 + 16, a_next)
+
+
+@njit(cache=True, inline="always")
+def _load32_scaled(acc, r, correction):
+    """The 32 values at acc[r:] (2 vectors), each times correction."""
+    s = splat_f32x16(correction)
+    return vmul(load_f32x16(acc, r), s), vmul(load_f32x16(acc, r + 16), s)
 
 
 @njit(cache=True, inline="always")
