@@ -111,16 +111,21 @@ SHAPES = [(128, 8, 8, 0, 1200), (128, 8, 4, 300, 2500), (64, 14, 2, 0, 8192), (6
 @pytest.mark.parametrize("kv_type", list(KV_TYPES))
 @pytest.mark.parametrize("d,n_heads,n_kv,window,n_ctx", SHAPES)
 def test_random_shapes_match_reference(kv_type, d, n_heads, n_kv, window, n_ctx):
-    """A prompt block at the end of the cache, one decode row and a row far back, on random inputs of each shape."""
+    """A prompt block at the end of the cache, one decode row and a row far back, on random inputs of each shape;
+    then the block's last row alone, as a decode step runs it (a job of one row's GQA group: the kernels that read
+    the cache's own type, e.g. Qwen2.5's group of 7 at once)."""
     rng = np.random.default_rng(d * 1000 + n_heads * 10 + n_kv)
     k, v = random_case(rng, 1, n_ctx, n_heads, n_kv, d_k=d, d_v=d)
     positions = np.concatenate([np.arange(n_ctx - 37, n_ctx), [n_ctx // 3, 5]]).astype(np.int64)
     seqs = np.zeros(len(positions), np.int64)
     q = rng.standard_normal((len(positions), n_heads, d)).astype(np.float32)
     expected = expected_rows(kv_type, q, positions, seqs, k, v, window)
+    last = slice(36, 37)  # position n_ctx - 1
     for threads in (1, 2):
         np.testing.assert_allclose(run_kernel(kv_type, q, positions, seqs, k, v, window, threads), expected,
                                    rtol=3e-4, atol=3e-5, err_msg=f"{threads} thread(s)")
+        np.testing.assert_allclose(run_kernel(kv_type, q[last], positions[last], seqs[last], k, v, window, threads),
+                                   expected[last], rtol=3e-4, atol=3e-5, err_msg=f"a decode row, {threads} thread(s)")
 
 
 def test_memory_does_not_grow_with_the_context():
