@@ -149,16 +149,12 @@ def top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 
 def _top_k_order(ids: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the min(k, n) best candidates, best first (ties: lower id first)."""
-    n = len(logits)
-    if k >= n:
-        return np.lexsort((ids, -logits))
-    kth = logits[np.argpartition(logits, n - k)[n - k]]  # the k-th highest logit
-    above = np.flatnonzero(logits > kth)
-    ties = np.flatnonzero(logits == kth)
-    ties = ties[np.argsort(ids[ties], kind="stable")][: k - len(above)]  # ties at the cut: lower ids win
-    keep = np.concatenate((above, ties))
-    return keep[np.lexsort((ids[keep], -logits[keep]))]
+    """Indices of the min(k, n) best candidates, best first (ties: lower id first): np.lexsort((ids, -logits))[:k],
+    selected in compiled code (kernels_cpu.logits.top_k_order: a fifth of np.argpartition's time on a vocabulary)."""
+    from kernels_cpu.logits import top_k_order
+
+    return top_k_order(np.ascontiguousarray(logits, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64),
+                       int(k))
 
 
 def top_p(ids: np.ndarray, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:

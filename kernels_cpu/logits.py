@@ -1,8 +1,9 @@
-"""Checks on a forward pass's logits, in compiled passes over each row.
+"""Compiled passes over a forward pass's logits: checks on each row, and the sampler's top-k selection.
 
 A server step has a row of logits per sequence (Gemma 3: 262k floats, 1 MB each); numpy's two reductions per row
 (min and max: NaN reaches both) read each row twice and were a third of the step's Python time at 8 sequences.
 """
+import numpy as np
 from numba import njit
 
 from kernels_cpu.simd import hmax, load_f32x16, vmax
@@ -58,3 +59,67 @@ def row_summaries(logits, best, finite):
         row = logits[r]
         finite[r] = all_finite_flat(row)
         best[r] = _first_largest(row)
+
+
+_TOP_K_BLOCK = 64  # values per block of top_k_order's first pass (a multiple of 16)
+
+
+@njit(cache=True)
+def top_k_order(logits, ids, k):
+    """Positions of the min(k, n) largest of logits (1-D float32, no NaN), largest first, ties to the lower id
+    (ids: the candidates' token ids, int64): np.lexsort((ids, -logits))[:k]. The sampler's top-k over a whole
+    vocabulary, in two passes that read the row about once: np.argpartition took 62 us of a 99 us SmolLM2 sample
+    (49k logits) and most of a 222 us Qwen2.5 one (152k).
+    1. The largest value of each block of 64. The k-th largest of these maxima, t, is a lower bound of the k-th
+       largest value: the k blocks whose maxima reach t hold at least k values >= t.
+    2. The positions of the values >= t, from the blocks whose maxima reach t (about k blocks), sorted: a few dozen
+       to a few hundred values, not the row.
+    Where fewer than k blocks hold a value > -inf (a row masked to a few tokens), the finite values come first,
+    then -inf positions by id."""
+    n = logits.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, np.int64)
+    n_blocks = (n + _TOP_K_BLOCK - 1) // _TOP_K_BLOCK
+    maxima = np.empty(n_blocks, np.float32)
+    whole = n // _TOP_K_BLOCK
+    for b in range(whole):
+        lanes = load_f32x16(logits, b * _TOP_K_BLOCK)
+        for i in range(b * _TOP_K_BLOCK + 16, b * _TOP_K_BLOCK + _TOP_K_BLOCK, 16):
+            lanes = vmax(lanes, load_f32x16(logits, i))
+        maxima[b] = hmax(lanes)
+    if whole < n_blocks:
+        top = logits[whole * _TOP_K_BLOCK]
+        for i in range(whole * _TOP_K_BLOCK, n):
+            top = max(top, logits[i])
+        maxima[whole] = top
+    threshold = np.float32(-np.inf)
+    if n_blocks >= k:
+        threshold = np.partition(maxima, n_blocks - k)[n_blocks - k]
+    finite_only = threshold == -np.inf  # then the -inf values are taken by id after the finite ones
+    reaching = 0
+    for b in range(n_blocks):
+        reaching += maxima[b] >= threshold and maxima[b] > -np.inf
+    found = np.empty(reaching * _TOP_K_BLOCK, np.int64)  # (a vocabulary-sized buffer would be mmap'd every call)
+    count = 0
+    for b in range(n_blocks):
+        if maxima[b] >= threshold and maxima[b] > -np.inf:
+            for i in range(b * _TOP_K_BLOCK, min(b * _TOP_K_BLOCK + _TOP_K_BLOCK, n)):
+                v = logits[i]
+                if v >= threshold and not (finite_only and v == -np.inf):
+                    found[count] = i
+                    count += 1
+    found = found[:count]
+    by_id = found[np.argsort(ids[found], kind="mergesort")]
+    order = by_id[np.argsort(-logits[by_id], kind="mergesort")]
+    if count >= k:
+        return order[:k].copy()
+    masked = np.empty(n - count, np.int64)  # the -inf values, lower ids first (a row masked to fewer than k tokens)
+    m = 0
+    for i in range(n):
+        if logits[i] == -np.inf:
+            masked[m] = i
+            m += 1
+    masked = masked[:m]
+    masked = masked[np.argsort(ids[masked], kind="mergesort")]
+    return np.concatenate((order, masked[:k - count]))

@@ -109,6 +109,32 @@ def test_top_k_on_a_full_size_vocabulary_matches_a_full_sort():
     np.testing.assert_array_equal(out, logits[expected])
 
 
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 65, 1000, 49_152 + 7])
+def test_top_k_kernel_matches_its_reference(n):
+    """kernels_cpu.logits.top_k_order against its definition, np.lexsort((ids, -logits))[:k]: every k from 1 past n,
+    on distinct values, many ties (at the cut too), -0.0 beside 0.0, rows masked to -inf but for a few tokens (fewer
+    than k: the -inf ones fill up by id), all -inf, and candidate ids in any order."""
+    from kernels_cpu.logits import top_k_order
+
+    rng = np.random.default_rng(n)
+    distinct = rng.standard_normal(n).astype(np.float32)
+    tied = (np.round(distinct * 2) / 2).astype(np.float32)
+    signed_zeros = np.where(rng.random(n) < 0.5, np.float32(-0.0), np.float32(0.0)).astype(np.float32)
+    masked = np.full(n, -np.inf, np.float32)
+    few = rng.choice(n, min(n, 5), replace=False)
+    masked[few] = distinct[few]
+    rows = {"distinct": distinct, "tied": tied, "signed zeros": signed_zeros, "masked": masked,
+            "all -inf": np.full(n, -np.inf, np.float32)}
+    id_orders = {"in order": np.arange(n, dtype=np.int64), "shuffled": rng.permutation(n).astype(np.int64)}
+    for k in sorted({1, 2, 3, 40, 64, 65, n - 1, n, n + 5} - {0}):
+        for row_name, logits in rows.items():
+            for ids_name, ids in id_orders.items():
+                expected = np.lexsort((ids, -logits))[:k]
+                np.testing.assert_array_equal(top_k_order(logits, ids, k), expected,
+                                              err_msg=f"k={k}, {row_name}, ids {ids_name}")
+    assert top_k_order(distinct, id_orders["in order"], 0).size == 0
+
+
 # ---------------------------------------------------------------- top-p
 
 def test_top_p_keeps_the_shortest_prefix_reaching_p():
