@@ -233,7 +233,7 @@ load_i32x16, load_f32x8, load_f32x16 = _loader(i32x16), _loader(f32x8), _loader(
 
 
 def _prefetch_codegen(locality):
-    """Code for a read hint of buf[offset]'s cache line with LLVM's locality (3: into L1, 2: into L2)."""
+    """Code for a read hint of buf[offset]'s cache line with LLVM's locality (2: into L2; 0: non-temporal)."""
     def codegen(context, builder, signature, args):
         ptr = _element_ptr(context, builder, signature.args[0], args[0], args[1], _I8)
         _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, locality),
@@ -245,8 +245,9 @@ def _prefetch_codegen(locality):
 
 @intrinsic
 def prefetch(typingctx, buf, offset):
-    """Hint: bring the cache line of buf[offset] in (for reads), e.g. the next rows of a large matrix."""
-    return types.none(buf, types.intp), _prefetch_codegen(3)
+    """Hint: bring the cache line of buf[offset] in for one read soon (prefetchnta), e.g. the next rows of a large
+    matrix that a decode step streams once."""
+    return types.none(buf, types.intp), _prefetch_codegen(0)
 
 
 @intrinsic
