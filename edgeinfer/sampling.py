@@ -246,6 +246,17 @@ def all_finite(logits: np.ndarray) -> bool:
     return bool(all_finite_flat(np.ascontiguousarray(logits, dtype=np.float32).reshape(-1)))
 
 
+def warm_up() -> None:
+    """Compile (on a first run: seconds) or load from Numba's cache the sampler's compiled passes, so that a first
+    sampled token does not wait for them (chat and the server call this while they load)."""
+    from kernels_cpu.logits import all_finite_flat, row_summaries, top_k_order
+
+    row = np.zeros((1, 64), np.float32)
+    all_finite_flat(row[0])
+    row_summaries(row, np.empty(1, np.int64), np.empty(1, bool))
+    top_k_order(row[0], np.arange(64, dtype=np.int64), 1)
+
+
 def _check_samplable(logits: np.ndarray) -> int:
     """InvalidArgument unless some logit is finite and none is NaN or +inf (-inf masks a token, as in llama.cpp);
     returns the argmax (the first largest: the lowest id of a tie), which greedy sampling takes."""

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import GenerationStats, common_prefix_length
-from edgeinfer.sampling import CHAT_REPEAT_PENALTY, SamplingParams
+from edgeinfer.sampling import CHAT_REPEAT_PENALTY, SamplingParams, warm_up as warm_up_sampler
 from edgeinfer.speculative import DEFAULT_SPECULATION, check_speculation
 
 if TYPE_CHECKING:
@@ -234,7 +234,9 @@ class ChatSession:
 
     def warm_up(self) -> None:
         """Evaluate the template's fixed prefix (it stays cached for the first turn) and one decode step, so the
-        prefill and decode kernels are compiled or loaded from Numba's cache before the first message."""
+        prefill and decode kernels (and the sampler's) are compiled or loaded from Numba's cache before the first
+        message."""
+        warm_up_sampler()
         head = self.messages[:1] if self.system is not None else []
         a = self._tokens(head + [{"role": "user", "content": "a"}])
         b = self._tokens(head + [{"role": "user", "content": "b"}])

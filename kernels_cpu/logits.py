@@ -4,7 +4,7 @@ A server step has a row of logits per sequence (Gemma 3: 262k floats, 1 MB each)
 (min and max: NaN reaches both) read each row twice and were a third of the step's Python time at 8 sequences.
 """
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 from kernels_cpu.simd import hmax, load_f32x16, vmax
 
@@ -62,9 +62,13 @@ def row_summaries(logits, best, finite):
 
 
 _TOP_K_BLOCK = 64  # values per block of top_k_order's first pass (a multiple of 16)
+# One signature, read-only arrays (writable ones convert to them): the sampler passes its read-only ids, other callers
+# writable ones, and each kind would otherwise compile its own copy (7 s on a first run).
+_TOP_K_SIGNATURE = types.int64[::1](types.Array(types.float32, 1, "C", readonly=True),
+                                    types.Array(types.int64, 1, "C", readonly=True), types.int64)
 
 
-@njit(cache=True)
+@njit(_TOP_K_SIGNATURE, cache=True)
 def top_k_order(logits, ids, k):
     """Positions of the min(k, n) largest of logits (1-D float32, no NaN), largest first, ties to the lower id
     (ids: the candidates' token ids, int64): np.lexsort((ids, -logits))[:k]. The sampler's top-k over a whole

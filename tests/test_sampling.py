@@ -135,6 +135,21 @@ def test_top_k_kernel_matches_its_reference(n):
     assert top_k_order(distinct, id_orders["in order"], 0).size == 0
 
 
+def test_top_k_kernel_is_compiled_once_and_warmed_up():
+    """The sampler passes read-only ids, other callers writable arrays: one compiled signature serves both (a
+    second would cost a first run seconds at some later token), and sampling.warm_up loads it with the other
+    compiled passes."""
+    from edgeinfer.sampling import warm_up
+    from kernels_cpu.logits import top_k_order
+
+    warm_up()
+    logits = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    read_only = ids_of(100)
+    read_only.flags.writeable = False
+    assert top_k_order(logits, ids_of(100), 3).tolist() == top_k_order(logits, read_only, 3).tolist()
+    assert len(top_k_order.signatures) == 1
+
+
 # ---------------------------------------------------------------- top-p
 
 def test_top_p_keeps_the_shortest_prefix_reaching_p():

@@ -19,6 +19,7 @@ from typing import Callable
 
 from edgeinfer.budget import read_system_state, threads_for_power
 from edgeinfer.errors import EdgeInferError
+from edgeinfer.sampling import warm_up as warm_up_sampler
 from edgeinfer.serve import structured
 from edgeinfer.serve.app import Served, ServerState, create_app
 from edgeinfer.serve.openai_requests import model_names
@@ -163,6 +164,7 @@ def _load(path: Path, options: ServeOptions, state: ServerState, model_id: str, 
         # every page of the KV cache mapped before the server is ready, not during its first burst of requests
         model.engine.cache.map_pages(model.n_threads)
         model.engine.warm_up()  # compiles on a first run (a minute or two), else loads the compiled kernels
+        warm_up_sampler()
         if options.draft is not None:
             # closed with the model; InvalidArgument if its vocabulary is not the model's
             model.use_draft(Model(options.draft, n_ctx=model.n_ctx, n_threads=model.n_threads,
