@@ -249,10 +249,11 @@ def all_finite(logits: np.ndarray) -> bool:
 def warm_up() -> None:
     """Compile (on a first run: seconds) or load from Numba's cache the sampler's compiled passes, so that a first
     sampled token does not wait for them (chat and the server call this while they load)."""
-    from kernels_cpu.logits import all_finite_flat, row_summaries, top_k_order
+    from kernels_cpu.logits import all_finite_flat, log_normalizer, row_summaries, top_k_order
 
     row = np.zeros((1, 64), np.float32)
     all_finite_flat(row[0])
+    log_normalizer(row[0])  # logprobs
     row_summaries(row, np.empty(1, np.int64), np.empty(1, bool))
     top_k_order(row[0], np.arange(64, dtype=np.int64), 1)
 

@@ -150,6 +150,23 @@ def test_top_k_kernel_is_compiled_once_and_warmed_up():
     assert len(top_k_order.signatures) == 1
 
 
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 151_936])
+def test_log_normalizer_kernel_matches_its_reference(n):
+    """kernels_cpu.logits.log_normalizer against float64 numpy's log(sum(exp(x))) (shifted by the maximum), on rows
+    of small, ordinary and large spread, with -inf entries (masked tokens), and lengths off the 16-lane step."""
+    from kernels_cpu.logits import log_normalizer
+
+    rng = np.random.default_rng(n)
+    for scale in (0.01, 3.0, 40.0):
+        x = (rng.standard_normal(n) * scale).astype(np.float32)
+        if n > 2:
+            x[rng.choice(n, n // 3, replace=False)] = -np.inf
+            x[0] = 1.0  # a finite maximum
+        x64 = x.astype(np.float64)
+        expected = x64.max() + np.log(np.exp(x64 - x64.max()).sum())
+        assert log_normalizer(x) == pytest.approx(expected, rel=1e-7, abs=1e-7), scale
+
+
 # ---------------------------------------------------------------- top-p
 
 def test_top_p_keeps_the_shortest_prefix_reaching_p():

@@ -26,6 +26,7 @@ in it (edgeinfer.serve.batch_speculation). The draft model, if any, has its own 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -45,7 +46,7 @@ from edgeinfer.prompt_lookup import word_classes
 from edgeinfer.speculative import (DraftLength, DraftModelDrafter, LookupThenModel, SpeculationStats, accept_draft,
                                    check_speculation, draft_or_free_guess, drafting_for)
 from edgeinfer.tokenizer import Tokenizer
-from kernels_cpu.logits import row_summaries
+from kernels_cpu.logits import log_normalizer, row_summaries, top_k_order
 
 log = logging.getLogger("edgeinfer.serve")
 
@@ -521,14 +522,20 @@ class Scheduler:
 
 def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
     """The log-probability of `token` under the model's distribution (log-softmax of the raw logits, as OpenAI's
-    logprobs) and the `top` most likely tokens with theirs, best first."""
-    x = logits.astype(np.float64)
-    m = x.max()
-    log_z = m + np.log(np.exp(x - m).sum())
+    logprobs) and the `top` most likely tokens with theirs, best first (ties: lower id first); in compiled passes
+    (kernels_cpu.logits: log_normalizer, top_k_order)."""
+    row = np.ascontiguousarray(logits, dtype=np.float32)
+    log_z = log_normalizer(row)
     best = []
     if top > 0:
-        ids = np.argpartition(-x, top - 1)[:top]
-        ids = ids[np.lexsort((ids, -x[ids]))]
-        best = [(int(i), float(x[i] - log_z)) for i in ids]
-    return float(x[token] - log_z), best
+        best = [(int(i), float(np.float64(row[i]) - log_z)) for i in top_k_order(row, _token_ids(len(row)), top)]
+    return float(np.float64(row[token]) - log_z), best
+
+
+@functools.lru_cache(maxsize=4)
+def _token_ids(n_vocab: int) -> np.ndarray:
+    """0..n_vocab-1, read-only, made once per vocabulary size (not a vocabulary-sized array per token)."""
+    ids = np.arange(n_vocab, dtype=np.int64)
+    ids.flags.writeable = False
+    return ids
 
