@@ -33,6 +33,12 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @njit(cache=True, inline="always")
+def _fma2(x, v0, v1, a0, a1):
+    """(a0 + x * v0, a1 + x * v1): one broadcast value times two vectors, two independent chains."""
+    return fma_f32x16(x, v0, a0), fma_f32x16(x, v1, a1)
+
+
+@njit(cache=True, inline="always")
 def _fma4(x, v0, v1, v2, v3, a0, a1, a2, a3):
     """(a0 + x * v0, ..., a3 + x * v3): one broadcast value times four vectors, four independent chains."""
     return fma_f32x16(x, v0, a0), fma_f32x16(x, v1, a1), fma_f32x16(x, v2, a2), fma_f32x16(x, v3, a3)
@@ -163,20 +169,13 @@ def _scores_7x2(qs, keys, key_scales, b, d, scores, ahead):
     for c in range(d):
         hint_l2_part(ahead, (b // 2) * d + c, share)
         k0, k1 = key_vector(keys, key_scales, b, c), key_vector(keys, key_scales, b + 1, c)
-        x = splat_f32x16(q0[c])
-        a00, a01 = fma_f32x16(x, k0, a00), fma_f32x16(x, k1, a01)
-        x = splat_f32x16(q1[c])
-        a10, a11 = fma_f32x16(x, k0, a10), fma_f32x16(x, k1, a11)
-        x = splat_f32x16(q2[c])
-        a20, a21 = fma_f32x16(x, k0, a20), fma_f32x16(x, k1, a21)
-        x = splat_f32x16(q3[c])
-        a30, a31 = fma_f32x16(x, k0, a30), fma_f32x16(x, k1, a31)
-        x = splat_f32x16(q4[c])
-        a40, a41 = fma_f32x16(x, k0, a40), fma_f32x16(x, k1, a41)
-        x = splat_f32x16(q5[c])
-        a50, a51 = fma_f32x16(x, k0, a50), fma_f32x16(x, k1, a51)
-        x = splat_f32x16(q6[c])
-        a60, a61 = fma_f32x16(x, k0, a60), fma_f32x16(x, k1, a61)
+        a00, a01 = _fma2(splat_f32x16(q0[c]), k0, k1, a00, a01)
+        a10, a11 = _fma2(splat_f32x16(q1[c]), k0, k1, a10, a11)
+        a20, a21 = _fma2(splat_f32x16(q2[c]), k0, k1, a20, a21)
+        a30, a31 = _fma2(splat_f32x16(q3[c]), k0, k1, a30, a31)
+        a40, a41 = _fma2(splat_f32x16(q4[c]), k0, k1, a40, a41)
+        a50, a51 = _fma2(splat_f32x16(q5[c]), k0, k1, a50, a51)
+        a60, a61 = _fma2(splat_f32x16(q6[c]), k0, k1, a60, a61)
     for i, (a, a_next) in enumerate(((a00, a01), (a10, a11), (a20, a21), (a30, a31), (a40, a41), (a50, a51),
                                      (a60, a61))):
         store_f32x16(scores, i * TILE + b * KEY_BLOCK, a)
@@ -452,20 +451,13 @@ def _values_7x32(weights, values, value_scales, n, c0, correction, acc, ahead):
     for j in range(n):
         hint_l2_part(ahead, (c0 // 32) * TILE + j, share)
         x0, x1 = value_vector(values, value_scales, j, c0), value_vector(values, value_scales, j, c0 + 16)
-        w = splat_f32x16(w0[j])
-        a00, a01 = fma_f32x16(w, x0, a00), fma_f32x16(w, x1, a01)
-        w = splat_f32x16(w1[j])
-        a10, a11 = fma_f32x16(w, x0, a10), fma_f32x16(w, x1, a11)
-        w = splat_f32x16(w2[j])
-        a20, a21 = fma_f32x16(w, x0, a20), fma_f32x16(w, x1, a21)
-        w = splat_f32x16(w3[j])
-        a30, a31 = fma_f32x16(w, x0, a30), fma_f32x16(w, x1, a31)
-        w = splat_f32x16(w4[j])
-        a40, a41 = fma_f32x16(w, x0, a40), fma_f32x16(w, x1, a41)
-        w = splat_f32x16(w5[j])
-        a50, a51 = fma_f32x16(w, x0, a50), fma_f32x16(w, x1, a51)
-        w = splat_f32x16(w6[j])
-        a60, a61 = fma_f32x16(w, x0, a60), fma_f32x16(w, x1, a61)
+        a00, a01 = _fma2(splat_f32x16(w0[j]), x0, x1, a00, a01)
+        a10, a11 = _fma2(splat_f32x16(w1[j]), x0, x1, a10, a11)
+        a20, a21 = _fma2(splat_f32x16(w2[j]), x0, x1, a20, a21)
+        a30, a31 = _fma2(splat_f32x16(w3[j]), x0, x1, a30, a31)
+        a40, a41 = _fma2(splat_f32x16(w4[j]), x0, x1, a40, a41)
+        a50, a51 = _fma2(splat_f32x16(w5[j]), x0, x1, a50, a51)
+        a60, a61 = _fma2(splat_f32x16(w6[j]), x0, x1, a60, a61)
     for i, (a, a_next) in enumerate(((a00, a01), (a10, a11), (a20, a21), (a30, a31), (a40, a41), (a50, a51),
                                      (a60, a61))):
         store_f32x16(acc, i * d_v + c0, a)
