@@ -19,6 +19,7 @@ random generator, so rewinding or branching a generation needs nothing from it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -246,6 +247,15 @@ def all_finite(logits: np.ndarray) -> bool:
     return bool(all_finite_flat(np.ascontiguousarray(logits, dtype=np.float32).reshape(-1)))
 
 
+@functools.lru_cache(maxsize=4)
+def token_ids(n_vocab: int) -> np.ndarray:
+    """0..n_vocab-1 (int64, read-only): the candidates' ids before any rule narrows them, made once per vocabulary
+    size and shared by every sampler and the server's logprobs (not a vocabulary-sized array per request)."""
+    ids = np.arange(n_vocab, dtype=np.int64)
+    ids.flags.writeable = False
+    return ids
+
+
 def warm_up() -> None:
     """Compile (on a first run: seconds) or load from Numba's cache the sampler's compiled passes, so that a first
     sampled token does not wait for them (chat and the server call this while they load)."""
@@ -289,8 +299,7 @@ class Sampler:
         random = params.seed is None or params.seed == RANDOM_SEED
         self.seed = int(np.random.SeedSequence().entropy) if random else int(params.seed)
         self._rng = np.random.default_rng(self.seed)
-        self._ids = np.arange(self.n_vocab, dtype=np.int64)
-        self._ids.flags.writeable = False
+        self._ids = token_ids(self.n_vocab)
 
     def distribution(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """The final candidates and their probabilities, after every rule: `(ids int64, probs float32)`.

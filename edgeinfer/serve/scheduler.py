@@ -26,7 +26,6 @@ in it (edgeinfer.serve.batch_speculation). The draft model, if any, has its own 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -40,6 +39,7 @@ from edgeinfer.batch_generation import BatchRequest
 from edgeinfer.engine import Engine
 from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import common_prefix_length, non_finite_logits
+from edgeinfer.sampling import token_ids
 from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses
 from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.prompt_lookup import word_classes
@@ -528,14 +528,5 @@ def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, lis
     log_z = log_normalizer(row)
     best = []
     if top > 0:
-        best = [(int(i), float(np.float64(row[i]) - log_z)) for i in top_k_order(row, _token_ids(len(row)), top)]
+        best = [(int(i), float(np.float64(row[i]) - log_z)) for i in top_k_order(row, token_ids(len(row)), top)]
     return float(np.float64(row[token]) - log_z), best
-
-
-@functools.lru_cache(maxsize=4)
-def _token_ids(n_vocab: int) -> np.ndarray:
-    """0..n_vocab-1, read-only, made once per vocabulary size (not a vocabulary-sized array per token)."""
-    ids = np.arange(n_vocab, dtype=np.int64)
-    ids.flags.writeable = False
-    return ids
-
