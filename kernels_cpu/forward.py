@@ -183,9 +183,19 @@ def _first_bytes(weights, packed, m):
 
 
 @njit(cache=True, inline="always")
-def _rows_of(i, n):
-    """[r0, r1): the rows of item i of a small op over n rows (ROWS_PER_ITEM each)."""
-    return i * ROWS_PER_ITEM, min(i * ROWS_PER_ITEM + ROWS_PER_ITEM, n)
+def _row_items(n, threads):
+    """How many items a small op over n rows is cut into: ROWS_PER_ITEM rows each, but one per thread at least
+    (where there are rows for it), so that 4 rows on 2 threads are 2 items of 2, not one item on one thread while
+    the other waits. (SmolLM2 at depth 32 on 2 threads, the two ways taking turns step by step in one process, 600
+    steps: 4 rows 2.816 -> 2.718 ms a step, 3 rows 2.829 -> 2.778, 2 rows 2.382 -> 2.330; 8 rows, cut the same
+    either way, 3.501 / 3.518. The same logits.)"""
+    return max((n + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM, min(threads, n))
+
+
+@njit(cache=True, inline="always")
+def _rows_of(i, items, n):
+    """[r0, r1): the rows of item i of a small op over n rows cut into `items` items (_row_items)."""
+    return item_range(i, items, n)
 
 
 @njit(cache=True)
@@ -284,10 +294,10 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
     d, heads, kv_heads, vd = hp.d_model, hp.n_heads, hp.n_kv_heads, hp.value_dim
     x, h = s.x, s.h
     # -- the residual add, this block's input (normed and quantized) and the angles: ROWS_PER_ITEM rows per item
-    n_blocks = (n + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    n_blocks = _row_items(n, threads)
     i = claim(sync, phase)
     while i < n_blocks:
-        r0, r1 = _rows_of(i, n)
+        r0, r1 = _rows_of(i, n_blocks, n)
         if layer > 0:
             _residual_rows(x, s.out, r0, r1, prev_post_ffn, hp)
         if fresh_angles:
@@ -313,7 +323,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
     # -- split, bias, Q/K norms, RoPE, K and V into the cache: ROWS_PER_ITEM rows per item
     i = claim(sync, phase)
     while i < n_blocks:
-        r0, r1 = _rows_of(i, n)
+        r0, r1 = _rows_of(i, n_blocks, n)
         for r in range(r0, r1):
             _qkv_row(r, layer, lv, hp, positions, seqs, k_cache, v_cache, s, fused)
         i = done_and_claim(sync, phase)
@@ -347,7 +357,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
     attn2 = s.attn.reshape((s.attn.shape[0], heads * vd))
     i = claim(sync, phase)
     while i < n_blocks:
-        r0, r1 = _rows_of(i, n)
+        r0, r1 = _rows_of(i, n_blocks, n)
         _quantize_rows(attn2, r0, r1, s.q8_attn)
         i = done_and_claim(sync, phase)
     phase = wait_warming(sync, phase, n_blocks, warm_o)
@@ -355,7 +365,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
     # -- the residual add, the feed-forward block's input: ROWS_PER_ITEM rows per item
     i = claim(sync, phase)
     while i < n_blocks:
-        r0, r1 = _rows_of(i, n)
+        r0, r1 = _rows_of(i, n_blocks, n)
         _residual_rows(x, s.out, r0, r1, lv[V_POST_ATTN, :d], hp)
         _block_input_rows(x, h, r0, r1, lv[V_FFN_NORM, :d], hp, s.q8_model)
         i = done_and_claim(sync, phase)
@@ -419,18 +429,18 @@ def _team_thread(tokens, positions, seqs, logit_rows, weights, packed, layer_mat
     if m == 0:  # a prompt chunk before the last one: its keys and values are all that is wanted
         return
     # -- the last residual add (ROWS_PER_ITEM rows per item), then the final norm of the logit rows (quantized)
-    n_blocks = (n + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    n_blocks = _row_items(n, threads)
     i = claim(sync, phase)
     while i < n_blocks:
-        r0, r1 = _rows_of(i, n)
+        r0, r1 = _rows_of(i, n_blocks, n)
         _residual_rows(x, s.out, r0, r1, vecs[n_layers - 1, V_POST_FFN, :d], hp)
         i = done_and_claim(sync, phase)
     phase = wait_done(sync, phase, n_blocks)
     head_in = s.head_in
-    m_blocks = (m + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    m_blocks = _row_items(m, threads)
     i = claim(sync, phase)
     while i < m_blocks:
-        r0, r1 = _rows_of(i, m)
+        r0, r1 = _rows_of(i, m_blocks, m)
         for r in range(r0, r1):
             head_in[r] = x[logit_rows[r]]
         rms_norm_rows(head_in[r0:r1], output_norm, hp.norm_eps, head_in[r0:r1])
