@@ -106,8 +106,9 @@ ITEM_BYTES = 32 * 1024
 # down), and before and after the layers (embedding; last residual add, final norm, head, logit scaling)
 PHASES_PER_LAYER = 16
 PHASES_OUTSIDE = 8
-# rows per item of the small ops (norms, RoPE, quantizing): a norm's float64 sum is a chain of dependent adds, and
-# rms_norm_rows runs four rows' chains side by side (one row alone: ~0.5 us of latency)
+# rows per item of the small ops (norms, RoPE, quantizing) at most, where there are items enough for the team
+# (_row_items): a norm's float64 sum is a chain of dependent adds, and rms_norm_rows runs four rows' chains side by
+# side (one row alone: ~0.5 us of latency)
 ROWS_PER_ITEM = 4
 # bytes of the next matrix a thread with no item left hints into L2 while a small op's other items finish (a 1-row
 # step's small ops are one item: the other thread would wait, and the memory bus idle, ~10 us a layer)
@@ -293,7 +294,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
     layer's frequencies differ from the last ones (fresh_angles)."""
     d, heads, kv_heads, vd = hp.d_model, hp.n_heads, hp.n_kv_heads, hp.value_dim
     x, h = s.x, s.h
-    # -- the residual add, this block's input (normed and quantized) and the angles: ROWS_PER_ITEM rows per item
+    # -- the residual add, this block's input (normed and quantized) and the angles: items of rows (_row_items)
     n_blocks = _row_items(n, threads)
     i = claim(sync, phase)
     while i < n_blocks:
@@ -320,7 +321,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
         wait_done(sync, phase, items_q)
         wait_done(sync, phase + 1, items_k)
         phase = wait_done(sync, phase + 2, items_v)
-    # -- split, bias, Q/K norms, RoPE, K and V into the cache: ROWS_PER_ITEM rows per item
+    # -- split, bias, Q/K norms, RoPE, K and V into the cache: items of rows
     i = claim(sync, phase)
     while i < n_blocks:
         r0, r1 = _rows_of(i, n_blocks, n)
@@ -353,7 +354,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
                        merge_m, merge_l)
             i = done_and_claim(sync, phase)
         phase = wait_done(sync, phase, n_items)
-    # -- the attention output quantized (ROWS_PER_ITEM rows per item), its projection
+    # -- the attention output quantized (items of rows), its projection
     attn2 = s.attn.reshape((s.attn.shape[0], heads * vd))
     i = claim(sync, phase)
     while i < n_blocks:
@@ -362,7 +363,7 @@ def _layer(layer, sync, phase, threads, weights, packed, mats, lv, prev_post_ffn
         i = done_and_claim(sync, phase)
     phase = wait_warming(sync, phase, n_blocks, warm_o)
     phase = wait_done(sync, phase, _linear(sync, phase, threads, weights, packed, mats[M_O], n, s.q8_attn, s.out))
-    # -- the residual add, the feed-forward block's input: ROWS_PER_ITEM rows per item
+    # -- the residual add, the feed-forward block's input: items of rows
     i = claim(sync, phase)
     while i < n_blocks:
         r0, r1 = _rows_of(i, n_blocks, n)
@@ -428,7 +429,7 @@ def _team_thread(tokens, positions, seqs, logit_rows, weights, packed, layer_mat
     m = logit_rows.shape[0]
     if m == 0:  # a prompt chunk before the last one: its keys and values are all that is wanted
         return
-    # -- the last residual add (ROWS_PER_ITEM rows per item), then the final norm of the logit rows (quantized)
+    # -- the last residual add (items of rows), then the final norm of the logit rows (quantized)
     n_blocks = _row_items(n, threads)
     i = claim(sync, phase)
     while i < n_blocks:

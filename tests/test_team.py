@@ -91,6 +91,20 @@ def test_items_cover_the_units_once_in_even_shares(n, threads, per_thread, least
     assert min(sizes) >= least or items == 1
 
 
+@pytest.mark.parametrize("n, threads", [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (8, 2), (9, 2), (4, 1), (9, 1), (17, 4)])
+def test_a_small_op_has_an_item_per_thread_at_least_and_at_most_four_rows_an_item(n, threads):
+    """The norms, the cache store and quantizing are cut so that 2-4 rows on 2 threads keep both busy (one item of
+    4 rows left one thread waiting), and no item has more than ROWS_PER_ITEM rows (their norms run side by side)."""
+    from kernels_cpu.forward import ROWS_PER_ITEM, _row_items, _rows_of
+
+    items = _row_items(n, threads)
+    ranges = [_rows_of(i, items, n) for i in range(items)]
+    assert [r for lo, hi in ranges for r in range(lo, hi)] == list(range(n))
+    assert items >= min(threads, n) and all(1 <= hi - lo <= ROWS_PER_ITEM for lo, hi in ranges)
+    if threads == 1:
+        assert items == -(-n // ROWS_PER_ITEM)  # one thread: items of 4 rows, as before
+
+
 def test_a_forward_whose_team_runs_one_iteration_after_another_gives_the_same_logits():
     """A team of 2 on one numba thread (both iterations on it, in turn): no deadlock, the same logits."""
     import edgeinfer
