@@ -64,6 +64,7 @@ class NgramDrafter:
                  word_classes: np.ndarray | Callable[[], np.ndarray] | None = None):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._tokens: list[int] = []
+        self._context: Sequence[int] | None = None  # the list the index was last extended from (see _index)
         # n -> {n-gram: end index (exclusive) of its latest occurrence before the context's end}
         self._latest: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
         self._classes = word_classes  # or a function that makes them, called on the first proposal
@@ -212,7 +213,14 @@ class NgramDrafter:
 
     def _index(self, context: Sequence[int]) -> None:
         tokens = self._tokens
-        if len(context) < len(tokens) or list(context[:len(tokens)]) != tokens:
+        n = len(tokens)
+        # The usual context is the one indexed last, grown since: a generation's history, appended to a token or a
+        # few at a time. That is told by the list's identity and its last indexed token, where comparing it whole
+        # cost time growing with the context at every step. (A list changed elsewhere than at its end would keep a
+        # stale index: worse guesses, never a different output, since every guess is checked by the model.)
+        grown = context is self._context and len(context) >= n and (n == 0 or context[n - 1] == tokens[-1])
+        self._context = context
+        if not grown and (len(context) < n or list(context[:n]) != tokens):
             tokens.clear()
             for table in self._latest.values():
                 table.clear()

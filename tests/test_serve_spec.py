@@ -135,3 +135,31 @@ def test_in_a_batch_guesses_go_where_they_pay():
     assert plan_guesses([0.9, 0.7, 0.1], [2, 12, 12], [0.0, 0.02, 0.0], [None] * 3, 255, (base, per_row)) == [2, 0, 0]
     assert plan_guesses([0.1, 0.9], [12, 12], [0.0, 0.0], [6, None], 8, (base, per_row)) == [6, 2]
     assert plan_guesses([0.9], [12], [0.0], [None], 255, None) == [0]  # nothing measured yet: a plain step first
+
+
+def test_requests_writing_free_text_take_turns_scoring_their_free_guess(model, monkeypatch):
+    """Alone, a request scores prompt lookup's free first guess on every plain step; among several, those whose last
+    guess was wrong (or missing: free text) score it in turn, one a step, and one whose last guess was right (a
+    count) every step."""
+    seen = []
+    draft = Scheduler._draft
+
+    def spy(self, r, k, scored):
+        seen.append((self._steps, r.seq, r.last_guess_right, k, scored))
+        return draft(self, r, k, scored)
+
+    monkeypatch.setattr(Scheduler, "_draft", spy)
+    run_requests(model, ["Once upon a time, a little dog named"], 12, server_mode="auto")
+    assert seen and all(score for *_, score in seen)
+    seen.clear()
+    run_requests(model, ["Once upon a time, a little dog named", "The history of the old city of", PROMPTS[2]], 40,
+                 server_mode="auto")
+    steps = {}
+    for step, seq, right, k, score in seen:
+        steps.setdefault(step, []).append((right, k, score))
+    crowded = [rows for rows in steps.values() if len(rows) == 3]
+    assert len(crowded) >= 10
+    assert all(score for rows in crowded for right, k, score in rows if right)  # right last time: scored
+    for rows in crowded:  # of the others, one a step at most (whose turn it is)
+        assert sum(score for right, k, score in rows if not right) <= 1
+    assert sum(not score for rows in crowded for *_, score in rows) > len(crowded)  # the story and the history wait

@@ -45,6 +45,21 @@ def test_the_index_follows_a_growing_context_and_rebuilds_for_another():
     assert drafter.propose([9, 8, 7, 9, 8], 1) == [7]  # not an extension: indexed afresh
 
 
+def test_the_index_of_a_list_grown_in_place_equals_one_made_from_copies():
+    """A generation's history is one list appended to step by step: the index follows it without comparing it
+    whole; the guesses are those of a drafter given a fresh copy of it every time, and a list cut back is indexed
+    afresh."""
+    rng = np.random.default_rng(0)
+    tokens = [int(t) for t in rng.integers(0, 6, 300)]
+    in_place, copied, history = NgramDrafter(), NgramDrafter(), tokens[:20]
+    for t in tokens[20:]:
+        assert in_place.propose(history, 4) == copied.propose(list(history), 4)
+        history.append(t)
+    del history[100:]
+    history += [7, 8, 9]
+    assert in_place.propose(history, 4) == NgramDrafter().propose(list(history), 4) == []
+
+
 def test_a_copy_resumes_past_a_renamed_token():
     """Rewriting with x renamed: after the new name the last tokens occur nowhere, and the copy goes on just past
     the source's x (a substitution), or at it while the new name takes more tokens than the old (insertions)."""
