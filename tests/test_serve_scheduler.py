@@ -176,3 +176,44 @@ def test_a_known_argmax_that_is_masked_is_not_taken(model):
         r.begin(tokenizer)
         token, _ = r.step(logits.copy(), eog, eog_ids, room=100, writable=True, best=stop_token)
         assert token == want  # None: the end-of-generation token ended the request
+
+
+def test_a_fault_in_the_scheduler_ends_the_requests_in_flight_not_the_server(model, monkeypatch):
+    """A bug outside the parts that end one request (sampling) or one batch (the forward) ends the requests then
+    running, with an error they hear of, and the scheduler goes on serving the next ones; one in placing a request
+    ends that request."""
+    scheduler = Scheduler(model.engine, model.tokenizer, n_slots=2).start()
+    try:
+        alone, _ = request(model, PROMPTS[0], 6)
+        scheduler.submit(alone)
+        want = collect(_)[0]
+        real_plan, real_place = Scheduler._plan, Scheduler._place
+        faults = {"plan": 1, "place": 1}
+
+        def plan(self, decoding):
+            if faults["plan"]:
+                faults["plan"] -= 1
+                raise IndexError("a bug")
+            return real_plan(self, decoding)
+
+        def place(self, r):
+            if faults["place"]:
+                faults["place"] -= 1
+                raise KeyError("another bug")
+            return real_place(self, r)
+
+        monkeypatch.setattr(Scheduler, "_place", place)
+        r, events = request(model, PROMPTS[0], 6)
+        scheduler.submit(r)
+        assert isinstance(collect(events)[2], ErrorEvent)  # placing it failed: it hears of it, it does not wait
+        monkeypatch.setattr(Scheduler, "_plan", plan)
+        r, events = request(model, PROMPTS[0], 6)
+        scheduler.submit(r)
+        text, _, end = collect(events)
+        assert isinstance(end, ErrorEvent) and "IndexError" in end.message
+        r, events = request(model, PROMPTS[0], 6)
+        scheduler.submit(r)
+        text, _, end = collect(events)
+        assert isinstance(end, DoneEvent) and text == want  # served as before, from a sequence that kept nothing
+    finally:
+        scheduler.close()

@@ -282,9 +282,14 @@ class Scheduler:
                         self._wake.wait()
                     if self._stopping:
                         break
-                self._admit()
-                if self._running():
-                    self._step()
+                try:
+                    self._admit()
+                    if self._running():
+                        self._step()
+                except Exception as e:  # a fault outside the parts that end one request (sampling) or one batch
+                    # (the forward): end what was in flight, never the thread (later requests would wait forever)
+                    log.exception("scheduler step failed")
+                    self._fail_running(f"internal error in the scheduler: {type(e).__name__}")
         finally:
             self._fail_all("the server is shutting down")
             self._deliver()
@@ -311,7 +316,17 @@ class Scheduler:
                 self._waiting.remove(r)
                 self.metrics.finished.labels("cancelled").inc()
             while self._waiting and any(s.request is None for s in self.slots):
-                self._place(self._waiting.popleft())
+                r = self._waiting.popleft()
+                try:
+                    self._place(r)
+                except Exception as e:  # the request must hear of it: it has left the queue
+                    log.exception("placing a request failed")
+                    for slot in self.slots:
+                        if slot.request is r:
+                            slot.request = None
+                        if slot.request is None:  # a prefix copy may have stopped half-way: cache nothing
+                            self.engine.cache.truncate(slot.seq, 0)
+                    r.sink(ErrorEvent(f"internal error in the scheduler: {type(e).__name__}"))
             self.metrics.queue_depth.set(len(self._waiting))
         self.metrics.running.set(len(self._running()))
 
@@ -522,6 +537,13 @@ class Scheduler:
         self._deliver()  # its tokens before its error
         slot.request.sink(ErrorEvent(message))
         self._release(slot, "error")
+
+    def _fail_running(self, message: str) -> None:
+        """End every running request with an error; their sequences keep nothing (what they hold is unknown)."""
+        for slot in self.slots:
+            if slot.request is not None:
+                self.engine.cache.truncate(slot.seq, 0)
+                self._fail(slot, message)
 
     def _fail_all(self, message: str) -> None:
         for slot in self.slots:
