@@ -217,3 +217,31 @@ def test_a_fault_in_the_scheduler_ends_the_requests_in_flight_not_the_server(mod
         assert isinstance(end, DoneEvent) and text == want  # served as before, from a sequence that kept nothing
     finally:
         scheduler.close()
+
+
+def test_a_fault_after_a_request_ended_leaves_its_end_and_the_others_alone(model, monkeypatch):
+    """A failure in a step's sampling part after its request had ended (here: in releasing its slot) ends nothing
+    more: that request's end stands, with no error after it, and the request beside it runs on."""
+    scheduler = Scheduler(model.engine, model.tokenizer, n_slots=2).start()
+    real_release, faults = Scheduler._release, [1]
+
+    def release(self, slot, reason):
+        real_release(self, slot, reason)
+        if reason == "length" and faults[0]:
+            faults[0] -= 1
+            raise RuntimeError("a bug after the end")
+
+    monkeypatch.setattr(Scheduler, "_release", release)
+    try:
+        short, short_events = request(model, PROMPTS[0], 3)
+        long, long_events = request(model, PROMPTS[1], 12)
+        scheduler.submit(short)
+        scheduler.submit(long)
+        _, tokens, end = collect(short_events)
+        assert isinstance(end, DoneEvent) and len(tokens) == 3
+        time.sleep(0.2)
+        assert short_events.empty()  # nothing after its end
+        _, tokens, end = collect(long_events)
+        assert isinstance(end, DoneEvent) and len(tokens) == 12
+    finally:
+        scheduler.close()

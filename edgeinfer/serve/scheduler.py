@@ -481,7 +481,8 @@ class Scheduler:
                             r.draft_length.observe_guesses(1, int(r.last_guess_right))
                 except Exception as e:  # a sampler or grammar failure ends this request only
                     log.exception("sampling failed")
-                    self._fail(slot, f"sampling failed: {e}")
+                    if slot.request is r:  # (not if it had ended already: its end is on its way)
+                        self._fail(slot, f"sampling failed: {e}")
         slot_tokens = sum(cache.length(s.seq) for s in self.slots)
         self.metrics.kv_usage.set(slot_tokens / (self.n_slots * self.n_ctx))
 
