@@ -164,7 +164,7 @@ class EchoScheduler:
         self.requests = []
 
     def submit(self, request):
-        from edgeinfer.serve.scheduler import DoneEvent, TokenEvent
+        from edgeinfer.serve.serve_request import DoneEvent, TokenEvent
 
         self.requests.append(weakref.ref(request))
         request.sink(TokenEvent(5, "hi"))
@@ -199,7 +199,7 @@ def test_a_plain_tokens_event_from_its_frame_is_the_chunk_serialized():
     from edgeinfer.sampling import Sampler, SamplingParams
     from edgeinfer.serve.openai_schema import ResponseHead
     from edgeinfer.serve.responses import ChatShape, CompletionShape, StreamChunks, sse_event
-    from edgeinfer.serve.scheduler import DoneEvent, ServeRequest, TokenEvent
+    from edgeinfer.serve.serve_request import DoneEvent, ServeRequest, TokenEvent
 
     texts = ["Hello", ' "quoted" \\ back', "line\nbreak\ttab", "é ü 漢字 🙂", "\x00\x1f", "</script>"]
     for shape, kind in ((ChatShape(None), "chat.completion"), (CompletionShape(None), "text_completion")):

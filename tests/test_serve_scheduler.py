@@ -8,7 +8,8 @@ import pytest
 from conftest import model_path
 from edgeinfer.errors import InvalidArgument
 from edgeinfer.sampling import Sampler, SamplingParams
-from edgeinfer.serve.scheduler import DoneEvent, ErrorEvent, QueueFull, Scheduler, ServeRequest, TokenEvent
+from edgeinfer.serve.scheduler import QueueFull, Scheduler
+from edgeinfer.serve.serve_request import DoneEvent, ErrorEvent, ServeRequest, TokenEvent
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
            "Water is made of"]

@@ -8,7 +8,8 @@ from conftest import model_path
 from edgeinfer.engine import Engine
 from edgeinfer.errors import InvalidArgument
 from edgeinfer.sampling import Sampler, SamplingParams
-from edgeinfer.serve.scheduler import DoneEvent, Scheduler, ServeRequest, TokenEvent
+from edgeinfer.serve.scheduler import Scheduler
+from edgeinfer.serve.serve_request import DoneEvent, ServeRequest, TokenEvent
 
 # text the answer repeats: prompt lookup finds its continuation (an answer that quotes its input)
 QUOTE = ("Copy the text exactly.\n"

@@ -33,7 +33,8 @@ from edgeinfer.serve.metrics import ServeMetrics
 from edgeinfer.serve.openai_requests import OpenAIModel, Prepared
 from edgeinfer.serve.openai_schema import APIError, InvalidRequest
 from edgeinfer.serve.responses import StreamChunks, sse_event, whole_response
-from edgeinfer.serve.scheduler import DoneEvent, ErrorEvent, QueueFull, Scheduler, ServeRequest
+from edgeinfer.serve.scheduler import QueueFull, Scheduler
+from edgeinfer.serve.serve_request import DoneEvent, ErrorEvent, ServeRequest
 from edgeinfer.serve.structured import GrammarVocabulary
 
 log = logging.getLogger("edgeinfer.serve")

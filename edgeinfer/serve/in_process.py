@@ -21,7 +21,7 @@ from edgeinfer.serve import structured
 from edgeinfer.serve.openai_requests import OpenAIModel, Prepared, model_names
 from edgeinfer.serve.openai_schema import InvalidRequest, parse_response_format
 from edgeinfer.serve.responses import StreamChunks, whole_response
-from edgeinfer.serve.scheduler import DoneEvent, ServeRequest, TokenEvent
+from edgeinfer.serve.serve_request import DoneEvent, ServeRequest, TokenEvent
 
 
 def openai_model(model: Any) -> OpenAIModel:

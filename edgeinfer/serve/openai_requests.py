@@ -18,7 +18,7 @@ from edgeinfer.serve import openai_schema as schema
 from edgeinfer.serve import structured, tools
 from edgeinfer.serve.openai_schema import Generation, InvalidRequest, ResponseHead
 from edgeinfer.serve.responses import ChatShape, CompletionShape, Shape
-from edgeinfer.serve.scheduler import ServeRequest
+from edgeinfer.serve.serve_request import ServeRequest
 from edgeinfer.serve.structured import Constraint, GrammarVocabulary
 
 

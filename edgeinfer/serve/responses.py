@@ -15,7 +15,7 @@ from typing import Sequence
 from edgeinfer.serve import openai_schema as schema
 from edgeinfer.serve import tools
 from edgeinfer.serve.openai_schema import ResponseHead
-from edgeinfer.serve.scheduler import DoneEvent, ServeRequest, TokenEvent
+from edgeinfer.serve.serve_request import DoneEvent, ServeRequest, TokenEvent
 
 
 def whole_response(events: Sequence[TokenEvent | DoneEvent], head: ResponseHead, shape: "Shape",
