@@ -29,7 +29,7 @@ def model():
 
 
 def run_requests(model, prompts, max_tokens, *, server_mode="off", modes=None, temperature=0.0, draft_engine=None,
-                 top_logprobs=None, stop=()):
+                 top_logprobs=None, stop=(), ignore_eos=False):
     """Every prompt submitted at once to a fresh scheduler; [(token events, final event, request)]."""
     scheduler = Scheduler(model.engine, model.tokenizer, n_slots=3, speculative=server_mode,
                           draft_engine=draft_engine).start()
@@ -39,7 +39,8 @@ def run_requests(model, prompts, max_tokens, *, server_mode="off", modes=None, t
             events = queue.Queue()
             r = ServeRequest(model.tokenize(prompt), Sampler(SamplingParams(temperature=temperature, seed=i),
                                                              model.n_vocab), max_tokens, list(stop), sink=events.put,
-                             speculative=None if modes is None else modes[i], top_logprobs=top_logprobs)
+                             speculative=None if modes is None else modes[i], top_logprobs=top_logprobs,
+                             ignore_eos=ignore_eos)
             scheduler.submit(r)
             pending.append((r, events))
         results = []
@@ -73,6 +74,22 @@ def test_greedy_answers_with_prompt_lookup_equal_plain_ones(model):
     assert metrics.draft_tokens_accepted._value.get() == totals.accepted
     assert metrics.tokens_per_verify_pass._value.get() > 1.5
     assert b"edgeinfer_draft_tokens_accepted_total" in metrics.render()
+
+
+@pytest.mark.parametrize("top_logprobs", [None, 2])
+def test_with_ignore_eos_guesses_give_the_plain_answer_and_no_end_token(model, top_logprobs):
+    """ignore_eos (benchmarks) rules the end-of-generation tokens out of verified rows too: masked in the step's
+    buffer where nothing reads the rows raw afterwards, in a copy where logprobs do (of the raw logits)."""
+    plain, _ = run_requests(model, PROMPTS, 40, ignore_eos=True, top_logprobs=top_logprobs)
+    spec, scheduler = run_requests(model, PROMPTS, 40, server_mode="ngram", ignore_eos=True,
+                                   top_logprobs=top_logprobs)
+    tokens = [[t.token for t in events] for events, _, _ in spec]
+    assert tokens == [[t.token for t in events] for events, _, _ in plain]
+    assert all(len(t) == 40 for t in tokens) and not set(sum(tokens, [])) & set(model.tokenizer.eog_ids)
+    assert scheduler.speculation.accepted > 0
+    if top_logprobs:
+        for (spec_events, _, _), (plain_events, _, _) in zip(spec, plain):  # of the raw logits: EOG tokens count
+            assert [t.logprob for t in spec_events] == pytest.approx([t.logprob for t in plain_events], abs=1e-5)
 
 
 def test_a_request_chooses_its_own_mode_and_sampling_still_runs(model):

@@ -378,8 +378,12 @@ class Scheduler:
         """A verify pass's result: the guesses the model agrees with and its own token after them, each emitted;
         the sequence cut back past the rejected guesses."""
         r, cache = slot.request, self.engine.cache
-        ready = accept_draft(r.sampler, without_eog(rows, self._eog_ids) if r.ignore_eos else rows, r.history,
-                             draft)
+        masked = rows
+        if r.ignore_eos and r.top_logprobs is None:  # in the step's buffer: nothing reads these rows raw after
+            rows[:, self._eog_ids] = -np.inf          # (a copy is a fresh vocabulary-sized array per row: 13 MB of
+        elif r.ignore_eos:                           # page faults for 12 guesses of Gemma 3's 262k tokens)
+            masked = without_eog(rows, self._eog_ids)
+        ready = accept_draft(r.sampler, masked, r.history, draft)
         right = len(ready) - 1
         cache.truncate(slot.seq, cache.length(slot.seq) - len(draft) + right)  # keeps the accepted guesses
         r.draft_length.observe_guesses(min(right + 1, len(draft)), right)
