@@ -23,6 +23,15 @@ def all_finite_flat(values):
     return bad == 0
 
 
+@njit(cache=True)
+def masked_by_bits(logits, bits, out):
+    """out (n,) float32 = logits where bit i of `bits` (uint8, little-endian bit order: llguidance's token
+    bitmask) is set, -inf where it is not: a grammar's allowed tokens in one pass into a buffer the caller keeps
+    (numpy's unpackbits, astype and where made three vocabulary-sized arrays per token)."""
+    for i in range(out.shape[0]):
+        out[i] = logits[i] if (bits[i >> 3] >> (i & 7)) & 1 else -np.inf
+
+
 _CHUNK = 256  # values per chunk of the largest-value pass (a multiple of 16)
 
 

@@ -444,6 +444,23 @@ def test_row_summaries_match_numpy():
         np.testing.assert_array_equal(finite, np.isfinite(rows).all(axis=1))
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 49152, 151936])
+def test_masking_by_a_grammars_bits_matches_numpy(n):
+    """kernels_cpu.logits.masked_by_bits (a grammar's allowed tokens, llguidance's little-endian bitmask) against
+    the numpy reference it replaced: unpackbits, then where."""
+    from kernels_cpu.logits import masked_by_bits
+
+    rng = np.random.default_rng(n)
+    logits = rng.standard_normal(n).astype(np.float32)
+    logits[rng.integers(0, n)] = -np.inf  # a token masked already stays masked
+    for density in (0.0, 0.01, 0.5, 1.0):
+        bits = np.packbits(rng.random(n + 5) < density, bitorder="little")  # bytes past n: whatever is there
+        want = np.where(np.unpackbits(bits, bitorder="little")[:n].astype(bool), logits, np.float32(-np.inf))
+        out = np.full(n, 7.0, np.float32)
+        masked_by_bits(logits, bits, out)
+        assert np.array_equal(out, want)
+
+
 def test_a_known_argmax_gives_the_same_tokens():
     """Sampler.sample with the row's argmax given (the server's step finds it for every row at once) picks what it
     picks without: greedy, with penalties (which may move the argmax) and sampled with a seed."""

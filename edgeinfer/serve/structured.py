@@ -91,16 +91,23 @@ class Constraint:
     def __init__(self, vocabulary: GrammarVocabulary, grammar: str):
         import llguidance
 
+        from kernels_cpu.logits import masked_by_bits  # (compiled code: imported with the first constraint)
+
         self.n_vocab = vocabulary.n_vocab
         self.matcher = llguidance.LLMatcher(vocabulary.get(), grammar, log_level=0)
         if self.matcher.is_error():
             raise InvalidArgument(f"the JSON schema cannot be used: {self.matcher.get_error()}")
+        self._masked_by_bits = masked_by_bits
+        # the masked logits, in one buffer kept for the request: the server's malloc settings make each fresh
+        # vocabulary-sized array fresh pages (Qwen2.5's mask took 323 us a token that way, 99 without them)
+        self._masked = np.empty(self.n_vocab, np.float32)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
-        """The logits with every token the grammar forbids now set to -inf (a new array)."""
+        """The logits with every token the grammar forbids now set to -inf: this constraint's own buffer, which the
+        next call overwrites."""
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[:self.n_vocab].astype(bool)
-        return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+        self._masked_by_bits(np.asarray(logits, dtype=np.float32), bits, self._masked)
+        return self._masked
 
     def accept(self, token: int) -> None:
         self.matcher.consume_token(token)
