@@ -267,6 +267,22 @@ def test_sample_does_not_modify_logits():
     np.testing.assert_array_equal(logits, before)
 
 
+def test_a_sampler_reusing_its_penalty_buffer_samples_as_fresh_ones():
+    """A Sampler writes penalized logits into a buffer it keeps (no fresh vocabulary-sized array per sample): each
+    sample is the one a sampler without history of earlier samples would take, given the same generator state."""
+    rng = np.random.default_rng(3)
+    params = SamplingParams(temperature=0.0, repeat_penalty=1.5, presence_penalty=0.7, frequency_penalty=0.2)
+    kept = Sampler(params, 500)
+    history = list(rng.integers(0, 500, 40))
+    for _ in range(30):
+        logits = rng.standard_normal(500).astype(np.float32)
+        ids, penalized = apply_penalties(kept._ids, logits, history, repeat_penalty=1.5, presence_penalty=0.7,
+                                         frequency_penalty=0.2)
+        assert kept.sample(logits, history) == Sampler(params, 500).sample(logits, history) == \
+            int(ids[np.argmax(penalized)])
+        history.append(int(rng.integers(0, 500)))
+
+
 def _generate(seed, n_steps=200, n_vocab=1000):
     """Tokens drawn from a fixed pseudo-random logits sequence, feeding each token back as history."""
     logits_rng = np.random.default_rng(99)
