@@ -94,18 +94,19 @@ class Engine:
             self.cache.record(seq, chunk)
         return np.concatenate(out) if all_logits else out[-1][0]
 
-    def decode(self, token: int, seq: int = 0) -> np.ndarray:
-        """Evaluate one generated token of sequence seq; its logits (n_vocab,)."""
-        return self.decode_batch([token], [seq])[0]
+    def decode(self, token: int, seq: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+        """Evaluate one generated token of sequence seq; its logits (n_vocab,) (in out (1, n_vocab), as forward's)."""
+        return self.decode_batch([token], [seq], out)[0]
 
-    def decode_batch(self, tokens: Sequence[int], seqs: Sequence[int]) -> np.ndarray:
-        """One generated token for each of several distinct sequences, in one forward pass; logits (B, n_vocab)."""
+    def decode_batch(self, tokens: Sequence[int], seqs: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """One generated token for each of several distinct sequences, in one forward pass; logits (B, n_vocab)
+        (written into `out` if given, as forward's)."""
         if len(set(int(s) for s in seqs)) != len(seqs) or len(tokens) != len(seqs):
             raise ValueError("decode_batch takes one token for each of distinct sequences")
         for seq in seqs:
             self.cache.check_room(seq, 1)
         positions = [self.cache.length(seq) for seq in seqs]
-        logits = self.forward(tokens, seqs, positions, np.arange(len(tokens)))
+        logits = self.forward(tokens, seqs, positions, np.arange(len(tokens)), out=out)
         for seq, token in zip(seqs, tokens):
             self.cache.record(seq, [token])
         return logits

@@ -76,6 +76,12 @@ def test_forward_writes_into_a_given_buffer():
         assert np.array_equal(out, fresh)
         with pytest.raises(ValueError, match="out must be"):
             engine.forward([1], [0], [3], [0], out=out)
+        # decode too (a draft model's guesses, one kept row per slot)
+        engine.reset()
+        engine.prefill([1, 504])
+        row = np.full((1, model.n_vocab), np.nan, np.float32)
+        decoded = engine.decode(3458, out=row)
+        assert np.shares_memory(decoded, row) and np.array_equal(decoded, fresh[1])
 
 
 _TWO_THREADS = """

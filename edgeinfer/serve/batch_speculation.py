@@ -98,6 +98,9 @@ class SlotDrafter:
     def __init__(self, engine: Engine, seq: int):
         self.engine, self.seq = engine, seq
         self.seconds_per_guess = 0.0
+        # each guess's logits, in one row kept for the slot: a fresh vocabulary-sized array per decode step is fresh
+        # pages every time under the server's malloc settings (edgeinfer.serve.server.bound_malloc_growth)
+        self._row = np.empty((1, engine.cfg.n_vocab), np.float32)
 
     def propose(self, context: list[int], k: int) -> list[int]:
         cache, seq = self.engine.cache, self.seq
@@ -110,7 +113,7 @@ class SlotDrafter:
         logits = self.engine.prefill(context[keep:], seq=seq)
         out = [int(np.argmax(logits))]
         while len(out) < k:
-            out.append(int(np.argmax(self.engine.decode(out[-1], seq=seq))))
+            out.append(int(np.argmax(self.engine.decode(out[-1], seq=seq, out=self._row))))
         per_guess = (time.perf_counter() - started) / k
         self.seconds_per_guess = per_guess if not self.seconds_per_guess else \
             0.8 * self.seconds_per_guess + 0.2 * per_guess
