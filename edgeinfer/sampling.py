@@ -306,7 +306,8 @@ class Sampler:
         self.seed = int(np.random.SeedSequence().entropy) if random else int(params.seed)
         self._rng = np.random.default_rng(self.seed)
         self._ids = token_ids(self.n_vocab)
-        self._penalized: np.ndarray | None = None  # the penalized logits of the last sample (made on first use)
+        # the penalized logits of the last sample (np.empty: no page is touched unless penalties are on)
+        self._penalized = np.empty(self.n_vocab, np.float32)
 
     def distribution(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """The final candidates and their probabilities, after every rule: `(ids int64, probs float32)`.
@@ -343,10 +344,6 @@ class Sampler:
             raise InvalidArgument(f"logits must have shape ({self.n_vocab},), got {logits.shape}")
         if best is None:
             best = _check_samplable(logits)
-        penalized = p.penalty_last_n != 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty != 0.0
-                                               or p.presence_penalty != 0.0)
-        if penalized and self._penalized is None:
-            self._penalized = np.empty(self.n_vocab, np.float32)
         ids, lg = apply_penalties(
             self._ids, logits, recent_tokens, penalty_last_n=p.penalty_last_n, repeat_penalty=p.repeat_penalty,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, out=self._penalized,

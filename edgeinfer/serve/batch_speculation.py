@@ -111,10 +111,10 @@ class SlotDrafter:
         keep = min(common_prefix_length(cache.tokens(seq), context), len(context) - 1)  # the last: for its logits
         cache.truncate(seq, keep)
         logits = self.engine.prefill(context[keep:], seq=seq)
-        out = [int(np.argmax(logits))]
-        while len(out) < k:
-            out.append(int(np.argmax(self.engine.decode(out[-1], seq=seq, out=self._row))))
+        guesses = [int(np.argmax(logits))]
+        while len(guesses) < k:
+            guesses.append(int(np.argmax(self.engine.decode(guesses[-1], seq=seq, out=self._row))))
         per_guess = (time.perf_counter() - started) / k
         self.seconds_per_guess = per_guess if not self.seconds_per_guess else \
             0.8 * self.seconds_per_guess + 0.2 * per_guess
-        return out
+        return guesses

@@ -41,7 +41,7 @@ from edgeinfer.errors import EdgeInferError, InvalidArgument
 from edgeinfer.generation import common_prefix_length, non_finite_logits
 from edgeinfer.serve.batch_speculation import SlotDrafter, StepCost, plan_guesses
 from edgeinfer.serve.metrics import ServeMetrics
-from edgeinfer.serve.serve_request import FINISH_REASONS, DoneEvent, ErrorEvent, Event, ServeRequest, without_eog
+from edgeinfer.serve.serve_request import FINISH_REASONS, DoneEvent, ErrorEvent, Event, ServeRequest
 from edgeinfer.prompt_lookup import word_classes
 from edgeinfer.speculative import (DraftModelDrafter, LookupThenModel, SpeculationStats, accept_draft,
                                    check_speculation, draft_or_free_guess, drafting_for)
@@ -378,11 +378,8 @@ class Scheduler:
         """A verify pass's result: the guesses the model agrees with and its own token after them, each emitted;
         the sequence cut back past the rejected guesses."""
         r, cache = slot.request, self.engine.cache
-        masked = rows
-        if r.ignore_eos and r.top_logprobs is None:  # in the step's buffer: nothing reads these rows raw after
-            rows[:, self._eog_ids] = -np.inf          # (a copy is a fresh vocabulary-sized array per row: 13 MB of
-        elif r.ignore_eos:                           # page faults for 12 guesses of Gemma 3's 262k tokens)
-            masked = without_eog(rows, self._eog_ids)
+        # the rows are the step buffer's: read raw afterwards only where logprobs are asked for
+        masked = r.eog_ruled_out(rows, self._eog_ids, r.top_logprobs is None) if r.ignore_eos else rows
         ready = accept_draft(r.sampler, masked, r.history, draft)
         right = len(ready) - 1
         cache.truncate(slot.seq, cache.length(slot.seq) - len(draft) + right)  # keeps the accepted guesses
